@@ -1,0 +1,43 @@
+"""containerd-shim-pyshim-v2: the binary containerd runs for the io.containerd.pyshim.v2 runtime.
+
+`start` and `delete` sit on containerd's hot path, so each action imports only what it needs.
+"""
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from shim.cli import UsageError, parse
+
+    try:
+        args = parse(sys.argv[1:] if argv is None else argv)
+    except UsageError as exc:
+        sys.stderr.write(f"{exc}\n")
+        return 2
+    if args.version:
+        from shim import __version__
+
+        sys.stdout.write(f"containerd-shim-pyshim-v2:\n  Version:  {__version__}\n  Runtime:  io.containerd.pyshim.v2\n")
+        return 0
+    if args.info:
+        from shim.info import print_info
+
+        return print_info()
+    if args.action == "start":
+        from shim.start import start
+
+        return start(args)
+    if args.action == "delete":
+        from shim.delete import delete
+
+        return delete(args)
+    if args.action == "":
+        from shim.daemon import serve_inherited
+
+        return serve_inherited(args)
+    sys.stderr.write(f"unknown action {args.action!r}: expected start or delete\n")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The OCI runtime's command lines, one function per subcommand, rendered as pure argv.
+
+runc and crun share this interface. Global flags (root, log, log format, systemd cgroups)
+come from RuntimeConfig, the same for every subcommand, as go-runc renders them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_ROOT = "/run/containerd/runc"
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeConfig:
+    binary: str = "runc"
+    root: str = DEFAULT_ROOT  # already including the namespace
+    log: str = ""  # runc's JSON log, read back for error messages
+    systemd_cgroup: bool = False
+
+    def globals(self) -> list[str]:
+        argv = [self.binary, "--root", self.root]
+        if self.log:
+            argv += ["--log", self.log, "--log-format", "json"]
+        if self.systemd_cgroup:
+            argv.append("--systemd-cgroup")
+        return argv
+
+
+def runtime_root(root: str, namespace: str) -> str:
+    """The runtime's state root for a containerd namespace (the Go shim's layout)."""
+    return f"{(root or DEFAULT_ROOT).rstrip('/')}/{namespace}"
+
+
+def _flag(enabled: bool, name: str) -> list[str]:
+    return [name] if enabled else []
+
+
+def _value(value: str | None, name: str) -> list[str]:
+    return [name, value] if value else []
+
+
+def create(rt: RuntimeConfig, id: str, *, bundle: str, pid_file: str, console_socket: str = "",
+           no_pivot: bool = False, no_new_keyring: bool = False) -> list[str]:
+    return [*rt.globals(), "create", "--bundle", bundle, "--pid-file", pid_file,
+            *_value(console_socket, "--console-socket"), *_flag(no_pivot, "--no-pivot"),
+            *_flag(no_new_keyring, "--no-new-keyring"), id]
+
+
+def start(rt: RuntimeConfig, id: str) -> list[str]:
+    return [*rt.globals(), "start", id]
+
+
+def exec_(rt: RuntimeConfig, id: str, *, process_file: str, pid_file: str, console_socket: str = "") -> list[str]:
+    return [*rt.globals(), "exec", "--detach", "--process", process_file, "--pid-file", pid_file,
+            *_value(console_socket, "--console-socket"), id]
+
+
+def kill(rt: RuntimeConfig, id: str, signal: int, *, all: bool = False) -> list[str]:
+    return [*rt.globals(), "kill", *_flag(all, "--all"), id, str(signal)]
+
+
+def delete(rt: RuntimeConfig, id: str, *, force: bool = False) -> list[str]:
+    return [*rt.globals(), "delete", *_flag(force, "--force"), id]
+
+
+def pause(rt: RuntimeConfig, id: str) -> list[str]:
+    return [*rt.globals(), "pause", id]
+
+
+def resume(rt: RuntimeConfig, id: str) -> list[str]:
+    return [*rt.globals(), "resume", id]
+
+
+def state(rt: RuntimeConfig, id: str) -> list[str]:
+    return [*rt.globals(), "state", id]
+
+
+def ps(rt: RuntimeConfig, id: str) -> list[str]:
+    return [*rt.globals(), "ps", "--format", "json", id]
+
+
+def update(rt: RuntimeConfig, id: str, *, resources_file: str) -> list[str]:
+    return [*rt.globals(), "update", "--resources", resources_file, id]

@@ -1,0 +1,88 @@
+"""Starting child processes without taking waitpid away from the reaper.
+
+subprocess.Popen must not be used in the shim: a collected Popen object may reap its pid
+behind the reaper's back and the exit status would be lost. posix_spawn starts the child;
+the caller's reaper Subscription (taken before spawning) delivers its exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from shim.reaper import Exit, Reaper
+
+
+@dataclass(frozen=True, slots=True)
+class Completed:
+    argv: tuple[str, ...]
+    status: int
+    stdout: bytes
+    stderr: bytes
+
+
+def spawn(argv: Sequence[str], *, stdin: int | None = None, stdout: int | None = None, stderr: int | None = None,
+          pass_fds: Mapping[int, int] | None = None, env: Mapping[str, str] | None = None,
+          setsid: bool = False, cwd: str | None = None) -> int:
+    """Start argv[0] (looked up on PATH). pass_fds maps child fd -> our fd. Returns the pid."""
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        actions = [
+            (os.POSIX_SPAWN_DUP2, null if fd is None else fd, target)
+            for target, fd in ((0, stdin), (1, stdout), (2, stderr))
+        ]
+        actions += [(os.POSIX_SPAWN_DUP2, ours, theirs) for theirs, ours in (pass_fds or {}).items()]
+        if cwd is not None:
+            # posix_spawn has no chdir action before Python 3.13's POSIX_SPAWN_CHDIR: go through sh.
+            argv = ["/bin/sh", "-c", 'cd "$0" && exec "$@"', cwd, *argv]
+        return os.posix_spawnp(argv[0], list(argv), dict(os.environ if env is None else env),
+                               file_actions=actions, setsid=setsid)
+    finally:
+        os.close(null)
+
+
+async def run(reaper: Reaper, argv: Sequence[str], *, input: bytes | None = None, timeout: float | None = None,
+              stdio: tuple[int | None, int | None, int | None] | None = None, pass_fds: Mapping[int, int] | None = None,
+              env: Mapping[str, str] | None = None, cwd: str | None = None) -> Completed:
+    """Run a command to completion. Output is captured in memory files unless stdio is given
+    (then the command writes where the caller says, e.g. a container's pipes)."""
+    captured = [os.memfd_create("stdout"), os.memfd_create("stderr")]
+    stdin_fd = None
+    try:
+        if input is not None:
+            stdin_fd = os.memfd_create("stdin")
+            os.write(stdin_fd, input)
+            os.lseek(stdin_fd, 0, os.SEEK_SET)
+        fds = stdio or (stdin_fd, captured[0], captured[1])
+        with reaper.subscribe() as exits:
+            pid = spawn(argv, stdin=fds[0], stdout=fds[1], stderr=fds[2], pass_fds=pass_fds, env=env, cwd=cwd)
+            exit = await wait_or_kill(exits.wait(pid), pid, timeout)
+        return Completed(tuple(argv), exit.status, _read_all(captured[0]), _read_all(captured[1]))
+    finally:
+        for fd in captured + ([stdin_fd] if stdin_fd is not None else []):
+            os.close(fd)
+
+
+async def wait_or_kill(waiting, pid: int, timeout: float | None) -> Exit:
+    """Await an exit; past the timeout, SIGKILL the process (ours, by pid) and report TimeoutError."""
+    task = asyncio.ensure_future(waiting)
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if task in done:
+        return task.result()
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    await task
+    raise TimeoutError(f"pid {pid} did not finish within {timeout}s and was killed")
+
+
+def _read_all(fd: int) -> bytes:
+    os.lseek(fd, 0, os.SEEK_SET)
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)

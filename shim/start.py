@@ -1,0 +1,81 @@
+"""The `start` action: bind the shim's socket, fork the server, print the address.
+
+Runs on containerd's hot path, so it does no more than it must: no asyncio, no protobuf.
+The server is a fork of this process made after the socket is bound (no second
+interpreter start-up), detached from containerd's stdout/stderr pipes, because containerd
+reads them until every writer has closed them.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import sys
+
+from shim.cli import ShimArgs
+from shim.layout import ADDRESS_FILE, group_id, socket_address, write_atomically
+
+
+def listen(path: str) -> socket.socket | None:
+    """A listening socket at path, or None when a live shim already serves it (a group)."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    for _ in range(2):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            if _answers(path):
+                return None
+            os.unlink(path)  # a stale socket of a shim that died
+            continue
+        os.chmod(path, 0o600)
+        sock.listen(128)
+        return sock
+    raise OSError(errno.EADDRINUSE, f"cannot bind {path}")
+
+
+def _answers(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def start(args: ShimArgs) -> int:
+    bundle = os.getcwd()
+    address = socket_address(args.address, args.namespace, group_id(bundle, args.id))
+    sock = listen(address.removeprefix("unix://"))
+    write_atomically(os.path.join(bundle, ADDRESS_FILE), address)
+    if sock is not None:
+        options = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
+        containerd_pid = os.getppid()
+        sys.stdout.flush()
+        if os.fork() == 0:
+            _become_server(args, sock, bundle, options, containerd_pid)
+        sock.close()
+    sys.stdout.write(address)
+    sys.stdout.flush()
+    return 0
+
+
+def _become_server(args: ShimArgs, sock: socket.socket, bundle: str, options: bytes, containerd_pid: int) -> None:
+    code = 1
+    try:
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+        from shim.daemon import serve
+
+        code = serve(args, sock, bundle, options, containerd_pid=containerd_pid)
+    finally:
+        os._exit(code)

@@ -1,0 +1,49 @@
+import asyncio
+import os
+import signal
+import subprocess
+
+from shim.reaper import Reaper, exit_status
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 20))
+
+
+def test_exit_status_codes_and_signals():
+    assert exit_status(3 << 8) == 3
+    assert exit_status(signal.SIGKILL) == 128 + 9
+
+
+def test_exit_before_wait_is_not_lost():
+    async def scenario():
+        reaper = Reaper()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGCHLD, reaper.reap)  # no subreaper needed for direct children
+        seen = []
+        reaper.add_listener(seen.append)
+        with reaper.subscribe() as exits:
+            child = subprocess.Popen(["sh", "-c", "exit 7"])
+            await asyncio.sleep(0.3)  # the child is long gone and reaped before anyone waits
+            result = await exits.wait(child.pid)
+        loop.remove_signal_handler(signal.SIGCHLD)
+        return child.pid, result, seen
+
+    pid, result, seen = run(scenario())
+    assert (result.pid, result.status) == (pid, 7)
+    assert [e.pid for e in seen] == [pid]
+
+
+def test_signalled_child_reports_128_plus_signal():
+    async def scenario():
+        reaper = Reaper()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGCHLD, reaper.reap)
+        with reaper.subscribe() as exits:
+            child = subprocess.Popen(["sleep", "30"])
+            os.kill(child.pid, signal.SIGTERM)
+            result = await exits.wait(child.pid)
+        loop.remove_signal_handler(signal.SIGCHLD)
+        return result.status
+
+    assert run(scenario()) == 128 + signal.SIGTERM

@@ -1,0 +1,42 @@
+import hashlib
+import json
+import os
+import socket
+
+from shim.api.containerd.task.v2.shim_pb2 import DeleteResponse
+from shim.delete import encode_delete_response
+from shim.layout import group_id, socket_address
+from shim.start import listen
+
+
+def test_delete_response_hand_encoding_matches_protobuf():
+    for pid, status, when in [(0, 0, 0.0), (1, 137, 1764331200.5), (4194304, 255, 1.000000001)]:
+        expected = DeleteResponse(pid=pid, exit_status=status)
+        expected.exited_at.FromNanoseconds(int(when * 1e9))
+        decoded = DeleteResponse.FromString(encode_delete_response(pid, status, when))
+        assert decoded == expected
+
+
+def test_socket_address_is_the_go_derivation():
+    digest = hashlib.sha256(b"/run/containerd/containerd.sock/default/c1").hexdigest()
+    assert socket_address("/run/containerd/containerd.sock", "default", "c1") == f"unix:///run/containerd/s/{digest}"
+
+
+def test_group_id_from_annotations(tmp_path):
+    assert group_id(str(tmp_path), "c1") == "c1"  # no config.json
+    (tmp_path / "config.json").write_text(json.dumps({"annotations": {"io.kubernetes.cri.sandbox-id": "pod"}}))
+    assert group_id(str(tmp_path), "c1") == "pod"
+    (tmp_path / "config.json").write_text(json.dumps({"annotations": {
+        "io.kubernetes.cri.sandbox-id": "pod", "io.containerd.runc.v2.group": "grp"}}))
+    assert group_id(str(tmp_path), "c1") == "grp"
+
+
+def test_listen_reuses_a_live_socket_and_replaces_a_stale_one(tmp_path):
+    path = str(tmp_path / "s" / "shim.sock")
+    live = listen(path)
+    assert live is not None and oct(os.stat(path).st_mode & 0o777) == "0o600"
+    assert listen(path) is None  # a live shim answers: join it
+    live.close()
+    again = listen(path)  # nobody answers any more: take the path over
+    assert isinstance(again, socket.socket)
+    again.close()
