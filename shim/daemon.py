@@ -1,0 +1,163 @@
+"""The shim server process: logging to containerd, the reaper, the task service, ttrpc.
+
+Forked by `start` after the socket is bound (or started with the socket as fd 3, the way
+the Go shim re-executes itself). It lives until containerd calls Shutdown with no task
+left, or until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+
+from shim.cli import ShimArgs
+
+log = logging.getLogger("shim")
+INHERITED_SOCKET_FD = 3
+SHUTDOWN_GRACE = 3.0
+
+
+class FifoLogHandler(logging.Handler):
+    """Writes log lines to containerd's `log` fifo; never blocks, never fails the shim.
+
+    The fifo is opened read-write so that a containerd that is down (no reader) cannot make
+    writes fail with EPIPE; lines that do not fit while nobody reads are dropped."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            os.write(self.fd, (self.format(record) + "\n").encode(errors="replace"))
+        except OSError:
+            pass
+
+
+class LogfmtFormatter(logging.Formatter):
+    """containerd's log line shape: time="..." level=... msg="..."."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + self.formatException(record.exc_info)
+        escaped = message.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        return f'time="{when}.{int(record.msecs):03d}Z" level={record.levelname.lower()} msg="{escaped}" runtime=pyshim'
+
+
+def setup_logging(bundle: str, debug: bool) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    try:
+        handler: logging.Handler = FifoLogHandler(os.path.join(bundle, "log"))
+    except OSError:
+        handler = logging.NullHandler()  # started by hand, without containerd's fifo
+    handler.setFormatter(LogfmtFormatter())
+    root.addHandler(handler)
+
+
+def adjust_oom_score(containerd_pid: int | None) -> None:
+    """One point above containerd's own score, as the Go shim sets it: under memory
+    pressure a shim goes before containerd."""
+    if not containerd_pid:
+        return
+    try:
+        with open(f"/proc/{containerd_pid}/oom_score_adj") as f:
+            score = int(f.read().strip())
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(min(score + 1, 1000)))
+    except (OSError, ValueError) as exc:
+        log.debug("oom_score_adj not adjusted: %s", exc)
+
+
+def join_cgroup(options: bytes) -> None:
+    """Move the shim into Options.shim_cgroup when containerd asked for one."""
+    if not options:
+        return
+    from google.protobuf.any_pb2 import Any
+
+    from shim.task.convert import runtime_options
+
+    try:
+        cgroup = runtime_options(Any.FromString(options)).shim_cgroup
+    except Exception as exc:
+        log.warning("ignoring unreadable start options: %s", exc)
+        return
+    if cgroup:
+        from shim.cgroups import join
+
+        join(cgroup, os.getpid())
+
+
+def serve(args: ShimArgs, sock: socket.socket, bundle: str, options: bytes = b"",
+          containerd_pid: int | None = None) -> int:
+    setup_logging(bundle, args.debug)
+    adjust_oom_score(containerd_pid)
+    try:
+        join_cgroup(options)
+    except Exception as exc:
+        log.warning("could not join the shim cgroup: %s", exc)
+    log.info("pyshim serving namespace %s id %s (pid %d)", args.namespace, args.id, os.getpid())
+    try:
+        asyncio.run(_serve(args, sock))
+    except Exception:
+        log.exception("shim failed")
+        return 1
+    return 0
+
+
+def serve_inherited(args: ShimArgs) -> int:
+    """Serve on a listening socket passed as fd 3 (the Go shim's re-exec convention)."""
+    sock = socket.socket(fileno=INHERITED_SOCKET_FD)
+    return serve(args, sock, os.getcwd())
+
+
+async def _serve(args: ShimArgs, sock: socket.socket) -> None:
+    from shim.api.containerd.task.v2 import shim_pb2 as v2
+    from shim.api.containerd.task.v3 import shim_pb2 as v3
+    from shim.events import Publisher
+    from shim.reaper import Reaper
+    from shim.stdio import open_process_io
+    from shim.task.service import TaskService
+    from shim.ttrpc import Server
+
+    loop = asyncio.get_running_loop()
+    reaper = Reaper()
+    reaper.install(loop)
+    stop = asyncio.Event()
+    ttrpc_address = os.environ.get("TTRPC_ADDRESS") or f"{args.address}.ttrpc"
+    publisher = Publisher(ttrpc_address, args.namespace)
+
+    async def io_factory(stdio, container_id, uid, gid):
+        return await open_process_io(stdio, reaper=reaper, uid=uid, gid=gid, container_id=container_id,
+                                     namespace=args.namespace)
+
+    service = TaskService(namespace=args.namespace, reaper=reaper, publisher=publisher, io_factory=io_factory,
+                          stats=_stats_reader(), on_shutdown=stop.set)
+    server = Server()
+    server.register(v2.DESCRIPTOR.services_by_name["Task"], service)
+    server.register(v3.DESCRIPTOR.services_by_name["Task"], service)
+    await server.listen(sock)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await server.shutdown(grace=SHUTDOWN_GRACE)
+    await publisher.close()
+    try:
+        path = sock.getsockname()
+        if isinstance(path, str) and path.startswith("/"):
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def _stats_reader():
+    from shim.cgroups import metrics_for_pid
+
+    return metrics_for_pid

@@ -1,0 +1,1 @@
+"""Container processes (the init and execs) and the states they move through."""

@@ -1,0 +1,137 @@
+"""The container's init process: created by `runc create`, started by `runc start`, or
+restored from a checkpoint when Create named one."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from shim import mounts
+from shim.errors import FailedPrecondition, NotFound
+from shim.layout import INIT_PID_FILE
+from shim.oci.runner import RuntimeFailed
+from shim.oci.runtime import OciRuntime, is_gone
+from shim.process.base import Process, Stdio
+from shim.process.state import INIT_ALLOWED, State
+
+
+class InitProcess(Process):
+    ALLOWED = INIT_ALLOWED
+    kind = "task"
+
+    def __init__(self, id: str, bundle: str, stdio: Stdio, *, runtime: OciRuntime, no_pivot: bool = False,
+                 no_new_keyring: bool = False) -> None:
+        super().__init__(id, stdio)
+        self.bundle = bundle
+        self.runtime = runtime
+        self.no_pivot = no_pivot
+        self.no_new_keyring = no_new_keyring
+        self.checkpoint = ""
+
+    @property
+    def rootfs(self) -> str:
+        return os.path.join(self.bundle, "rootfs")
+
+    @property
+    def pid_file(self) -> str:
+        return os.path.join(self.bundle, INIT_PID_FILE)
+
+    async def create(self, rootfs: list[mounts.Mount], io, checkpoint: str = "") -> None:
+        """Mount the rootfs and create the container; with a checkpoint, only record it."""
+        os.makedirs(self.rootfs, mode=0o711, exist_ok=True)
+        mounts.mount_all(rootfs, self.rootfs)
+        self.io = io
+        if checkpoint:
+            self.checkpoint = checkpoint
+            self.state = State.RESTORE_PENDING
+            return
+        try:
+            await self.runtime.create(self.id, bundle=self.bundle, pid_file=self.pid_file, stdio=io.runtime_stdio,
+                                      console_socket=io.console_socket, no_pivot=self.no_pivot,
+                                      no_new_keyring=self.no_new_keyring)
+            if self.stdio.terminal:
+                await io.receive_console(timeout=10)
+            io.close_after_start()
+            self.pid = self._read_pid()
+        except BaseException:
+            await self._undo_create()
+            raise
+        self.state = State.CREATED
+
+    async def _undo_create(self) -> None:
+        try:
+            await self.runtime.delete(self.id, force=True)
+        except RuntimeFailed:
+            pass
+        if self.io is not None:
+            self.io.close()
+        mounts.unmount_all(self.rootfs)
+
+    def _read_pid(self) -> int:
+        with open(self.pid_file) as f:
+            return int(f.read().strip())
+
+    async def start(self) -> int:
+        self.check("start")
+        if self.state is State.RESTORE_PENDING:
+            raise FailedPrecondition(f"task {self.id}: restore from a checkpoint is not supported yet")
+        await self.runtime.start(self.id)
+        if self.state is State.CREATED:  # an exit seen while starting already moved it on
+            self.state = State.RUNNING
+        return self.pid
+
+    async def kill(self, signal: int, all: bool = False) -> None:
+        self.check("kill")
+        try:
+            await self.runtime.kill(self.id, signal, all=all)
+        except RuntimeFailed as exc:
+            if is_gone(exc):
+                raise NotFound(f"task {self.id}: process already finished") from None
+            raise
+
+    async def kill_all(self) -> None:
+        """SIGKILL every process in the container (used when init exits without a pid namespace)."""
+        try:
+            await self.runtime.kill(self.id, 9, all=True)
+        except RuntimeFailed as exc:
+            if not is_gone(exc):
+                raise
+
+    async def pause(self) -> None:
+        self.check("pause")
+        await self.runtime.pause(self.id)
+        self.state = State.PAUSED
+
+    async def resume(self) -> None:
+        self.check("resume")
+        await self.runtime.resume(self.id)
+        if self.state is State.PAUSED:
+            self.state = State.RUNNING
+
+    async def pids(self) -> list[int]:
+        self.check("pids")
+        return await self.runtime.ps(self.id)
+
+    async def update(self, resources: bytes) -> None:
+        self.check("update")
+        await self.runtime.update(self.id, resources, work_dir=self.bundle)
+
+    async def delete(self) -> None:
+        self.check("delete")
+        try:
+            await self.runtime.delete(self.id, force=self.state is State.RESTORE_PENDING)
+        except RuntimeFailed as exc:
+            if not is_gone(exc):
+                raise
+        await self.release_io()
+        mounts.unmount_all(self.rootfs)
+        self.state = State.DELETED
+
+    def shares_host_pid_namespace(self) -> bool:
+        """True when the container has no pid namespace of its own: its processes outlive init."""
+        try:
+            with open(os.path.join(self.bundle, "config.json"), "rb") as f:
+                namespaces = (json.load(f).get("linux") or {}).get("namespaces") or []
+        except (OSError, ValueError):
+            return False
+        return not any(ns.get("type") == "pid" and not ns.get("path") for ns in namespaces)

@@ -1,0 +1,1 @@
+"""The Task API boundary: protobuf requests in, domain calls, protobuf replies and events out."""

@@ -1,0 +1,111 @@
+"""Translations between the Task API's protobuf messages and the shim's plain types, and
+the one place where domain errors become ttrpc status codes."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+from google.protobuf.any_pb2 import Any
+from google.protobuf.message import DecodeError
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from shim import errors
+from shim.api.containerd.runc.options import oci_pb2
+from shim.api.containerd.types import task_pb2
+from shim.mounts import Mount
+from shim.oci.runner import RuntimeFailed
+from shim.process.state import State
+from shim.ttrpc import Code, TtrpcError
+
+log = logging.getLogger(__name__)
+RUNC_OPTIONS = "containerd.runc.v1.Options"
+# Type URLs containerd may use for the same runc options message.
+RUNC_OPTIONS_URLS = {RUNC_OPTIONS, "io.containerd.runc.v1.Options", f"type.googleapis.com/{RUNC_OPTIONS}"}
+
+STATUS = {
+    "created": task_pb2.CREATED, "running": task_pb2.RUNNING, "paused": task_pb2.PAUSED,
+    "stopped": task_pb2.STOPPED, "deleted": task_pb2.STOPPED,
+}
+
+ERROR_CODES: dict[type[Exception], Code] = {
+    errors.NotFound: Code.NOT_FOUND,
+    errors.AlreadyExists: Code.ALREADY_EXISTS,
+    errors.FailedPrecondition: Code.FAILED_PRECONDITION,
+    errors.InvalidArgument: Code.INVALID_ARGUMENT,
+    errors.Unavailable: Code.UNAVAILABLE,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeOptions:
+    """containerd.runc.v1.Options, as the shim uses them."""
+
+    binary_name: str = "runc"
+    root: str = ""
+    systemd_cgroup: bool = False
+    no_pivot_root: bool = False
+    no_new_keyring: bool = False
+    io_uid: int = 0
+    io_gid: int = 0
+    shim_cgroup: str = ""
+    criu_image_path: str = ""
+    criu_work_path: str = ""
+
+
+def runtime_options(options: Any | None) -> RuntimeOptions:
+    if options is None or not options.type_url:
+        return RuntimeOptions()
+    if options.type_url not in RUNC_OPTIONS_URLS:
+        raise errors.InvalidArgument(f"unsupported runtime options type {options.type_url!r}; "
+                                     f"expected {RUNC_OPTIONS}")
+    try:
+        o = oci_pb2.Options.FromString(options.value)
+    except DecodeError as exc:
+        raise errors.InvalidArgument(f"cannot decode runtime options: {exc}") from None
+    return RuntimeOptions(binary_name=o.binary_name or "runc", root=o.root, systemd_cgroup=o.systemd_cgroup,
+                          no_pivot_root=o.no_pivot_root, no_new_keyring=o.no_new_keyring, io_uid=o.io_uid,
+                          io_gid=o.io_gid, shim_cgroup=o.shim_cgroup, criu_image_path=o.criu_image_path,
+                          criu_work_path=o.criu_work_path)
+
+
+def mounts(rootfs) -> list[Mount]:
+    return [Mount(m.type, m.source, tuple(m.options)) for m in rootfs]
+
+
+def status(state: State) -> int:
+    return STATUS.get(state.status, task_pb2.UNKNOWN)
+
+
+def timestamp(seconds: float | None) -> Timestamp | None:
+    if seconds is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def to_status(exc: Exception) -> TtrpcError:
+    for kind, code in ERROR_CODES.items():
+        if isinstance(exc, kind):
+            return TtrpcError(code, str(exc))
+    if isinstance(exc, RuntimeFailed):
+        return TtrpcError(Code.UNKNOWN, str(exc))
+    return TtrpcError(Code.UNKNOWN, str(exc) or type(exc).__name__)
+
+
+def rpc(handler):
+    """Run a Task API handler, turning domain errors into their status codes."""
+
+    @functools.wraps(handler)
+    async def wrapper(self, request, context):
+        try:
+            return await handler(self, request, context)
+        except TtrpcError:
+            raise
+        except (errors.ShimError, RuntimeFailed, OSError) as exc:
+            log.info("%s failed: %s", handler.__name__, exc)
+            raise to_status(exc) from exc
+
+    return wrapper

@@ -1,0 +1,305 @@
+"""The Task service: containerd's calls, served under both containerd.task.v2.Task and
+containerd.task.v3.Task by one set of handlers.
+
+This is where protobuf stops: requests are unpacked into plain values for the container
+and process objects, and replies and events are built from what those report back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+
+from google.protobuf.empty_pb2 import Empty
+
+from shim.api.containerd.events import task_pb2 as events
+from shim.api.containerd.runc.options import oci_pb2
+from shim.api.containerd.task.v2 import shim_pb2 as api
+from shim.api.containerd.types import task_pb2 as types
+from shim.errors import InvalidArgument, NotFound
+from shim.events import Publisher, pack
+from shim.layout import RUNTIME_FILE, RUNTIME_LOG, write_atomically
+from shim.oci.commands import RuntimeConfig, runtime_root
+from shim.oci.runner import Runner
+from shim.oci.runtime import OciRuntime
+from shim.process.base import Process, Stdio
+from shim.process.container import Container
+from shim.process.execs import ExecProcess
+from shim.process.init import InitProcess
+from shim.reaper import Exit, Reaper
+from shim.task import convert
+from shim.task.convert import rpc
+from shim.task.exits import ExitRouter
+from shim.ttrpc import Code, TtrpcError
+
+log = logging.getLogger(__name__)
+EMPTY = Empty()
+
+# Creates a process's stdio: (stdio, container id, uid, gid) -> ProcessIO
+IOFactory = Callable[[Stdio, str, int, int], Awaitable[object]]
+
+
+class TaskService:
+    def __init__(self, *, namespace: str, reaper: Reaper, publisher: Publisher, io_factory: IOFactory,
+                 stats: Callable[[int], object] | None = None, on_shutdown: Callable[[], None] = lambda: None) -> None:
+        self.namespace = namespace
+        self.reaper = reaper
+        self.publisher = publisher
+        self.io_factory = io_factory
+        self.stats = stats
+        self.on_shutdown = on_shutdown
+        self.containers: dict[str, Container] = {}
+        self.exits = ExitRouter()
+        self._background: set[asyncio.Task] = set()
+        reaper.add_listener(self._on_exit)
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _container(self, id: str) -> Container:
+        try:
+            return self.containers[id]
+        except KeyError:
+            raise NotFound(f"task {id!r} not found: container not created") from None
+
+    def _publish(self, topic: str, event) -> None:
+        self.publisher.publish(topic, event)
+
+    def _runtime(self, bundle: str, options: convert.RuntimeOptions) -> OciRuntime:
+        log_path = os.path.join(bundle, RUNTIME_LOG)
+        config = RuntimeConfig(binary=options.binary_name, root=runtime_root(options.root, self.namespace),
+                               log=log_path, systemd_cgroup=options.systemd_cgroup)
+        return OciRuntime(config, Runner(self.reaper, log_path))
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    @rpc
+    async def Create(self, request: api.CreateTaskRequest, context) -> api.CreateTaskResponse:
+        if request.id in self.containers:
+            raise TtrpcError(Code.ALREADY_EXISTS, f"task {request.id!r} already exists")
+        if not request.id or not request.bundle:
+            raise InvalidArgument("Create needs an id and a bundle")
+        options = convert.runtime_options(request.options if request.HasField("options") else None)
+        write_atomically(os.path.join(request.bundle, RUNTIME_FILE), json.dumps({
+            "binary": options.binary_name, "root": options.root, "systemd_cgroup": options.systemd_cgroup}))
+        runtime = self._runtime(request.bundle, options)
+        stdio = Stdio(request.stdin, request.stdout, request.stderr, request.terminal)
+        init = InitProcess(request.id, request.bundle, stdio, runtime=runtime, no_pivot=options.no_pivot_root,
+                           no_new_keyring=options.no_new_keyring)
+        container = Container(request.id, request.bundle, self.namespace, init, runtime)
+        self.containers[request.id] = container  # reserve the id while creating
+        window = self.exits.open_window()
+        try:
+            io = await self.io_factory(stdio, request.id, options.io_uid, options.io_gid)
+            await init.create(convert.mounts(request.rootfs), io, checkpoint=request.checkpoint)
+        except BaseException:
+            window.close()
+            del self.containers[request.id]
+            raise
+        self._publish("/tasks/create", events.TaskCreate(
+            container_id=request.id, bundle=request.bundle, rootfs=request.rootfs,
+            io=events.TaskIO(stdin=request.stdin, stdout=request.stdout, stderr=request.stderr,
+                             terminal=request.terminal),
+            checkpoint=request.checkpoint, pid=init.pid))
+        self._handle_started(window, container, init)
+        return api.CreateTaskResponse(pid=init.pid)
+
+    @rpc
+    async def Start(self, request: api.StartRequest, context) -> api.StartResponse:
+        container = self._container(request.id)
+        process = container.process(request.exec_id)
+        if request.exec_id:
+            container.exec_may_start()
+            process.check("start")
+            await container.exec_count_changed(+1)
+            window = self.exits.open_window()
+        else:
+            window = self.exits.open_window(restarting=container)
+        try:
+            if isinstance(process, ExecProcess):
+                io = await self.io_factory(process.stdio, container.id, 0, 0)
+                pid = await process.start(io)
+            else:
+                pid = await process.start()
+        except BaseException:
+            if request.exec_id:
+                await container.exec_count_changed(-1)
+            self._handle_started(window, container, process if process.pid else None)
+            raise
+        if request.exec_id:
+            self._publish("/tasks/exec-started", events.TaskExecStarted(
+                container_id=container.id, exec_id=request.exec_id, pid=pid))
+        else:
+            self._publish("/tasks/start", events.TaskStart(container_id=container.id, pid=pid))
+        self._handle_started(window, container, process)
+        return api.StartResponse(pid=pid)
+
+    @rpc
+    async def Delete(self, request: api.DeleteRequest, context) -> api.DeleteResponse:
+        container = self._container(request.id)
+        process = container.process(request.exec_id)
+        await process.delete()
+        if request.exec_id:
+            del container.execs[request.exec_id]
+        else:
+            self.containers.pop(request.id, None)
+            self._publish("/tasks/delete", events.TaskDelete(
+                container_id=container.id, pid=process.pid, exit_status=process.exit_status,
+                exited_at=convert.timestamp(process.exited_at)))
+        return api.DeleteResponse(pid=process.pid, exit_status=process.exit_status,
+                                  exited_at=convert.timestamp(process.exited_at))
+
+    @rpc
+    async def Exec(self, request: api.ExecProcessRequest, context) -> Empty:
+        container = self._container(request.id)
+        if not request.exec_id:
+            raise InvalidArgument("Exec needs an exec id")
+        try:
+            spec = json.loads(request.spec.value or b"{}")
+        except ValueError as exc:
+            raise InvalidArgument(f"exec spec is not valid JSON: {exc}") from None
+        process = ExecProcess(container.id, request.exec_id, spec,
+                              Stdio(request.stdin, request.stdout, request.stderr, request.terminal),
+                              runtime=container.runtime, bundle=container.bundle)
+        container.add_exec(process)
+        self._publish("/tasks/exec-added", events.TaskExecAdded(container_id=container.id, exec_id=request.exec_id))
+        return EMPTY
+
+    @rpc
+    async def State(self, request: api.StateRequest, context) -> api.StateResponse:
+        container = self._container(request.id)
+        process = container.process(request.exec_id)
+        return api.StateResponse(
+            id=process.id, bundle=container.bundle, pid=process.pid, status=convert.status(process.state),
+            stdin=process.stdio.stdin, stdout=process.stdio.stdout, stderr=process.stdio.stderr,
+            terminal=process.stdio.terminal, exit_status=process.exit_status,
+            exited_at=convert.timestamp(process.exited_at), exec_id=request.exec_id)
+
+    @rpc
+    async def Pause(self, request: api.PauseRequest, context) -> Empty:
+        container = self._container(request.id)
+        await container.init.pause()
+        self._publish("/tasks/paused", events.TaskPaused(container_id=container.id))
+        return EMPTY
+
+    @rpc
+    async def Resume(self, request: api.ResumeRequest, context) -> Empty:
+        container = self._container(request.id)
+        await container.init.resume()
+        self._publish("/tasks/resumed", events.TaskResumed(container_id=container.id))
+        return EMPTY
+
+    @rpc
+    async def Kill(self, request: api.KillRequest, context) -> Empty:
+        container = self._container(request.id)
+        process = container.process(request.exec_id)
+        if isinstance(process, InitProcess):
+            await process.kill(request.signal, all=request.all)
+        else:
+            await process.kill(request.signal)
+        return EMPTY
+
+    @rpc
+    async def Pids(self, request: api.PidsRequest, context) -> api.PidsResponse:
+        container = self._container(request.id)
+        pids = await container.init.pids()
+        exec_ids = {p.pid: p.id for p in container.execs.values() if p.pid}
+        processes = []
+        for pid in pids:
+            info = types.ProcessInfo(pid=pid)
+            if pid in exec_ids:
+                info.info.CopyFrom(pack(oci_pb2.ProcessDetails(exec_id=exec_ids[pid])))
+            processes.append(info)
+        return api.PidsResponse(processes=processes)
+
+    @rpc
+    async def CloseIO(self, request: api.CloseIORequest, context) -> Empty:
+        process = self._container(request.id).process(request.exec_id)
+        if request.stdin:
+            process.close_stdin()
+        return EMPTY
+
+    @rpc
+    async def ResizePty(self, request: api.ResizePtyRequest, context) -> Empty:
+        process = self._container(request.id).process(request.exec_id)
+        await process.resize(request.width, request.height)
+        return EMPTY
+
+    @rpc
+    async def Update(self, request: api.UpdateTaskRequest, context) -> Empty:
+        container = self._container(request.id)
+        await container.init.update(request.resources.value)
+        return EMPTY
+
+    @rpc
+    async def Checkpoint(self, request: api.CheckpointTaskRequest, context) -> Empty:
+        self._container(request.id)
+        raise TtrpcError(Code.UNIMPLEMENTED, "checkpoint is not implemented yet")
+
+    @rpc
+    async def Wait(self, request: api.WaitRequest, context) -> api.WaitResponse:
+        process = self._container(request.id).process(request.exec_id)
+        await process.wait()
+        return api.WaitResponse(exit_status=process.exit_status, exited_at=convert.timestamp(process.exited_at))
+
+    @rpc
+    async def Stats(self, request: api.StatsRequest, context) -> api.StatsResponse:
+        container = self._container(request.id)
+        if self.stats is None or not container.init.pid or container.init.exited:
+            raise NotFound(f"task {request.id}: cgroup does not exist")
+        try:
+            return api.StatsResponse(stats=self.stats(container.init.pid))
+        except LookupError as exc:
+            raise NotFound(f"task {request.id}: {exc}") from None
+
+    @rpc
+    async def Connect(self, request: api.ConnectRequest, context) -> api.ConnectResponse:
+        container = self.containers.get(request.id)
+        return api.ConnectResponse(shim_pid=os.getpid(), task_pid=container.init.pid if container else 0)
+
+    @rpc
+    async def Shutdown(self, request: api.ShutdownRequest, context) -> Empty:
+        if not self.containers:
+            self.on_shutdown()
+        return EMPTY
+
+    # -- exits -----------------------------------------------------------------------------
+
+    def _handle_started(self, window, container: Container, process: Process | None) -> None:
+        for exit in window.started(container, process):
+            self._dispatch_exit(exit, container, process)
+
+    def _on_exit(self, exit: Exit) -> None:
+        for container, process in self.exits.route(exit):
+            self._dispatch_exit(exit, container, process)
+
+    def _dispatch_exit(self, exit: Exit, container: Container, process: Process) -> None:
+        if isinstance(process, InitProcess):
+            container.init_exited = True
+            self._spawn(self._init_exited(exit, container, process))
+        else:
+            self._process_exited(exit, container, process)
+            self._spawn(container.exec_count_changed(-1))
+
+    async def _init_exited(self, exit: Exit, container: Container, init: InitProcess) -> None:
+        """Publish the init's exit last: after killing what it leaves behind and after its execs' exits."""
+        if init.shares_host_pid_namespace():
+            try:
+                await init.kill_all()
+            except Exception as exc:
+                log.warning("killing what task %s left behind failed: %s", container.id, exc)
+        await container.wait_for_execs()
+        self._process_exited(exit, container, init)
+
+    def _process_exited(self, exit: Exit, container: Container, process: Process) -> None:
+        process.set_exited(exit.status, exit.timestamp)
+        self._publish("/tasks/exit", events.TaskExit(
+            container_id=container.id, id=process.id, pid=exit.pid, exit_status=exit.status,
+            exited_at=convert.timestamp(process.exited_at)))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
