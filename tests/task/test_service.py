@@ -1,0 +1,192 @@
+"""The task service against a stand-in OCI runtime: lifecycle, event order, error codes."""
+
+import asyncio
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from shim.api.containerd.events import task_pb2 as events
+from shim.api.containerd.runc.options.oci_pb2 import Options
+from shim.api.containerd.task.v2 import shim_pb2 as api
+from shim.api.containerd.types import task_pb2 as types
+from shim.events import pack
+from shim.reaper import Reaper
+from shim.task.service import TaskService
+from shim.ttrpc import Code, TtrpcError
+
+FAKE_RUNTIME = str(Path(__file__).with_name("fake_runtime.py"))
+
+
+class RecordingPublisher:
+    def __init__(self):
+        self.events = []
+
+    def publish(self, topic, event):
+        self.events.append((topic, event))
+
+    def topics(self):
+        return [topic for topic, _ in self.events]
+
+
+class NullIO:
+    runtime_stdio = (None, None, None)
+    console_socket = ""
+
+    def close_after_start(self): pass
+    def close_stdin(self): pass
+    def resize(self, w, h): pass
+    async def wait_drained(self, timeout): pass
+    def close(self): pass
+
+
+async def null_io(stdio, container_id, uid, gid):
+    return NullIO()
+
+
+class Harness:
+    def __init__(self, tmp_path):
+        self.tmp = tmp_path
+        self.publisher = RecordingPublisher()
+        self.reaper = Reaper()
+        self.reaper.install(asyncio.get_running_loop())  # subreaper: the fake "containers" re-parent here
+        self.service = TaskService(namespace="ns", reaper=self.reaper, publisher=self.publisher, io_factory=null_io)
+
+    def options(self):
+        return pack(Options(binary_name=FAKE_RUNTIME, root=str(self.tmp / "root")))
+
+    def bundle(self, id, args):
+        bundle = self.tmp / id
+        bundle.mkdir(exist_ok=True)
+        (bundle / "config.json").write_text(json.dumps({"process": {"args": args}}))
+        return str(bundle)
+
+    async def create(self, id, args, **extra):
+        request = api.CreateTaskRequest(id=id, bundle=self.bundle(id, args), options=self.options(), **extra)
+        return await self.service.Create(request, None)
+
+    async def call(self, name, request):
+        return await getattr(self.service, name)(request, None)
+
+    async def settle(self):
+        for _ in range(50):  # let background exit handling publish
+            await asyncio.sleep(0.01)
+
+    def close(self):
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGCHLD)
+
+
+def run(scenario, tmp_path):
+    async def main():
+        harness = Harness(tmp_path)
+        try:
+            return await asyncio.wait_for(scenario(harness), 20)
+        finally:
+            harness.close()
+
+    return asyncio.run(main())
+
+
+def test_lifecycle_events_and_exit_status(tmp_path):
+    async def scenario(h):
+        created = await h.create("c1", ["sh", "-c", "exit 3"])
+        state = await h.call("State", api.StateRequest(id="c1"))
+        started = await h.call("Start", api.StartRequest(id="c1"))
+        waited = await h.call("Wait", api.WaitRequest(id="c1"))
+        after = await h.call("State", api.StateRequest(id="c1"))
+        deleted = await h.call("Delete", api.DeleteRequest(id="c1"))
+        await h.settle()
+        return created, state, started, waited, after, deleted, h.publisher
+
+    created, state, started, waited, after, deleted, publisher = run(scenario, tmp_path)
+    assert created.pid > 0 and state.status == types.CREATED and started.pid == created.pid
+    assert waited.exit_status == 3 and after.status == types.STOPPED and after.exit_status == 3
+    assert (deleted.pid, deleted.exit_status) == (created.pid, 3)
+    assert publisher.topics() == ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"]
+    exit_event = publisher.events[2][1]
+    assert (exit_event.container_id, exit_event.id, exit_event.exit_status) == ("c1", "c1", 3)
+
+
+def test_exec_exit_is_published_before_init_exit(tmp_path):
+    async def scenario(h):
+        await h.create("c2", ["sleep", "30"])
+        await h.call("Start", api.StartRequest(id="c2"))
+        spec = pack(events.TaskIO())  # placeholder type; the value is what matters
+        spec.value = json.dumps({"args": ["sleep", "30"]}).encode()
+        await h.call("Exec", api.ExecProcessRequest(id="c2", exec_id="e1", spec=spec))
+        exec_started = await h.call("Start", api.StartRequest(id="c2", exec_id="e1"))
+        pids = await h.call("Pids", api.PidsRequest(id="c2"))
+        await h.call("Kill", api.KillRequest(id="c2", signal=9))
+        await asyncio.sleep(0.2)  # init is gone; its exit waits for the exec's
+        early = list(h.publisher.topics())
+        os.kill(exec_started.pid, signal.SIGTERM)
+        exec_wait = await h.call("Wait", api.WaitRequest(id="c2", exec_id="e1"))
+        init_wait = await h.call("Wait", api.WaitRequest(id="c2"))
+        await h.settle()
+        return early, exec_wait, init_wait, pids, h.publisher
+
+    early, exec_wait, init_wait, pids, publisher = run(scenario, tmp_path)
+    assert "/tasks/exit" not in early
+    assert exec_wait.exit_status == 128 + 15 and init_wait.exit_status == 128 + 9
+    exits = [(e.id, e.exit_status) for t, e in publisher.events if t == "/tasks/exit"]
+    assert exits == [("e1", 143), ("c2", 137)]
+    assert publisher.topics()[:4] == ["/tasks/create", "/tasks/start", "/tasks/exec-added", "/tasks/exec-started"]
+    assert len(pids.processes) == 1  # the fake runtime lists only the init
+
+
+def test_caller_mistakes_get_precise_codes(tmp_path):
+    async def scenario(h):
+        codes = {}
+
+        async def code(name, coro):
+            try:
+                await coro
+                codes[name] = Code.OK
+            except TtrpcError as exc:
+                codes[name] = exc.code
+
+        await code("unknown task", h.call("State", api.StateRequest(id="nope")))
+        await h.create("c3", ["sh", "-c", "exit 0"])
+        await code("duplicate create", h.create("c3", ["true"]))
+        await code("pause created", h.call("Pause", api.PauseRequest(id="c3")))
+        await code("unknown exec", h.call("State", api.StateRequest(id="c3", exec_id="x")))
+        await h.call("Start", api.StartRequest(id="c3"))
+        await h.call("Wait", api.WaitRequest(id="c3"))
+        await code("start twice", h.call("Start", api.StartRequest(id="c3")))
+        await code("kill stopped", h.call("Kill", api.KillRequest(id="c3", signal=15)))
+        spec = pack(events.TaskIO())
+        spec.value = b'{"args": ["true"]}'
+        await code("exec after exit", h.call("Exec", api.ExecProcessRequest(id="c3", exec_id="e", spec=spec)))
+        bad = api.CreateTaskRequest(id="c4", bundle=h.bundle("c4", ["true"]))
+        bad.options.type_url = "example.com/Unknown"
+        await code("bad options", h.call("Create", bad))
+        return codes
+
+    assert run(scenario, tmp_path) == {
+        "unknown task": Code.NOT_FOUND,
+        "duplicate create": Code.ALREADY_EXISTS,
+        "pause created": Code.FAILED_PRECONDITION,
+        "unknown exec": Code.NOT_FOUND,
+        "start twice": Code.FAILED_PRECONDITION,
+        "kill stopped": Code.NOT_FOUND,
+        "exec after exit": Code.FAILED_PRECONDITION,
+        "bad options": Code.INVALID_ARGUMENT,
+    }
+
+
+def test_duplicate_exec_id_already_exists(tmp_path):
+    async def scenario(h):
+        await h.create("c5", ["sleep", "30"])
+        await h.call("Start", api.StartRequest(id="c5"))
+        spec = pack(events.TaskIO())
+        spec.value = b'{"args": ["sleep", "1"]}'
+        await h.call("Exec", api.ExecProcessRequest(id="c5", exec_id="e", spec=spec))
+        with pytest.raises(TtrpcError) as err:
+            await h.call("Exec", api.ExecProcessRequest(id="c5", exec_id="e", spec=spec))
+        await h.call("Kill", api.KillRequest(id="c5", signal=9))
+        await h.call("Wait", api.WaitRequest(id="c5"))
+        return err.value.code
+
+    assert run(scenario, tmp_path) == Code.ALREADY_EXISTS
