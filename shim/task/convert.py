@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import tomllib
 from dataclasses import dataclass
 
 from google.protobuf.any_pb2 import Any
@@ -13,6 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from shim import errors
 from shim.api.containerd.runc.options import oci_pb2
+from shim.api.containerd.runtimeoptions.v1 import api_pb2
 from shim.api.containerd.types import task_pb2
 from shim.mounts import Mount
 from shim.oci.runner import RuntimeFailed
@@ -23,6 +25,8 @@ log = logging.getLogger(__name__)
 RUNC_OPTIONS = "containerd.runc.v1.Options"
 # Type URLs containerd may use for the same runc options message.
 RUNC_OPTIONS_URLS = {RUNC_OPTIONS, "io.containerd.runc.v1.Options", f"type.googleapis.com/{RUNC_OPTIONS}"}
+CONFIG_FILE_OPTIONS = "runtimeoptions.v1.Options"
+CONFIG_FILE_OPTIONS_URLS = {CONFIG_FILE_OPTIONS, f"type.googleapis.com/{CONFIG_FILE_OPTIONS}"}
 
 STATUS = {
     "created": task_pb2.CREATED, "running": task_pb2.RUNNING, "paused": task_pb2.PAUSED,
@@ -55,19 +59,51 @@ class RuntimeOptions:
 
 
 def runtime_options(options: Any | None) -> RuntimeOptions:
+    """The runtime options of a Create (or of `start`'s stdin): runc's own message, or a
+    runtimeoptions.v1.Options naming a TOML file of the same settings."""
     if options is None or not options.type_url:
         return RuntimeOptions()
-    if options.type_url not in RUNC_OPTIONS_URLS:
-        raise errors.InvalidArgument(f"unsupported runtime options type {options.type_url!r}; "
-                                     f"expected {RUNC_OPTIONS}")
     try:
-        o = oci_pb2.Options.FromString(options.value)
+        if options.type_url in RUNC_OPTIONS_URLS:
+            return _from_runc(oci_pb2.Options.FromString(options.value))
+        if options.type_url in CONFIG_FILE_OPTIONS_URLS:
+            return options_from_file(api_pb2.Options.FromString(options.value).config_path)
     except DecodeError as exc:
-        raise errors.InvalidArgument(f"cannot decode runtime options: {exc}") from None
+        raise errors.InvalidArgument(f"cannot decode runtime options {options.type_url}: {exc}") from None
+    raise errors.InvalidArgument(f"unsupported runtime options type {options.type_url!r}; expected "
+                                 f"{RUNC_OPTIONS} or {CONFIG_FILE_OPTIONS}")
+
+
+def _from_runc(o: oci_pb2.Options) -> RuntimeOptions:
     return RuntimeOptions(binary_name=o.binary_name or "runc", root=o.root, systemd_cgroup=o.systemd_cgroup,
                           no_pivot_root=o.no_pivot_root, no_new_keyring=o.no_new_keyring, io_uid=o.io_uid,
                           io_gid=o.io_gid, shim_cgroup=o.shim_cgroup, criu_image_path=o.criu_image_path,
                           criu_work_path=o.criu_work_path)
+
+
+def options_from_file(path: str) -> RuntimeOptions:
+    """runc options from TOML, keys as containerd's runc options spell them in TOML
+    (BinaryName, SystemdCgroup, ...) or as the proto fields (binary_name, ...)."""
+    if not path:
+        return RuntimeOptions()
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except OSError as exc:
+        raise errors.InvalidArgument(f"runtime config {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise errors.InvalidArgument(f"runtime config {path} is not valid TOML: {exc}") from None
+    message = oci_pb2.Options()
+    fields = {f.name.replace("_", ""): f.name for f in message.DESCRIPTOR.fields}
+    for key, value in table.items():
+        name = fields.get(key.replace("_", "").lower())
+        if name is None:
+            raise errors.InvalidArgument(f"runtime config {path}: unknown option {key!r}")
+        try:
+            setattr(message, name, value)
+        except (TypeError, ValueError) as exc:
+            raise errors.InvalidArgument(f"runtime config {path}: {key}: {exc}") from None
+    return _from_runc(message)
 
 
 def mounts(rootfs) -> list[Mount]:
