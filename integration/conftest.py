@@ -1,0 +1,96 @@
+"""Fixtures for the integration suite: the installed environment, the test image, and started containerds.
+
+The suite is skipped as a whole (with the reason in the header and the skip report) when not run as root or when
+packaging/install.sh has not written /opt/pyshim/env. Every containerd a test starts is stopped in the fixture's
+teardown; a session-wide fixture stops any left running after that (and harness.containerd registers the same
+safety net with atexit). A failing test's report gets the tail of each of its containerds' debug logs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness.containerd import GO_SHIM_SOCKET_DIR, Containerd, remove_go_shim_socket_dir, stop_all
+from harness.environment import CONTAINERD_VERSIONS, Environment, load_environment, unavailable_reason
+from harness.image import TestImage, build_test_image
+
+HERE = Path(__file__).parent
+_containerds_of_item = pytest.StashKey[list[Containerd]]()
+# Read when pytest imports this conftest, before any test of the suite could have started a shim.
+_RUN_DIR_EXISTED = GO_SHIM_SOCKET_DIR.parent.exists()
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    reason = unavailable_reason()
+    return f"integration: skipped: {reason}" if reason else "integration: enabled (root, /opt/pyshim/env present)"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reason = unavailable_reason()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=reason)
+    for item in items:
+        if HERE in Path(item.path).parents:
+            item.add_marker(skip)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for instance in item.stash.get(_containerds_of_item, []):
+            report.sections.append(
+                (f"containerd {instance.version} log tail ({instance.log_path})", instance.log_tail())
+            )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_every_containerd():
+    yield
+    for note in stop_all():
+        print(f"\nintegration: stopped at session end: {note}")
+    if not _RUN_DIR_EXISTED:
+        # The Go shim creates /run/containerd/s for its sockets; leave the host as the session found it.
+        remove_go_shim_socket_dir()
+
+
+@pytest.fixture(scope="session")
+def environment() -> Environment:
+    return load_environment()
+
+
+@pytest.fixture(scope="session")
+def test_image(environment: Environment, tmp_path_factory: pytest.TempPathFactory) -> TestImage:
+    """The busybox test image tarball, built once per session."""
+    return build_test_image(tmp_path_factory.mktemp("image-cache"), busybox=environment.busybox)
+
+
+@pytest.fixture(scope="session")
+def containerd_log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where containerd debug logs are kept after their temp dirs are removed."""
+    return tmp_path_factory.mktemp("containerd-logs")
+
+
+@pytest.fixture(params=CONTAINERD_VERSIONS, ids=lambda v: f"containerd-{v}")
+def containerd_version(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def containerd(request: pytest.FixtureRequest, containerd_version: str, environment: Environment,
+               test_image: TestImage, containerd_log_dir: Path):
+    """A started private containerd of containerd_version with the test image imported; stopped afterwards."""
+    instance = Containerd(containerd_version, environment, log_dir=containerd_log_dir)
+    request.node.stash.setdefault(_containerds_of_item, []).append(instance)
+    try:
+        instance.start()
+        instance.import_image(test_image)
+        yield instance
+    finally:
+        for note in instance.stop():
+            # Shown with the test's captured output: what the test itself did not clean up.
+            print(f"containerd {containerd_version} teardown: {note}")

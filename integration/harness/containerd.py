@@ -1,0 +1,278 @@
+"""A private containerd of one version, in its own temporary directory, and everything it started.
+
+`Containerd` owns: its root, state, sockets and config under a fresh temp dir; the containerd process (run under
+the subreaper, so the shims it daemonises are reaped); `ctr` invocations bound to its socket and a test namespace;
+and the teardown: tasks and containers removed through ctr, runc containers left in its private runc root deleted,
+containerd stopped by pid, orphaned shims killed by pid, mounts under the temp dir unmounted, the namespace cgroups
+removed, the temp dir deleted. Only the debug log survives, for failure reports.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+from . import cgroups, commands, ids, logs, mounts, processes
+from .config import ContainerdPaths, render_config
+from .environment import Environment
+from .events import EventStream
+from .image import TestImage
+from .runc import Runc
+from .supervisor import Supervised, supervise
+
+RUNC_V2 = "io.containerd.runc.v2"
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 10.0
+# Where the Go shim library puts shim sockets whatever containerd's state dir is (1.6-2.x).
+GO_SHIM_SOCKET_DIR = Path("/run/containerd/s")
+SYSTEM_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+
+# Every instance not yet stopped (created ones too: they own a temp dir).
+_live: set["Containerd"] = set()
+
+
+class Containerd:
+    """One containerd instance for tests. Use as a context manager, or call start() and stop()."""
+
+    def __init__(self, version: str, environment: Environment, *, log_dir: Path,
+                 namespace: str | None = None, base_dir: Path = Path("/tmp")):
+        self.version = version
+        self.bin_dir = environment.containerd_bin_dir(version)
+        # Short paths: unix socket paths are limited to 108 bytes.
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"psh{version.replace('.', '')}-", dir=base_dir))
+        self.root = self.tmp / "root"
+        self.state = self.tmp / "state"
+        self.address = str(self.tmp / "containerd.sock")
+        # containerd serves ttrpc at <grpc address>.ttrpc and tells shims so in TTRPC_ADDRESS; keep them the same.
+        self.ttrpc_address = self.address + ".ttrpc"
+        self.runc_root = self.tmp / "runc"
+        self.fifo_dir = self.tmp / "fifo"
+        self.config_path = self.tmp / "config.toml"
+        self.namespace = namespace or ids.namespace()
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / f"containerd-{version}-{self.tmp.name}.log"
+        self.env = {
+            # Our shim (venv) and this version's own shim and ctr come first; the system's runc stays reachable.
+            "PATH": ":".join([str(environment.venv / "bin"), str(self.bin_dir), *SYSTEM_PATH]),
+            "TMPDIR": str(self.tmp / "tmp"),
+            "HOME": os.environ.get("HOME", "/root"),
+            "LANG": "C.UTF-8",
+        }
+        self._process: Supervised | None = None
+        self._namespaces_seen: set[str] = {self.namespace}
+        _live.add(self)
+
+    # --- lifecycle ---------------------------------------------------------------------------------------------
+
+    def __enter__(self) -> "Containerd":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        for directory in (self.root, self.state, self.runc_root, self.fifo_dir, self.tmp / "tmp"):
+            directory.mkdir(parents=True, exist_ok=True)
+        paths = ContainerdPaths(self.root, self.state, self.tmp / "tmp", self.address, self.ttrpc_address)
+        self.config_path.write_text(render_config(self.version, paths))
+        with open(self.log_path, "ab") as log:
+            self._process = supervise(
+                [str(self.bin_dir / "containerd"), "--config", str(self.config_path)],
+                name="containerd", run_dir=self.tmp, env=self.env, stdout=log, stderr=log,
+            )
+        self._wait_ready(timeout)
+
+    def _wait_ready(self, timeout: float) -> None:
+        assert self._process is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            if (code := self._process.main_exit_code()) is not None:
+                raise RuntimeError(f"containerd {self.version} exited with {code} during start-up:\n{self.log_tail()}")
+            result = self.ctr("version", check=False, timeout=5)
+            if result.returncode == 0:
+                return
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"containerd {self.version} not answering on {self.address} after {timeout}s: "
+                                   f"{result.stderr.strip()}\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def stop(self) -> list[str]:
+        """Tear everything down; idempotent. Returns notes on what had to be forced (empty when all was tidy)."""
+        if self not in _live:
+            return []
+        notes: list[str] = []
+        try:
+            if self._process is not None and self._process.main_exit_code() is None:
+                notes += self._remove_all_containers()
+            notes += self._delete_runc_leftovers()
+            if self._process is not None:
+                self._process.stop_main(STOP_TIMEOUT)
+                try:
+                    # Shims whose tasks were deleted are already on their way out; give them a moment.
+                    self._process.wait(2.0)
+                except subprocess.TimeoutExpired:
+                    notes += [f"killed leftover process {pid}" for pid in self._kill_orphans()]
+                    try:
+                        self._process.wait(STOP_TIMEOUT)
+                    except subprocess.TimeoutExpired:
+                        notes += [f"killed leftover process {pid}" for pid in self._process.terminate(STOP_TIMEOUT)]
+                self._process.close()
+            notes += [f"unmounted {point}" for point in mounts.unmount_all_under(self.tmp)]
+            for namespace in filter(ids.is_test_namespace, self._namespaces_seen):
+                # Only names this harness made up: an empty /default cgroup may belong to the host's containerd.
+                notes += [f"cgroup still busy: {path}" for path in cgroups.remove_cgroup_tree(namespace)]
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        finally:
+            _live.discard(self)
+        return notes
+
+    def _remove_all_containers(self) -> list[str]:
+        """Force-delete every task and container in every namespace, through containerd (so shims exit normally)."""
+        notes = []
+        listed = self.ctr("namespaces", "ls", "-q", check=False, timeout=10)
+        self._namespaces_seen.update(listed.stdout.split())
+        for namespace in sorted(self._namespaces_seen):
+            for task in self.ctr("tasks", "ls", "-q", namespace=namespace, check=False, timeout=10).stdout.split():
+                # -f kills the task's processes and waits for them before deleting.
+                result = self.ctr("tasks", "rm", "-f", task, namespace=namespace, check=False, timeout=15)
+                notes.append(f"removed task {namespace}/{task}" + (f": {result.stderr.strip()}"
+                                                                   if result.returncode else ""))
+            for container in self.ctr("containers", "ls", "-q", namespace=namespace, check=False,
+                                      timeout=10).stdout.split():
+                self.ctr("containers", "rm", container, namespace=namespace, check=False, timeout=15)
+                notes.append(f"removed container {namespace}/{container}")
+        return notes
+
+    def _delete_runc_leftovers(self) -> list[str]:
+        """`runc delete -f` whatever is left in the private runc root (e.g. containers a test restored itself)."""
+        notes = []
+        if not self.runc_root.is_dir():
+            return notes
+        for state_root in sorted(self.runc_root.iterdir()):
+            self._namespaces_seen.add(state_root.name)
+            runc = Runc(state_root, self.env)
+            for container in runc.list():
+                runc.delete(container["id"], force=True, check=False)
+                notes.append(f"runc delete -f {state_root.name}/{container['id']}")
+        return notes
+
+    def _kill_orphans(self) -> list[int]:
+        """Kill shims (and their children) left after containerd ended; remove the sockets a killed Go shim leaves."""
+        assert self._process is not None
+        sockets = [socket for pid in self._process.orphans() for socket in self._go_shim_sockets(pid)]
+        killed = self._process.kill_orphans(STOP_TIMEOUT)
+        for socket in sockets:
+            if socket.is_socket():
+                socket.unlink(missing_ok=True)
+        return killed
+
+    def _go_shim_sockets(self, pid: int) -> list[Path]:
+        """Sockets of a Go shim of ours: /run/containerd/s/hex(sha256(<address>/<namespace>/<id>[/debug])).
+
+        The /debug one exists when the shim runs with -debug (containerd at debug level) and only from 2.x on.
+        """
+        argv = processes.cmdline(pid)
+        flags = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("-")}
+        if flags.get("-address") != self.address or "-namespace" not in flags or "-id" not in flags:
+            return []
+        key = os.path.normpath(os.path.join(self.address, flags["-namespace"], flags["-id"]))
+        return [GO_SHIM_SOCKET_DIR / hashlib.sha256(k.encode()).hexdigest() for k in (key, key + "/debug")]
+
+    # --- using it ----------------------------------------------------------------------------------------------
+
+    def ctr_argv(self, namespace: str | None = None) -> list[str]:
+        return [str(self.bin_dir / "ctr"), "--address", self.address, "--namespace", namespace or self.namespace]
+
+    def ctr(self, *args: str, namespace: str | None = None, check: bool = True,
+            timeout: float = commands.DEFAULT_TIMEOUT, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run this version's ctr against this containerd, in the test namespace unless told otherwise."""
+        if namespace is not None:
+            self._namespaces_seen.add(namespace)
+        return commands.run([*self.ctr_argv(namespace), *args], env=self.env, check=check, timeout=timeout,
+                            input=input)
+
+    def server_version(self) -> str:
+        """The daemon's version as `ctr version` reports it under `Server:` (without the leading v)."""
+        output = self.ctr("version", timeout=10).stdout
+        server = output.split("Server:", 1)[1]
+        for line in server.splitlines():
+            key, _, value = line.strip().partition(":")
+            if key == "Version":
+                return value.strip().lstrip("v")
+        raise ValueError(f"no server version in `ctr version` output:\n{output}")
+
+    def import_image(self, image: TestImage) -> None:
+        self.ctr("images", "import", str(image.path), timeout=60)
+
+    def events(self) -> EventStream:
+        """A `ctr events` stream (all namespaces); use as a context manager."""
+        return EventStream(
+            [str(self.bin_dir / "ctr"), "--address", self.address], self.env,
+            lambda ns: self.ctr("namespaces", "create", ns, timeout=10),
+            lambda ns: self.ctr("namespaces", "rm", ns, check=False, timeout=10),
+        )
+
+    def new_id(self, prefix: str = "c") -> str:
+        return ids.container_id(prefix)
+
+    def runtime_flags(self, runtime: str = RUNC_V2) -> list[str]:
+        """ctr run/create flags that keep a container's state inside this instance's temp dir."""
+        flags = ["--runtime", runtime, "--fifo-dir", str(self.fifo_dir)]
+        if runtime == RUNC_V2:
+            # The Go shim's runc state goes to <runc-root>/<namespace> instead of /run/containerd/runc/<namespace>.
+            flags += ["--runc-root", str(self.runc_root)]
+        return flags
+
+    def run(self, container_id: str, image: TestImage | str, *command: str, runtime: str = RUNC_V2,
+            detach: bool = True, extra: Sequence[str] = (), check: bool = True,
+            timeout: float = commands.DEFAULT_TIMEOUT) -> subprocess.CompletedProcess[str]:
+        """`ctr run` the image as container_id (detached by default)."""
+        ref = image.ref if isinstance(image, TestImage) else image
+        args = ["run", *(["-d"] if detach else []), *self.runtime_flags(runtime), *extra, ref, container_id, *command]
+        return self.ctr(*args, check=check, timeout=timeout)
+
+    def bundle(self, container_id: str, namespace: str | None = None) -> Path:
+        """The task's bundle dir (config.json, rootfs/ mounted by the shim, ...)."""
+        return self.state / "io.containerd.runtime.v2.task" / (namespace or self.namespace) / container_id
+
+    def runc_state_root(self, namespace: str | None = None) -> Path:
+        """What to pass to `runc --root` for the Go shim's containers in a namespace: <runc_root>/<namespace>."""
+        return self.runc_root / (namespace or self.namespace)
+
+    def runc(self, namespace: str | None = None) -> Runc:
+        """Plain runc on the state root the Go shim uses for a namespace's containers."""
+        return Runc(self.runc_state_root(namespace), self.env)
+
+    def log_tail(self, lines: int = 60) -> str:
+        return logs.tail(self.log_path, lines)
+
+
+def remove_go_shim_socket_dir() -> None:
+    """rmdir the Go shim's socket dir and /run/containerd if empty (for a session that found neither there)."""
+    for directory in (GO_SHIM_SOCKET_DIR, GO_SHIM_SOCKET_DIR.parent):
+        try:
+            directory.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return  # not empty: something else uses it
+
+
+def stop_all() -> list[str]:
+    """Stop every Containerd still running in this process (the safety net for interrupted sessions)."""
+    notes = []
+    for instance in list(_live):
+        notes += [f"containerd {instance.version}: {note}" for note in instance.stop()]
+    return notes
+
+
+# Safety net for an interrupted run: whatever is still running when the interpreter exits is stopped.
+atexit.register(stop_all)
