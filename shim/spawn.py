@@ -8,6 +8,7 @@ the caller's reaper Subscription (taken before spawning) delivers its exit.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import signal
 from collections.abc import Mapping, Sequence
@@ -29,12 +30,14 @@ def spawn(argv: Sequence[str], *, stdin: int | None = None, stdout: int | None =
           setsid: bool = False, cwd: str | None = None) -> int:
     """Start argv[0] (looked up on PATH). pass_fds maps child fd -> our fd. Returns the pid."""
     null = os.open(os.devnull, os.O_RDWR)
+    # dup2 actions run in order, so a source that is also some other action's target would
+    # be overwritten before use: every source is first copied above all targets.
+    wanted = {0: null if stdin is None else stdin, 1: null if stdout is None else stdout,
+              2: null if stderr is None else stderr, **(pass_fds or {})}
+    floor = max(wanted) + 1
+    sources = {target: fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, floor) for target, fd in wanted.items()}
     try:
-        actions = [
-            (os.POSIX_SPAWN_DUP2, null if fd is None else fd, target)
-            for target, fd in ((0, stdin), (1, stdout), (2, stderr))
-        ]
-        actions += [(os.POSIX_SPAWN_DUP2, ours, theirs) for theirs, ours in (pass_fds or {}).items()]
+        actions = [(os.POSIX_SPAWN_DUP2, source, target) for target, source in sources.items()]
         if cwd is not None:
             # posix_spawn has no chdir action before Python 3.13's POSIX_SPAWN_CHDIR: go through sh.
             argv = ["/bin/sh", "-c", 'cd "$0" && exec "$@"', cwd, *argv]
@@ -42,6 +45,8 @@ def spawn(argv: Sequence[str], *, stdin: int | None = None, stdout: int | None =
                                file_actions=actions, setsid=setsid)
     finally:
         os.close(null)
+        for source in sources.values():
+            os.close(source)
 
 
 async def run(reaper: Reaper, argv: Sequence[str], *, input: bytes | None = None, timeout: float | None = None,

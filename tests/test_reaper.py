@@ -47,3 +47,28 @@ def test_signalled_child_reports_128_plus_signal():
         return result.status
 
     assert run(scenario()) == 128 + signal.SIGTERM
+
+
+def test_spawn_pass_fds_survive_overlapping_targets(tmp_path):
+    """Child fd 3 <- our fd 4 and child fd 4 <- our fd 3: a naive dup2 order loses one."""
+    from shim.spawn import run as run_command
+
+    async def scenario():
+        reaper = Reaper()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGCHLD, reaper.reap)
+        a, b = tmp_path / "a", tmp_path / "b"
+        a.write_text("A")
+        b.write_text("B")
+        fa, fb = os.open(a, os.O_RDONLY), os.open(b, os.O_RDONLY)
+        # make sure the sources are fds 3 and 4 or at least collide with the targets
+        fds = {3: fb, 4: fa} if fa < fb else {3: fa, 4: fb}
+        result = await run_command(reaper, ["sh", "-c", "cat <&3; cat <&4"], pass_fds=fds)
+        loop.remove_signal_handler(signal.SIGCHLD)
+        expected = "".join(open(f"/proc/self/fd/{fds[n]}").read() for n in (3, 4))
+        os.close(fa)
+        os.close(fb)
+        return result.stdout.decode(), expected
+
+    out, expected = run(scenario())
+    assert out == expected and sorted(out) == ["A", "B"]

@@ -12,8 +12,10 @@ from shim.process.init import InitProcess
 
 
 class Container:
-    def __init__(self, id: str, bundle: str, namespace: str, init: InitProcess, runtime: OciRuntime) -> None:
+    def __init__(self, id: str, bundle: str, namespace: str, init: InitProcess, runtime: OciRuntime, *,
+                 io_owner: tuple[int, int] = (0, 0)) -> None:
         self.id = id
+        self.io_owner = io_owner  # (uid, gid) owning the pipes of every process, execs included
         self.bundle = bundle
         self.namespace = namespace
         self.init = init

@@ -88,7 +88,8 @@ class TaskService:
         stdio = Stdio(request.stdin, request.stdout, request.stderr, request.terminal)
         init = InitProcess(request.id, request.bundle, stdio, runtime=runtime, no_pivot=options.no_pivot_root,
                            no_new_keyring=options.no_new_keyring)
-        container = Container(request.id, request.bundle, self.namespace, init, runtime)
+        container = Container(request.id, request.bundle, self.namespace, init, runtime,
+                              io_owner=(options.io_uid, options.io_gid))
         self.containers[request.id] = container  # reserve the id while creating
         window = self.exits.open_window()
         try:
@@ -119,7 +120,7 @@ class TaskService:
             window = self.exits.open_window(restarting=container)
         try:
             if isinstance(process, ExecProcess):
-                io = await self.io_factory(process.stdio, container.id, 0, 0)
+                io = await self.io_factory(process.stdio, container.id, *container.io_owner)
                 pid = await process.start(io)
             else:
                 pid = await process.start()
