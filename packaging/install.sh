@@ -646,16 +646,27 @@ add_pycriu_to_venv() {
 }
 
 # containerd finds runtime "io.containerd.pyshim.v2" as containerd-shim-pyshim-v2 on PATH.
-link_shim() {
-    local target=$VENV/bin/containerd-shim-pyshim-v2
-    if [[ $(readlink "$SHIM_LINK" 2>/dev/null || true) != "$target" ]]; then
-        ln -sfn "$target" "$SHIM_LINK"
+# pip's console script pays for site processing (.pth files, the editable-install finder, `re`)
+# on every `start` and `delete`, which sit on containerd's hot path: it is replaced by a launcher
+# that runs the interpreter isolated and without site (-IS) and names its import paths itself.
+# docs/benchmarks.md has the measurement.
+write_shim_launcher() {
+    local launcher=$VENV/bin/containerd-shim-pyshim-v2 site
+    site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    cat <<LAUNCHER | write_if_changed "$launcher" 0755 && note "shim: launcher $launcher (python -IS)"
+#!$VENV/bin/python -IS
+# containerd-shim-pyshim-v2, written by packaging/install.sh: no site processing on the hot path.
+import sys
+sys.path[1:1] = ["$REPO_DIR", "$site", "$PYCRIU_DIR"]
+from shim.__main__ import main
+sys.exit(main())
+LAUNCHER
+    if [[ $(readlink "$SHIM_LINK" 2>/dev/null || true) != "$launcher" ]]; then
+        ln -sfn "$launcher" "$SHIM_LINK"
     fi
-    # The console script exists as soon as pip ran; the module behind it may not be written yet.
-    local state="entry point shim.__main__ present"
-    "$VENV/bin/python" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("shim.__main__") is None)' \
-        >/dev/null 2>&1 || state="shim.__main__ not importable yet"
-    say "shim: $SHIM_LINK -> $target ($state)"
+    local state="shim.__main__ importable"
+    "$launcher" -v >/dev/null 2>&1 || state="shim.__main__ not importable yet"
+    say "shim: $SHIM_LINK -> $launcher ($state)"
 }
 
 # ----------------------------------------------------------------------------------------------------
@@ -706,7 +717,7 @@ main() {
     ensure_pycriu
     ensure_all_containerd
     ensure_venv
-    link_shim
+    write_shim_launcher
     write_env_file
     say "done in $((SECONDS - START_SECONDS))s$( ((WITH_TEST)) && echo ' (with test extras)')"
 }

@@ -1,22 +1,20 @@
 """The `delete` action: clean up after a shim that is gone, and report the task as killed.
 
 containerd runs it whenever a shim connection ends (normal end, crash, failed reload) with
-a 5 s limit that includes interpreter start-up, so it imports only the standard library
-and writes its DeleteResponse by hand instead of loading protobuf.
+a 5 s limit that includes interpreter start-up. It therefore imports only small standard
+modules — no subprocess, json, dataclasses or protobuf — and writes its DeleteResponse by hand.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 import time
 
 from shim.cli import ShimArgs
-from shim.layout import INIT_PID_FILE, RUNTIME_FILE
-from shim.mounts import unmount_all
+from shim.layout import INIT_PID_FILE, RUNTIME_FILE, read_settings
 from shim.oci import commands
+from shim.unmount import unmount_all
 
 RUNTIME_DELETE_TIMEOUT = 3.0
 KILLED = 128 + 9
@@ -46,25 +44,38 @@ def encode_delete_response(pid: int, exit_status: int, exited_at: float) -> byte
     return out + b"\x1a" + _varint(len(stamp)) + stamp
 
 
-def runtime_settings(bundle: str) -> dict:
+def run_quietly(argv: list[str], timeout: float) -> int | None:
+    """Run argv with no stdio; its exit code, or None if it could not run or was killed at the timeout."""
+    null = os.open(os.devnull, os.O_RDWR)
     try:
-        with open(os.path.join(bundle, RUNTIME_FILE)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
+        pid = os.posix_spawnp(argv[0], argv, os.environ,
+                              file_actions=[(os.POSIX_SPAWN_DUP2, null, fd) for fd in (0, 1, 2)])
+    except OSError:
+        return None
+    finally:
+        os.close(null)
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() >= deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            return None
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
 
 
 def delete(args: ShimArgs) -> int:
     bundle = args.bundle or os.getcwd()
-    settings = runtime_settings(bundle)
+    settings = read_settings(os.path.join(bundle, RUNTIME_FILE))
     runtime = commands.RuntimeConfig(binary=settings.get("binary") or "runc",
                                      root=commands.runtime_root(settings.get("root", ""), args.namespace),
-                                     systemd_cgroup=bool(settings.get("systemd_cgroup")))
-    try:
-        subprocess.run(commands.delete(runtime, args.id, force=True), stdin=subprocess.DEVNULL,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=RUNTIME_DELETE_TIMEOUT)
-    except (OSError, subprocess.TimeoutExpired):
-        pass  # nothing to delete, or a wedged runtime: unmounting and reporting still matter
+                                     systemd_cgroup=settings.get("systemd_cgroup") == "1")
+    # Nothing to delete, or a wedged runtime: either way unmounting and reporting still matter.
+    run_quietly(commands.delete(runtime, args.id, force=True), RUNTIME_DELETE_TIMEOUT)
     unmount_all(os.path.join(bundle, "rootfs"))
     try:
         with open(os.path.join(bundle, INIT_PID_FILE)) as f:

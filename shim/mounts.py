@@ -1,4 +1,4 @@
-"""Mounting a container's rootfs from containerd's Mount list, and unmounting it again.
+"""Mounting a container's rootfs from containerd's Mount list (unmounting: shim.unmount).
 
 Options are split into mount(2) flags and filesystem data the way containerd's mount
 package does, so a Mount behaves the same under pyshim as under the Go shim.
@@ -9,6 +9,8 @@ from __future__ import annotations
 import ctypes
 import os
 from dataclasses import dataclass, field
+
+from shim.unmount import unmount_all
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -27,7 +29,6 @@ MS_SLAVE = 1 << 19
 MS_SHARED = 1 << 20
 MS_RELATIME = 1 << 21
 MS_STRICTATIME = 1 << 24
-MNT_DETACH = 0x2
 
 # option -> (clear?, flag)
 FLAGS: dict[str, tuple[bool, int]] = {
@@ -104,30 +105,3 @@ def mount_all(mounts: list[Mount], target: str) -> None:
         if done:
             unmount_all(target)
         raise
-
-
-def mount_points_under(path: str, mountinfo: str | None = None) -> list[str]:
-    """Mount points at or below path, deepest first (the order to unmount them in)."""
-    if mountinfo is None:
-        with open("/proc/self/mountinfo") as f:
-            mountinfo = f.read()
-    path = os.path.normpath(path)
-    points = []
-    for line in mountinfo.splitlines():
-        fields = line.split()
-        if len(fields) > 4:
-            point = fields[4].encode().decode("unicode_escape")  # mountinfo escapes spaces as \040
-            if point == path or point.startswith(path + "/"):
-                points.append(point)
-    return sorted(points, key=lambda p: p.count("/"), reverse=True)
-
-
-def unmount_all(path: str) -> None:
-    """Unmount everything at and below path; busy mounts are detached rather than left."""
-    for _ in range(8):  # stacked mounts on one point need one pass each
-        points = mount_points_under(path)
-        if not points:
-            return
-        for point in points:
-            if _libc.umount2(point.encode(), 0) != 0 and ctypes.get_errno() != 22:  # EINVAL: already gone
-                _libc.umount2(point.encode(), MNT_DETACH)

@@ -8,20 +8,20 @@ reads them until every writer has closed them.
 
 from __future__ import annotations
 
+import _socket  # the C module: `socket` costs milliseconds of imports (enum, selectors)
 import errno
 import os
-import socket
 import sys
 
 from shim.cli import ShimArgs
 from shim.layout import ADDRESS_FILE, group_id, socket_address, write_atomically
 
 
-def listen(path: str) -> socket.socket | None:
+def listen(path: str) -> _socket.socket | None:
     """A listening socket at path, or None when a live shim already serves it (a group)."""
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     for _ in range(2):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
             sock.bind(path)
         except OSError as exc:
@@ -39,7 +39,7 @@ def listen(path: str) -> socket.socket | None:
 
 
 def _answers(path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         probe.connect(path)
         return True
@@ -66,7 +66,7 @@ def start(args: ShimArgs) -> int:
     return 0
 
 
-def _become_server(args: ShimArgs, sock: socket.socket, bundle: str, options: bytes, containerd_pid: int) -> None:
+def _become_server(args: ShimArgs, sock: _socket.socket, bundle: str, options: bytes, containerd_pid: int) -> None:
     code = 1
     try:
         os.setsid()
@@ -74,8 +74,10 @@ def _become_server(args: ShimArgs, sock: socket.socket, bundle: str, options: by
         for fd in (0, 1, 2):
             os.dup2(null, fd)
         os.close(null)
+        import socket
+
         from shim.daemon import serve
 
-        code = serve(args, sock, bundle, options, containerd_pid=containerd_pid)
+        code = serve(args, socket.socket(fileno=sock.detach()), bundle, options, containerd_pid=containerd_pid)
     finally:
         os._exit(code)

@@ -73,3 +73,47 @@ def test_publisher_reconnects_after_the_server_restarts(tmp_path):
     first, second = run(scenario())
     assert [TaskStart.FromString(e.event.value).container_id for _, e in first] == ["a"]
     assert [TaskStart.FromString(e.event.value).container_id for _, e in second] == ["b"]
+
+
+def test_a_failing_event_is_retried_on_the_go_schedule_then_dropped():
+    """containerd down: the Go publisher retries 1, 2, 3, 4, 5 s after each failure (maxRequeue 5), ~15 s in all,
+    long enough for an exit to reach a restarted containerd. Then the event is dropped and the next one goes."""
+    from shim.ttrpc import ConnectionLost
+
+    async def scenario(failures):
+        loop = asyncio.get_running_loop()
+        attempts, recorder = [], Recorder()
+
+        class Connected:
+            closed = False
+
+            def stub(self, descriptor, metadata=None):
+                return self
+
+            async def Forward(self, request, timeout=None):
+                recorder.received.append((None, request.envelope))
+
+            def close(self):
+                pass
+
+        async def connect(address):
+            attempts.append(loop.time())
+            if len(attempts) <= failures:
+                raise ConnectionLost("containerd is down")
+            return Connected()
+
+        publisher = Publisher("unused", "ns", connect=connect, retry_delay=0.02)
+        publisher.publish("/tasks/exit", TaskExit(container_id="c", exit_status=42))
+        publisher.publish("/tasks/delete", TaskExit(container_id="d"))
+        await publisher.close(timeout=5)
+        gaps = [round((b - a) / 0.02) for a, b in zip(attempts, attempts[1:])]
+        return [env.topic for _, env in recorder.received], gaps
+
+    # Five failures: the sixth try (the fifth retry) delivers it; the retries came 1..5 delays apart.
+    delivered, gaps = run(scenario(5))
+    assert delivered == ["/tasks/exit", "/tasks/delete"]
+    assert gaps[:5] == [1, 2, 3, 4, 5]
+    # Six failures: given up without a sixth wait, and the next event is not held up.
+    delivered, gaps = run(scenario(6))
+    assert delivered == ["/tasks/delete"]
+    assert gaps[:5] == [1, 2, 3, 4, 5] and gaps[5:] == [0]

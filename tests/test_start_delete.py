@@ -38,5 +38,5 @@ def test_listen_reuses_a_live_socket_and_replaces_a_stale_one(tmp_path):
     assert listen(path) is None  # a live shim answers: join it
     live.close()
     again = listen(path)  # nobody answers any more: take the path over
-    assert isinstance(again, socket.socket)
+    assert again is not None and again.fileno() >= 0
     again.close()

@@ -6,17 +6,24 @@ come from RuntimeConfig, the same for every subcommand, as go-runc renders them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 DEFAULT_ROOT = "/run/containerd/runc"
 
 
-@dataclass(frozen=True, slots=True)
 class RuntimeConfig:
-    binary: str = "runc"
-    root: str = DEFAULT_ROOT  # already including the namespace
-    log: str = ""  # runc's JSON log, read back for error messages
-    systemd_cgroup: bool = False
+    """Which runtime binary, and its global flags. (A plain class: `delete` imports this module
+    on containerd's hot path, and dataclasses cost milliseconds to import.)"""
+
+    __slots__ = ("binary", "root", "log", "systemd_cgroup")
+
+    def __init__(self, binary: str = "runc", root: str = DEFAULT_ROOT, log: str = "",
+                 systemd_cgroup: bool = False) -> None:
+        self.binary = binary
+        self.root = root  # already including the namespace
+        self.log = log  # runc's JSON log, read back for error messages
+        self.systemd_cgroup = systemd_cgroup
+
+    def __repr__(self) -> str:
+        return f"RuntimeConfig({self.binary!r}, root={self.root!r})"
 
     def globals(self) -> list[str]:
         argv = [self.binary, "--root", self.root]

@@ -45,6 +45,8 @@ class Process:
         self.exited_at = when or time.time()
         if self.state is not State.DELETED:
             self.state = State.STOPPED
+        if self.io is not None and self.stdio.terminal:
+            self.io.process_exited()
         self._exited.set()
 
     async def wait(self) -> None:

@@ -37,7 +37,9 @@ INIT_ALLOWED: dict[str, set[State]] = {
     "exec": {State.CREATED, State.RUNNING, State.PAUSED},
     "update": {State.CREATED, State.RUNNING, State.PAUSED},
     "checkpoint": {State.RUNNING, State.PAUSED},
-    "resize": _LIVE,
+    # As upstream (Init.Resize looks only at the console): an init that has exited keeps its pty master until
+    # Delete, and `ctr run -t` resizes right after Start, which may be after a short-lived process ended.
+    "resize": _LIVE | {State.STOPPED},
     "pids": {State.CREATED, State.RUNNING, State.PAUSED, State.STOPPED},
 }
 

@@ -155,6 +155,16 @@ class ProcessIO:
         if self._stdin_keepalive is not None:
             self._stdin_keepalive.close()
 
+    def process_exited(self) -> None:
+        """The process has exited. With a terminal, copy what the pty holds now and end the output there, as
+        upstream shuts the console down at exit: end of file (EIO) never comes while something the process
+        left behind (a background job) holds the pty, and the client would wait for the drain timeout at
+        Delete. Without a terminal the pipes are left to reach end of file, as upstream does."""
+        if self._master is None:
+            return
+        for pump in self._outputs:
+            pump.finish()
+
     def resize(self, width: int, height: int) -> None:
         """Set the terminal's window size; a no-op until a console exists (as upstream)."""
         if self._master is not None and not self._master.closed:

@@ -30,6 +30,7 @@ class Pump:
         self._pending = memoryview(b"")
         self._reading = False
         self._writing = False
+        self._finishing = False  # finish() was called: stop at the first read that would block
         self.done: asyncio.Future[None] = self._loop.create_future()
         self.copied = 0  # bytes written to the destination
         self.stalls = 0  # times the destination was full and reading paused
@@ -40,6 +41,16 @@ class Pump:
         if not self.done.done() and not self._reading:
             self._loop.add_reader(self._src, self._read)
             self._reading = True
+
+    def finish(self) -> None:
+        """Copy what the source holds now, then stop at the first read that would block, instead of waiting
+        for end of file. What is pending is still written (backpressure applies as before)."""
+        if self.done.done() or self._finishing:
+            return
+        self._finishing = True
+        if not self._writing:
+            # The source may have nothing to read and never become readable: try once now.
+            self._loop.call_soon(self._read)
 
     def stop(self) -> None:
         """End the copy now (whatever is pending is dropped) and run on_done, once."""
@@ -62,9 +73,13 @@ class Pump:
                 log.exception("%s: cleanup after the copy failed", self.name)
 
     def _read(self) -> None:
+        if self.done.done() or self._writing:  # a read scheduled by finish() after the copy ended or stalled
+            return
         try:
             data = os.read(self._src, self._chunk)
         except BlockingIOError:
+            if self._finishing:
+                self.stop()
             return
         except OSError as exc:
             # EIO is how a pty master reports that the last slave fd was closed: end of file.
@@ -104,3 +119,6 @@ class Pump:
             self._loop.remove_writer(self._dst)
             self._writing = False
         self.start()
+        if self._finishing:
+            # Keep reading until a read would block: an empty source never wakes the reader up.
+            self._loop.call_soon(self._read)

@@ -21,7 +21,7 @@ from shim.api.containerd.task.v2 import shim_pb2 as api
 from shim.api.containerd.types import task_pb2 as types
 from shim.errors import InvalidArgument, NotFound
 from shim.events import Publisher, pack
-from shim.layout import RUNTIME_FILE, RUNTIME_LOG, write_atomically
+from shim.layout import RUNTIME_FILE, RUNTIME_LOG, write_settings
 from shim.oci.commands import RuntimeConfig, runtime_root
 from shim.oci.runner import Runner
 from shim.oci.runtime import OciRuntime
@@ -82,8 +82,8 @@ class TaskService:
         if not request.id or not request.bundle:
             raise InvalidArgument("Create needs an id and a bundle")
         options = convert.runtime_options(request.options if request.HasField("options") else None)
-        write_atomically(os.path.join(request.bundle, RUNTIME_FILE), json.dumps({
-            "binary": options.binary_name, "root": options.root, "systemd_cgroup": options.systemd_cgroup}))
+        write_settings(os.path.join(request.bundle, RUNTIME_FILE), {
+            "binary": options.binary_name, "root": options.root, "systemd_cgroup": int(options.systemd_cgroup)})
         runtime = self._runtime(request.bundle, options)
         stdio = Stdio(request.stdin, request.stdout, request.stderr, request.terminal)
         init = InitProcess(request.id, request.bundle, stdio, runtime=runtime, no_pivot=options.no_pivot_root,
