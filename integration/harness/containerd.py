@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from . import cgroups, commands, ids, logs, mounts, processes
 from .config import ContainerdPaths, render_config
@@ -28,6 +30,8 @@ from .runc import Runc
 from .supervisor import Supervised, supervise
 
 RUNC_V2 = "io.containerd.runc.v2"
+PYSHIM = "io.containerd.pyshim.v2"
+RUNTIMES = (PYSHIM, RUNC_V2)
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 # Where the Go shim library puts shim sockets whatever containerd's state dir is (1.6-2.x).
@@ -66,6 +70,8 @@ class Containerd:
             "LANG": "C.UTF-8",
         }
         self._process: Supervised | None = None
+        # Subreapers of containerd processes ended by restart(): they still reap the shims that process started.
+        self._retired: list[Supervised] = []
         self._namespaces_seen: set[str] = {self.namespace}
         _live.add(self)
 
@@ -83,12 +89,47 @@ class Containerd:
             directory.mkdir(parents=True, exist_ok=True)
         paths = ContainerdPaths(self.root, self.state, self.tmp / "tmp", self.address, self.ttrpc_address)
         self.config_path.write_text(render_config(self.version, paths))
+        self._launch(timeout)
+
+    def _launch(self, timeout: float) -> None:
+        # One subreaper per containerd process; each keeps its own pid/status files (a restart must not reuse them).
+        name = "containerd" if not self._retired else f"containerd-{len(self._retired)}"
         with open(self.log_path, "ab") as log:
             self._process = supervise(
                 [str(self.bin_dir / "containerd"), "--config", str(self.config_path)],
-                name="containerd", run_dir=self.tmp, env=self.env, stdout=log, stderr=log,
+                name=name, run_dir=self.tmp, env=self.env, stdout=log, stderr=log,
             )
         self._wait_ready(timeout)
+
+    @property
+    def pid(self) -> int:
+        """The running containerd process's pid."""
+        assert self._process is not None
+        return self._process.main_pid
+
+    def restart(self, timeout: float = START_TIMEOUT, while_down: Callable[[], object] | None = None) -> None:
+        """Stop the containerd process only (SIGTERM by pid; shims and their tasks keep running), start it again.
+
+        Same root, state, sockets and config: the new process reloads the shims' bundles and reconnects to them.
+        while_down, if given, runs between the two (containerd stopped, shims running).
+        The old process's subreaper keeps reaping the shims it adopted until they end; stop() tears those down too.
+        """
+        assert self._process is not None, "restart() before start()"
+        old = self._process
+        old.stop_main(STOP_TIMEOUT)
+        if old.main_exit_code() is None:
+            try:
+                old.wait_main(STOP_TIMEOUT)
+            except TimeoutError:
+                raise RuntimeError(f"containerd {self.version} (pid {old.main_pid}) did not stop:\n"
+                                   f"{self.log_tail()}") from None
+        old.close()
+        self._retired.append(old)
+        try:
+            if while_down is not None:
+                while_down()
+        finally:
+            self._launch(timeout)
 
     def _wait_ready(self, timeout: float) -> None:
         assert self._process is not None
@@ -115,16 +156,17 @@ class Containerd:
             notes += self._delete_runc_leftovers()
             if self._process is not None:
                 self._process.stop_main(STOP_TIMEOUT)
+            for supervised in [*self._retired, *([self._process] if self._process is not None else [])]:
                 try:
                     # Shims whose tasks were deleted are already on their way out; give them a moment.
-                    self._process.wait(2.0)
+                    supervised.wait(2.0)
                 except subprocess.TimeoutExpired:
-                    notes += [f"killed leftover process {pid}" for pid in self._kill_orphans()]
+                    notes += [f"killed leftover process {pid}" for pid in self._kill_orphans(supervised)]
                     try:
-                        self._process.wait(STOP_TIMEOUT)
+                        supervised.wait(STOP_TIMEOUT)
                     except subprocess.TimeoutExpired:
-                        notes += [f"killed leftover process {pid}" for pid in self._process.terminate(STOP_TIMEOUT)]
-                self._process.close()
+                        notes += [f"killed leftover process {pid}" for pid in supervised.terminate(STOP_TIMEOUT)]
+                supervised.close()
             notes += [f"unmounted {point}" for point in mounts.unmount_all_under(self.tmp)]
             for namespace in filter(ids.is_test_namespace, self._namespaces_seen):
                 # Only names this harness made up: an empty /default cgroup may belong to the host's containerd.
@@ -164,11 +206,10 @@ class Containerd:
                 notes.append(f"runc delete -f {state_root.name}/{container['id']}")
         return notes
 
-    def _kill_orphans(self) -> list[int]:
+    def _kill_orphans(self, supervised: Supervised) -> list[int]:
         """Kill shims (and their children) left after containerd ended; remove the sockets a killed Go shim leaves."""
-        assert self._process is not None
-        sockets = [socket for pid in self._process.orphans() for socket in self._go_shim_sockets(pid)]
-        killed = self._process.kill_orphans(STOP_TIMEOUT)
+        sockets = [socket for pid in supervised.orphans() for socket in self._go_shim_sockets(pid)]
+        killed = supervised.kill_orphans(STOP_TIMEOUT)
         for socket in sockets:
             if socket.is_socket():
                 socket.unlink(missing_ok=True)
@@ -229,7 +270,17 @@ class Containerd:
         if runtime == RUNC_V2:
             # The Go shim's runc state goes to <runc-root>/<namespace> instead of /run/containerd/runc/<namespace>.
             flags += ["--runc-root", str(self.runc_root)]
+        elif runtime == PYSHIM:
+            # ctr sends other runtimes no runc options, only a config file path (runtimeoptions.v1.Options).
+            flags += ["--runtime-config-path", str(self.pyshim_config())]
         return flags
+
+    def pyshim_config(self, binary: str = "runc") -> Path:
+        """A pyshim runtime options file keeping the OCI runtime's state under this instance's runc root."""
+        path = self.tmp / f"pyshim-{binary}.toml"
+        if not path.exists():
+            path.write_text(f'BinaryName = "{binary}"\nRoot = "{self.runc_root}"\n')
+        return path
 
     def run(self, container_id: str, image: TestImage | str, *command: str, runtime: str = RUNC_V2,
             detach: bool = True, extra: Sequence[str] = (), check: bool = True,
@@ -250,6 +301,59 @@ class Containerd:
     def runc(self, namespace: str | None = None) -> Runc:
         """Plain runc on the state root the Go shim uses for a namespace's containers."""
         return Runc(self.runc_state_root(namespace), self.env)
+
+    def adopted(self) -> list[int]:
+        """Processes the subreapers of this instance adopted (shims, detached containers), past restarts included."""
+        return [pid for supervised in [*self._retired, *([self._process] if self._process else [])]
+                for pid in supervised.orphans()]
+
+    def shim_socket(self, container_id: str, namespace: str | None = None) -> Path | None:
+        """The shim's socket path as the bundle records it: `address` (1.6/1.7, pyshim) or `bootstrap.json` (2.x)."""
+        bundle = self.bundle(container_id, namespace)
+        try:
+            address = json.loads((bundle / "bootstrap.json").read_text())["address"]
+        except (OSError, ValueError, KeyError):
+            try:
+                address = (bundle / "address").read_text().strip()
+            except OSError:
+                return None
+        # unix://<path> is a filesystem socket; anything else would be an abstract one, which has no file.
+        return Path(address.removeprefix("unix://")) if address.startswith("unix:///") else None
+
+    def shim_pid(self, container_id: str, namespace: str | None = None) -> int | None:
+        """The running shim server that serves container_id, found by pid through /proc, or None.
+
+        It is a process one of our subreapers adopted (shims daemonise), whose command line names this containerd's
+        address, the namespace and the id (pyshim's server is a fork of `start`, so it keeps that argv; the Go
+        shim re-executes itself without the action), and which holds the listening socket the bundle names
+        (shim_socket()) when it names one.
+        """
+        namespace = namespace or self.namespace
+        socket_path = self.shim_socket(container_id, namespace)
+        listeners = set(processes.unix_socket_listeners(socket_path)) if socket_path else None
+        found = []
+        for pid in self.adopted():
+            argv = processes.cmdline(pid)
+            flags = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("-")}
+            if (flags.get("-address") == self.address and flags.get("-namespace") == namespace
+                    and flags.get("-id") == container_id and argv[-1] != "delete" and processes.is_running(pid)
+                    and (listeners is None or pid in listeners)):
+                found.append(pid)
+        if len(found) > 1:
+            raise RuntimeError(f"several shims for {namespace}/{container_id}: {found}")
+        return found[0] if found else None
+
+    def kill_adopted(self, pid: int, signum: int = signal.SIGKILL) -> None:
+        """Signal a process one of our subreapers adopted (a shim), by pid, only while it is still theirs."""
+        for supervised in [*self._retired, *([self._process] if self._process else [])]:
+            if supervised.subreaper.poll() is None and processes.parent_pid(pid) == supervised.subreaper.pid:
+                processes.kill_child_of(supervised.subreaper.pid, pid, signum)
+                return
+        raise ProcessLookupError(f"{pid} is not a process this containerd instance started")
+
+    def go_shim_sockets(self, pid: int) -> list[Path]:
+        """The socket paths a Go shim of ours (by pid) serves or served (to remove after killing it)."""
+        return self._go_shim_sockets(pid)
 
     def log_tail(self, lines: int = 60) -> str:
         return logs.tail(self.log_path, lines)
