@@ -268,3 +268,43 @@ def test_bad_runtime_options_are_invalid_arguments(containerd: Containerd, test_
     containerd.ctr("containers", "rm", container_id, check=False)
     assert result.returncode != 0
     assert "unknown option 'NoSuchOption'" in result.stderr
+
+
+def test_file_and_binary_log_uris(containerd: Containerd, test_image: TestImage, tmp_path):
+    """`ctr run --log-uri file://...` and `binary://...`: the output lands where the URI says."""
+    logger = tmp_path / "logger.sh"
+    # A containerd logging binary: stdout on fd 3, stderr on fd 4; closing fd 5 says "ready".
+    logger.write_text('#!/bin/sh\nexec 5>&-\ncat <&3 > "$2.out" &\ncat <&4 > "$2.err"\nwait\n')
+    logger.chmod(0o755)
+
+    def scenario(runtime):
+        results = []
+        for kind in ("file", "binary"):
+            container_id = containerd.new_id()
+            target = tmp_path / f"{runtime}-{kind}"
+            uri = f"file://{target}.log" if kind == "file" else f"binary://{logger}?dest={target}"
+            containerd.run(container_id, test_image, "sh", "-c", "echo to-out; echo to-err >&2", runtime=runtime,
+                           detach=False, extra=["--rm", "--log-uri", uri])
+            if kind == "file":
+                results.append(sorted(_wait_for_file(f"{target}.log", 2).splitlines()))
+            else:
+                results.append((_wait_for_file(f"{target}.out", 1), _wait_for_file(f"{target}.err", 1)))
+        return results
+
+    outcomes = each_runtime(scenario)
+    assert outcomes[PYSHIM] == [["to-err", "to-out"], ("to-out\n", "to-err\n")]
+    assert outcomes[PYSHIM] == outcomes[RUNC_V2]
+
+
+def _wait_for_file(path: str, lines: int, timeout: float = 10) -> str:
+    """A log file's content once it has `lines` lines (loggers may finish after ctr returns)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(path) as f:
+                content = f.read()
+        except FileNotFoundError:
+            content = ""
+        if content.count("\n") >= lines or time.monotonic() >= deadline:
+            return content
+        time.sleep(0.05)
