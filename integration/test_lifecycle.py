@@ -308,3 +308,22 @@ def _wait_for_file(path: str, lines: int, timeout: float = 10) -> str:
         if content.count("\n") >= lines or time.monotonic() >= deadline:
             return content
         time.sleep(0.05)
+
+
+def test_oom_kill_is_published(containerd: Containerd, test_image: TestImage):
+    def scenario(runtime):
+        container_id = containerd.new_id()
+        with containerd.events() as events:
+            # doubling a shell string until the 32 MiB limit kills the shell
+            containerd.run(container_id, test_image, "sh", "-c", "x=aaaaaaaa; while :; do x=$x$x; done",
+                           runtime=runtime, extra=["--memory-limit", str(32 << 20)])
+            try:
+                oom = events.wait_for(rf"/tasks/oom .*{container_id}", timeout=20)
+                exit_line = events.wait_for(rf"/tasks/exit .*{container_id}", timeout=20)
+            finally:
+                remove(containerd, container_id)
+        return bool(oom), int(re.search(r'"exit_status":(\d+)', exit_line).group(1))
+
+    outcomes = each_runtime(scenario)
+    assert outcomes[PYSHIM] == (True, 137)
+    assert outcomes[PYSHIM] == outcomes[RUNC_V2]

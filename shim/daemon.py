@@ -138,7 +138,7 @@ async def _serve(args: ShimArgs, sock: socket.socket) -> None:
                                      namespace=args.namespace)
 
     service = TaskService(namespace=args.namespace, reaper=reaper, publisher=publisher, io_factory=io_factory,
-                          stats=_stats_reader(), on_shutdown=stop.set)
+                          stats=_stats_reader(), oom_watcher=_oom_watcher, on_shutdown=stop.set)
     server = Server()
     server.register(v2.DESCRIPTOR.services_by_name["Task"], service)
     server.register(v3.DESCRIPTOR.services_by_name["Task"], service)
@@ -155,6 +155,12 @@ async def _serve(args: ShimArgs, sock: socket.socket) -> None:
             os.unlink(path)
     except OSError:
         pass
+
+
+def _oom_watcher(pid: int):
+    from shim.cgroups import find_cgroup, watch_oom
+
+    return watch_oom(find_cgroup(pid))
 
 
 def _stats_reader():

@@ -11,7 +11,8 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from google.protobuf.empty_pb2 import Empty
 
@@ -40,16 +41,21 @@ EMPTY = Empty()
 
 # Creates a process's stdio: (stdio, container id, uid, gid) -> ProcessIO
 IOFactory = Callable[[Stdio, str, int, int], Awaitable[object]]
+# OOM events of the cgroup of a pid: yields how many happened since the last yield.
+OomWatcher = Callable[[int], AsyncIterator[int]]
 
 
 class TaskService:
     def __init__(self, *, namespace: str, reaper: Reaper, publisher: Publisher, io_factory: IOFactory,
-                 stats: Callable[[int], object] | None = None, on_shutdown: Callable[[], None] = lambda: None) -> None:
+                 stats: Callable[[int], object] | None = None, oom_watcher: OomWatcher | None = None,
+                 on_shutdown: Callable[[], None] = lambda: None) -> None:
         self.namespace = namespace
         self.reaper = reaper
         self.publisher = publisher
         self.io_factory = io_factory
         self.stats = stats
+        self.oom_watcher = oom_watcher
+        self._oom_watches: dict[str, asyncio.Task] = {}
         self.on_shutdown = on_shutdown
         self.containers: dict[str, Container] = {}
         self.exits = ExitRouter()
@@ -134,6 +140,7 @@ class TaskService:
                 container_id=container.id, exec_id=request.exec_id, pid=pid))
         else:
             self._publish("/tasks/start", events.TaskStart(container_id=container.id, pid=pid))
+            self._watch_oom(container)
         self._handle_started(window, container, process)
         return api.StartResponse(pid=pid)
 
@@ -146,6 +153,9 @@ class TaskService:
             del container.execs[request.exec_id]
         else:
             self.containers.pop(request.id, None)
+            watch = self._oom_watches.pop(request.id, None)
+            if watch is not None:
+                watch.cancel()
             self._publish("/tasks/delete", events.TaskDelete(
                 container_id=container.id, pid=process.pid, exit_status=process.exit_status,
                 exited_at=convert.timestamp(process.exited_at)))
@@ -265,6 +275,24 @@ class TaskService:
         if not self.containers:
             self.on_shutdown()
         return EMPTY
+
+    # -- OOM -------------------------------------------------------------------------------
+
+    def _watch_oom(self, container: Container) -> None:
+        if self.oom_watcher is None or not container.init.pid:
+            return
+        task = asyncio.get_running_loop().create_task(self._publish_ooms(container))
+        self._oom_watches[container.id] = task
+        task.add_done_callback(lambda _: self._oom_watches.pop(container.id, None))
+
+    async def _publish_ooms(self, container: Container) -> None:
+        try:
+            async with contextlib.aclosing(self.oom_watcher(container.init.pid)) as ooms:
+                async for count in ooms:
+                    for _ in range(count):
+                        self._publish("/tasks/oom", events.TaskOOM(container_id=container.id))
+        except LookupError as exc:  # no memory cgroup to watch: nothing to report, as the Go shim
+            log.info("not watching task %s for OOM: %s", container.id, exc)
 
     # -- exits -----------------------------------------------------------------------------
 
