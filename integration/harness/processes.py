@@ -83,3 +83,32 @@ def kill_child_of(ppid: int, pid: int, signum: int = signal.SIGKILL) -> None:
             send_signal(pidfd, signum)
     finally:
         os.close(pidfd)
+
+
+def unix_socket_listeners(path: str | Path) -> list[int]:
+    """Pids holding a listening unix socket bound to path (from /proc/net/unix and /proc/<pid>/fd)."""
+    so_acceptcon = 0x10000
+    inodes = set()
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        # Num RefCount Protocol Flags Type St Inode [Path]
+        if len(fields) >= 8 and fields[7] == str(path) and int(fields[3], 16) & so_acceptcon:
+            inodes.add(f"socket:[{fields[6]}]")
+    if not inodes:
+        return []
+    holders = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry}/fd")
+        except (FileNotFoundError, PermissionError, ProcessLookupError):
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{entry}/fd/{fd}") in inodes:
+                    holders.append(int(entry))
+                    break
+            except OSError:
+                continue
+    return holders
