@@ -12,7 +12,7 @@ import sys
 import time
 
 from shim.cli import ShimArgs
-from shim.layout import INIT_PID_FILE, RUNTIME_FILE, read_settings
+from shim.layout import ADDRESS_FILE, INIT_PID_FILE, RUNTIME_FILE, read_settings
 from shim.oci import commands
 from shim.unmount import unmount_all
 
@@ -68,6 +68,39 @@ def run_quietly(argv: list[str], timeout: float) -> int | None:
         delay = min(delay * 2, 0.05)
 
 
+def remove_dead_socket(bundle: str) -> None:
+    """Remove the socket file of a shim that died (kill -9 leaves it behind; the Go shim does
+    too, containerd#11292). A socket something still listens on — a shim serving a group of
+    containers — is left alone."""
+    try:
+        with open(os.path.join(bundle, ADDRESS_FILE)) as f:
+            address = f.read().strip()
+    except OSError:
+        return
+    if not address.startswith("unix:///"):
+        return  # an abstract socket has no file
+    import _socket
+    import errno
+    import stat
+
+    path = address[len("unix://"):]
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return
+    except OSError:
+        return
+    probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_NONBLOCK)
+    try:
+        dead = probe.connect_ex(path) == errno.ECONNREFUSED
+    finally:
+        probe.close()
+    if dead:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
 def delete(args: ShimArgs) -> int:
     bundle = args.bundle or os.getcwd()
     settings = read_settings(os.path.join(bundle, RUNTIME_FILE))
@@ -77,6 +110,7 @@ def delete(args: ShimArgs) -> int:
     # Nothing to delete, or a wedged runtime: either way unmounting and reporting still matter.
     run_quietly(commands.delete(runtime, args.id, force=True), RUNTIME_DELETE_TIMEOUT)
     unmount_all(os.path.join(bundle, "rootfs"))
+    remove_dead_socket(bundle)
     try:
         with open(os.path.join(bundle, INIT_PID_FILE)) as f:
             pid = int(f.read().strip() or 0)

@@ -72,7 +72,10 @@ class Publisher:
 
     async def _send_all(self) -> None:
         while (request := await self._queue.get()) is not None:
-            await self._send(request)
+            try:
+                await self._send(request)
+            except Exception:  # a bug must cost one event, not every event after it
+                log.exception("publishing %s failed", request.envelope.topic)
 
     async def _send(self, request: events_pb2.ForwardRequest) -> None:
         topic = request.envelope.topic

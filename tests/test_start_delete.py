@@ -40,3 +40,19 @@ def test_listen_reuses_a_live_socket_and_replaces_a_stale_one(tmp_path):
     again = listen(path)  # nobody answers any more: take the path over
     assert again is not None and again.fileno() >= 0
     again.close()
+
+
+def test_delete_removes_a_dead_shims_socket_but_not_a_live_one(tmp_path):
+    from shim.delete import remove_dead_socket
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    path = str(tmp_path / "shim.sock")
+    (bundle / "address").write_text(f"unix://{path}")
+    live = listen(path)
+    remove_dead_socket(str(bundle))
+    assert os.path.exists(path)  # something listens: a shim serving other containers
+    live.close()  # now nothing listens, but the file stays, as after kill -9
+    assert os.path.exists(path)
+    remove_dead_socket(str(bundle))
+    assert not os.path.exists(path)
