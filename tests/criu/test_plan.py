@@ -153,7 +153,7 @@ def test_facts_from_a_bundle(tmp_path):
         "root": {"path": "rootfs"},
         "mounts": [{"destination": "/link/data", "type": "bind", "source": "/srv", "options": ["rbind"]},
                    {"destination": "/proc", "type": "proc", "source": "proc"}],
-        "linux": {"maskedPaths": ["/proc/kcore", "/proc/does-not-exist", "/proc/sys"],
+        "linux": {"maskedPaths": ["/proc/uptime", "/proc/does-not-exist", "/proc/sys"],
                   "devices": [{"path": "/dev/fuse", "type": "c"}],
                   "namespaces": [{"type": "network", "path": str(netns)}, {"type": "pid"}, {"type": "cgroup"}]},
         "annotations": {"org.criu.config": "/etc/my-criu.conf"},
@@ -163,7 +163,7 @@ def test_facts_from_a_bundle(tmp_path):
     assert facts.rootfs == str(rootfs)
     assert facts.bind_mounts == ("/real/data",)
     assert facts.cgroup_v1_binds == ()  # no cgroup mount (and a cgroup namespace)
-    assert facts.masked_files == ("/proc/kcore",)  # missing and directory entries are skipped
+    assert facts.masked_files == ("/proc/uptime",)  # missing and directory entries are skipped
     assert facts.devices == ("/dev/fuse",)
     assert facts.external_namespaces == {"network": os.stat(netns).st_ino}
     assert facts.criu_config == "/etc/my-criu.conf"
