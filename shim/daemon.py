@@ -120,6 +120,7 @@ def serve_inherited(args: ShimArgs) -> int:
 async def _serve(args: ShimArgs, sock: socket.socket) -> None:
     from shim.api.containerd.task.v2 import shim_pb2 as v2
     from shim.api.containerd.task.v3 import shim_pb2 as v3
+    from shim.criu.checkpoint import Checkpointer
     from shim.events import Publisher
     from shim.reaper import Reaper
     from shim.stdio import open_process_io
@@ -138,10 +139,12 @@ async def _serve(args: ShimArgs, sock: socket.socket) -> None:
                                      namespace=args.namespace)
 
     service = TaskService(namespace=args.namespace, reaper=reaper, publisher=publisher, io_factory=io_factory,
-                          stats=_stats_reader(), oom_watcher=_oom_watcher, on_shutdown=stop.set)
+                          stats=_stats_reader(), oom_watcher=_oom_watcher, checkpointer=Checkpointer(reaper),
+                          on_shutdown=stop.set)
     server = Server()
     server.register(v2.DESCRIPTOR.services_by_name["Task"], service)
     server.register(v3.DESCRIPTOR.services_by_name["Task"], service)
+    path = sock.getsockname()  # read now: the listener is closed by shutdown
     await server.listen(sock)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
@@ -149,12 +152,11 @@ async def _serve(args: ShimArgs, sock: socket.socket) -> None:
     log.info("shutting down")
     await server.shutdown(grace=SHUTDOWN_GRACE)
     await publisher.close()
-    try:
-        path = sock.getsockname()
-        if isinstance(path, str) and path.startswith("/"):
+    if isinstance(path, str) and path.startswith("/"):
+        try:
             os.unlink(path)
-    except OSError:
-        pass
+        except OSError:
+            pass
 
 
 def _oom_watcher(pid: int):

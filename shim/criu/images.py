@@ -38,7 +38,7 @@ class PartialImage:
 
     def commit(self, record: dict[str, Any]) -> None:
         """Write the record (the mark of a complete image) and move the image into place."""
-        _write_private(os.path.join(self.path, RECORD), json.dumps(record, indent=1, sort_keys=True).encode())
+        write_private(os.path.join(self.path, RECORD), json.dumps(record, indent=1, sort_keys=True).encode())
         for name in os.listdir(self.path):  # images hold process memory: owner only
             path = os.path.join(self.path, name)
             if os.path.isfile(path) and not os.path.islink(path):
@@ -63,7 +63,7 @@ def _sibling(target: str, kind: str) -> str:
     return os.path.join(parent, f".{name}.pyshim-{kind}-{secrets.token_hex(4)}")
 
 
-def _write_private(path: str, data: bytes) -> None:
+def write_private(path: str, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         os.write(fd, data)

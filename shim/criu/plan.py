@@ -103,11 +103,12 @@ def runtime_checkpoint_args(options: CheckpointOptions, *, image_path: str, work
 
 def runtime_restore_args(options: CheckpointOptions) -> list[str]:
     """The `runc restore` flags that carry a checkpoint's options into its restore — what the
-    Go shim leaves out (it passes none of them)."""
-    flags = [("tcp_established", "--tcp-established"), ("ext_unix_sk", "--ext-unix-sk"),
-             ("shell_job", "--shell-job"), ("file_locks", "--file-locks"), ("auto_dedup", "--auto-dedup"),
-             ("lazy_pages", "--lazy-pages")]
-    args = [flag for name, flag in flags if getattr(options, name)]
+    Go shim leaves out (it passes none of them). tcp-close replaces tcp-established; lazy
+    pages are not implied (a lazy restore needs a page source and is asked for as such)."""
+    flags = [("ext_unix_sk", "--ext-unix-sk"), ("shell_job", "--shell-job"), ("file_locks", "--file-locks"),
+             ("auto_dedup", "--auto-dedup")]
+    args = ["--tcp-established"] if options.tcp_established and not options.tcp_close else []
+    args += [flag for name, flag in flags if getattr(options, name)]
     if options.manage_cgroups_mode:
         args += ["--manage-cgroups-mode", options.manage_cgroups_mode]
     for ns in options.empty_ns:

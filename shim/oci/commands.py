@@ -89,3 +89,15 @@ def ps(rt: RuntimeConfig, id: str) -> list[str]:
 
 def update(rt: RuntimeConfig, id: str, *, resources_file: str) -> list[str]:
     return [*rt.globals(), "update", "--resources", resources_file, id]
+
+
+def checkpoint(rt: RuntimeConfig, id: str, flags: list[str]) -> list[str]:
+    return [*rt.globals(), "checkpoint", *flags, id]
+
+
+def restore(rt: RuntimeConfig, id: str, *, bundle: str, pid_file: str, image_path: str, work_path: str,
+            console_socket: str = "", no_pivot: bool = False, flags: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """`restore --detach` as the Go shim runs it (no subreaper: the shim is the subreaper)."""
+    return [*rt.globals(), "restore", "--detach", "--image-path", image_path, "--work-path", work_path,
+            "--pid-file", pid_file, "--bundle", bundle, *_value(console_socket, "--console-socket"),
+            *_flag(no_pivot, "--no-pivot"), "--no-subreaper", *flags, id]

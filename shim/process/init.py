@@ -7,7 +7,7 @@ import json
 import os
 
 from shim import mounts
-from shim.errors import FailedPrecondition, NotFound
+from shim.errors import NotFound
 from shim.layout import INIT_PID_FILE
 from shim.oci.runner import RuntimeFailed
 from shim.oci.runtime import OciRuntime, is_gone
@@ -26,7 +26,8 @@ class InitProcess(Process):
         self.runtime = runtime
         self.no_pivot = no_pivot
         self.no_new_keyring = no_new_keyring
-        self.checkpoint = ""
+        self.checkpoint = ""  # the image a pending restore comes from
+        self.checkpoint_work = ""
 
     @property
     def rootfs(self) -> str:
@@ -36,13 +37,15 @@ class InitProcess(Process):
     def pid_file(self) -> str:
         return os.path.join(self.bundle, INIT_PID_FILE)
 
-    async def create(self, rootfs: list[mounts.Mount], io, checkpoint: str = "") -> None:
-        """Mount the rootfs and create the container; with a checkpoint, only record it."""
+    async def create(self, rootfs: list[mounts.Mount], io, checkpoint: str = "", checkpoint_work: str = "") -> None:
+        """Mount the rootfs and create the container; with a checkpoint, only record it:
+        Start restores it."""
         os.makedirs(self.rootfs, mode=0o711, exist_ok=True)
         mounts.mount_all(rootfs, self.rootfs)
         self.io = io
         if checkpoint:
             self.checkpoint = checkpoint
+            self.checkpoint_work = checkpoint_work
             self.state = State.RESTORE_PENDING
             return
         try:
@@ -74,11 +77,30 @@ class InitProcess(Process):
     async def start(self) -> int:
         self.check("start")
         if self.state is State.RESTORE_PENDING:
-            raise FailedPrecondition(f"task {self.id}: restore from a checkpoint is not supported yet")
-        await self.runtime.start(self.id)
-        if self.state is State.CREATED:  # an exit seen while starting already moved it on
+            await self._restore()
+        else:
+            await self.runtime.start(self.id)
+        if self.state in (State.CREATED, State.RESTORE_PENDING):  # an exit seen meanwhile moved it on
             self.state = State.RUNNING
         return self.pid
+
+    async def _restore(self) -> None:
+        from shim.criu.restore import restore
+
+        await restore(container_id=self.id, bundle=self.bundle, image_path=self.checkpoint,
+                      work_path=self.checkpoint_work, runtime=self.runtime, stdio=self.io.runtime_stdio,
+                      pid_file=self.pid_file, console_socket=self.io.console_socket, no_pivot=self.no_pivot)
+        if self.stdio.terminal:
+            await self.io.receive_console(timeout=10)
+        self.io.close_after_start()
+        self.pid = self._read_pid()
+
+    async def checkpoint_to(self, checkpointer, options):
+        """Dump this container (running or paused); see shim.criu.checkpoint."""
+        self.check("checkpoint")
+        return await checkpointer.checkpoint(container_id=self.id, bundle=self.bundle, pid=self.pid,
+                                             options=options, runtime=self.runtime,
+                                             paused=self.state is State.PAUSED)
 
     async def kill(self, signal: int, all: bool = False) -> None:
         self.check("kill")

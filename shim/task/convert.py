@@ -145,3 +145,38 @@ def rpc(handler):
             raise to_status(exc) from exc
 
     return wrapper
+
+
+CHECKPOINT_OPTIONS_URLS = {"containerd.runc.v1.CheckpointOptions",
+                           "type.googleapis.com/containerd.runc.v1.CheckpointOptions"}
+
+
+def checkpoint_options(request, bundle: str):
+    """The options of a Checkpoint: the host file, the container's annotations, then what the
+    request carries; the image goes to the request's path unless an option names another."""
+    import json
+
+    from shim.criu.options import OptionError, from_annotations, from_host_config, from_request, resolve
+
+    layer = {}
+    if request.HasField("options") and request.options.type_url:
+        if request.options.type_url not in CHECKPOINT_OPTIONS_URLS:
+            raise errors.InvalidArgument(f"unsupported checkpoint options type {request.options.type_url!r}")
+        try:
+            o = oci_pb2.CheckpointOptions.FromString(request.options.value)
+        except DecodeError as exc:
+            raise errors.InvalidArgument(f"cannot decode checkpoint options: {exc}") from None
+        layer = from_request(exit=o.exit, open_tcp=o.open_tcp, external_unix_sockets=o.external_unix_sockets,
+                             terminal=o.terminal, file_locks=o.file_locks, empty_namespaces=tuple(o.empty_namespaces),
+                             cgroups_mode=o.cgroups_mode, image_path=o.image_path, work_path=o.work_path,
+                             parent_path=o.parent_path)
+    try:
+        with open(f"{bundle}/config.json", "rb") as f:
+            annotations = json.load(f).get("annotations") or {}
+    except (OSError, ValueError):
+        annotations = {}
+    try:
+        defaults = {"image_path": request.path} if request.path else {}
+        return resolve(defaults, from_host_config(), from_annotations(annotations), layer)
+    except OptionError as exc:
+        raise errors.InvalidArgument(str(exc)) from None

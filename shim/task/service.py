@@ -48,13 +48,14 @@ OomWatcher = Callable[[int], AsyncIterator[int]]
 class TaskService:
     def __init__(self, *, namespace: str, reaper: Reaper, publisher: Publisher, io_factory: IOFactory,
                  stats: Callable[[int], object] | None = None, oom_watcher: OomWatcher | None = None,
-                 on_shutdown: Callable[[], None] = lambda: None) -> None:
+                 checkpointer=None, on_shutdown: Callable[[], None] = lambda: None) -> None:
         self.namespace = namespace
         self.reaper = reaper
         self.publisher = publisher
         self.io_factory = io_factory
         self.stats = stats
         self.oom_watcher = oom_watcher
+        self.checkpointer = checkpointer  # shim.criu.checkpoint.Checkpointer
         self._oom_watches: dict[str, asyncio.Task] = {}
         self.on_shutdown = on_shutdown
         self.containers: dict[str, Container] = {}
@@ -100,7 +101,9 @@ class TaskService:
         window = self.exits.open_window()
         try:
             io = await self.io_factory(stdio, request.id, options.io_uid, options.io_gid)
-            await init.create(convert.mounts(request.rootfs), io, checkpoint=request.checkpoint)
+            await init.create(convert.mounts(request.rootfs), io,
+                              checkpoint=request.checkpoint or options.criu_image_path,
+                              checkpoint_work=options.criu_work_path)
         except BaseException:
             window.close()
             del self.containers[request.id]
@@ -246,8 +249,15 @@ class TaskService:
 
     @rpc
     async def Checkpoint(self, request: api.CheckpointTaskRequest, context) -> Empty:
-        self._container(request.id)
-        raise TtrpcError(Code.UNIMPLEMENTED, "checkpoint is not implemented yet")
+        container = self._container(request.id)
+        container.init.check("checkpoint")
+        options = convert.checkpoint_options(request, container.bundle)
+        if self.checkpointer is None:
+            raise TtrpcError(Code.UNIMPLEMENTED, "this shim was started without checkpoint support")
+        result = await container.init.checkpoint_to(self.checkpointer, options)
+        self._publish("/tasks/checkpointed", events.TaskCheckpointed(
+            container_id=container.id, checkpoint=result.image_path, stats=result.stats))
+        return EMPTY
 
     @rpc
     async def Wait(self, request: api.WaitRequest, context) -> api.WaitResponse:

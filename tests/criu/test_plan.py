@@ -96,6 +96,8 @@ def test_restore_honours_the_checkpoint_options():
                                 manage_cgroups_mode="ignore", empty_ns=("network",))
     assert runtime_restore_args(options) == ["--tcp-established", "--ext-unix-sk", "--shell-job", "--file-locks",
                                              "--manage-cgroups-mode", "ignore", "--empty-ns", "network"]
+    closing = CheckpointOptions(tcp_established=True, tcp_close=True, lazy_pages=True)
+    assert runtime_restore_args(closing) == []  # tcp-close goes in the CRIU config; lazy restore is explicit
 
 
 def test_restore_config_appends_to_the_users_file(tmp_path):

@@ -111,9 +111,18 @@ class TaskResumed(_message.Message):
     def __init__(self, container_id: _Optional[str] = ...) -> None: ...
 
 class TaskCheckpointed(_message.Message):
-    __slots__ = ("container_id", "checkpoint")
+    __slots__ = ("container_id", "checkpoint", "stats")
+    class StatsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     checkpoint: str
-    def __init__(self, container_id: _Optional[str] = ..., checkpoint: _Optional[str] = ...) -> None: ...
+    stats: _containers.ScalarMap[str, int]
+    def __init__(self, container_id: _Optional[str] = ..., checkpoint: _Optional[str] = ..., stats: _Optional[_Mapping[str, int]] = ...) -> None: ...

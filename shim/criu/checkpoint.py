@@ -1,0 +1,185 @@
+"""Checkpointing a container: preflight, a private image written aside, the dump — through
+CRIU's RPC (the default engine) or through the OCI runtime's own `checkpoint` — and a task
+that is still running, and says why, whenever anything fails."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+
+from shim.criu import images
+from shim.criu.errors import CriuError, CriuMissing
+from shim.criu.log import log_excerpt
+from shim.criu.options import CheckpointOptions, as_record
+from shim.criu.plan import ContainerFacts, dump_request, facts_from_bundle, runtime_checkpoint_args
+from shim.criu.rpc import CriuRpc
+from shim.criu.stats import read_stats, summary
+from shim.errors import FailedPrecondition, ShimError, Unavailable
+from shim.oci.runner import RuntimeFailed
+from shim.oci.runtime import OciRuntime
+from shim.reaper import Reaper
+
+log = logging.getLogger(__name__)
+FORMAT = 1
+MIN_CRIU = (3, 15)  # status-ready notifications, external pid namespaces
+
+
+@dataclass(frozen=True)
+class CheckpointResult:
+    image_path: str
+    engine: str
+    stats: dict[str, int]
+    stopped: bool  # the dump ended the container, as asked
+
+
+class CheckpointFailed(ShimError):
+    """A dump that did not happen; the task is running as before. Quotes CRIU's log."""
+
+
+class Checkpointer:
+    def __init__(self, reaper: Reaper, *, criu: str = "criu") -> None:
+        self.rpc = CriuRpc(reaper, criu=criu)
+        self._version = None
+
+    async def preflight(self, options: CheckpointOptions) -> None:
+        """Refuse, before touching the task, what this CRIU or kernel cannot do."""
+        try:
+            if self._version is None:
+                self._version = await self.rpc.version()
+        except CriuMissing as exc:
+            raise Unavailable(f"checkpoint needs CRIU >= 4.2, and it cannot be run: {exc}") from None
+        if tuple(self._version[:2]) < MIN_CRIU:
+            raise Unavailable(f"CRIU {'.'.join(map(str, self._version[:3]))} is too old: pyshim needs >= "
+                              f"{'.'.join(map(str, MIN_CRIU))} (4.2 or newer on recent kernels)")
+        wanted = {"mem_track": options.pre_dump or bool(options.parent_path), "lazy_pages": options.lazy_pages}
+        if not any(wanted.values()):
+            return
+        features = await self.rpc.feature_check(**{name: True for name, on in wanted.items() if on},
+                                                pidfd_store=False, **{n: False for n, on in wanted.items() if not on})
+        if wanted["mem_track"] and not features.get("mem_track"):
+            what = "pre-dump" if options.pre_dump else "parent-path (an incremental checkpoint)"
+            raise FailedPrecondition(f"{what} needs kernel soft-dirty memory tracking (CONFIG_MEM_SOFT_DIRTY), "
+                                     "which this kernel lacks: take a full checkpoint instead")
+        if wanted["lazy_pages"] and not features.get("lazy_pages"):
+            raise FailedPrecondition("lazy-pages needs userfaultfd (CONFIG_USERFAULTFD), which this kernel or "
+                                     "CRIU lacks: checkpoint without lazy-pages")
+
+    async def checkpoint(self, *, container_id: str, bundle: str, pid: int, options: CheckpointOptions,
+                         runtime: OciRuntime, paused: bool) -> CheckpointResult:
+        await self.preflight(options)
+        facts = facts_from_bundle(bundle, pid)
+        partial = images.prepare(options.image_path)
+        own_work = not options.work_path
+        work = options.work_path or tempfile.mkdtemp(prefix="criu-work-", dir=bundle)
+        images.private_dir(work)
+        try:
+            if options.engine == "runc":
+                flags = runtime_checkpoint_args(options, image_path=partial.path, work_path=work)
+                await runtime.checkpoint(container_id, flags, timeout=options.timeout)
+            else:
+                await self._dump(container_id, runtime, options, facts, partial, work)
+            stats = read_stats(partial.path)
+            _copy(os.path.join(work, "dump.log"), os.path.join(partial.path, "dump.log"))
+            partial.commit({
+                "format": FORMAT, "engine": options.engine, "container_id": container_id, "pid": pid,
+                "created": time.time(), "runtime": runtime.binary, "options": as_record(options), "stats": stats,
+            })
+        except BaseException as exc:
+            partial.discard()
+            kept = _copy(os.path.join(work, "dump.log"), os.path.join(bundle, "criu-dump.log"))
+            if not paused:
+                thaw(facts.freezer_cgroup)
+            if isinstance(exc, RuntimeFailed):
+                raise CheckpointFailed(_runtime_failure(exc, kept)) from exc
+            raise
+        finally:
+            if own_work:
+                shutil.rmtree(work, ignore_errors=True)
+        stopped = not options.leave_running and not options.pre_dump
+        if stopped and options.engine != "runc":
+            await _destroy(runtime, container_id)  # what `runc checkpoint` does after a dump that stops the task
+        log.info("checkpointed %s into %s (%s engine): %s", container_id, options.image_path, options.engine,
+                 summary(stats) or "no statistics")
+        return CheckpointResult(options.image_path, options.engine, stats, stopped)
+
+    async def _dump(self, container_id: str, runtime: OciRuntime, options: CheckpointOptions,
+                    facts: ContainerFacts, partial: images.PartialImage, work: str) -> None:
+        import pycriu.rpc_pb2 as rpc
+
+        descriptors = external_descriptors(runtime.state_dir(container_id), facts.pid)
+        images.write_private(os.path.join(partial.path, "descriptors.json"), json.dumps(descriptors).encode())
+        work_fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            request = dump_request(rpc, options, facts, images_dir_fd=partial.fd, work_dir_fd=work_fd)
+
+            async def notified(script: str, pid: int, fds: list[int]) -> None:
+                log.debug("criu dump of %s: %s", container_id, script)
+
+            await self.rpc.call(request, notify=notified, timeout=options.timeout)
+        except CriuError as exc:
+            raise CheckpointFailed(f"checkpoint of {container_id} failed; the task was left as it was. {exc}") from exc
+        finally:
+            os.close(work_fd)
+
+
+def external_descriptors(state_dir: str, pid: int) -> list[str]:
+    """What the init's stdio (fds 0-2) pointed at when it started — runc records it in its
+    state — or, for a runtime that does not (crun), what they point at now."""
+    try:
+        with open(os.path.join(state_dir, "state.json"), "rb") as f:
+            recorded = json.load(f).get("external_descriptors")
+        if isinstance(recorded, list) and len(recorded) == 3:
+            return [str(d) for d in recorded]
+    except (OSError, ValueError):
+        pass
+    descriptors = []
+    for fd in range(3):
+        try:
+            descriptors.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            descriptors.append("/dev/null")
+    return descriptors
+
+
+def thaw(freezer_cgroup: str) -> None:
+    """Thaw a cgroup a dead or failed CRIU left frozen (the task was running before)."""
+    if not freezer_cgroup:
+        return
+    for name, value in (("freezer.state", "THAWED"), ("cgroup.freeze", "0")):
+        path = os.path.join(freezer_cgroup, name)
+        if os.path.exists(path):
+            try:
+                with open(path, "w") as f:
+                    f.write(value)
+            except OSError as exc:
+                log.warning("could not thaw %s: %s", freezer_cgroup, exc)
+
+
+async def _destroy(runtime: OciRuntime, container_id: str) -> None:
+    try:
+        await runtime.delete(container_id, force=True)
+    except RuntimeFailed as exc:
+        log.warning("removing %s's runtime state after its checkpoint failed: %s", container_id, exc)
+
+
+def _copy(source: str, destination: str) -> str | None:
+    try:
+        shutil.copyfile(source, destination)
+        os.chmod(destination, 0o600)
+        return destination
+    except OSError:
+        return None
+
+
+def _runtime_failure(error: RuntimeFailed, kept_log: str | None) -> str:
+    text = f"{error}; the task was left as it was"
+    if kept_log:
+        lines = log_excerpt(kept_log)
+        if lines:
+            text += f". From the CRIU log {kept_log}: " + " | ".join(lines)
+    return text
