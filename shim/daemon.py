@@ -120,7 +120,6 @@ def serve_inherited(args: ShimArgs) -> int:
 async def _serve(args: ShimArgs, sock: socket.socket) -> None:
     from shim.api.containerd.task.v2 import shim_pb2 as v2
     from shim.api.containerd.task.v3 import shim_pb2 as v3
-    from shim.criu.checkpoint import Checkpointer
     from shim.events import Publisher
     from shim.reaper import Reaper
     from shim.stdio import open_process_io
@@ -139,8 +138,8 @@ async def _serve(args: ShimArgs, sock: socket.socket) -> None:
                                      namespace=args.namespace)
 
     service = TaskService(namespace=args.namespace, reaper=reaper, publisher=publisher, io_factory=io_factory,
-                          stats=_stats_reader(), oom_watcher=_oom_watcher, checkpointer=Checkpointer(reaper),
-                          on_shutdown=stop.set)
+                          stats=_stats_reader(), oom_watcher=_oom_watcher,
+                          checkpointer=lambda: _checkpointer(reaper), on_shutdown=stop.set)
     server = Server()
     server.register(v2.DESCRIPTOR.services_by_name["Task"], service)
     server.register(v3.DESCRIPTOR.services_by_name["Task"], service)
@@ -157,6 +156,13 @@ async def _serve(args: ShimArgs, sock: socket.socket) -> None:
             os.unlink(path)
         except OSError:
             pass
+
+
+def _checkpointer(reaper):
+    # Imported on the first checkpoint: CRIU's messages (pycriu) cost ~70 ms of start-up.
+    from shim.criu.checkpoint import Checkpointer
+
+    return Checkpointer(reaper)
 
 
 def _oom_watcher(pid: int):

@@ -48,14 +48,16 @@ OomWatcher = Callable[[int], AsyncIterator[int]]
 class TaskService:
     def __init__(self, *, namespace: str, reaper: Reaper, publisher: Publisher, io_factory: IOFactory,
                  stats: Callable[[int], object] | None = None, oom_watcher: OomWatcher | None = None,
-                 checkpointer=None, on_shutdown: Callable[[], None] = lambda: None) -> None:
+                 checkpointer: Callable[[], object] | None = None,
+                 on_shutdown: Callable[[], None] = lambda: None) -> None:
         self.namespace = namespace
         self.reaper = reaper
         self.publisher = publisher
         self.io_factory = io_factory
         self.stats = stats
         self.oom_watcher = oom_watcher
-        self.checkpointer = checkpointer  # shim.criu.checkpoint.Checkpointer
+        self._make_checkpointer = checkpointer  # -> shim.criu.checkpoint.Checkpointer, made on first use
+        self._checkpointer = None
         self._oom_watches: dict[str, asyncio.Task] = {}
         self.on_shutdown = on_shutdown
         self.containers: dict[str, Container] = {}
@@ -252,9 +254,11 @@ class TaskService:
         container = self._container(request.id)
         container.init.check("checkpoint")
         options = convert.checkpoint_options(request, container.bundle)
-        if self.checkpointer is None:
+        if self._make_checkpointer is None:
             raise TtrpcError(Code.UNIMPLEMENTED, "this shim was started without checkpoint support")
-        result = await container.init.checkpoint_to(self.checkpointer, options)
+        if self._checkpointer is None:
+            self._checkpointer = self._make_checkpointer()
+        result = await container.init.checkpoint_to(self._checkpointer, options)
         self._publish("/tasks/checkpointed", events.TaskCheckpointed(
             container_id=container.id, checkpoint=result.image_path, stats=result.stats))
         return EMPTY
