@@ -7,5 +7,11 @@ Modules:
 - errors: CriuError, CriuFailed, CriuMissing, CriuTimeout: what was asked, what CRIU said,
   the log lines that explain it.
 - log: log_excerpt(): the Error/Warn lines and the tail of a CRIU log, bounded in size.
-- plan: the mapping of checkpoint/restore options to criu_opts (written separately).
+- options: checkpoint options (runc's and pyshim's) and where each comes from.
+- plan: from (container, options) to criu_opts or OCI runtime arguments; pure functions.
+- images: image directories written aside, private, committed whole.
+- checkpoint: checkpointing a container (preflight, dump, commit of the image).
+- restore: restoring a container through the OCI runtime's `restore`.
+- stats: CRIU's stats-dump / stats-restore, read with pycriu.
+- action: the CRIU action script pyshim names in its CRIU configuration (loopback up).
 """

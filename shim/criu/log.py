@@ -48,7 +48,7 @@ def excerpt(lines, max_lines: int = 10, max_chars: int = 4000) -> list[str]:
     result: list[str] = []
     seen: set[str] = set()
     for number in sorted(chosen):
-        text = _clip(chosen[number].decode("utf-8", "replace"))
+        text = _clip(chosen[number].decode("utf-8", "replace").replace("\t", " "))
         # The same failure is often logged once per task or per retry: quote it once.
         key = _without_timestamp(text)
         if key not in seen:

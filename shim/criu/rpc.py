@@ -163,6 +163,7 @@ class _Call:
         self.log_before = _stat_key(self.log_path)
         self.waiting_for = "waiting for CRIU's answer"
         self.pid = 0
+        self.pidfd: int | None = None
         self.late = ""  # set when CRIU outlived the deadline after the conversation ended
         self.exited: asyncio.Future[Exit] | None = None
 
@@ -182,6 +183,10 @@ class _Call:
                 finally:
                     # Only CRIU may hold its end: when CRIU dies, our recv must see EOF.
                     theirs.close()
+                # Taken before the loop runs again, so before the reaper can reap CRIU: a kill
+                # through it can never hit a recycled pid, even between the reap and the moment
+                # our waiting task learns of it.
+                self.pidfd = _pidfd_open(self.pid)
                 self.exited = asyncio.ensure_future(exits.wait(self.pid))
                 try:
                     return await self._run(ours, payload, notify, deadline, check)
@@ -192,6 +197,8 @@ class _Call:
         finally:
             ours.close()
             os.close(self.output)
+            if self.pidfd is not None:
+                os.close(self.pidfd)
 
     async def _run(self, sock: socket.socket, payload: bytes, notify: Notify | None, deadline: float, check: bool):
         sock.setblocking(False)
@@ -265,7 +272,10 @@ class _Call:
 
     def _kill(self) -> None:
         try:
-            os.kill(self.pid, signal.SIGKILL)  # our child, not yet reaped: the pid is still CRIU's
+            if self.pidfd is not None:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            else:
+                os.kill(self.pid, signal.SIGKILL)  # no pidfd (old kernel): our child, not yet waited for
         except ProcessLookupError:
             pass
 
@@ -324,6 +334,13 @@ async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
         await ready
     finally:
         loop.remove_reader(fd)
+
+
+def _pidfd_open(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except OSError:  # ENOSYS before Linux 5.3
+        return None
 
 
 def _close_all(fds: list[int]) -> None:

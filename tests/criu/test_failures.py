@@ -2,6 +2,7 @@
 Each time CRIU must be gone and the target must be running as before (not frozen, not
 ptrace-stopped, not killed)."""
 
+import asyncio
 import errno
 import os
 import re
@@ -48,7 +49,7 @@ def test_refused_notification_aborts_and_leaves_the_tree_running(tmp_path, refus
             async with target(reaper, "unshare", "-n", "sleep", "1000") as (target_pid, _):
                 with pytest.raises(CriuFailed) as failed:
                     await CriuRpc(reaper).call(dump_req(images, target_pid), notify=notify, timeout=10)
-                return failed.value, state(target_pid), reaper.exits
+                return failed.value, state(target_pid), list(reaper.exits)
 
     target_pid = 0
     err, after, exits = run(scenario())
@@ -61,7 +62,6 @@ def test_refused_notification_aborts_and_leaves_the_tree_running(tmp_path, refus
     assert target_pid not in [e.pid for e in exits]  # and not killed
     assert (err.pid, err.exit_status) in [(e.pid, e.status) for e in exits] and err.exit_status != 0
     assert "Dumping FAILED" in str(err)  # quoted from dump.log
-    assert not (tmp_path / "images" / "pstree.img").exists() or refused == "post-dump"
 
 
 def test_timeout_in_a_frozen_moment_kills_criu_and_releases_the_tree(tmp_path):
@@ -73,7 +73,7 @@ def test_timeout_in_a_frozen_moment_kills_criu_and_releases_the_tree(tmp_path):
     async def notify(script, pid, fds):
         if script == "post-dump":
             seen["frozen"] = state(target_pid)
-            await __import__("asyncio").sleep(30)
+            await asyncio.sleep(30)
 
     async def scenario():
         nonlocal target_pid
@@ -83,9 +83,7 @@ def test_timeout_in_a_frozen_moment_kills_criu_and_releases_the_tree(tmp_path):
                 with pytest.raises(CriuTimeout) as timed_out:
                     await CriuRpc(reaper).call(dump_req(images, target_pid), notify=notify, timeout=1.0)
                 elapsed = time.monotonic() - start
-                __import__("asyncio").get_running_loop()
-                await __import__("asyncio").sleep(0.05)
-                return timed_out.value, elapsed, state(target_pid), reaper.exits
+                return timed_out.value, elapsed, state(target_pid), list(reaper.exits)
 
     target_pid = 0
     err, elapsed, after, exits = run(scenario())

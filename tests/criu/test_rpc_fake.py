@@ -1,6 +1,7 @@
 """The client's protocol paths against a fake CRIU (tests/criu/fake_criu.py): fds that come
 with notifications, fds passed to CRIU, CRIU dying or talking nonsense, no criu at all."""
 
+import asyncio
 import os
 import sys
 import time
@@ -47,10 +48,14 @@ def test_notification_fds_reach_the_handler_and_leftovers_are_closed(fake, keep)
 
     async def scenario():
         async with reaping() as reaper:
-            return await CriuRpc(reaper, criu=fake, env=env("pty")).call(dump_req(), notify=notify)
+            before = set(os.listdir("/proc/self/fd"))
+            resp = await CriuRpc(reaper, criu=fake, env=env("pty")).call(dump_req(), notify=notify)
+            return resp, set(os.listdir("/proc/self/fd")) - before
 
-    resp = run(scenario())
+    resp, new_fds = run(scenario())
     assert seen[0] == ("orphan-pts-master", 0, 1, True)
+    # nothing of the call stays open here (socket, output memfd, pidfd, the received fd)...
+    assert new_fds == ({str(seen[1])} if keep else set())  # ...but what the handler took
     # the ack CRIU waits for: NOTIFY (6) with notify_success, sent after leftovers were closed
     assert resp.cr_errmsg == f"ack=6/True writer={'open' if keep else 'closed'}"
     if keep:
@@ -109,6 +114,19 @@ def test_deadline_kills_a_silent_criu(fake):
     assert 0.5 <= elapsed < 2
     assert (err.pid, 128 + 9) in [(e.pid, e.status) for e in exits]
     assert "timed out after 0.5s while waiting for CRIU's answer" in str(err)
+
+
+def test_cancelling_the_call_kills_and_reaps_criu(fake):
+    async def scenario():
+        async with reaping() as reaper:
+            call = asyncio.ensure_future(CriuRpc(reaper, criu=fake, env=env("hang")).call(dump_req()))
+            await asyncio.sleep(0.3)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            return [e.status for e in reaper.exits]
+
+    assert run(scenario()) == [128 + 9]  # CRIU's exit, seen before the cancelled call returned
 
 
 def test_missing_binary(tmp_path):
