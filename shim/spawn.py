@@ -16,6 +16,10 @@ from dataclasses import dataclass
 
 from shim.reaper import Exit, Reaper
 
+# Python ignores SIGPIPE and SIGXFSZ; ignored signals survive exec, and runc would hand them on
+# to the container's processes. Children start with every signal at its default, as under Go.
+DEFAULT_SIGNALS = tuple(s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP) and s < 65)
+
 
 @dataclass(frozen=True, slots=True)
 class Completed:
@@ -42,7 +46,7 @@ def spawn(argv: Sequence[str], *, stdin: int | None = None, stdout: int | None =
             # posix_spawn has no chdir action before Python 3.13's POSIX_SPAWN_CHDIR: go through sh.
             argv = ["/bin/sh", "-c", 'cd "$0" && exec "$@"', cwd, *argv]
         return os.posix_spawnp(argv[0], list(argv), dict(os.environ if env is None else env),
-                               file_actions=actions, setsid=setsid)
+                               file_actions=actions, setsid=setsid, setsigdef=DEFAULT_SIGNALS, setsigmask=())
     finally:
         os.close(null)
         for source in sources.values():

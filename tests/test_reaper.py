@@ -72,3 +72,21 @@ def test_spawn_pass_fds_survive_overlapping_targets(tmp_path):
 
     out, expected = run(scenario())
     assert out == expected and sorted(out) == ["A", "B"]
+
+
+def test_children_start_with_default_signal_dispositions():
+    """The shim ignores SIGPIPE (Python does); its children, and so containers, must not."""
+    from shim.spawn import run as run_command
+
+    async def scenario():
+        reaper = Reaper()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGCHLD, reaper.reap)
+        result = await run_command(reaper, ["sh", "-c", "grep -E '^Sig(Ign|Blk)' /proc/self/status"])
+        loop.remove_signal_handler(signal.SIGCHLD)
+        return dict(line.split(":\t") for line in result.stdout.decode().splitlines())
+
+    assert signal.getsignal(signal.SIGPIPE) == signal.SIG_IGN  # the premise
+    masks = run(scenario())
+    standard = (1 << 31) - 1  # signals 1-31 (32 and 33 belong to glibc's threading and are left alone)
+    assert int(masks["SigIgn"], 16) & standard == 0 and int(masks["SigBlk"], 16) & standard == 0

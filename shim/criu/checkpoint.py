@@ -83,8 +83,10 @@ class Checkpointer:
                 await runtime.checkpoint(container_id, flags, timeout=options.timeout)
             else:
                 await self._dump(container_id, runtime, options, facts, partial, work)
+            # With a work directory CRIU writes its log and statistics there: keep both with the image.
+            for name in ("dump.log", "stats-dump"):
+                _copy(os.path.join(work, name), os.path.join(partial.path, name))
             stats = read_stats(partial.path)
-            _copy(os.path.join(work, "dump.log"), os.path.join(partial.path, "dump.log"))
             partial.commit({
                 "format": FORMAT, "engine": options.engine, "container_id": container_id, "pid": pid,
                 "created": time.time(), "runtime": runtime.binary, "options": as_record(options), "stats": stats,
