@@ -69,8 +69,7 @@ def dump_request(rpc, options: CheckpointOptions, facts: ContainerFacts, *, imag
     if options.parent_path:
         opts.parent_img = options.parent_path
         opts.track_mem = True
-    if options.network_lock:
-        opts.network_lock = NETWORK_LOCK[options.network_lock]
+    opts.network_lock = NETWORK_LOCK[network_lock(options)]
     if not options.pre_dump:
         for destination in (*facts.bind_mounts, *facts.cgroup_v1_binds):
             opts.ext_mnt.add(key=destination, val=destination)
@@ -80,6 +79,15 @@ def dump_request(rpc, options: CheckpointOptions, facts: ContainerFacts, *, imag
             opts.ext_mnt.add(key=path, val=path)
     kind = rpc.PRE_DUMP if options.pre_dump else rpc.DUMP
     return rpc.criu_req(type=kind, opts=opts)
+
+
+def network_lock(options: CheckpointOptions) -> str:
+    """The lock CRIU puts on the container's network while it works. It exists to keep
+    established TCP connections consistent; without tcp-established there are none to keep,
+    so pyshim skips it (CRIU's iptables lock execs iptables-restore twice: ~50 ms frozen)."""
+    if options.network_lock:
+        return options.network_lock
+    return "iptables" if options.tcp_established and not options.tcp_close else "skip"
 
 
 def runtime_checkpoint_args(options: CheckpointOptions, *, image_path: str, work_path: str) -> list[str]:
@@ -132,8 +140,7 @@ def restore_config(options: CheckpointOptions, *, user_config: str | None, actio
         lines.append("tcp-close")
     elif options.tcp_established:
         lines.append("tcp-established")
-    if options.network_lock:
-        lines.append(f"network-lock {options.network_lock}")
+    lines.append(f"network-lock {network_lock(options)}")
     if action_script:
         lines.append(f"action-script {action_script}")
     return "\n".join(lines) + "\n"

@@ -78,7 +78,9 @@ def test_container_facts_become_ext_mnt_external_and_freezer():
 
 def test_network_lock_method():
     assert dump(network_lock="nftables").network_lock == rpc.NFTABLES
-    assert not dump().HasField("network_lock")
+    # no established TCP to keep consistent: no lock; with it, CRIU's default (iptables)
+    assert dump().network_lock == rpc.SKIP
+    assert dump(tcp_established=True).network_lock == rpc.IPTABLES
 
 
 def test_runc_engine_flags():
@@ -107,6 +109,8 @@ def test_restore_config_appends_to_the_users_file(tmp_path):
                           action_script="/usr/lib/pyshim/criu-action")
     assert text.splitlines() == ["log-level 4", "# added by pyshim", "tcp-close", "network-lock skip",
                                  "action-script /usr/lib/pyshim/criu-action"]
+    established = restore_config(CheckpointOptions(tcp_established=True), user_config=None)
+    assert established.splitlines() == ["# added by pyshim", "tcp-established", "network-lock iptables"]
 
 
 def test_request_annotation_and_host_precedence():
