@@ -2,7 +2,7 @@ import asyncio
 
 from shim.api.containerd.events.task_pb2 import TaskExit, TaskStart
 from shim.events import EVENTS_SERVICE, NAMESPACE_KEY, Publisher
-from shim.ttrpc import Client, Server
+from shim.ttrpc import Server
 
 
 class Recorder:

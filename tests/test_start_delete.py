@@ -1,7 +1,6 @@
 import hashlib
 import json
 import os
-import socket
 
 from shim.api.containerd.task.v2.shim_pb2 import DeleteResponse
 from shim.delete import encode_delete_response
