@@ -8,10 +8,10 @@ and process objects, and replies and events are built from what those report bac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from google.protobuf.empty_pb2 import Empty
