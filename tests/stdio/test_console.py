@@ -58,13 +58,14 @@ def test_console_copies_both_ways_and_resizes(tmp_path):
                 io.resize(132, 43)
                 size = window_size(slave)
 
+                # stdin stays open until the process is done: its end would hang the console up
+                # (as upstream does), racing the output this test wants to see
                 with open(stdin, "wb", buffering=0) as client:
                     client.write(b"typed by the user\n")
-                typed = await read_until(slave, b"typed by the user")
-
-                os.write(slave, b"printed by the process\n")
-                os.close(slave)  # the process exits: EIO on the master ends the copy
-                assert await io.wait_drained(2)
+                    typed = await read_until(slave, b"typed by the user")
+                    os.write(slave, b"printed by the process\n")
+                    os.close(slave)  # the process exits: EIO on the master ends the copy
+                    assert await io.wait_drained(2)
                 return size, typed, await out
             finally:
                 io.close()
