@@ -55,3 +55,30 @@ def test_delete_removes_a_dead_shims_socket_but_not_a_live_one(tmp_path):
     assert os.path.exists(path)
     remove_dead_socket(str(bundle))
     assert not os.path.exists(path)
+
+
+def test_version_and_info_actions():
+    """`-v` prints the version; `-info` (containerd 2.x) answers a RuntimeInfo echoing the options."""
+    import subprocess
+    import sys
+
+    from shim.api.containerd.runc.options.oci_pb2 import Options
+    from shim.api.containerd.types.introspection_pb2 import RuntimeInfo
+    from shim.events import pack
+
+    version = subprocess.run([sys.executable, "-m", "shim", "-v"], capture_output=True, text=True, check=True)
+    assert "io.containerd.pyshim.v2" in version.stdout and "Version:" in version.stdout
+    options = pack(Options(binary_name="crun"))
+    info = subprocess.run([sys.executable, "-m", "shim", "-info"], input=options.SerializeToString(),
+                          capture_output=True, check=True)
+    decoded = RuntimeInfo.FromString(info.stdout)
+    assert decoded.name == "io.containerd.pyshim.v2" and decoded.version.version
+    assert Options.FromString(decoded.options.value).binary_name == "crun"
+
+
+def test_unknown_action_and_bad_flags_exit_2():
+    import subprocess
+    import sys
+
+    assert subprocess.run([sys.executable, "-m", "shim", "frobnicate"], capture_output=True).returncode == 2
+    assert subprocess.run([sys.executable, "-m", "shim", "-nope", "start"], capture_output=True).returncode == 2
