@@ -1,14 +1,22 @@
 """Restoring a container from a checkpoint through the OCI runtime's `restore`, honouring the
 options the checkpoint was taken with (recorded beside its images) — which the Go shim
-leaves for users to repeat in /etc/criu/runc.conf."""
+leaves for users to repeat in /etc/criu/runc.conf.
+
+A lazy restore (lazy-pages asked for by the restoring container's annotations or the host
+file) runs `criu lazy-pages` beside `runc restore --lazy-pages`: the daemon serves the restored
+processes' page faults through userfaultfd, from the images or, with page-server, from a page
+server elsewhere, and is killed if it has not finished within the options' timeout."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 
@@ -21,8 +29,13 @@ from shim.errors import InvalidArgument, ShimError
 from shim.layout import write_atomically
 from shim.oci.runner import RuntimeFailed
 from shim.oci.runtime import OciRuntime
+from shim.reaper import Reaper
+from shim.spawn import spawn
 
 log = logging.getLogger(__name__)
+LAZY_PAGES_LOG = "criu-lazy-pages.log"  # in the bundle: the daemon outlives the restore's work dir
+LAZY_PAGES_READY = 10.0  # seconds for `criu lazy-pages` to listen before the restore gives up
+_serving: set[asyncio.Task] = set()  # lazy-pages daemons still serving restored containers
 
 
 class RestoreFailed(ShimError):
@@ -65,11 +78,21 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
     images.write_private(criu_config, restore_config(options, user_config=user_config,
                                                      action_script=action_script(work)).encode())
     _annotate(bundle, config, criu_config)  # runc hands org.criu.config to CRIU as its config file
+    lazy = lazy_request(annotations)
+    flags = runtime_restore_args(options)
+    daemon = None
     try:
+        if lazy is not None:
+            daemon = await LazyPages.start(runtime.run.reaper, image_path=image_path, work=work,
+                                           log_file=os.path.join(bundle, LAZY_PAGES_LOG),
+                                           page_server=lazy.page_server_address)
+            flags.append("--lazy-pages")
         await runtime.restore(container_id, bundle=bundle, pid_file=pid_file, image_path=image_path,
                               work_path=work, stdio=stdio, console_socket=console_socket, no_pivot=no_pivot,
-                              flags=runtime_restore_args(options), timeout=options.timeout)
+                              flags=flags, timeout=options.timeout)
     except RuntimeFailed as exc:
+        if daemon is not None:
+            await daemon.stop()
         kept = _keep_log(work, bundle)
         await _clean_failed_restore(runtime, container_id)
         message = f"restore of {container_id} from {image_path} failed: {exc}"
@@ -77,10 +100,120 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
         if lines:
             message += f". From the CRIU log {kept}: " + " | ".join(lines)
         raise RestoreFailed(message) from exc
+    except BaseException:
+        if daemon is not None:
+            await daemon.stop()
+        raise
     finally:
         if own_work:
             shutil.rmtree(work, ignore_errors=True)
+    if daemon is not None:
+        daemon.serve_for(options.timeout)
     return options
+
+
+def lazy_request(annotations: dict) -> CheckpointOptions | None:
+    """The options of a lazy restore when the restoring container asks for one (lazy-pages, and
+    page-server for pages served from elsewhere than the images), else None. Only the host file
+    and the new container's annotations count: a checkpoint's record says how it was taken, not
+    where its pages can be found now."""
+    try:
+        asked = resolve(from_host_config(), from_annotations(annotations))
+    except OptionError as exc:
+        raise InvalidArgument(f"lazy restore: {exc}") from None
+    return asked if asked.lazy_pages else None
+
+
+class LazyPages:
+    """One `criu lazy-pages` daemon, started and waited for through the reaper."""
+
+    def __init__(self, pid: int, pidfd: int, exits, log_file: str) -> None:
+        self.pid = pid
+        self.pidfd = pidfd
+        self.exits = exits
+        self.log_file = log_file
+        self.exited = asyncio.ensure_future(exits.wait(pid))
+
+    @classmethod
+    async def start(cls, reaper: Reaper, *, image_path: str, work: str, log_file: str,
+                    page_server: tuple[str, int] | None = None) -> LazyPages:
+        """Start the daemon and return once it listens on work/lazy-pages.socket, where the
+        restore's CRIU (same work dir) connects."""
+        argv = ["criu", "lazy-pages", "--images-dir", image_path, "--work-dir", work, "--log-file", log_file,
+                "-v4", "--status-fd", "3"]
+        if page_server:
+            argv += ["--page-server", "--address", page_server[0], "--port", str(page_server[1])]
+        ready, status = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        exits = reaper.subscribe()
+        try:
+            try:
+                pid = spawn(argv, pass_fds={3: status})
+            finally:
+                os.close(status)
+            daemon = cls(pid, os.pidfd_open(pid), exits, log_file)
+        except OSError as exc:
+            exits.close()
+            os.close(ready)
+            raise RestoreFailed(f"cannot start criu lazy-pages: {exc}") from None
+        try:
+            said = await asyncio.wait_for(_read_once(ready), LAZY_PAGES_READY)
+        except TimeoutError:
+            said = None
+        finally:
+            os.close(ready)
+        if said != b"\0":
+            await daemon.stop()
+            why = "exited" if said == b"" else f"was not ready within {LAZY_PAGES_READY:g}s"
+            lines = log_excerpt(log_file)
+            raise RestoreFailed(f"criu lazy-pages {why}" + (f". From its log {log_file}: " + " | ".join(lines)
+                                                              if lines else ""))
+        log.info("criu lazy-pages (pid %d) serves %s%s", pid, image_path,
+                 f" from the page server {page_server[0]}:{page_server[1]}" if page_server else "")
+        return daemon
+
+    def serve_for(self, timeout: float) -> asyncio.Task:
+        """Let the daemon serve the restored container in the background; kill it after timeout."""
+        task = asyncio.get_running_loop().create_task(self._serve(timeout))
+        _serving.add(task)
+        task.add_done_callback(_serving.discard)
+        return task
+
+    async def _serve(self, timeout: float) -> None:
+        done, _ = await asyncio.wait({self.exited}, timeout=timeout)
+        if not done:
+            log.warning("criu lazy-pages (pid %d) still running after %gs; killing it (log %s)", self.pid, timeout,
+                        self.log_file)
+            await self.stop()
+            return
+        status = self.exited.result().status
+        (log.info if status == 0 else log.warning)("criu lazy-pages (pid %d) exited with %d (log %s)", self.pid,
+                                                   status, self.log_file)
+        self._close()
+
+    async def stop(self) -> None:
+        if not self.exited.done():
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        await asyncio.shield(self.exited)
+        self._close()
+
+    def _close(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+        self.exits.close()
+
+
+async def _read_once(fd: int) -> bytes:
+    """One read of a non-blocking pipe, waiting until it is readable (b"" at EOF)."""
+    loop = asyncio.get_running_loop()
+    readable = loop.create_future()
+    loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
+    try:
+        await readable
+    finally:
+        loop.remove_reader(fd)
+    return os.read(fd, 1)
 
 
 async def _clean_failed_restore(runtime: OciRuntime, container_id: str) -> None:
