@@ -140,6 +140,10 @@ def restore_config(options: CheckpointOptions, *, user_config: str | None, actio
         lines.append("tcp-close")
     elif options.tcp_established:
         lines.append("tcp-established")
+    if options.manage_cgroups_mode:
+        # runc (1.1) takes --manage-cgroups-mode on restore but does not hand it to CRIU, which
+        # then restores in its default (soft) mode; said here, it reaches CRIU whatever runc does.
+        lines.append(f"manage-cgroups={options.manage_cgroups_mode}")
     lines.append(f"network-lock {network_lock(options)}")
     if action_script:
         lines.append(f"action-script {action_script}")

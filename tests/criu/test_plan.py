@@ -113,6 +113,15 @@ def test_restore_config_appends_to_the_users_file(tmp_path):
     assert established.splitlines() == ["# added by pyshim", "tcp-established", "network-lock iptables"]
 
 
+@pytest.mark.parametrize("mode", ["soft", "full", "strict", "ignore"])
+def test_restore_config_carries_the_cgroups_mode_runc_drops(mode):
+    # runc 1.1 accepts `restore --manage-cgroups-mode` and never sends it: CRIU restored in soft
+    # mode whatever the checkpoint said. The `key=value` form: CRIU's argument is optional.
+    text = restore_config(CheckpointOptions(manage_cgroups_mode=mode), user_config=None)
+    assert f"manage-cgroups={mode}" in text.splitlines()
+    assert "manage-cgroups" not in restore_config(CheckpointOptions(), user_config=None)  # CRIU's default
+
+
 def test_request_annotation_and_host_precedence():
     host = {"tcp_established": True, "manage_cgroups_mode": "soft", "engine": "runc"}
     annotations = from_annotations({"io.pyshim.checkpoint.manage-cgroups-mode": "full",

@@ -6,7 +6,6 @@ grandchild of the shim (so it re-parents to the shim, the subreaper, like runc's
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 
@@ -43,12 +42,15 @@ def main(argv):
     state = json.load(open(state_file)) if os.path.exists(state_file) else None
 
     def spawn(process_args, pid_file, gate):
+        # posix_spawn, not Popen: a collected Popen may reap a child that exits at once, and the
+        # shim (the subreaper, as with runc) must see every exit.
         script = 'while [ ! -e "$0" ]; do sleep 0.01; done; exec "$@"' if gate else 'exec "$@"'
-        child = subprocess.Popen(["sh", "-c", script, gate or "-", *process_args], start_new_session=True,
-                                 stdin=subprocess.DEVNULL)
+        null = os.open(os.devnull, os.O_RDONLY)
+        pid = os.posix_spawnp("sh", ["sh", "-c", script, gate or "-", *process_args], os.environ,
+                              file_actions=[(os.POSIX_SPAWN_DUP2, null, 0)], setsid=True)
         with open(pid_file, "w") as f:
-            f.write(str(child.pid))
-        return child.pid
+            f.write(str(pid))
+        return pid
 
     if command == "create":
         if state:
