@@ -263,7 +263,8 @@ def test_tasks_survive_containerd_restart(containerd: Containerd, test_image: Te
             for container_id, (_, status) in signalled.items():
                 if container_id != ids[0]:
                     containerd.ctr("tasks", "rm", container_id)
-                deleted = wait_event(stream, "/tasks/delete", container_id=container_id)
+                # 30 s: after a restart the Go shim's publisher may still be in its retry back-off
+                deleted = wait_event(stream, "/tasks/delete", timeout=30, container_id=container_id)
                 assert (deleted["pid"], deleted.get("exit_status", 0)) == (before[container_id][0], status)
                 containerd.ctr("containers", "rm", container_id)
             remaining = task_list(containerd)
