@@ -11,6 +11,7 @@ Modules:
 - plan: from (container, options) to criu_opts or OCI runtime arguments; pure functions.
 - images: image directories written aside, private, committed whole.
 - checkpoint: checkpointing a container (preflight, dump, commit of the image).
+- external_unix: a container's unix sockets whose peer is outside it; what a checkpoint does with them.
 - restore: restoring a container through the OCI runtime's `restore`.
 - stats: CRIU's stats-dump / stats-restore, read with pycriu.
 - action: the CRIU action script pyshim names in its CRIU configuration (loopback up).

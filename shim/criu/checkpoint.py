@@ -4,15 +4,16 @@ that is still running, and says why, whenever anything fails."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from shim.criu import images
+from shim.criu import external_unix, images
 from shim.criu.errors import CriuError, CriuMissing
 from shim.criu.log import log_excerpt
 from shim.criu.options import CheckpointOptions, as_record
@@ -73,6 +74,9 @@ class Checkpointer:
                          runtime: OciRuntime, paused: bool) -> CheckpointResult:
         await self.preflight(options)
         facts = facts_from_bundle(bundle, pid)
+        if not options.pre_dump:  # a pre-dump takes memory only, never sockets
+            facts = replace(facts, external_unix_sockets=await _external_unix_sockets(
+                container_id, pid, options))
         partial = images.prepare(options.image_path)
         own_work = not options.work_path
         work = options.work_path or tempfile.mkdtemp(prefix="criu-work-", dir=bundle)
@@ -127,6 +131,15 @@ class Checkpointer:
             raise CheckpointFailed(f"checkpoint of {container_id} failed; the task was left as it was. {exc}") from exc
         finally:
             os.close(work_fd)
+
+
+async def _external_unix_sockets(container_id: str, pid: int, options: CheckpointOptions) -> tuple[int, ...]:
+    """Unix sockets with peers outside the container: refused without ext-unix-sk, and with it
+    refused when CRIU could not take them, before the task is touched; otherwise the inodes
+    CRIU must be told are external."""
+    found = await asyncio.to_thread(external_unix.find, pid)
+    return external_unix.check(found, container_id=container_id, init_pid=pid, ext_unix_sk=options.ext_unix_sk,
+                              engine=options.engine)
 
 
 def external_descriptors(state_dir: str, pid: int) -> list[str]:

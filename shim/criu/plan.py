@@ -39,6 +39,7 @@ class ContainerFacts:
     external_namespaces: dict[str, int] = field(default_factory=dict)  # "network"/"pid" -> inode
     freezer_cgroup: str = ""
     criu_config: str | None = DEFAULT_RUNC_CRIU_CONFIG  # None: the annotation asked for none
+    external_unix_sockets: tuple[int, ...] = ()  # inodes CRIU must take as external (shim.criu.external_unix)
 
 
 def dump_request(rpc, options: CheckpointOptions, facts: ContainerFacts, *, images_dir_fd: int,
@@ -60,6 +61,8 @@ def dump_request(rpc, options: CheckpointOptions, facts: ContainerFacts, *, imag
         opts.config_file = facts.criu_config
     for kind, inode in sorted(facts.external_namespaces.items()):
         opts.external.append(f"{EXTERNAL_NS_NAME[kind]}[{inode}]:{EXTERNAL_NS_KEY[kind]}")
+    for inode in facts.external_unix_sockets:
+        opts.external.append(f"unix[{inode}]")  # what `criu dump --ext-unix-sk=<inode>` declares
     if facts.freezer_cgroup:
         opts.freeze_cgroup = facts.freezer_cgroup
     if options.page_server_address:
