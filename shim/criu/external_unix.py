@@ -26,15 +26,13 @@ with it, into the inodes to declare external, refusing beforehand what CRIU woul
 
 from __future__ import annotations
 
-import ctypes
 import os
 import socket
-import threading
 from dataclasses import dataclass
 
 from shim.errors import FailedPrecondition
+from shim.netns.enter import run_in
 
-CLONE_NEWNET = 0x40000000
 TYPES = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "datagram", socket.SOCK_SEQPACKET: "seqpacket"}
 # The TCP states unix_diag reports for unix sockets.
 ESTABLISHED, CLOSE, LISTEN = 1, 7, 10
@@ -148,34 +146,6 @@ def _netns(pid: int | str) -> int:
 # -- sock_diag, in a given network namespace ----------------------------------------------------
 
 
-def _netlink_socket_in(netns_path: str, protocol: int) -> socket.socket:
-    """A netlink socket of the network namespace at netns_path. A socket belongs to the
-    namespace it is created in; setns applies to the calling thread only, so a thread of its
-    own joins the namespace, creates the socket and ends."""
-    result: dict[str, object] = {}
-
-    def create() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        try:
-            fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    errno = ctypes.get_errno()
-                    raise OSError(errno, f"setns into {netns_path}: {os.strerror(errno)}")
-            finally:
-                os.close(fd)
-            result["socket"] = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, protocol)
-        except OSError as exc:
-            result["error"] = exc
-
-    thread = threading.Thread(target=create, name="pyshim-netns-diag")
-    thread.start()
-    thread.join()
-    if "error" in result:
-        raise result["error"]  # type: ignore[misc]
-    return result["socket"]  # type: ignore[return-value]
-
-
 class _Diag:
     """pyroute2's sock_diag over a netlink socket of a given network namespace (its own
     DiagSocket always creates the socket in the calling thread's namespace). pyroute2 is
@@ -188,9 +158,10 @@ class _Diag:
 
         self.netlink, self.diag = netlink, diag
         protocol = netlink.NETLINK_SOCK_DIAG
-        fileno = _netlink_socket_in(netns_path, protocol).detach() if netns_path else None
+        # A socket belongs to the namespace of the thread that creates it: run_in's own thread.
+        created = run_in(netns_path, socket.socket, socket.AF_NETLINK, socket.SOCK_DGRAM, protocol)
         self.netns = os.stat(netns_path or "/proc/self/ns/net").st_ino
-        self.nl = NetlinkSocket(protocol, fileno=fileno)
+        self.nl = NetlinkSocket(protocol, fileno=created.detach())
         self.nl.set_marshal(diag.MarshalDiag())
         self.nl.bind()
 
