@@ -14,5 +14,6 @@ Modules:
 - external_unix: a container's unix sockets whose peer is outside it; what a checkpoint does with them.
 - restore: restoring a container through the OCI runtime's `restore`.
 - stats: CRIU's stats-dump / stats-restore, read with pycriu.
+- tcp: established TCP connections a checkpoint holds; a restore that would lose them refused.
 - action: the CRIU action script pyshim names in its CRIU configuration (loopback up).
 """

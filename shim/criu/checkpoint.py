@@ -20,6 +20,7 @@ from shim.criu.options import CheckpointOptions, as_record
 from shim.criu.plan import ContainerFacts, dump_request, facts_from_bundle, runtime_checkpoint_args
 from shim.criu.rpc import CriuRpc
 from shim.criu.stats import read_stats, summary
+from shim.criu.tcp import network_record
 from shim.errors import FailedPrecondition, ShimError, Unavailable
 from shim.oci.runner import RuntimeFailed
 from shim.oci.runtime import OciRuntime
@@ -94,6 +95,8 @@ class Checkpointer:
             partial.commit({
                 "format": FORMAT, "engine": options.engine, "container_id": container_id, "pid": pid,
                 "created": time.time(), "runtime": runtime.binary, "options": as_record(options), "stats": stats,
+                "network": network_record(partial.path, external_netns=facts.external_namespaces.get("network"),
+                                          options=options),
             })
         except BaseException as exc:
             partial.discard()

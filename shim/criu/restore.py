@@ -25,6 +25,7 @@ from shim.criu import images
 from shim.criu.log import log_excerpt
 from shim.criu.options import CheckpointOptions, OptionError, from_annotations, from_host_config, from_record, resolve
 from shim.criu.plan import CRIU_CONFIG_ANNOTATION, DEFAULT_RUNC_CRIU_CONFIG, restore_config, runtime_restore_args
+from shim.criu.tcp import refuse_lost_connections
 from shim.errors import InvalidArgument, ShimError
 from shim.layout import write_atomically
 from shim.oci.runner import RuntimeFailed
@@ -69,6 +70,7 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
     if not os.path.isdir(image_path):
         raise InvalidArgument(f"checkpoint {image_path} does not exist")
     options, config = restore_options(bundle, image_path)
+    await refuse_lost_connections(container_id=container_id, image_path=image_path, config=config, options=options)
     own_work = not work_path
     work = work_path or tempfile.mkdtemp(prefix="criu-restore-", dir=bundle)
     images.private_dir(work)
