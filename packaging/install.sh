@@ -11,6 +11,7 @@
 #     bookworm's 3.17 does not start on kernel 6.18 and trixie's 4.1 cannot dump TCP sockets here;
 #   * pycriu (sid's python3-pycriu, pure Python) in its own prefix;
 #   * containerd 1.6 (bookworm), 1.7 (trixie) and 2.x (sid) side by side, unpacked with dpkg -x;
+#   * the system suite's redis-server and redis-cli unpacked (not installed) for the tests;
 #   * a virtualenv with pyshim installed editable from this checkout;
 #   * /opt/pyshim/env, the KEY=VALUE file the tests read.
 #
@@ -23,6 +24,7 @@ readonly PREFIX=/opt/pyshim
 readonly VENV=$PREFIX/venv
 readonly CRIU_PREFIX=$PREFIX/criu
 readonly PYCRIU_PREFIX=$PREFIX/pycriu
+readonly REDIS_PREFIX=$PREFIX/redis
 readonly CONTAINERD_ROOT=$PREFIX/containerd
 readonly PRIVATE_APT=$PREFIX/apt
 readonly LOG_DIR=$PREFIX/log
@@ -571,6 +573,58 @@ ensure_all_containerd() {
 }
 
 # ----------------------------------------------------------------------------------------------------
+# redis for the integration tests: the system suite's redis-server and redis-cli, unpacked, not installed
+# (the package would start a system service). The loopback-after-restore test copies them and the
+# libraries they load into a test image.
+
+REDIS_VERSION=""
+
+# The .debs' library dependencies this system lacks (the others resolve from the system itself).
+redis_missing_library_packages() {
+    apt-cache depends --no-recommends --no-suggests --no-conflicts --no-breaks --no-replaces --no-enhances \
+        redis-server redis-tools |
+        sed -n 's/^ *|\{0,1\}\(Pre\)\{0,1\}Depends: \(lib[^ <]*\)$/\2/p' | sort -u |
+        while read -r p; do package_installed "$p" || echo "$p"; done
+}
+
+# Every library of $1 resolves, from the system or from $REDIS_PREFIX; prints how many objects it loads.
+verify_redis_binary() {
+    local binary=$1 trace
+    # Run as ldd does (the kernel starts the binary's own loader, which only lists what it would load).
+    trace=$(LD_TRACE_LOADED_OBJECTS=1 LD_LIBRARY_PATH="$REDIS_PREFIX/usr/lib/$LIB_TRIPLET" "$binary" 2>&1) || return 1
+    ! grep -q 'not found' <<<"$trace" && grep -c '=>' <<<"$trace"
+}
+
+ensure_redis() {
+    local server=$REDIS_PREFIX/usr/bin/redis-server cli=$REDIS_PREFIX/usr/bin/redis-cli
+    if [[ ! -f $REDIS_PREFIX/DEBIAN_VERSION || ! -x $server || ! -x $cli ]] ||
+        ! verify_redis_binary "$server" >/dev/null || ! verify_redis_binary "$cli" >/dev/null; then
+        local libs tmp
+        mapfile -t libs < <(redis_missing_library_packages)
+        say "redis: unpacking $OS_CODENAME's redis-server, redis-tools${libs[*]:+ and ${libs[*]}} into $REDIS_PREFIX (not installed)"
+        tmp=$(mktemp -d)
+        local download=(apt-get -q -o APT::Sandbox::User=root download redis-server redis-tools "${libs[@]}")
+        if ! (cd "$tmp" && "${download[@]}") >"$LOG_DIR/redis-download.log" 2>&1; then
+            # Old lists can name a version the mirror no longer has: refresh once and retry.
+            ((SYSTEM_APT_UPDATED)) || system_apt_update
+            (cd "$tmp" && run_logged "$LOG_DIR/redis-download.log" "${download[@]}")
+        fi
+        local staging=$REDIS_PREFIX.new deb
+        rm -rf "$staging"
+        mkdir -p "$staging"
+        for deb in "$tmp"/*.deb; do dpkg -x "$deb" "$staging"; done
+        dpkg-deb -f "$tmp"/redis-server_*.deb Version >"$staging/DEBIAN_VERSION"
+        rm -rf "$tmp" "$REDIS_PREFIX"
+        mv "$staging" "$REDIS_PREFIX"
+    fi
+    local nserver ncli
+    nserver=$(verify_redis_binary "$server") || die "$server: a library does not resolve (system + $REDIS_PREFIX)"
+    ncli=$(verify_redis_binary "$cli") || die "$cli: a library does not resolve (system + $REDIS_PREFIX)"
+    REDIS_VERSION=$(cat "$REDIS_PREFIX/DEBIAN_VERSION")
+    say "redis: $REDIS_PREFIX -> redis-server, redis-cli $REDIS_VERSION ($nserver and $ncli libraries resolve)"
+}
+
+# ----------------------------------------------------------------------------------------------------
 # Python virtualenv with pyshim (editable) and pycriu on its path
 
 PYTHON_VERSION=""
@@ -695,6 +749,8 @@ write_env_file() {
         echo "PYSHIM_CRUN_VERSION=$(crun --version | awk 'NR==1{print $3}')"
         echo "PYSHIM_BUSYBOX=$(command -v busybox || echo /bin/busybox)"
         echo "PYSHIM_SHIM=$SHIM_LINK"
+        echo "PYSHIM_REDIS=$REDIS_PREFIX"
+        echo "PYSHIM_REDIS_VERSION=$REDIS_VERSION"
     } | if write_if_changed "$ENV_FILE"; then
         say "env: wrote $ENV_FILE"
     else
@@ -716,6 +772,7 @@ main() {
     ensure_criu
     ensure_pycriu
     ensure_all_containerd
+    ensure_redis
     ensure_venv
     write_shim_launcher
     write_env_file

@@ -93,6 +93,11 @@ class Environment:
     def busybox(self) -> Path:
         return Path(self.values.get("PYSHIM_BUSYBOX", "/bin/busybox"))
 
+    @property
+    def redis(self) -> Path:
+        """The unpacked redis-server and redis-tools .debs (<prefix>/usr/bin/redis-server, ...)."""
+        return self._path("PYSHIM_REDIS")
+
 
 def load_environment(path: Path = ENV_FILE) -> Environment:
     return Environment(parse_env_text(path.read_text()))

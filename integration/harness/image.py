@@ -17,6 +17,7 @@ import subprocess
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 IMAGE_REF = "localhost/pyshim-test/busybox:latest"
 BUSYBOX = Path("/bin/busybox")
@@ -57,15 +58,15 @@ def _json_bytes(value: object) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 
-def _digest(data: bytes) -> str:
+def digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def _descriptor(media_type: str, data: bytes, **extra: object) -> dict:
-    return {"mediaType": media_type, "digest": _digest(data), "size": len(data), **extra}
+    return {"mediaType": media_type, "digest": digest(data), "size": len(data), **extra}
 
 
-def _tar_entry(name: str, kind: bytes, mode: int, size: int = 0, linkname: str = "") -> tarfile.TarInfo:
+def tar_entry(name: str, kind: bytes, mode: int, size: int = 0, linkname: str = "") -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.type = kind
     info.mode = mode
@@ -77,7 +78,7 @@ def _tar_entry(name: str, kind: bytes, mode: int, size: int = 0, linkname: str =
     return info
 
 
-def _tar(entries: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
+def tar_bytes(entries: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for info, data in sorted(entries, key=lambda e: e[0].name):
@@ -87,6 +88,11 @@ def _tar(entries: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
 
 def rootfs_layer(busybox: bytes, applets: tuple[str, ...] = APPLETS) -> bytes:
     """The single layer: /bin/busybox plus applet symlinks, /etc/passwd and /etc/group for root, and /tmp."""
+    return tar_bytes(rootfs_entries(busybox, applets))
+
+
+def rootfs_entries(busybox: bytes, applets: tuple[str, ...] = APPLETS) -> list[tuple[tarfile.TarInfo, bytes | None]]:
+    """The busybox rootfs as tar entries, for images that add files to it (harness/redis_image.py)."""
     files = {
         "etc/passwd": b"root:x:0:0:root:/root:/bin/sh\n",
         "etc/group": b"root:x:0:\n",
@@ -94,13 +100,13 @@ def rootfs_layer(busybox: bytes, applets: tuple[str, ...] = APPLETS) -> bytes:
     entries: list[tuple[tarfile.TarInfo, bytes | None]] = []
     for directory, mode in (("bin", 0o755), ("dev", 0o755), ("etc", 0o755), ("proc", 0o555), ("root", 0o700),
                             ("run", 0o755), ("sys", 0o555), ("tmp", 0o1777)):
-        entries.append((_tar_entry(directory, tarfile.DIRTYPE, mode), None))
-    entries.append((_tar_entry("bin/busybox", tarfile.REGTYPE, 0o755, len(busybox)), busybox))
+        entries.append((tar_entry(directory, tarfile.DIRTYPE, mode), None))
+    entries.append((tar_entry("bin/busybox", tarfile.REGTYPE, 0o755, len(busybox)), busybox))
     for applet in applets:
-        entries.append((_tar_entry(f"bin/{applet}", tarfile.SYMTYPE, 0o777, linkname="busybox"), None))
+        entries.append((tar_entry(f"bin/{applet}", tarfile.SYMTYPE, 0o777, linkname="busybox"), None))
     for name, data in files.items():
-        entries.append((_tar_entry(name, tarfile.REGTYPE, 0o644, len(data)), data))
-    return _tar(entries)
+        entries.append((tar_entry(name, tarfile.REGTYPE, 0o644, len(data)), data))
+    return entries
 
 
 def image_blobs(layer: bytes, ref: str) -> tuple[dict[str, bytes], bytes, str]:
@@ -114,7 +120,7 @@ def image_blobs(layer: bytes, ref: str) -> tuple[dict[str, bytes], bytes, str]:
             "Cmd": ["/bin/sh"],
             "WorkingDir": "/",
         },
-        "rootfs": {"type": "layers", "diff_ids": [_digest(layer)]},
+        "rootfs": {"type": "layers", "diff_ids": [digest(layer)]},
         "history": [{"created_by": "pyshim integration harness (integration/harness/image.py)"}],
     })
     manifest = _json_bytes({
@@ -138,23 +144,23 @@ def image_blobs(layer: bytes, ref: str) -> tuple[dict[str, bytes], bytes, str]:
             },
         )],
     })
-    blobs = {_digest(data): data for data in (layer, config, manifest)}
-    return blobs, index, _digest(manifest)
+    blobs = {digest(data): data for data in (layer, config, manifest)}
+    return blobs, index, digest(manifest)
 
 
 def layout_tarball(blobs: dict[str, bytes], index: bytes) -> bytes:
     """An OCI image layout (oci-layout, index.json, blobs/sha256/...) as one tar."""
     entries: list[tuple[tarfile.TarInfo, bytes | None]] = [
-        (_tar_entry("blobs", tarfile.DIRTYPE, 0o755), None),
-        (_tar_entry("blobs/sha256", tarfile.DIRTYPE, 0o755), None),
+        (tar_entry("blobs", tarfile.DIRTYPE, 0o755), None),
+        (tar_entry("blobs/sha256", tarfile.DIRTYPE, 0o755), None),
     ]
     layout = _json_bytes({"imageLayoutVersion": "1.0.0"})
     for name, data in (("oci-layout", layout), ("index.json", index)):
-        entries.append((_tar_entry(name, tarfile.REGTYPE, 0o644, len(data)), data))
-    for digest, data in blobs.items():
-        name = "blobs/sha256/" + digest.removeprefix("sha256:")
-        entries.append((_tar_entry(name, tarfile.REGTYPE, 0o644, len(data)), data))
-    return _tar(entries)
+        entries.append((tar_entry(name, tarfile.REGTYPE, 0o644, len(data)), data))
+    for blob_digest, data in blobs.items():
+        name = "blobs/sha256/" + blob_digest.removeprefix("sha256:")
+        entries.append((tar_entry(name, tarfile.REGTYPE, 0o644, len(data)), data))
+    return tar_bytes(entries)
 
 
 def available_applets(busybox: Path) -> set[str]:
@@ -168,21 +174,26 @@ def build_test_image(cache_dir: Path, busybox: Path = BUSYBOX, ref: str = IMAGE_
     busybox_bytes = busybox.read_bytes()
     available = available_applets(busybox)
     applets = tuple(a for a in APPLETS if a in available)
-    key = hashlib.sha256(
-        _json_bytes([BUILDER_VERSION, ref, list(applets), platform.machine(), _digest(busybox_bytes)])
-    ).hexdigest()[:32]
-    path = cache_dir / f"busybox-{key}.oci.tar"
+    path = cached_layout(cache_dir, "busybox", [BUILDER_VERSION, ref, list(applets), digest(busybox_bytes)],
+                         lambda: rootfs_layer(busybox_bytes, applets), ref)
+    missing = tuple(a for a in APPLETS if a not in available)
+    return TestImage(path=path, ref=ref, manifest_digest=manifest_digest(path), missing_applets=missing)
+
+
+def cached_layout(cache_dir: Path, name: str, inputs: list, layer: Callable[[], bytes], ref: str) -> Path:
+    """The image layout tarball of layer() named ref, under cache_dir keyed by inputs; built only when absent."""
+    key = hashlib.sha256(_json_bytes([*inputs, platform.machine()])).hexdigest()[:32]
+    path = cache_dir / f"{name}-{key}.oci.tar"
     if not path.exists():
-        blobs, index, _ = image_blobs(rootfs_layer(busybox_bytes, applets), ref)
+        blobs, index, _ = image_blobs(layer(), ref)
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_bytes(layout_tarball(blobs, index))
         os.replace(tmp, path)  # concurrent builders write identical bytes; the rename keeps readers whole
-    missing = tuple(a for a in APPLETS if a not in available)
-    return TestImage(path=path, ref=ref, manifest_digest=_manifest_digest(path), missing_applets=missing)
+    return path
 
 
-def _manifest_digest(path: Path) -> str:
+def manifest_digest(path: Path) -> str:
     with tarfile.open(path) as tar:
         member = tar.extractfile("index.json")
         assert member is not None

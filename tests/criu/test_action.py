@@ -1,0 +1,36 @@
+"""The CRIU action script: only setup-namespaces does anything, and it says what went wrong."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+
+from shim.criu import action
+
+
+def test_ifreq_is_the_kernels_struct_ifreq_size():
+    # sizeof(struct ifreq) on Linux: IFNAMSIZ (16) + a 24-byte union.
+    assert struct.calcsize(action.IFREQ_FLAGS_FORMAT) == 40
+
+
+def test_other_stages_return_at_once_without_loading_ctypes():
+    probe = ("import os, sys; from shim.criu.action import main; os.environ['CRTOOLS_SCRIPT_ACTION'] = 'pre-restore';"
+             "code = main(); print(code, 'ctypes' in sys.modules)")
+    result = subprocess.run([sys.executable, "-S", "-c", f"import sys; sys.path[1:1] = {sys.path!r}; {probe}"],
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["0", "False"]
+
+
+def test_setup_namespaces_without_a_pid_fails(monkeypatch, capsys):
+    monkeypatch.setenv("CRTOOLS_SCRIPT_ACTION", "setup-namespaces")
+    monkeypatch.delenv("CRTOOLS_INIT_PID", raising=False)
+    assert action.main() == 1
+    assert "no CRTOOLS_INIT_PID" in capsys.readouterr().err
+
+
+def test_setup_namespaces_names_the_pid_it_could_not_reach(monkeypatch, capsys):
+    monkeypatch.setenv("CRTOOLS_SCRIPT_ACTION", "setup-namespaces")
+    monkeypatch.setenv("CRTOOLS_INIT_PID", str(2**22 + 1))  # above pid_max's ceiling: never a process
+    assert action.main() == 1
+    assert f"loopback of {2**22 + 1} not raised" in capsys.readouterr().err
