@@ -60,7 +60,10 @@ def action_script(directory: str) -> str:
     """A script CRIU can run that calls shim.criu.action with this interpreter and paths."""
     path = os.path.join(directory, "pyshim-criu-action")
     code = f"import sys; sys.path[1:1] = {sys.path[1:]!r}; from shim.criu.action import main; sys.exit(main())"
-    images.write_private(path, f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -S -c {shlex.quote(code)}\n".encode())
+    # CRIU runs the script at every stage of a restore; only setup-namespaces needs Python.
+    script = (f'#!/bin/sh\n[ "$CRTOOLS_SCRIPT_ACTION" = setup-namespaces ] || exit 0\n'
+              f"exec {shlex.quote(sys.executable)} -S -c {shlex.quote(code)}\n")
+    images.write_private(path, script.encode())
     os.chmod(path, 0o700)
     return path
 
