@@ -26,6 +26,7 @@ with it, into the inodes to declare external, refusing beforehand what CRIU woul
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -156,6 +157,8 @@ class _Diag:
         import pyroute2.netlink.diag as diag
         from pyroute2.netlink.nlsocket import NetlinkSocket
 
+        # pyroute2 logs every netlink message at debug level: a host's every socket, in the shim's log
+        logging.getLogger("pyroute2").setLevel(logging.INFO)
         self.netlink, self.diag = netlink, diag
         protocol = netlink.NETLINK_SOCK_DIAG
         # A socket belongs to the namespace of the thread that creates it: run_in's own thread.
