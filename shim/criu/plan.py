@@ -52,7 +52,9 @@ def dump_request(rpc, options: CheckpointOptions, facts: ContainerFacts, *, imag
         leave_running=options.leave_running or options.pre_dump, tcp_established=options.tcp_established,
         tcp_skip_in_flight=options.tcp_skip_in_flight, link_remap=options.link_remap,
         ext_unix_sk=options.ext_unix_sk, file_locks=options.file_locks,
-        empty_ns=CLONE_NEWNET if "network" in options.empty_ns else 0, orphan_pts_master=True,
+        # runc always asks for an empty network namespace: it does not manage network devices,
+        # so their configuration is not dumped (--empty-ns network only repeats it).
+        empty_ns=CLONE_NEWNET, orphan_pts_master=True,
         auto_dedup=options.auto_dedup, lazy_pages=options.lazy_pages,
     )
     if work_dir_fd is not None:

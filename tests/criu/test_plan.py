@@ -53,8 +53,9 @@ def test_manage_cgroups_mode(mode, value):
     assert dump(manage_cgroups_mode=mode).manage_cgroups_mode == value
 
 
-def test_empty_ns_network_is_clone_newnet():
+def test_empty_ns_network_is_clone_newnet_always_as_in_runc():
     assert dump(empty_ns=("network",)).empty_ns == 0x40000000
+    assert dump().empty_ns == 0x40000000  # runc: "doesn't manage network devices and their configuration"
     with pytest.raises(OptionError):
         CheckpointOptions(empty_ns=("pid",)).validate()
 
