@@ -1,0 +1,119 @@
+"""Test "hosts" made of network namespaces: one client host, and server hosts each joined to it by a veth.
+
+Server host n has 10.123.<n>.1/24 and the client 10.123.<n>.2/24 on the veth between them, so traffic only ever
+flows between namespaces a test made. `Hosts.close()` removes everything and reports what was left behind: an
+iptables rule inside a namespace before its removal (CRIU's network lock is such a rule), a namespace or a veth of
+ours still on the host, a CRIU rule added on the host meanwhile.
+"""
+
+from __future__ import annotations
+
+import functools
+import secrets
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+
+from shim.netns import addresses, enter, links, named
+
+SUBNET = "10.123.{n}.{host}"
+BUILTIN_CHAINS = {"INPUT", "FORWARD", "OUTPUT", "PREROUTING", "POSTROUTING"}
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    path: str
+    address: str  # on its link towards the client ("" for the client host itself)
+
+
+def iptables_rules(namespace: str | None) -> list[str]:
+    """Rules and user chains in a namespace's (None: the host's) iptables and ip6tables rulesets."""
+    found = []
+    for tool in ("iptables-save", "ip6tables-save"):
+        # A child forked by the thread run_in() moved into the namespace starts there.
+        dump = enter.run_in(namespace, functools.partial(subprocess.run, [tool], capture_output=True, text=True,
+                                                         timeout=20, check=True))
+        for line in dump.stdout.splitlines():
+            chain = line[1:].split()[0] if line.startswith(":") else ""
+            if line.startswith("-A") or (chain and chain not in BUILTIN_CHAINS):
+                found.append(f"{tool.split('-')[0]}: {line}")
+    return found
+
+
+def _host_links() -> str:
+    return subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, timeout=10).stdout
+
+
+class Hosts:
+    def __init__(self) -> None:
+        self.tag = secrets.token_hex(3)
+        self._host_criu_before = self._host_criu_rules()
+        self.servers: dict[str, Host] = {}
+        self._veths: list[str] = []
+        self.client = self._namespace("client", "")
+
+    def _namespace(self, role: str, address: str) -> Host:
+        name = f"pyshim-it-{self.tag}-{role}"
+        return Host(name, named.create(name), address)
+
+    def server(self, n: int) -> Host:
+        """Server host n, its veth to the client up, addresses on both ends."""
+        host = self._namespace(f"srv{n}", SUBNET.format(n=n, host=1))
+        self.servers[host.name] = host
+        near, far = f"pv{self.tag}s{n}", f"pv{self.tag}c{n}"
+        self._veths += [near, far]
+        links.add_veth(near, far, namespace=host.name, peer_namespace=self.client.name)
+        for namespace, ifname, address in ((host.name, near, host.address),
+                                           (self.client.name, far, SUBNET.format(n=n, host=2))):
+            addresses.add_address(ifname, f"{address}/24", namespace)
+            links.set_up(ifname, namespace)
+            links.set_up("lo", namespace)
+        return host
+
+    def connect(self, host: Host, port: int, timeout: float = 10.0) -> socket.socket:
+        """A TCP connection from the client host to host:port, retried until the server listens."""
+        deadline = time.monotonic() + timeout
+        while True:
+            sock = enter.socket_in(self.client.name)
+            sock.settimeout(2)
+            try:
+                sock.connect((host.address, port))
+                return sock
+            except OSError:
+                sock.close()
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
+
+    def remove(self, host: Host) -> list[str]:
+        """Remove a server host; the iptables rules it held just before (empty when clean)."""
+        rules = iptables_rules(host.name)
+        named.remove(host.name)
+        self.servers.pop(host.name, None)
+        return rules
+
+    def close(self) -> list[str]:
+        """Remove every host; what was left behind, each as a note (empty when everything was tidy)."""
+        notes = []
+        for host in [*self.servers.values(), self.client]:
+            if not named.exists(host.name):
+                continue
+            try:
+                notes += [f"{host.name}: {rule}" for rule in iptables_rules(host.name)]
+            except Exception as exc:  # noqa: BLE001 - the namespace goes whatever its rules
+                notes.append(f"{host.name}: iptables not readable: {exc}")
+            finally:
+                named.remove(host.name)
+        self.servers.clear()
+        notes += [f"namespace left: {name}" for name in named.names() if self.tag in name]
+        listing = _host_links()
+        notes += [f"veth left on the host: {veth}" for veth in self._veths if f" {veth}@" in listing
+                  or f" {veth}:" in listing]
+        notes += [f"host: {rule}" for rule in sorted(set(self._host_criu_rules()) - set(self._host_criu_before))]
+        return notes
+
+    @staticmethod
+    def _host_criu_rules() -> list[str]:
+        return [rule for rule in iptables_rules(None) if "CRIU" in rule or "10.123." in rule]
