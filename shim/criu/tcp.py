@@ -99,7 +99,7 @@ async def refuse_lost_connections(*, container_id: str, image_path: str, config:
         return
     network = (images.read_record(image_path) or {}).get("network") or {}
     if not network.get("external_namespace"):
-        return  # a private namespace is restored by CRIU itself, addresses and all
+        return  # a private namespace is made by the restore itself (set up by hooks): nothing to compare yet
     connections = [Connection(**c) for c in network.get("established") or []]
     if not connections:
         return
