@@ -11,6 +11,7 @@ Modules:
 - enter: entered() switches the calling thread; run_in() runs a function in a fresh thread inside a
   namespace; socket_in() makes a socket that lives in a namespace.
 - named: create, list, remove named namespaces in /var/run/netns (pyroute2's netns module).
+- rtnl: one pyroute2 IPRoute socket opened inside a namespace for one piece of work.
 - links: veth pairs with an end moved into a namespace, links up, link names.
 - addresses: adding addresses, and the global addresses a namespace holds.
 - routes: adding routes.
