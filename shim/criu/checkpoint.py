@@ -91,6 +91,7 @@ class Checkpointer:
             # With a work directory CRIU writes its log and statistics there: keep both with the image.
             for name in ("dump.log", "stats-dump"):
                 _copy(os.path.join(work, name), os.path.join(partial.path, name))
+            forget_frozen_freezer(partial.path)
             stats = read_stats(partial.path)
             partial.commit({
                 "format": FORMAT, "engine": options.engine, "container_id": container_id, "pid": pid,
@@ -101,8 +102,9 @@ class Checkpointer:
         except BaseException as exc:
             partial.discard()
             kept = _copy(os.path.join(work, "dump.log"), os.path.join(bundle, "criu-dump.log"))
-            if not paused:
-                thaw(facts.freezer_cgroup)
+            # A dead CRIU leaves the cgroup thawed whatever it found: a paused task (containerd
+            # pauses every task it checkpoints) must stay paused for the Resume that follows.
+            (freeze if paused else thaw)(facts.freezer_cgroup)
             if isinstance(exc, RuntimeFailed):
                 raise CheckpointFailed(_runtime_failure(exc, kept)) from exc
             raise
@@ -166,16 +168,55 @@ def external_descriptors(state_dir: str, pid: int) -> list[str]:
 
 def thaw(freezer_cgroup: str) -> None:
     """Thaw a cgroup a dead or failed CRIU left frozen (the task was running before)."""
+    _set_freezer(freezer_cgroup, frozen=False)
+
+
+def freeze(freezer_cgroup: str) -> None:
+    """Freeze again a cgroup a dead or failed CRIU left thawed (the task was paused before)."""
+    _set_freezer(freezer_cgroup, frozen=True)
+
+
+def _set_freezer(freezer_cgroup: str, *, frozen: bool) -> None:
     if not freezer_cgroup:
         return
-    for name, value in (("freezer.state", "THAWED"), ("cgroup.freeze", "0")):
+    for name, value in (("freezer.state", "FROZEN" if frozen else "THAWED"), ("cgroup.freeze", str(int(frozen)))):
         path = os.path.join(freezer_cgroup, name)
         if os.path.exists(path):
             try:
                 with open(path, "w") as f:
                     f.write(value)
             except OSError as exc:
-                log.warning("could not thaw %s: %s", freezer_cgroup, exc)
+                log.warning("could not %s %s: %s", "freeze" if frozen else "thaw", freezer_cgroup, exc)
+
+
+def forget_frozen_freezer(image_dir: str) -> bool:
+    """Drop a FROZEN freezer.state from the image's cgroup.img; True if there was one.
+
+    CRIU records the freezer state it found (containerd pauses every task before Checkpoint, so
+    FROZEN) and a restore in full or strict cgroup mode writes it back. Under runc that restore
+    never ends: CRIU's cgroupd helper runs in the container's cgroup, is frozen with it, and
+    CRIU waits for it forever. A restored task is meant to run (soft mode never restores the
+    state either), so the image keeps no freezer state to restore."""
+    path = os.path.join(image_dir, "cgroup.img")
+    if not os.path.exists(path):
+        return False
+    import pycriu.images
+
+    with open(path, "rb") as f:
+        image = pycriu.images.load(f)
+    dropped = False
+    for entry in image.get("entries") or []:
+        for controller in entry.get("controllers") or []:
+            for directory in controller.get("dirs") or []:
+                kept = [p for p in directory.get("properties") or []
+                        if not (p.get("name") == "freezer.state" and p.get("value") != "THAWED")]
+                if len(kept) != len(directory.get("properties") or []):
+                    directory["properties"] = kept
+                    dropped = True
+    if dropped:
+        with open(path, "wb") as f:
+            pycriu.images.dump(image, f)
+    return dropped
 
 
 async def _destroy(runtime: OciRuntime, container_id: str) -> None:

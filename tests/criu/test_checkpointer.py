@@ -1,0 +1,91 @@
+"""The checkpoint's own care of the task and the image around the dump: a failed dump leaves a
+paused task paused and a running one running; the image keeps no freezer state a restore
+would write back."""
+
+import pycriu.images
+import pytest
+
+from shim.criu import checkpoint
+from shim.criu.checkpoint import CheckpointFailed, Checkpointer, forget_frozen_freezer
+from shim.criu.plan import ContainerFacts
+
+from .helpers import run
+
+PERMS = {"mode": 0o100644, "uid": 0, "gid": 0}
+
+
+def cgroup_image(path, freezer_state: str) -> None:
+    def prop(name, value):
+        return {"name": name, "value": value, "perms": PERMS}
+
+    image = {"magic": "CGROUP", "entries": [{
+        "sets": [{"id": 1, "ctls": [{"name": "freezer", "path": "/ns/c"}, {"name": "memory", "path": "/ns/c"}]}],
+        "controllers": [
+            {"cnames": ["freezer"], "dirs": [{"dir_name": "ns/c", "dir_perms": PERMS, "properties": [
+                prop("notify_on_release", "0"), prop("freezer.state", freezer_state)]}]},
+            {"cnames": ["memory"], "dirs": [{"dir_name": "ns/c", "dir_perms": PERMS, "properties": [
+                prop("memory.limit_in_bytes", "67108864")]}]},
+        ]}]}
+    with open(path, "wb") as f:
+        pycriu.images.dump(image, f)
+
+
+def properties(path) -> dict[str, str]:
+    with open(path, "rb") as f:
+        image = pycriu.images.load(f)
+    return {p["name"]: p["value"] for c in image["entries"][0]["controllers"] for d in c["dirs"]
+            for p in d.get("properties", [])}
+
+
+def test_a_frozen_freezer_state_is_dropped_and_nothing_else(tmp_path):
+    cgroup_image(tmp_path / "cgroup.img", "FROZEN")
+    assert forget_frozen_freezer(str(tmp_path)) is True
+    assert properties(tmp_path / "cgroup.img") == {"notify_on_release": "0", "memory.limit_in_bytes": "67108864"}
+
+
+def test_a_thawed_state_or_no_cgroup_image_is_left_alone(tmp_path):
+    cgroup_image(tmp_path / "cgroup.img", "THAWED")
+    before = (tmp_path / "cgroup.img").read_bytes()
+    assert forget_frozen_freezer(str(tmp_path)) is False
+    assert (tmp_path / "cgroup.img").read_bytes() == before
+    assert forget_frozen_freezer(str(tmp_path / "none")) is False
+
+
+class FakeRuntime:
+    binary = "runc"
+
+    def state_dir(self, container_id):
+        return "/nonexistent"
+
+
+@pytest.mark.parametrize("paused,left", [(True, "FROZEN"), (False, "THAWED")])
+def test_a_failed_dump_leaves_the_freezer_as_the_task_was(tmp_path, monkeypatch, paused, left):
+    freezer = tmp_path / "freezer"
+    freezer.mkdir()
+    (freezer / "freezer.state").write_text("THAWED" if paused else "FROZEN")  # what a killed CRIU may leave
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+
+    async def no_preflight(self, options):
+        pass
+
+    async def dump_killed(self, *args):
+        raise CheckpointFailed("criu dump failed: criu exited with status 137")
+
+    monkeypatch.setattr(Checkpointer, "preflight", no_preflight)
+    monkeypatch.setattr(Checkpointer, "_dump", dump_killed)
+    monkeypatch.setattr(checkpoint, "facts_from_bundle",
+                        lambda bundle, pid: ContainerFacts(rootfs="/", pid=pid, freezer_cgroup=str(freezer)))
+    monkeypatch.setattr(checkpoint, "_external_unix_sockets", _no_sockets)
+    checkpointer = Checkpointer.__new__(Checkpointer)
+    options = checkpoint.CheckpointOptions(image_path=str(tmp_path / "image")).validate()
+
+    with pytest.raises(CheckpointFailed, match="status 137"):
+        run(checkpointer.checkpoint(container_id="c", bundle=str(bundle), pid=1, options=options,
+                                    runtime=FakeRuntime(), paused=paused))
+    assert (freezer / "freezer.state").read_text() == left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "freezer"]  # no image, no partial one
+
+
+async def _no_sockets(container_id, pid, options):
+    return ()
