@@ -62,7 +62,9 @@ class Process:
             self.io.close_stdin()
 
     async def release_io(self, drain_timeout: float = 2.0) -> None:
-        """Let the output copies finish (bounded, as the Go shim does), then close the IO."""
+        """Let the output copies finish (bounded, as the Go shim does), then close the IO. A
+        process that never ran (a restore that did not happen) has no output to wait for."""
         if self.io is not None:
-            await self.io.wait_drained(drain_timeout)
+            if self.pid:
+                await self.io.wait_drained(drain_timeout)
             self.io.close()

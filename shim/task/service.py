@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from google.protobuf.empty_pb2 import Empty
@@ -30,6 +31,7 @@ from shim.process.base import Process, Stdio
 from shim.process.container import Container
 from shim.process.execs import ExecProcess
 from shim.process.init import InitProcess
+from shim.process.state import State
 from shim.reaper import Exit, Reaper
 from shim.task import convert
 from shim.task.convert import rpc
@@ -211,7 +213,12 @@ class TaskService:
     async def Kill(self, request: api.KillRequest, context) -> Empty:
         container = self._container(request.id)
         process = container.process(request.exec_id)
-        if isinstance(process, InitProcess):
+        if isinstance(process, InitProcess) and process.state is State.RESTORE_PENDING:
+            # Nothing runs yet (the restore happens at Start, or failed): the signal ends the task
+            # as it would have ended its process, so a caller waiting for the exit gets one.
+            container.init_exited = True
+            self._process_exited(Exit(0, 128 + request.signal, time.time()), container, process)
+        elif isinstance(process, InitProcess):
             await process.kill(request.signal, all=request.all)
         else:
             await process.kill(request.signal)

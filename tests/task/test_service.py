@@ -190,3 +190,21 @@ def test_duplicate_exec_id_already_exists(tmp_path):
         return err.value.code
 
     assert run(scenario, tmp_path) == Code.ALREADY_EXISTS
+
+
+def test_killing_a_task_whose_restore_never_ran_ends_it(tmp_path):
+    """A task created from a checkpoint runs nothing until Start restores it; if that restore
+    fails, `ctr task rm -f` kills and waits: the kill must end the task."""
+    async def scenario(h):
+        await h.create("r1", ["true"], checkpoint=str(tmp_path / "no-such-image"))
+        with pytest.raises(TtrpcError):
+            await h.call("Start", api.StartRequest(id="r1"))  # the image does not exist
+        await h.call("Kill", api.KillRequest(id="r1", signal=9))
+        waited = await h.call("Wait", api.WaitRequest(id="r1"))
+        deleted = await asyncio.wait_for(h.call("Delete", api.DeleteRequest(id="r1")), 1)  # no drain wait
+        await h.settle()
+        return waited, deleted, h.publisher.topics()
+
+    waited, deleted, topics = run(scenario, tmp_path)
+    assert waited.exit_status == 137 and deleted.exit_status == 137
+    assert topics == ["/tasks/create", "/tasks/exit", "/tasks/delete"]
