@@ -92,15 +92,18 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
                                            log_file=os.path.join(bundle, LAZY_PAGES_LOG),
                                            page_server=lazy.page_server_address)
             flags.append("--lazy-pages")
-        await runtime.restore(container_id, bundle=bundle, pid_file=pid_file, image_path=image_path,
-                              work_path=work, stdio=stdio, console_socket=console_socket, no_pivot=no_pivot,
-                              flags=flags, timeout=options.timeout)
+        restoring = runtime.restore(container_id, bundle=bundle, pid_file=pid_file, image_path=image_path,
+                                    work_path=work, stdio=stdio, console_socket=console_socket, no_pivot=no_pivot,
+                                    flags=flags, timeout=options.timeout)
+        await (restoring if daemon is None else daemon.guard(restoring, container_id))
     except RuntimeFailed as exc:
         if daemon is not None:
             await daemon.stop()
         kept = _keep_log(work, bundle)
         await _clean_failed_restore(runtime, container_id)
         message = f"restore of {container_id} from {image_path} failed: {exc}"
+        if daemon is not None and daemon.failed:
+            message += f". {daemon.failed}"
         lines = log_excerpt(kept) if kept else []
         if lines:
             message += f". From the CRIU log {kept}: " + " | ".join(lines)
@@ -138,6 +141,7 @@ class LazyPages:
         self.exits = exits
         self.log_file = log_file
         self.exited = asyncio.ensure_future(exits.wait(pid))
+        self.failed = ""  # why the restore failed because of the daemon, if it did
 
     @classmethod
     async def start(cls, reaper: Reaper, *, image_path: str, work: str, log_file: str,
@@ -176,6 +180,24 @@ class LazyPages:
                  f" from the page server {page_server[0]}:{page_server[1]}" if page_server else "")
         return daemon
 
+    async def guard(self, restoring, container_id: str) -> None:
+        """Await the restore; if the daemon fails first, nobody will serve the page faults the
+        restored processes are already blocked in, and CRIU would wait for them until the
+        restore's timeout: kill the restore's CRIU so that runc fails now."""
+        restore = asyncio.ensure_future(restoring)
+        try:
+            done, _ = await asyncio.wait({restore, self.exited}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            restore.cancel()
+            raise
+        if restore not in done and self.exited.result().status != 0:
+            lines = log_excerpt(self.log_file)
+            self.failed = (f"criu lazy-pages exited with {self.exited.result().status} during the restore"
+                           + (f"; from its log {self.log_file}: " + " | ".join(lines) if lines else ""))
+            log.warning("%s: %s; killing the restore's CRIU", container_id, self.failed)
+            _kill_restoring_criu(container_id)
+        await restore
+
     def serve_for(self, timeout: float) -> asyncio.Task:
         """Let the daemon serve the restored container in the background; kill it after timeout."""
         task = asyncio.get_running_loop().create_task(self._serve(timeout))
@@ -207,6 +229,51 @@ class LazyPages:
             os.close(self.pidfd)
             self.pidfd = -1
         self.exits.close()
+
+
+def _kill_restoring_criu(container_id: str) -> None:
+    """SIGKILL the CRIU of our `runc restore ... <container_id>` (runc then fails and says so)."""
+    for runc in _children(os.getpid()):
+        argv = _cmdline(runc)
+        if "restore" not in argv or not argv or argv[-1] != container_id:
+            continue
+        for criu in _children(runc):
+            try:
+                pidfd = os.pidfd_open(criu)
+            except OSError:
+                continue
+            try:
+                if _parent(criu) == runc:  # still runc's child: the pidfd is CRIU's, not a reused pid's
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            finally:
+                os.close(pidfd)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and _parent(int(entry)) == pid:
+            found.append(int(entry))
+    return found
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return 0
+    return int(stat[stat.rindex(b")") + 2:].split()[1])
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        return []
 
 
 async def _read_once(fd: int) -> bytes:

@@ -1,11 +1,13 @@
 """The lazy restore's page-fault daemon: who asks for it, when it counts as ready, and that it
 never outlives its bound (a fake `criu lazy-pages` on PATH stands in for CRIU)."""
 
+import asyncio
 import os
 import signal
 
 import pytest
 
+from shim.criu import restore as restore_module
 from shim.criu.restore import LazyPages, RestoreFailed, lazy_request
 
 from .helpers import reaping, run
@@ -69,3 +71,33 @@ def test_daemon_dying_before_ready_fails_the_restore_with_its_log(tmp_path, fake
     message, statuses = run(scenario())
     assert "criu lazy-pages exited" in message and "uffd: cannot listen" in message
     assert statuses == [1]  # reaped before the error was raised
+
+
+def test_a_daemon_failing_during_the_restore_ends_it_now(tmp_path, fake_criu, monkeypatch):
+    # The daemon says ready, then dies as when its page server hangs up; the restore (runc, here a
+    # coroutine) would wait for page faults nobody serves: its CRIU is killed, and runc fails.
+    fake_criu('#!/bin/sh\nprintf "\\0" >&3\nexec 3>&-\nsleep 0.2\n'
+              'echo "Error (criu/page-xfer.c:1660): page-xfer: Remote side closed connection" > "$LOG"\nexit 1\n')
+    log = tmp_path / "lazy.log"
+    monkeypatch.setenv("LOG", str(log))
+    killed = []
+
+    async def scenario():
+        criu_gone = asyncio.Event()
+        monkeypatch.setattr(restore_module, "_kill_restoring_criu",
+                            lambda container_id: (killed.append(container_id), criu_gone.set()))
+
+        async def runc_restore():
+            await asyncio.wait_for(criu_gone.wait(), 10)
+            raise RuntimeError("runc restore failed: criu failed: type NOTIFY errno 0")
+
+        async with reaping() as reaper:
+            daemon = await LazyPages.start(reaper, image_path="/img", work=str(tmp_path), log_file=str(log))
+            with pytest.raises(RuntimeError, match="criu failed"):
+                await daemon.guard(runc_restore(), "c2")
+            await daemon.stop()
+            return daemon.failed
+
+    failed = run(scenario())
+    assert killed == ["c2"]
+    assert "criu lazy-pages exited with 1 during the restore" in failed and "Remote side closed" in failed
