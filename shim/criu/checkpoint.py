@@ -21,7 +21,7 @@ from shim.criu.plan import ContainerFacts, dump_request, facts_from_bundle, runt
 from shim.criu.rpc import CriuRpc
 from shim.criu.stats import read_stats, summary
 from shim.criu.tcp import network_record
-from shim.errors import FailedPrecondition, ShimError, Unavailable
+from shim.errors import FailedPrecondition, InvalidArgument, ShimError, Unavailable
 from shim.oci.runner import RuntimeFailed
 from shim.oci.runtime import OciRuntime
 from shim.reaper import Reaper
@@ -78,10 +78,15 @@ class Checkpointer:
         if not options.pre_dump:  # a pre-dump takes memory only, never sockets
             facts = replace(facts, external_unix_sockets=await _external_unix_sockets(
                 container_id, pid, options))
-        partial = images.prepare(options.image_path)
         own_work = not options.work_path
         work = options.work_path or tempfile.mkdtemp(prefix="criu-work-", dir=bundle)
-        images.private_dir(work)
+        try:
+            _usable(images.private_dir, work, "work path")
+            partial = _usable(images.prepare, options.image_path, "image path")
+        except BaseException:
+            if own_work:
+                shutil.rmtree(work, ignore_errors=True)
+            raise
         try:
             if options.engine == "runc":
                 flags = runtime_checkpoint_args(options, image_path=partial.path, work_path=work)
@@ -107,6 +112,8 @@ class Checkpointer:
             (freeze if paused else thaw)(facts.freezer_cgroup)
             if isinstance(exc, RuntimeFailed):
                 raise CheckpointFailed(_runtime_failure(exc, kept)) from exc
+            if isinstance(exc, CheckpointFailed) and kept:  # the work dir and its log are about to go
+                raise CheckpointFailed(str(exc).replace(os.path.join(work, "dump.log"), kept)) from exc
             raise
         finally:
             if own_work:
@@ -164,6 +171,17 @@ def external_descriptors(state_dir: str, pid: int) -> list[str]:
         except OSError:
             descriptors.append("/dev/null")
     return descriptors
+
+
+def _usable(prepare, path: str, what: str):
+    """prepare(path), its failures said as the request's fault: the path as given, and why."""
+    try:
+        return prepare(path)
+    except images.ImageError as exc:
+        raise InvalidArgument(f"checkpoint {what}: {exc}") from None
+    except OSError as exc:
+        raise FailedPrecondition(f"checkpoint {what} {path} cannot be written: {exc.strerror or exc}; "
+                                 "nothing was checkpointed, the task was left as it was") from None
 
 
 def thaw(freezer_cgroup: str) -> None:

@@ -1,6 +1,9 @@
 """The checkpoint's own care of the task and the image around the dump: a failed dump leaves a
 paused task paused and a running one running; the image keeps no freezer state a restore
-would write back."""
+would write back; an image path that cannot be used is refused before anything starts; the
+error points at the dump log that is kept."""
+
+from pathlib import Path
 
 import pycriu.images
 import pytest
@@ -8,6 +11,7 @@ import pytest
 from shim.criu import checkpoint
 from shim.criu.checkpoint import CheckpointFailed, Checkpointer, forget_frozen_freezer
 from shim.criu.plan import ContainerFacts
+from shim.errors import FailedPrecondition, InvalidArgument
 
 from .helpers import run
 
@@ -89,3 +93,60 @@ def test_a_failed_dump_leaves_the_freezer_as_the_task_was(tmp_path, monkeypatch,
 
 async def _no_sockets(container_id, pid, options):
     return ()
+
+
+def patched_checkpointer(monkeypatch, tmp_path, dump):
+    async def no_preflight(self, options):
+        pass
+
+    monkeypatch.setattr(Checkpointer, "preflight", no_preflight)
+    monkeypatch.setattr(Checkpointer, "_dump", dump)
+    monkeypatch.setattr(checkpoint, "facts_from_bundle", lambda bundle, pid: ContainerFacts(rootfs="/", pid=pid))
+    monkeypatch.setattr(checkpoint, "_external_unix_sockets", _no_sockets)
+    return Checkpointer.__new__(Checkpointer)
+
+
+async def _never_dumps(self, *args):
+    raise AssertionError("the dump must not start")
+
+
+@pytest.mark.parametrize("where,error,message", [
+    ("a-file/image", InvalidArgument, "parent directory"),
+    ("read-only/image", FailedPrecondition, "cannot be written: Permission denied"),
+])
+def test_an_unusable_image_path_is_refused_before_the_dump_leaving_nothing(tmp_path, monkeypatch, where, error,
+                                                                           message):
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "read-only").mkdir(mode=0o500)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    if where.startswith("read-only"):
+        # root ignores modes: make the directory creation itself fail as on a read-only mount
+        def refuse(target):
+            raise PermissionError(13, "Permission denied", str(tmp_path / "read-only" / ".image.pyshim-partial-x"))
+        monkeypatch.setattr(checkpoint.images, "prepare", refuse)
+    checkpointer = patched_checkpointer(monkeypatch, tmp_path, _never_dumps)
+    options = checkpoint.CheckpointOptions(image_path=str(tmp_path / where)).validate()
+    with pytest.raises(error, match=message) as refused:
+        run(checkpointer.checkpoint(container_id="c", bundle=str(bundle), pid=1, options=options,
+                                    runtime=FakeRuntime(), paused=False))
+    assert str(tmp_path / where) in str(refused.value)
+    assert list(bundle.iterdir()) == []  # its own work dir removed too
+    assert sorted(p.name for p in (tmp_path / "read-only").iterdir()) == []
+
+
+def test_the_error_names_the_kept_dump_log_not_the_removed_work_dir(tmp_path, monkeypatch):
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+
+    async def dump_fails(self, container_id, runtime, options, facts, partial, work):
+        (Path(work) / "dump.log").write_text("(00.1) Error (criu/cr-dump.c:1): Dumping FAILED.\n")
+        raise CheckpointFailed(f"criu dump failed. From the CRIU log {work}/dump.log: Dumping FAILED.")
+
+    checkpointer = patched_checkpointer(monkeypatch, tmp_path, dump_fails)
+    options = checkpoint.CheckpointOptions(image_path=str(tmp_path / "image")).validate()
+    with pytest.raises(CheckpointFailed) as failed:
+        run(checkpointer.checkpoint(container_id="c", bundle=str(bundle), pid=1, options=options,
+                                    runtime=FakeRuntime(), paused=False))
+    assert f"From the CRIU log {bundle}/criu-dump.log: Dumping FAILED." in str(failed.value)
+    assert (bundle / "criu-dump.log").read_text().endswith("Dumping FAILED.\n")
