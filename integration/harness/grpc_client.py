@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.any_pb2 import Any
 from google.protobuf.empty_pb2 import Empty
+from google.protobuf.field_mask_pb2 import FieldMask
 from google.protobuf.message import Message
 
 from shim.api.containerd.services.containers.v1 import containers_pb2 as containers
@@ -89,6 +91,19 @@ class ContainerdClient:
     def container(self, container_id: str) -> containers.Container:
         return self._unary("/containerd.services.containers.v1.Containers/Get",
                            containers.GetContainerRequest(id=container_id), containers.GetContainerResponse).container
+
+    def spec(self, container_id: str) -> dict:
+        """The container's OCI spec (containerd stores it as JSON in an Any)."""
+        return json.loads(self.container(container_id).spec.value)
+
+    def update_spec(self, container_id: str, spec: dict) -> None:
+        """Replace the container's OCI spec (Containers.Update, mask "spec"): what ctr cannot say, such as
+        OCI hooks, added to a container ctr created."""
+        record = self.container(container_id)
+        record.spec.value = json.dumps(spec).encode()
+        self._unary("/containerd.services.containers.v1.Containers/Update",
+                    containers.UpdateContainerRequest(container=record, update_mask=FieldMask(paths=["spec"])),
+                    containers.UpdateContainerResponse)
 
     def mounts(self, snapshotter: str, key: str) -> list:
         reply = self._unary("/containerd.services.snapshots.v1.Snapshots/Mounts",

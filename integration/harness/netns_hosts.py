@@ -72,6 +72,13 @@ class Hosts:
             links.set_up("lo", namespace)
         return host
 
+    def hook_link(self, n: int) -> tuple[str, str]:
+        """Names for a veth an OCI hook makes between the client host and a container's own namespace, on subnet
+        10.123.<n>: (client end, container end). Remembered, so that close() reports either if left behind."""
+        near, far = f"pv{self.tag}h{n}", f"pv{self.tag}k{n}"
+        self._veths += [near, far]
+        return near, far
+
     def connect(self, host: Host, port: int, timeout: float = 10.0) -> socket.socket:
         """A TCP connection from the client host to host:port, retried until the server listens."""
         deadline = time.monotonic() + timeout

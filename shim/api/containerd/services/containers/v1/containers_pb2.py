@@ -23,10 +23,11 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
+from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n2containerd/services/containers/v1/containers.proto\x12!containerd.services.containers.v1\x1a\x19google/protobuf/any.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x81\x05\n\tContainer\x12\n\n\x02id\x18\x01 \x01(\t\x12H\n\x06labels\x18\x02 \x03(\x0b\x32\x38.containerd.services.containers.v1.Container.LabelsEntry\x12\r\n\x05image\x18\x03 \x01(\t\x12\x45\n\x07runtime\x18\x04 \x01(\x0b\x32\x34.containerd.services.containers.v1.Container.Runtime\x12\"\n\x04spec\x18\x05 \x01(\x0b\x32\x14.google.protobuf.Any\x12\x13\n\x0bsnapshotter\x18\x06 \x01(\t\x12\x14\n\x0csnapshot_key\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12P\n\nextensions\x18\n \x03(\x0b\x32<.containerd.services.containers.v1.Container.ExtensionsEntry\x12\x0f\n\x07sandbox\x18\x0b \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a>\n\x07Runtime\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x07options\x18\x02 \x01(\x0b\x32\x14.google.protobuf.Any\x1aG\n\x0f\x45xtensionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.google.protobuf.Any:\x02\x38\x01\"!\n\x13GetContainerRequest\x12\n\n\x02id\x18\x01 \x01(\t\"W\n\x14GetContainerResponse\x12?\n\tcontainer\x18\x01 \x01(\x0b\x32,.containerd.services.containers.v1.Container2\x84\x01\n\nContainers\x12v\n\x03Get\x12\x36.containerd.services.containers.v1.GetContainerRequest\x1a\x37.containerd.services.containers.v1.GetContainerResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n2containerd/services/containers/v1/containers.proto\x12!containerd.services.containers.v1\x1a\x19google/protobuf/any.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x81\x05\n\tContainer\x12\n\n\x02id\x18\x01 \x01(\t\x12H\n\x06labels\x18\x02 \x03(\x0b\x32\x38.containerd.services.containers.v1.Container.LabelsEntry\x12\r\n\x05image\x18\x03 \x01(\t\x12\x45\n\x07runtime\x18\x04 \x01(\x0b\x32\x34.containerd.services.containers.v1.Container.Runtime\x12\"\n\x04spec\x18\x05 \x01(\x0b\x32\x14.google.protobuf.Any\x12\x13\n\x0bsnapshotter\x18\x06 \x01(\t\x12\x14\n\x0csnapshot_key\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12P\n\nextensions\x18\n \x03(\x0b\x32<.containerd.services.containers.v1.Container.ExtensionsEntry\x12\x0f\n\x07sandbox\x18\x0b \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a>\n\x07Runtime\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x07options\x18\x02 \x01(\x0b\x32\x14.google.protobuf.Any\x1aG\n\x0f\x45xtensionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.google.protobuf.Any:\x02\x38\x01\"!\n\x13GetContainerRequest\x12\n\n\x02id\x18\x01 \x01(\t\"W\n\x14GetContainerResponse\x12?\n\tcontainer\x18\x01 \x01(\x0b\x32,.containerd.services.containers.v1.Container\"\x8a\x01\n\x16UpdateContainerRequest\x12?\n\tcontainer\x18\x01 \x01(\x0b\x32,.containerd.services.containers.v1.Container\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"Z\n\x17UpdateContainerResponse\x12?\n\tcontainer\x18\x01 \x01(\x0b\x32,.containerd.services.containers.v1.Container2\x85\x02\n\nContainers\x12v\n\x03Get\x12\x36.containerd.services.containers.v1.GetContainerRequest\x1a\x37.containerd.services.containers.v1.GetContainerResponse\x12\x7f\n\x06Update\x12\x39.containerd.services.containers.v1.UpdateContainerRequest\x1a:.containerd.services.containers.v1.UpdateContainerResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,18 +38,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONTAINER_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_CONTAINER_EXTENSIONSENTRY']._loaded_options = None
   _globals['_CONTAINER_EXTENSIONSENTRY']._serialized_options = b'8\001'
-  _globals['_CONTAINER']._serialized_start=150
-  _globals['_CONTAINER']._serialized_end=791
-  _globals['_CONTAINER_LABELSENTRY']._serialized_start=609
-  _globals['_CONTAINER_LABELSENTRY']._serialized_end=654
-  _globals['_CONTAINER_RUNTIME']._serialized_start=656
-  _globals['_CONTAINER_RUNTIME']._serialized_end=718
-  _globals['_CONTAINER_EXTENSIONSENTRY']._serialized_start=720
-  _globals['_CONTAINER_EXTENSIONSENTRY']._serialized_end=791
-  _globals['_GETCONTAINERREQUEST']._serialized_start=793
-  _globals['_GETCONTAINERREQUEST']._serialized_end=826
-  _globals['_GETCONTAINERRESPONSE']._serialized_start=828
-  _globals['_GETCONTAINERRESPONSE']._serialized_end=915
-  _globals['_CONTAINERS']._serialized_start=918
-  _globals['_CONTAINERS']._serialized_end=1050
+  _globals['_CONTAINER']._serialized_start=184
+  _globals['_CONTAINER']._serialized_end=825
+  _globals['_CONTAINER_LABELSENTRY']._serialized_start=643
+  _globals['_CONTAINER_LABELSENTRY']._serialized_end=688
+  _globals['_CONTAINER_RUNTIME']._serialized_start=690
+  _globals['_CONTAINER_RUNTIME']._serialized_end=752
+  _globals['_CONTAINER_EXTENSIONSENTRY']._serialized_start=754
+  _globals['_CONTAINER_EXTENSIONSENTRY']._serialized_end=825
+  _globals['_GETCONTAINERREQUEST']._serialized_start=827
+  _globals['_GETCONTAINERREQUEST']._serialized_end=860
+  _globals['_GETCONTAINERRESPONSE']._serialized_start=862
+  _globals['_GETCONTAINERRESPONSE']._serialized_end=949
+  _globals['_UPDATECONTAINERREQUEST']._serialized_start=952
+  _globals['_UPDATECONTAINERREQUEST']._serialized_end=1090
+  _globals['_UPDATECONTAINERRESPONSE']._serialized_start=1092
+  _globals['_UPDATECONTAINERRESPONSE']._serialized_end=1182
+  _globals['_CONTAINERS']._serialized_start=1185
+  _globals['_CONTAINERS']._serialized_end=1446
 # @@protoc_insertion_point(module_scope)
