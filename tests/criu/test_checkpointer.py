@@ -12,6 +12,7 @@ from shim.criu import checkpoint
 from shim.criu.checkpoint import CheckpointFailed, Checkpointer, forget_frozen_freezer
 from shim.criu.plan import ContainerFacts
 from shim.errors import FailedPrecondition, InvalidArgument
+from shim.reaper import Reaper
 
 from .helpers import run
 
@@ -81,7 +82,7 @@ def test_a_failed_dump_leaves_the_freezer_as_the_task_was(tmp_path, monkeypatch,
     monkeypatch.setattr(checkpoint, "facts_from_bundle",
                         lambda bundle, pid: ContainerFacts(rootfs="/", pid=pid, freezer_cgroup=str(freezer)))
     monkeypatch.setattr(checkpoint, "_external_unix_sockets", _no_sockets)
-    checkpointer = Checkpointer.__new__(Checkpointer)
+    checkpointer = Checkpointer(Reaper())  # nothing runs: preflight and _dump are fakes
     options = checkpoint.CheckpointOptions(image_path=str(tmp_path / "image")).validate()
 
     with pytest.raises(CheckpointFailed, match="status 137"):
@@ -103,7 +104,7 @@ def patched_checkpointer(monkeypatch, tmp_path, dump):
     monkeypatch.setattr(Checkpointer, "_dump", dump)
     monkeypatch.setattr(checkpoint, "facts_from_bundle", lambda bundle, pid: ContainerFacts(rootfs="/", pid=pid))
     monkeypatch.setattr(checkpoint, "_external_unix_sockets", _no_sockets)
-    return Checkpointer.__new__(Checkpointer)
+    return Checkpointer(Reaper())
 
 
 async def _never_dumps(self, *args):
