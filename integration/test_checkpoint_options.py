@@ -56,7 +56,7 @@ import grpc
 import pycriu.images
 import pytest
 
-from harness import commands, lockhold, processes
+from harness import commands, lockhold, mounts, processes
 from harness.containerd import PYSHIM, RUNC_V2, Containerd
 from harness.grpc_client import ContainerdClient
 from harness.image import TestImage
@@ -619,6 +619,8 @@ def test_lazy_dump_serving_its_own_pages_fails_and_the_task_runs_on(lab: Lab):
     # The restore that asked for the pages failed at once (not at its timeout), saying why.
     assert restore.returncode != 0 and "criu lazy-pages exited" in restore.stderr, restore.stderr
     assert "page-xfer" in restore.stderr
+    # and its killed CRIU's cgroup yard (the hierarchies' roots, mounted in the work dir) is not left mounted
+    assert not [point for point in mounts.mounts_under(lab.containerd.tmp) if ".criu.cgyard." in point]
 
 
 # --- pre-dump and parent-path --------------------------------------------------------------------------------------------

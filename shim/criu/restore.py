@@ -113,6 +113,9 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
             await daemon.stop()
         raise
     finally:
+        # A CRIU killed mid-restore leaves its cgroup yard (every hierarchy's root) mounted in the
+        # work dir: removing the dir through it would rmdir every empty cgroup on the host.
+        unmount.unmount_all(work)
         if own_work:
             shutil.rmtree(work, ignore_errors=True)
     if daemon is not None:
