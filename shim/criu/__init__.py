@@ -16,4 +16,6 @@ Modules:
 - stats: CRIU's stats-dump / stats-restore, read with pycriu.
 - tcp: established TCP connections a checkpoint holds; a restore that would lose them refused.
 - action: the CRIU action script pyshim names in its CRIU configuration (loopback up).
+- netlock: CRIU's network lock a dump left in a namespace (iptables-save / nft output, its log and
+  inventory), removed when no restore will come there (failed dump, Delete, restore elsewhere).
 """

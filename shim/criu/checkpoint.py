@@ -13,7 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 
-from shim.criu import external_unix, images
+from shim.criu import external_unix, images, netlock
 from shim.criu.errors import CriuError, CriuMissing
 from shim.criu.log import log_excerpt
 from shim.criu.options import CheckpointOptions, as_record
@@ -37,6 +37,9 @@ class CheckpointResult:
     engine: str
     stats: dict[str, int]
     stopped: bool  # the dump ended the container, as asked
+    # CRIU's network lock the dump left in a namespace that outlives the task, for Delete to remove
+    # (None: none left, or the container keeps it for a restore there: keep-network-lock).
+    network_lock: netlock.Lock | None = None
 
 
 class CheckpointFailed(ShimError):
@@ -98,11 +101,14 @@ class Checkpointer:
                 _copy(os.path.join(work, name), os.path.join(partial.path, name))
             forget_frozen_freezer(partial.path)
             stats = read_stats(partial.path)
+            network = network_record(partial.path, external_netns=facts.external_namespaces.get("network"),
+                                     options=options)
+            lock = _lock_kept(options, bundle, pid, partial.path)
+            network["lock"] = lock.as_record() if lock else None
             partial.commit({
                 "format": FORMAT, "engine": options.engine, "container_id": container_id, "pid": pid,
                 "created": time.time(), "runtime": runtime.binary, "options": as_record(options), "stats": stats,
-                "network": network_record(partial.path, external_netns=facts.external_namespaces.get("network"),
-                                          options=options),
+                "network": network,
             })
         except BaseException as exc:
             partial.discard()
@@ -110,6 +116,7 @@ class Checkpointer:
             # A dead CRIU leaves the cgroup thawed whatever it found: a paused task (containerd
             # pauses every task it checkpoints) must stay paused for the Resume that follows.
             (freeze if paused else thaw)(facts.freezer_cgroup)
+            await self._release_failed_lock(options, bundle, pid, os.path.join(work, "dump.log"))
             if isinstance(exc, RuntimeFailed):
                 raise CheckpointFailed(_runtime_failure(exc, kept)) from exc
             if isinstance(exc, CheckpointFailed) and kept:  # the work dir and its log are about to go
@@ -123,7 +130,20 @@ class Checkpointer:
             await _destroy(runtime, container_id)  # what `runc checkpoint` does after a dump that stops the task
         log.info("checkpointed %s into %s (%s engine): %s", container_id, options.image_path, options.engine,
                  summary(stats) or "no statistics")
-        return CheckpointResult(options.image_path, options.engine, stats, stopped)
+        return CheckpointResult(options.image_path, options.engine, stats, stopped,
+                                network_lock=None if options.keep_network_lock else lock)
+
+    async def _release_failed_lock(self, options: CheckpointOptions, bundle: str, pid: int, log_path: str) -> None:
+        """A CRIU killed (or dead) mid-dump leaves its network lock, and the task running behind it cut off:
+        remove it. A CRIU that failed on its own has unlocked already (its log says so)."""
+        try:
+            lock = netlock.after_dump(options, config=netlock.read_config(bundle), pid=pid,
+                                      log_text=netlock.read_text(log_path))
+        except Exception as exc:  # noqa: BLE001 - the dump's own error is what the caller must see
+            log.warning("could not tell whether the failed dump left CRIU's network lock: %s", exc)
+            return
+        if lock is not None:
+            await netlock.release_logged(self.rpc.reaper, lock, "the dump failed")
 
     async def _dump(self, container_id: str, runtime: OciRuntime, options: CheckpointOptions,
                     facts: ContainerFacts, partial: images.PartialImage, work: str) -> None:
@@ -143,6 +163,20 @@ class Checkpointer:
             raise CheckpointFailed(f"checkpoint of {container_id} failed; the task was left as it was. {exc}") from exc
         finally:
             os.close(work_fd)
+
+
+def _lock_kept(options: CheckpointOptions, bundle: str, pid: int, image_dir: str) -> netlock.Lock | None:
+    """The network lock a dump that ended the task leaves for its restore, in a namespace that outlives the task
+    (given by path): a private namespace goes with the task, and a dump that leaves it running unlocks."""
+    config = netlock.read_config(bundle)
+    if options.leave_running or options.pre_dump or not netlock.is_external(config):
+        return None
+    try:
+        return netlock.after_dump(options, config=config, pid=pid, image_dir=image_dir,
+                                  log_text=netlock.read_text(os.path.join(image_dir, "dump.log")))
+    except Exception as exc:  # noqa: BLE001 - the dump is done: never lose it over its lock
+        log.warning("could not tell which network lock the dump left: %s", exc)
+        return None
 
 
 async def _external_unix_sockets(container_id: str, pid: int, options: CheckpointOptions) -> tuple[int, ...]:

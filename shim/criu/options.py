@@ -50,7 +50,8 @@ class CheckpointOptions:
     auto_dedup: bool = False
     # pyshim's own.
     engine: str = "criu"  # criu: our own CRIU RPC client; runc: `runc checkpoint` / `runc restore`
-    network_lock: str = ""  # CRIU's default (iptables) when empty
+    network_lock: str = ""  # "": iptables with tcp-established, else skip (shim.criu.plan.network_lock)
+    keep_network_lock: bool = False  # after a checkpoint with exit, Delete leaves CRIU's lock for a restore there
     tcp_close: bool = False  # restore: close established connections instead of restoring them
     timeout: float = 600.0  # seconds before a hung CRIU is killed
     extra: dict[str, str] = field(default_factory=dict, compare=False)

@@ -21,7 +21,7 @@ import sys
 import tempfile
 
 from shim import unmount
-from shim.criu import images
+from shim.criu import images, netlock
 from shim.criu.log import log_excerpt
 from shim.criu.options import CheckpointOptions, OptionError, from_annotations, from_host_config, from_record, resolve
 from shim.criu.plan import CRIU_CONFIG_ANNOTATION, DEFAULT_RUNC_CRIU_CONFIG, restore_config, runtime_restore_args
@@ -120,6 +120,7 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
             shutil.rmtree(work, ignore_errors=True)
     if daemon is not None:
         daemon.serve_for(options.timeout)
+    await netlock.after_restore(runtime.run.reaper, images.read_record(image_path), config)
     return options
 
 

@@ -28,6 +28,7 @@ class InitProcess(Process):
         self.no_new_keyring = no_new_keyring
         self.checkpoint = ""  # the image a pending restore comes from
         self.checkpoint_work = ""
+        self.network_lock = None  # CRIU's lock a checkpoint with exit left, removed by delete()
 
     @property
     def rootfs(self) -> str:
@@ -98,9 +99,11 @@ class InitProcess(Process):
     async def checkpoint_to(self, checkpointer, options):
         """Dump this container (running or paused); see shim.criu.checkpoint."""
         self.check("checkpoint")
-        return await checkpointer.checkpoint(container_id=self.id, bundle=self.bundle, pid=self.pid,
-                                             options=options, runtime=self.runtime,
-                                             paused=self.state is State.PAUSED)
+        result = await checkpointer.checkpoint(container_id=self.id, bundle=self.bundle, pid=self.pid,
+                                               options=options, runtime=self.runtime,
+                                               paused=self.state is State.PAUSED)
+        self.network_lock = getattr(result, "network_lock", None)
+        return result
 
     async def kill(self, signal: int, all: bool = False) -> None:
         self.check("kill")
@@ -147,6 +150,13 @@ class InitProcess(Process):
                 raise
         await self.release_io()
         mounts.unmount_all(self.rootfs)
+        if self.network_lock is not None:
+            # The task is gone and its checkpoint left CRIU's network lock in a namespace that outlives it: no
+            # restore is known to come there (see shim.criu.netlock), and the lock cuts the namespace off.
+            from shim.criu.netlock import release_logged
+
+            await release_logged(self.runtime.run.reaper, self.network_lock, f"task {self.id} deleted")
+            self.network_lock = None
         self.state = State.DELETED
 
     def shares_host_pid_namespace(self) -> bool:
