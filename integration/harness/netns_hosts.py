@@ -2,20 +2,22 @@
 
 Server host n has 10.123.<n>.1/24 and the client 10.123.<n>.2/24 on the veth between them, so traffic only ever
 flows between namespaces a test made. `Hosts.close()` removes everything and reports what was left behind: an
-iptables rule inside a namespace before its removal (CRIU's network lock is such a rule), a namespace or a veth of
-ours still on the host, a CRIU rule added on the host meanwhile.
+iptables rule or a CRIU nftables table inside a namespace before its removal (CRIU's network lock is one of them), a
+namespace or a veth of ours still on the host, a CRIU rule added on the host meanwhile.
 """
 
 from __future__ import annotations
 
 import functools
 import secrets
+import shutil
 import socket
 import subprocess
 import time
 from dataclasses import dataclass
 
-from shim.netns import addresses, enter, links, named
+from shim.criu import netlock
+from shim.netns import addresses, enter, links, named, refs
 
 SUBNET = "10.123.{n}.{host}"
 BUILTIN_CHAINS = {"INPUT", "FORWARD", "OUTPUT", "PREROUTING", "POSTROUTING"}
@@ -40,6 +42,28 @@ def iptables_rules(namespace: str | None) -> list[str]:
             if line.startswith("-A") or (chain and chain not in BUILTIN_CHAINS):
                 found.append(f"{tool.split('-')[0]}: {line}")
     return found
+
+
+def _run_in(namespace: str | None, argv: list[str]) -> str:
+    # A child forked by the thread run_in() moved into the namespace starts there.
+    return enter.run_in(namespace, functools.partial(subprocess.run, argv, capture_output=True, text=True, timeout=20,
+                                                     check=True)).stdout
+
+
+def nft_tables(namespace: str | None) -> list[tuple[str, str]]:
+    """(family, name) of the nftables tables in a namespace (None: the host's): `nft list tables`, or netlink
+    (pyroute2) where nft is not installed."""
+    if shutil.which("nft"):
+        return netlock.nft_tables(_run_in(namespace, ["nft", "list", "tables"]))
+    return netlock._nft_list(refs.path_of(namespace) if namespace else "/proc/self/ns/net")
+
+
+def criu_locks(namespace: str | None) -> list[str]:
+    """CRIU's network locks in a namespace: its iptables and ip6tables rules and chain, its nftables tables."""
+    found = [f"{tool.split('-')[0]}: {line}" for tool in ("iptables-save", "ip6tables-save")
+             for line in netlock.iptables_lines(_run_in(namespace, [tool]))]
+    return found + [f"nftables: table {family} {name}" for family, name in nft_tables(namespace)
+                    if netlock.is_criu_table(family, name)]
 
 
 def _host_links() -> str:
@@ -95,8 +119,9 @@ class Hosts:
                 time.sleep(0.05)
 
     def remove(self, host: Host) -> list[str]:
-        """Remove a server host; the iptables rules it held just before (empty when clean)."""
-        rules = iptables_rules(host.name)
+        """Remove a server host; the iptables rules and CRIU's nftables tables it held just before (empty when
+        clean)."""
+        rules = iptables_rules(host.name) + [lock for lock in criu_locks(host.name) if lock.startswith("nftables")]
         named.remove(host.name)
         self.servers.pop(host.name, None)
         return rules
@@ -109,8 +134,9 @@ class Hosts:
                 continue
             try:
                 notes += [f"{host.name}: {rule}" for rule in iptables_rules(host.name)]
+                notes += [f"{host.name}: {lock}" for lock in criu_locks(host.name) if lock.startswith("nftables")]
             except Exception as exc:  # noqa: BLE001 - the namespace goes whatever its rules
-                notes.append(f"{host.name}: iptables not readable: {exc}")
+                notes.append(f"{host.name}: iptables or nftables not readable: {exc}")
             finally:
                 named.remove(host.name)
         self.servers.clear()
