@@ -3,7 +3,9 @@
 The suite is skipped as a whole (with the reason in the header and the skip report) when not run as root or when
 packaging/install.sh has not written /opt/pyshim/env. Every containerd a test starts is stopped in the fixture's
 teardown; a session-wide fixture stops any left running after that (and harness.containerd registers the same
-safety net with atexit). A failing test's report gets the tail of each of its containerds' debug logs.
+safety net with atexit). A failing test's report gets the tail of each of its containerds' debug logs. At the end of
+the session, after every containerd is stopped, no network namespace, veth, iptables or nftables rule the tests made
+may be left (harness.leftovers); what is left is printed and fails the session.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import leftovers
 from harness.containerd import GO_SHIM_SOCKET_DIR, Containerd, remove_go_shim_socket_dir, stop_all
 from harness.environment import CONTAINERD_VERSIONS, Environment, load_environment, unavailable_reason
 from harness.image import TestImage, build_test_image
@@ -49,7 +52,32 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _stop_every_containerd():
+def _nothing_left_on_the_network():
+    """No network namespace, veth, iptables or nftables rule the tests made is left at the end of the session
+    (harness.leftovers: a snapshot at the start, names noted as tests make them). Torn down after every containerd
+    is stopped; what is left is printed and fails the session (an error at the last test's teardown)."""
+    if unavailable_reason() is not None:
+        yield
+        return
+    patch = pytest.MonkeyPatch()
+    leftovers.watch(patch)
+    start = leftovers.snapshot()
+    try:
+        yield
+    finally:
+        patch.undo()
+    failures, notes = leftovers.left_behind(start, leftovers.snapshot())
+    for note in notes:
+        print(f"\nintegration: network note: {note}")
+    if failures:
+        listing = "\n".join(f"  {failure}" for failure in failures)
+        print(f"\nintegration: left behind on the network by this session:\n{listing}")
+        pytest.fail(f"the integration tests left {len(failures)} thing(s) behind on the network:\n{listing}",
+                    pytrace=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_every_containerd(_nothing_left_on_the_network):
     yield
     for note in stop_all():
         print(f"\nintegration: stopped at session end: {note}")
