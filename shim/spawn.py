@@ -81,12 +81,49 @@ async def wait_or_kill(waiting, pid: int, timeout: float | None) -> Exit:
     done, _ = await asyncio.wait({task}, timeout=timeout)
     if task in done:
         return task.result()
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    kill_tree(pid)
     await task
-    raise TimeoutError(f"pid {pid} did not finish within {timeout}s and was killed")
+    raise TimeoutError(f"pid {pid} did not finish within {timeout}s and was killed with what it started")
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below pid, parents before children (read from /proc)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+        parents.setdefault(ppid, []).append(int(entry))
+    found, queue = [], [pid]
+    while queue:
+        children = parents.get(queue.pop(0), [])
+        found += children
+        queue += children
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process we started and everything it started (a hung `runc restore` leaves
+    CRIU and the half-restored tree behind otherwise). Pidfds are taken first, so a pid reused
+    meanwhile is never signalled."""
+    pidfds = []
+    for target in [pid, *descendants(pid)]:
+        try:
+            pidfds.append(os.pidfd_open(target))
+        except OSError:
+            pass
+    for pidfd in pidfds:
+        try:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        finally:
+            os.close(pidfd)
 
 
 def _read_all(fd: int) -> bytes:

@@ -90,3 +90,32 @@ def test_children_start_with_default_signal_dispositions():
     masks = run(scenario())
     standard = (1 << 31) - 1  # signals 1-31 (32 and 33 belong to glibc's threading and are left alone)
     assert int(masks["SigIgn"], 16) & standard == 0 and int(masks["SigBlk"], 16) & standard == 0
+
+
+def test_a_timed_out_command_is_killed_with_what_it_started(tmp_path):
+    from shim.spawn import run as run_command
+
+    marker = tmp_path / "grandchild.pid"
+
+    async def scenario():
+        reaper = Reaper()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGCHLD, reaper.reap)
+        try:
+            # the grandchild would outlive a plain kill of its parent
+            await run_command(reaper, ["sh", "-c", f"sleep 30 & echo $! > {marker}; wait"], timeout=0.5)
+        except TimeoutError as exc:
+            error = exc
+        await asyncio.sleep(0.2)
+        loop.remove_signal_handler(signal.SIGCHLD)
+        return error
+
+    error = run(scenario())
+    grandchild = int(marker.read_text())
+    assert "killed" in str(error)
+    try:
+        with open(f"/proc/{grandchild}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        state = "gone"
+    assert state in ("gone", "Z")

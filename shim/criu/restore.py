@@ -73,6 +73,13 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
     if not os.path.isdir(image_path):
         raise InvalidArgument(f"checkpoint {image_path} does not exist")
     options, config = restore_options(bundle, image_path)
+    if options.manage_cgroups_mode in ("full", "strict"):
+        from shim.criu.checkpoint import forget_frozen_freezer
+
+        # pyshim's own images keep no freezer state; runc's and the Go shim's record FROZEN
+        # (containerd pauses before checkpointing), and such a restore would never end.
+        if forget_frozen_freezer(image_path):
+            log.info("restore of %s: dropped the FROZEN freezer state recorded in %s", container_id, image_path)
     await refuse_lost_connections(container_id=container_id, image_path=image_path, config=config, options=options)
     own_work = not work_path
     work = work_path or tempfile.mkdtemp(prefix="criu-restore-", dir=bundle)
