@@ -40,6 +40,9 @@ class CheckpointResult:
     # CRIU's network lock the dump left in a namespace that outlives the task, for Delete to remove
     # (None: none left, or the container keeps it for a restore there: keep-network-lock).
     network_lock: netlock.Lock | None = None
+    # A lazy dump returns once its page server is ready (what runc's --status-fd tells); this
+    # completes with the final CheckpointResult when the pages have been served.
+    completion: asyncio.Future | None = None
 
 
 class CheckpointFailed(ShimError):
@@ -90,12 +93,21 @@ class Checkpointer:
             if own_work:
                 shutil.rmtree(work, ignore_errors=True)
             raise
+        ready = asyncio.Event()
+        finishing = asyncio.ensure_future(self._complete(container_id, bundle, pid, options, runtime, paused, facts,
+                                                         partial, work, own_work, ready))
+        lazy = options.lazy_pages and options.engine != "runc"
+        return await until_ready(finishing, ready if lazy else None, image_path=options.image_path)
+
+    async def _complete(self, container_id: str, bundle: str, pid: int, options: CheckpointOptions,
+                        runtime: OciRuntime, paused: bool, facts: ContainerFacts, partial: images.PartialImage,
+                        work: str, own_work: bool, ready: asyncio.Event) -> CheckpointResult:
         try:
             if options.engine == "runc":
                 flags = runtime_checkpoint_args(options, image_path=partial.path, work_path=work)
                 await runtime.checkpoint(container_id, flags, timeout=options.timeout)
             else:
-                await self._dump(container_id, runtime, options, facts, partial, work)
+                await self._dump(container_id, runtime, options, facts, partial, work, ready)
             # With a work directory CRIU writes its log and statistics there: keep both with the image.
             for name in ("dump.log", "stats-dump"):
                 _copy(os.path.join(work, name), os.path.join(partial.path, name))
@@ -146,7 +158,7 @@ class Checkpointer:
             await netlock.release_logged(self.rpc.reaper, lock, "the dump failed")
 
     async def _dump(self, container_id: str, runtime: OciRuntime, options: CheckpointOptions,
-                    facts: ContainerFacts, partial: images.PartialImage, work: str) -> None:
+                    facts: ContainerFacts, partial: images.PartialImage, work: str, ready: asyncio.Event) -> None:
         import pycriu.rpc_pb2 as rpc
 
         descriptors = external_descriptors(runtime.state_dir(container_id), facts.pid)
@@ -157,12 +169,29 @@ class Checkpointer:
 
             async def notified(script: str, pid: int, fds: list[int]) -> None:
                 log.debug("criu dump of %s: %s", container_id, script)
+                if script == "status-ready":  # a lazy dump's page server is listening
+                    ready.set()
 
             await self.rpc.call(request, notify=notified, timeout=options.timeout)
         except CriuError as exc:
             raise CheckpointFailed(f"checkpoint of {container_id} failed; the task was left as it was. {exc}") from exc
         finally:
             os.close(work_fd)
+
+
+async def until_ready(finishing: asyncio.Future, ready: asyncio.Event | None, *, image_path: str) -> CheckpointResult:
+    """The dump's result; for a lazy dump (ready given), as soon as CRIU says its page server is
+    ready: the result then says so and carries the dump's completion."""
+    if ready is None:
+        return await finishing
+    waiting = asyncio.ensure_future(ready.wait())
+    try:
+        await asyncio.wait({finishing, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiting.cancel()
+    if finishing.done():
+        return finishing.result()
+    return CheckpointResult(image_path, "criu", {}, stopped=False, completion=finishing)
 
 
 def _lock_kept(options: CheckpointOptions, bundle: str, pid: int, image_dir: str) -> netlock.Lock | None:

@@ -266,9 +266,24 @@ class TaskService:
         if self._checkpointer is None:
             self._checkpointer = self._make_checkpointer()
         result = await container.init.checkpoint_to(self._checkpointer, options)
+        if result.completion is None:
+            self._checkpointed(container, result)
+        else:  # a lazy dump: ready to serve its pages; the event follows when they have been served
+            self._spawn(self._checkpointed_later(container, result.completion))
+        return EMPTY
+
+    def _checkpointed(self, container: Container, result) -> None:
         self._publish("/tasks/checkpointed", events.TaskCheckpointed(
             container_id=container.id, checkpoint=result.image_path, stats=result.stats))
-        return EMPTY
+
+    async def _checkpointed_later(self, container: Container, completion: asyncio.Future) -> None:
+        try:
+            result = await completion
+        except Exception as exc:  # nobody waits on the RPC any more: the log is where it is told
+            log.error("lazy checkpoint of %s failed after its page server was ready: %s", container.id, exc)
+            return
+        container.init.network_lock = result.network_lock
+        self._checkpointed(container, result)
 
     @rpc
     async def Wait(self, request: api.WaitRequest, context) -> api.WaitResponse:

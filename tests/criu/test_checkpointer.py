@@ -140,7 +140,7 @@ def test_the_error_names_the_kept_dump_log_not_the_removed_work_dir(tmp_path, mo
     bundle = tmp_path / "bundle"
     bundle.mkdir()
 
-    async def dump_fails(self, container_id, runtime, options, facts, partial, work):
+    async def dump_fails(self, container_id, runtime, options, facts, partial, work, ready):
         (Path(work) / "dump.log").write_text("(00.1) Error (criu/cr-dump.c:1): Dumping FAILED.\n")
         raise CheckpointFailed(f"criu dump failed. From the CRIU log {work}/dump.log: Dumping FAILED.")
 
@@ -151,3 +151,62 @@ def test_the_error_names_the_kept_dump_log_not_the_removed_work_dir(tmp_path, mo
                                     runtime=FakeRuntime(), paused=False))
     assert f"From the CRIU log {bundle}/criu-dump.log: Dumping FAILED." in str(failed.value)
     assert (bundle / "criu-dump.log").read_text().endswith("Dumping FAILED.\n")
+
+
+def test_a_lazy_dump_returns_when_its_page_server_is_ready():
+    """What runc's --status-fd gives its users: Checkpoint returns at CRIU's status-ready, and
+    the dump's completion follows."""
+    import asyncio
+
+    from shim.criu.checkpoint import CheckpointResult, until_ready
+
+    async def scenario():
+        ready = asyncio.Event()
+        done = asyncio.Event()
+
+        async def dump():
+            ready.set()  # status-ready
+            await done.wait()  # the pages are being served
+            return CheckpointResult("/img", "criu", {"pages_written": 7}, stopped=False)
+
+        finishing = asyncio.ensure_future(dump())
+        early = await until_ready(finishing, ready, image_path="/img")
+        pending_before = not early.completion.done()
+        done.set()
+        final = await early.completion
+        return early, pending_before, final
+
+    early, pending_before, final = run(scenario())
+    assert early.image_path == "/img" and early.stats == {} and pending_before
+    assert final.stats == {"pages_written": 7}
+
+
+def test_a_lazy_dump_failing_before_ready_fails_the_checkpoint():
+    import asyncio
+
+    from shim.criu.checkpoint import until_ready
+
+    async def scenario():
+        async def dump():
+            raise CheckpointFailed("page-pipe: splice: -1: Bad file descriptor")
+
+        return await until_ready(asyncio.ensure_future(dump()), asyncio.Event(), image_path="/img")
+
+    with pytest.raises(CheckpointFailed, match="splice"):
+        run(scenario())
+
+
+def test_a_plain_dump_waits_for_the_whole_dump():
+    import asyncio
+
+    from shim.criu.checkpoint import CheckpointResult, until_ready
+
+    async def scenario():
+        async def dump():
+            await asyncio.sleep(0.05)
+            return CheckpointResult("/img", "criu", {"frozen_time": 1}, stopped=True)
+
+        return await until_ready(asyncio.ensure_future(dump()), None, image_path="/img")
+
+    result = run(scenario())
+    assert result.completion is None and result.stopped and result.stats == {"frozen_time": 1}
