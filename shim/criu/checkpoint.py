@@ -52,6 +52,7 @@ class CheckpointFailed(ShimError):
 class Checkpointer:
     def __init__(self, reaper: Reaper, *, criu: str = "criu") -> None:
         self.rpc = CriuRpc(reaper, criu=criu)
+        self._cleanups: set[asyncio.Task] = set()
         self._version = None
 
     async def preflight(self, options: CheckpointOptions) -> None:
@@ -139,7 +140,10 @@ class Checkpointer:
                 shutil.rmtree(work, ignore_errors=True)
         stopped = not options.leave_running and not options.pre_dump
         if stopped and options.engine != "runc":
-            await _destroy(runtime, container_id)  # what `runc checkpoint` does after a dump that stops the task
+            # What `runc checkpoint` does after a dump that stops the task; the caller need not wait
+            # for it (Delete's `runc delete` would do it too).
+            self._cleanups.add(task := asyncio.ensure_future(_destroy(runtime, container_id)))
+            task.add_done_callback(self._cleanups.discard)
         log.info("checkpointed %s into %s (%s engine): %s", container_id, options.image_path, options.engine,
                  summary(stats) or "no statistics")
         return CheckpointResult(options.image_path, options.engine, stats, stopped,
