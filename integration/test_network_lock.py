@@ -18,6 +18,9 @@ tcp-established).
   ends) leaves the lock with the task running behind it, cut off: pyshim removes it and the task serves new
   connections (the established one does not survive CRIU's death, lock or none). A dump that fails on its own (the
   script fails) has CRIU unlock and the connection goes on. Nothing is left either way.
+- A restore that fails (a CRIU action script failing at post-setup-namespaces) leaves the lock CRIU put on the
+  namespace it restored into: pyshim removes what the failed restore added; a lock kept (keep-network-lock) for the
+  restore stays, and the next restore there succeeds, the connection going on, and removes it.
 """
 
 from __future__ import annotations
@@ -298,3 +301,52 @@ def test_a_failed_or_killed_dump_leaves_no_lock_and_the_task_answering(container
                 pass
         remove(containerd, original)
     assert criu_locks(server.name) == []
+
+
+FAILING_RESTORE_SCRIPT = """#!/bin/sh
+# CRIU action script: the restore fails after the namespaces are set up (and locked).
+[ "$CRTOOLS_SCRIPT_ACTION" = post-setup-namespaces ] || exit 0
+exit 1
+"""
+
+
+@pytest.mark.parametrize("method,keep", [("iptables", False), ("nftables", False), ("iptables", True),
+                                         ("nftables", True)], ids=["iptables", "nftables", "iptables-kept",
+                                                                   "nftables-kept"])
+def test_a_failed_restore_leaves_no_lock_but_a_kept_one(containerd: Containerd, test_image: TestImage,
+                                                        hosts: Hosts, method: str, keep: bool):
+    """CRIU locks the namespace it restores into and does not unlock when the restore fails: pyshim removes what
+    the failed restore added, and a lock kept for the restore stays for the next one, which removes it."""
+    server = hosts.server(0)
+    pairs = [f"{OPTION}network-lock={method}"] + ([f"{OPTION}keep-network-lock=true"] if keep else [])
+    original, client, images = checkpointed(containerd, test_image, hosts, server, *pairs)
+    script = containerd.tmp / "fail-restore.sh"
+    script.write_text(FAILING_RESTORE_SCRIPT)
+    script.chmod(0o755)
+    criu_config = containerd.tmp / "criu-restore.conf"
+    criu_config.write_text(f"action-script {script}\n")
+    failed = restored = None
+    with client:
+        try:
+            remove(containerd, original)
+            kept = criu_locks(server.name)
+            assert lock_kind(kept) == (method if keep else "none")
+            failed, result, _ = restore(containerd, test_image, images, server, f"org.criu.config={criu_config}")
+            assert result.returncode != 0 and "One of more action scripts failed" in result.stderr, result.stderr
+            assert criu_locks(server.name) == kept, "what the failed restore added is gone, a kept lock stays"
+            remove(containerd, failed, started=False)
+            failed = None
+            # what pyshim removed: the failed restore's own lock (with iptables, its jumps beside the kept ones; with
+            # nftables a kept lock is the very table the restore used)
+            removed = f"network lock from {server.path} (the restore failed)" in containerd.log_path.read_text(
+                errors="replace")
+            assert removed == (not keep or method == "iptables")
+            restored, result, _ = restore(containerd, test_image, images, server)
+            assert result.returncode == 0, result.stderr
+            assert echo(client, "after") == "after"
+            assert criu_locks(server.name) == []
+        finally:
+            if failed:
+                remove(containerd, failed, started=False)
+            if restored:
+                remove(containerd, restored)

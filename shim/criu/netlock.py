@@ -14,7 +14,9 @@ pyshim removes a dump's own lock (never another's) when it knows the namespace w
 - after a dump that failed or was killed, whatever the namespace (the task goes on running);
 - on Delete of a task whose checkpoint ended it, when its namespace outlives it (a namespace given by path; a
   private one goes with the task), unless the container asked to keep the lock (`keep-network-lock`);
-- after a restore elsewhere (another namespace, tcp-close included) of a checkpoint whose lock was kept.
+- after a restore elsewhere (another namespace, tcp-close included) of a checkpoint whose lock was kept;
+- after a failed restore into a namespace given by path: CRIU locks it (the checkpoint's method and run id) and does
+  not unlock on failure; what the failed restore added goes, what the namespace held before it stays.
 Which lock is the dump's: nftables, the table named after its run id; iptables, whose chain CRIU shares between
 dumps, one INPUT and one OUTPUT jump per family (what each lock adds), and the chain once nothing jumps to it.
 
@@ -176,25 +178,32 @@ def _jumps_to_chain(words: list[str]) -> bool:
     return words[2:] == ["-j", CHAIN]
 
 
-def iptables_release(save: str, *, jumps: int | None = 1) -> str:
-    """iptables-restore --noflush input removing a lock from what iptables-save shows: up to `jumps` jumps to
-    CRIU's chain from each chain that has one (None: all of them), then the chain itself once nothing jumps to it.
-    "" when there is nothing to remove."""
-    table, counts, has_chain = "", {}, False
+def iptables_jumps(save: str) -> dict[str, int]:
+    """How many jumps to CRIU's chain each chain of the filter table has."""
+    table, counts = "", {}
     for line in save.splitlines():
         if line.startswith("*"):
             table = line[1:].strip()
             continue
         words = line.split()
-        if table != "filter" or not words:
-            continue
-        if words[0] == f":{CHAIN}":
-            has_chain = True
-        elif words[0] == "-A" and _jumps_to_chain(words):
+        if table == "filter" and words[:1] == ["-A"] and _jumps_to_chain(words):
             counts[words[1]] = counts.get(words[1], 0) + 1
+    return counts
+
+
+def iptables_release(save: str, *, jumps: int | None = 1, keep: dict[str, int] | None = None) -> str:
+    """iptables-restore --noflush input removing a lock from what iptables-save shows: up to `jumps` jumps to
+    CRIU's chain from each chain that has one (None: all of them), or with `keep` (counts from iptables_jumps()
+    before a restore) the jumps beyond those; then the chain itself once nothing jumps to it. "" when there is
+    nothing to remove."""
+    counts = iptables_jumps(save)
+    has_chain = any(line.split()[:1] == [f":{CHAIN}"] for line in _filter_table(save))
     commands = []
     for chain, count in counts.items():
-        removed = count if jumps is None else min(count, jumps)
+        if keep is not None:
+            removed = max(0, count - keep.get(chain, 0))
+        else:
+            removed = count if jumps is None else min(count, jumps)
         commands += [f"-D {chain} -j {CHAIN}"] * removed
         counts[chain] = count - removed
     if has_chain and not any(counts.values()):
@@ -202,6 +211,16 @@ def iptables_release(save: str, *, jumps: int | None = 1) -> str:
     if not commands:
         return ""
     return "*filter\n" + "\n".join(commands) + "\nCOMMIT\n"
+
+
+def _filter_table(save: str) -> list[str]:
+    lines, table = [], ""
+    for line in save.splitlines():
+        if line.startswith("*"):
+            table = line[1:].strip()
+        elif table == "filter":
+            lines.append(line)
+    return lines
 
 
 def nft_tables(ruleset: str) -> list[tuple[str, str]]:
@@ -260,18 +279,53 @@ async def _in_namespace(reaper: Reaper, fd: int, argv: list[str], *, input: byte
     return result.stdout.decode(errors="replace")
 
 
-async def release(reaper: Reaper, lock: Lock) -> list[str]:
-    """Remove this dump's lock from its namespace, if the namespace still exists and is the one locked. What
-    was removed, as readable lines (empty when nothing was there)."""
+@dataclass(frozen=True)
+class Held:
+    """What of a lock a namespace held at some moment (before a restore): the jumps to CRIU's chain per iptables
+    tool and chain, whether the lock's nftables table was there."""
+
+    jumps: dict[str, dict[str, int]]
+    table: bool
+
+
+def _open(lock: Lock) -> int | None:
+    """The lock's namespace, open, if it still exists and is the namespace that was locked."""
     try:
         fd = os.open(lock.namespace, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
-        return []  # the namespace is gone, and its rules with it
+        return None  # the namespace is gone, and its rules with it
+    if lock.inode and os.fstat(fd).st_ino != lock.inode:
+        os.close(fd)
+        return None  # the path names another namespace now
+    return fd
+
+
+async def held(reaper: Reaper, lock: Lock) -> Held | None:
+    """What of this lock its namespace holds now (None: the namespace is gone or another)."""
+    fd = _open(lock)
+    if fd is None:
+        return None
     try:
-        if lock.inode and os.fstat(fd).st_ino != lock.inode:
-            return []  # the path names another namespace now
+        if lock.method == "nftables":
+            tables = await asyncio.to_thread(_nft_list, f"/proc/self/fd/{fd}")
+            return Held({}, any(lock.owns_table(family, name) for family, name in tables))
+        return Held({save: iptables_jumps(await _in_namespace(reaper, fd, [save])) for save, _ in IPTABLES_TOOLS},
+                    False)
+    finally:
+        os.close(fd)
+
+
+async def release(reaper: Reaper, lock: Lock, *, before: Held | None = None) -> list[str]:
+    """Remove this dump's lock from its namespace, if the namespace still exists and is the one locked; with
+    `before`, only what was added since. What was removed, as readable lines (empty when nothing was there)."""
+    fd = _open(lock)
+    if fd is None:
+        return []
+    try:
         path = f"/proc/self/fd/{fd}"
         if lock.method == "nftables":
+            if before is not None and before.table:
+                return []
             names = [name for family, name in await asyncio.to_thread(_nft_list, path)
                      if lock.owns_table(family, name)]
             if names:
@@ -279,7 +333,8 @@ async def release(reaper: Reaper, lock: Lock) -> list[str]:
             return [f"nftables: table inet {name}" for name in names]
         removed = []
         for save, restore in IPTABLES_TOOLS:
-            commands = iptables_release(await _in_namespace(reaper, fd, [save]))
+            keep = before.jumps.get(save, {}) if before is not None else None
+            commands = iptables_release(await _in_namespace(reaper, fd, [save]), keep=keep)
             if commands:
                 await _in_namespace(reaper, fd, [restore, "-w", "--noflush"], input=commands.encode())
                 removed += [f"{save.split('-')[0]}: {line}" for line in commands.splitlines()[1:-1]]
@@ -288,10 +343,10 @@ async def release(reaper: Reaper, lock: Lock) -> list[str]:
         os.close(fd)
 
 
-async def release_logged(reaper: Reaper, lock: Lock, why: str) -> list[str]:
+async def release_logged(reaper: Reaper, lock: Lock, why: str, *, before: Held | None = None) -> list[str]:
     """release(), logged, never raising: a lock that cannot be removed is reported, not fatal."""
     try:
-        removed = await release(reaper, lock)
+        removed = await release(reaper, lock, before=before)
     except Exception as exc:  # noqa: BLE001 - the caller's work must go on
         log.warning("CRIU's %s network lock in %s could not be removed (%s): %s", lock.method, lock.namespace, why,
                     exc)
@@ -350,3 +405,28 @@ async def after_restore(reaper: Reaper, record: dict | None, config: dict) -> li
         log.warning("the checkpoint's record of its network lock is unreadable: %s", exc)
         return []
     return await release_logged(reaper, lock, "its checkpoint was restored elsewhere")
+
+
+async def before_restore(reaper: Reaper, image_path: str, config: dict) -> tuple[Lock, Held] | None:
+    """Before a restore into a namespace given by path: the lock a failing restore would leave there (CRIU locks
+    the namespace with the checkpoint's method and run id, and a failed restore does not unlock), and what of it
+    the namespace holds already (a lock kept for this restore stays). None when there is nothing to watch."""
+    try:
+        recorded = inventory(image_path)
+        namespace = namespace_of(config, 0) if is_external(config) else ""
+        if recorded is None or recorded[0] not in ("iptables", "nftables") or not namespace:
+            return None
+        lock = Lock(recorded[0], recorded[1], namespace, os.stat(namespace).st_ino)
+        state = await held(reaper, lock)
+    except Exception as exc:  # noqa: BLE001 - the restore goes on; only its cleanup is weaker
+        log.warning("the network lock of the restore's namespace could not be read: %s", exc)
+        return None
+    return None if state is None else (lock, state)
+
+
+async def after_failed_restore(reaper: Reaper, watched: tuple[Lock, Held] | None) -> list[str]:
+    """Remove the lock a failed restore added to its namespace (nothing that was there before it)."""
+    if watched is None:
+        return []
+    lock, before = watched
+    return await release_logged(reaper, lock, "the restore failed", before=before)

@@ -92,6 +92,7 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
     _annotate(bundle, config, criu_config)  # runc hands org.criu.config to CRIU as its config file
     lazy = lazy_request(annotations)
     flags = runtime_restore_args(options)
+    watched_lock = await netlock.before_restore(runtime.run.reaper, image_path, config)
     daemon = None
     try:
         if lazy is not None:
@@ -108,6 +109,7 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
             await daemon.stop()
         kept = _keep_log(work, bundle)
         await _clean_failed_restore(runtime, container_id)
+        await netlock.after_failed_restore(runtime.run.reaper, watched_lock)  # CRIU locked and did not unlock
         message = f"restore of {container_id} from {image_path} failed: {exc}"
         if daemon is not None and daemon.failed:
             message += f". {daemon.failed}"

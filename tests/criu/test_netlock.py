@@ -333,7 +333,7 @@ def checkpointer(monkeypatch, dump, released: list) -> Checkpointer:
     async def no_preflight(self, options):
         pass
 
-    async def release(reaper, lock):
+    async def release(reaper, lock, before=None):
         released.append(lock)
         return ["something"]
 
@@ -358,7 +358,7 @@ def test_a_killed_dump_s_lock_is_removed_a_failed_one_unlocked_itself(tmp_path, 
     path, inode = a_namespace(tmp_path)
     bundle = a_bundle(tmp_path, path)
 
-    async def dump(self, container_id, runtime, options, facts, partial, work):
+    async def dump(self, container_id, runtime, options, facts, partial, work, *rest):
         (Path(work) / "dump.log").write_text(log)
         raise CheckpointFailed("criu dump of c: criu did not finish within 3s and was killed")
 
@@ -373,7 +373,7 @@ def test_a_killed_dump_s_lock_is_removed_a_failed_one_unlocked_itself(tmp_path, 
 def test_a_killed_dump_in_a_private_namespace_is_released_in_the_task_s(tmp_path, monkeypatch):
     bundle = a_bundle(tmp_path, None)
 
-    async def dump(self, container_id, runtime, options, facts, partial, work):
+    async def dump(self, container_id, runtime, options, facts, partial, work, *rest):
         (Path(work) / "dump.log").write_text(DUMP_LOG_LOCKED)
         raise CheckpointFailed("killed")
 
@@ -391,7 +391,7 @@ def test_a_checkpoint_with_exit_records_its_lock_and_hands_it_to_delete_unless_k
     path, inode = a_namespace(tmp_path)
     bundle = a_bundle(tmp_path, path)
 
-    async def dump(self, container_id, runtime, options, facts, partial, work):
+    async def dump(self, container_id, runtime, options, facts, partial, work, *rest):
         (Path(work) / "dump.log").write_text(DUMP_LOG_LOCKED)
         inventory(Path(partial.path), 1, RUN_ID)
 
@@ -415,7 +415,7 @@ def test_a_checkpoint_that_leaves_the_task_running_or_its_namespace_private_hand
             child.rmdir()
         bundle = a_bundle(tmp_path, namespace)
 
-        async def dump(self, container_id, runtime, options, facts, partial, work):
+        async def dump(self, container_id, runtime, options, facts, partial, work, *rest):
             (Path(work) / "dump.log").write_text(DUMP_LOG_LOCKED)
 
         options = CheckpointOptions(image_path=str(tmp_path / f"image-{leave_running}"), tcp_established=True,
@@ -423,3 +423,57 @@ def test_a_checkpoint_that_leaves_the_task_running_or_its_namespace_private_hand
         result = run(checkpointer(monkeypatch, dump, []).checkpoint(
             container_id="c", bundle=str(bundle), pid=1, options=options, runtime=FakeRuntime(), paused=False))
         assert result.network_lock is None
+
+
+# -- a failed restore -----------------------------------------------------------------------------------------
+
+def test_releasing_what_a_failed_restore_added_keeps_what_was_there_before():
+    before = netlock.iptables_jumps(IPTABLES_LOCKED)
+    assert before == {"INPUT": 1, "OUTPUT": 1}
+    assert netlock.iptables_release(IPTABLES_TWO_LOCKS, keep=before) == (
+        "*filter\n-D INPUT -j CRIU\n-D OUTPUT -j CRIU\nCOMMIT\n")
+    assert netlock.iptables_release(IPTABLES_LOCKED, keep=before) == ""
+    assert netlock.iptables_release(IPTABLES_LOCKED, keep={}) == (
+        "*filter\n-D INPUT -j CRIU\n-D OUTPUT -j CRIU\n-F CRIU\n-X CRIU\nCOMMIT\n")
+
+
+@pytest.mark.parametrize("method", [0, 1])
+def test_a_failed_restore_s_lock_is_removed_and_a_kept_one_stays(tmp_path, monkeypatch, method):
+    images = tmp_path / "images"
+    images.mkdir()
+    inventory(images, method, RUN_ID)
+    path, inode = a_namespace(tmp_path)
+    restoring = config({"type": "network", "path": path})
+    table = ("inet", f"CRIU-{RUN_ID[:21]}")
+
+    # nothing there before the restore: what it left goes
+    fake = FakeNamespace(monkeypatch, iptables=IPTABLES_UNLOCKED)
+    watched = run(netlock.before_restore(Reaper(), str(images), restoring))
+    assert watched is not None and watched[0] == Lock(netlock.INVENTORY_METHODS[method], RUN_ID, path, inode)
+    fake.saves = {"iptables-save": IPTABLES_LOCKED, "ip6tables-save": IPTABLES_LOCKED}
+    fake.tables = [table]
+    removed = run(netlock.after_failed_restore(Reaper(), watched))
+    assert removed == ([f"nftables: table inet {table[1]}"] if method else [
+        "iptables: -D INPUT -j CRIU", "iptables: -D OUTPUT -j CRIU", "iptables: -F CRIU", "iptables: -X CRIU",
+        "ip6tables: -D INPUT -j CRIU", "ip6tables: -D OUTPUT -j CRIU", "ip6tables: -F CRIU", "ip6tables: -X CRIU"])
+
+    # a lock kept for this restore was there before it: it stays (iptables: only the restore's jumps go)
+    fake = FakeNamespace(monkeypatch, iptables=IPTABLES_LOCKED, tables=[table])
+    watched = run(netlock.before_restore(Reaper(), str(images), restoring))
+    fake.saves = {"iptables-save": IPTABLES_TWO_LOCKS, "ip6tables-save": IPTABLES_LOCKED}
+    removed = run(netlock.after_failed_restore(Reaper(), watched))
+    assert removed == ([] if method else ["iptables: -D INPUT -j CRIU", "iptables: -D OUTPUT -j CRIU"])
+    assert fake.deleted == []
+
+
+def test_nothing_is_watched_for_a_private_namespace_skip_or_a_foreign_image(tmp_path, monkeypatch):
+    FakeNamespace(monkeypatch)
+    images = tmp_path / "images"
+    images.mkdir()
+    path, _ = a_namespace(tmp_path)
+    assert run(netlock.before_restore(Reaper(), str(images), config({"type": "network", "path": path}))) is None
+    inventory(images, 2, RUN_ID)  # skip
+    assert run(netlock.before_restore(Reaper(), str(images), config({"type": "network", "path": path}))) is None
+    inventory(images, 0, RUN_ID)
+    assert run(netlock.before_restore(Reaper(), str(images), config({"type": "network"}))) is None
+    assert run(netlock.after_failed_restore(Reaper(), None)) == []
