@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from shim.criu import external_unix, images, netlock
@@ -79,7 +80,7 @@ class Checkpointer:
                                      "CRIU lacks: checkpoint without lazy-pages")
 
     async def checkpoint(self, *, container_id: str, bundle: str, pid: int, options: CheckpointOptions,
-                         runtime: OciRuntime, paused: bool) -> CheckpointResult:
+                         runtime: OciRuntime, paused: bool | Callable[[], bool]) -> CheckpointResult:
         await self.preflight(options)
         facts = facts_from_bundle(bundle, pid)
         if not options.pre_dump:  # a pre-dump takes memory only, never sockets
@@ -101,7 +102,8 @@ class Checkpointer:
         return await until_ready(finishing, ready if lazy else None, image_path=options.image_path)
 
     async def _complete(self, container_id: str, bundle: str, pid: int, options: CheckpointOptions,
-                        runtime: OciRuntime, paused: bool, facts: ContainerFacts, partial: images.PartialImage,
+                        runtime: OciRuntime, paused: bool | Callable[[], bool], facts: ContainerFacts,
+                        partial: images.PartialImage,
                         work: str, own_work: bool, ready: asyncio.Event) -> CheckpointResult:
         try:
             if options.engine == "runc":
@@ -128,7 +130,8 @@ class Checkpointer:
             kept = _copy(os.path.join(work, "dump.log"), os.path.join(bundle, "criu-dump.log"))
             # A dead CRIU leaves the cgroup thawed whatever it found: a paused task (containerd
             # pauses every task it checkpoints) must stay paused for the Resume that follows.
-            (freeze if paused else thaw)(facts.freezer_cgroup)
+            # Asked now, not at the start: a lazy dump fails after containerd's Resume.
+            (freeze if (paused() if callable(paused) else paused) else thaw)(facts.freezer_cgroup)
             await self._release_failed_lock(options, bundle, pid, os.path.join(work, "dump.log"))
             if isinstance(exc, RuntimeFailed):
                 raise CheckpointFailed(_runtime_failure(exc, kept)) from exc

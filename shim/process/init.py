@@ -3,7 +3,9 @@ restored from a checkpoint when Create named one."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 
 from shim import mounts
@@ -13,6 +15,8 @@ from shim.oci.runner import RuntimeFailed
 from shim.oci.runtime import OciRuntime, is_gone
 from shim.process.base import Process, Stdio
 from shim.process.state import INIT_ALLOWED, State
+
+log = logging.getLogger(__name__)
 
 
 class InitProcess(Process):
@@ -28,6 +32,7 @@ class InitProcess(Process):
         self.no_new_keyring = no_new_keyring
         self.checkpoint = ""  # the image a pending restore comes from
         self.checkpoint_work = ""
+        self.lazy_dump: asyncio.Future | None = None  # a lazy dump serving its pages, until it ends
         self.network_lock = None  # CRIU's lock a checkpoint with exit left, removed by delete()
 
     @property
@@ -101,8 +106,9 @@ class InitProcess(Process):
         self.check("checkpoint")
         result = await checkpointer.checkpoint(container_id=self.id, bundle=self.bundle, pid=self.pid,
                                                options=options, runtime=self.runtime,
-                                               paused=self.state is State.PAUSED)
+                                               paused=lambda: self.state is State.PAUSED)
         self.network_lock = getattr(result, "network_lock", None)
+        self.lazy_dump = getattr(result, "completion", None)
         return result
 
     async def kill(self, signal: int, all: bool = False) -> None:
@@ -129,9 +135,21 @@ class InitProcess(Process):
 
     async def resume(self) -> None:
         self.check("resume")
+        if self.lazy_dump is not None and not self.lazy_dump.done():
+            # A lazy dump still serving its pages holds the task frozen (containerd resumes right
+            # after Checkpoint returns): the task resumes when the dump is over.
+            self.state = State.RUNNING
+            self.lazy_dump.add_done_callback(lambda _: asyncio.ensure_future(self._resume_after_dump()))
+            return
         await self.runtime.resume(self.id)
         if self.state is State.PAUSED:
             self.state = State.RUNNING
+
+    async def _resume_after_dump(self) -> None:
+        try:
+            await self.runtime.resume(self.id)
+        except RuntimeFailed as exc:  # thawed already, or ended by a dump with exit
+            log.debug("resuming %s after its lazy dump: %s", self.id, exc)
 
     async def pids(self) -> list[int]:
         self.check("pids")
