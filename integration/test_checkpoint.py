@@ -32,10 +32,15 @@ import time
 from pathlib import Path
 
 import pytest
-
-from harness.containerd import PYSHIM, RUNC_V2, RUNTIMES, Containerd
-from harness.grpc_client import MEDIA_CHECKPOINT_CONFIG, MEDIA_CRIU_TAR, ContainerdClient
+from harness.containerd import PYSHIM, RUNC_V2, Containerd
+from harness.grpc_client import (
+    MEDIA_CHECKPOINT_CONFIG,
+    MEDIA_CRIU_TAR,
+    ContainerdClient,
+)
 from harness.image import TestImage
+from harness.tasks import each_runtime, remove, task_status, wait_status
+
 from shim.api.containerd.runc.options import oci_pb2
 
 COUNTER = ("echo written-before-checkpoint > /tmp/marker; "
@@ -81,31 +86,6 @@ def resumed(path: Path, checkpointed: tuple[int, int], initial: int | None = Non
 
 
 # --- tasks -------------------------------------------------------------------------------------------------------
-
-def task_status(containerd: Containerd, container_id: str) -> str:
-    for line in containerd.ctr("task", "ls").stdout.splitlines()[1:]:
-        fields = line.split()
-        if fields and fields[0] == container_id:
-            return fields[2]
-    return "ABSENT"
-
-
-def wait_status(containerd: Containerd, container_id: str, wanted: str, timeout: float = 10) -> str:
-    deadline = time.monotonic() + timeout
-    while (status := task_status(containerd, container_id)) != wanted and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return status
-
-
-def each_runtime(scenario):
-    """The scenario's outcome under pyshim and under the Go shim."""
-    return {runtime: scenario(runtime) for runtime in RUNTIMES}
-
-
-def remove(containerd: Containerd, container_id: str) -> None:
-    containerd.ctr("task", "rm", "-f", container_id, check=False)
-    containerd.ctr("containers", "rm", container_id, check=False)
-
 
 def start_counter(containerd: Containerd, image: TestImage, runtime: str, prefix: str = "orig",
                   extra: tuple[str, ...] = ()) -> str:

@@ -12,34 +12,9 @@ import re
 import time
 
 import pytest
-
-from harness.containerd import PYSHIM, RUNC_V2, RUNTIMES, Containerd
+from harness.containerd import PYSHIM, RUNC_V2, Containerd
 from harness.image import TestImage
-
-
-def task_status(containerd: Containerd, container_id: str) -> str:
-    for line in containerd.ctr("task", "ls").stdout.splitlines()[1:]:
-        fields = line.split()
-        if fields and fields[0] == container_id:
-            return fields[2]
-    return "ABSENT"
-
-
-def wait_status(containerd: Containerd, container_id: str, wanted: str, timeout: float = 10) -> str:
-    deadline = time.monotonic() + timeout
-    while (status := task_status(containerd, container_id)) != wanted and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return status
-
-
-def each_runtime(scenario):
-    """The scenario's outcome under pyshim and under the Go shim."""
-    return {runtime: scenario(runtime) for runtime in RUNTIMES}
-
-
-def remove(containerd: Containerd, container_id: str) -> None:
-    containerd.ctr("task", "rm", "-f", container_id, check=False)
-    containerd.ctr("containers", "rm", container_id, check=False)
+from harness.tasks import each_runtime, remove, task_status, wait_status
 
 
 def test_attached_run_exit_code_and_output(containerd: Containerd, test_image: TestImage):

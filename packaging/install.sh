@@ -40,7 +40,9 @@ readonly ONE_DAY=86400
 # System packages. The system `containerd` package is deliberately absent: pyshim only runs private
 # containerd instances, and installing the package would start a system service.
 # nftables: the `nft` command, for reading CRIU's nftables lock (CRIU itself links libnftables; pyshim uses netlink).
-readonly SYSTEM_PACKAGES=(runc crun iptables nftables busybox-static ca-certificates tmux iproute2 procps util-linux)
+# gcc and libc6-dev build the tests' small static helpers (integration/harness/*.c).
+readonly SYSTEM_PACKAGES=(runc crun iptables nftables busybox-static ca-certificates tmux iproute2 procps util-linux
+    gcc libc6-dev)
 
 # Libraries sid's criu 4.2.1 was found to need (shared/reference/environment.md). The script adds
 # whatever sid's dependency closure of criu says on top, and verifies the result with

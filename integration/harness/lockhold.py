@@ -5,30 +5,16 @@ tests bind-mount read-only into a container; cached by the source's content.
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
 from pathlib import Path
 
-from . import commands
+from . import cbuild
 
-SOURCE = Path(__file__).with_name("lockhold.c")
 FLAGS = ("-static", "-Os", "-s", "-Wall", "-Wextra", "-Werror")
 
 
 def unavailable_reason() -> str | None:
-    """Why the helper cannot be built here (no gcc), or None."""
-    return None if shutil.which("gcc") else "gcc is needed to build the lockhold helper (apt-get install gcc)"
+    return cbuild.unavailable_reason("lockhold")
 
 
 def build_lockhold(cache_dir: Path) -> Path:
-    """The built helper, `<cache_dir>/lockhold-<key>/lockhold`: alone in its directory, to be mounted as it is."""
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
-    binary = cache_dir / f"lockhold-{key}" / "lockhold"
-    if not binary.exists():
-        binary.parent.mkdir(parents=True, exist_ok=True)
-        partial = binary.with_suffix(f".tmp{os.getpid()}")
-        commands.run(["gcc", *FLAGS, "-o", str(partial), str(SOURCE)], timeout=120)
-        os.replace(partial, binary)
-    return binary
+    return cbuild.build("lockhold", cache_dir, FLAGS)
