@@ -10,7 +10,7 @@ restore in that namespace removes it (CRIU reads the method and the run id from 
 checkpoint with exit the lock stays in the namespace until a restore there, and forever when none comes; and a
 CRIU killed mid-dump (pyshim's timeout) leaves it with the task running behind it, cut off.
 
-pyshim removes a dump's own lock (never another's) when it knows the namespace will not be restored into:
+pyshim removes a dump's own share of the lock when it knows the namespace will not be restored into:
 - after a dump that failed or was killed, whatever the namespace (the task goes on running);
 - on Delete of a task whose checkpoint ended it, when its namespace outlives it (a namespace given by path; a
   private one goes with the task), unless the container asked to keep the lock (`keep-network-lock`);
@@ -18,7 +18,8 @@ pyshim removes a dump's own lock (never another's) when it knows the namespace w
 - after a failed restore into a namespace given by path: CRIU locks it (the checkpoint's method and run id) and does
   not unlock on failure; what the failed restore added goes, what the namespace held before it stays.
 Which lock is the dump's: nftables, the table named after its run id; iptables, whose chain CRIU shares between
-dumps, one INPUT and one OUTPUT jump per family (what each lock adds), and the chain once nothing jumps to it.
+dumps, one INPUT and one OUTPUT jump per family (what each lock adds), and the chain once nothing jumps to it (so
+with two checkpoints pending in one namespace, the jumps removed may be the other's: they are indistinguishable).
 
 A container sharing the host's network namespace is locked connection by connection instead (rules naming each
 connection; CRIU may use iptables-legacy for them); pyshim does not remove those.
