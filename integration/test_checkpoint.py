@@ -44,7 +44,7 @@ from harness.tasks import each_runtime, remove, task_status, wait_status
 from shim.api.containerd.runc.options import oci_pb2
 
 COUNTER = ("echo written-before-checkpoint > /tmp/marker; "
-           "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done")
+           "i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.1; done")
 # Where ctr puts the fifos of a task it creates without --fifo-dir (`ctr containers restore` has no such flag).
 DEFAULT_FIFO_DIR = Path("/run/containerd/fifo")
 ANNOTATION = "io.pyshim.checkpoint."

@@ -15,7 +15,8 @@ from pathlib import Path
 from harness.containerd import Containerd
 from harness.image import TestImage
 
-COUNTER_SCRIPT = "i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.05; done"
+# Written aside and renamed: a dump between the truncation and the write would leave an empty file.
+COUNTER_SCRIPT = "i=0; while true; do i=$((i+1)); echo $i > /tmp/counter.new; mv /tmp/counter.new /tmp/counter; sleep 0.05; done"
 SENTINEL = "sentinel"
 
 

@@ -28,7 +28,7 @@ from harness.environment import load_environment  # noqa: E402
 from harness.image import build_test_image  # noqa: E402
 from shim.criu.stats import summary  # noqa: E402
 
-COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done"
+COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.1; done"
 
 
 def show(containerd: Containerd, *args: str, check: bool = True, input: str | None = None) -> str:
