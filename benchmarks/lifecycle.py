@@ -123,6 +123,70 @@ def go_shim_socket_paths(containerd_address: str, namespace: str, group: str) ->
     return [GO_SHIM_SOCKET_DIR / hashlib.sha256(k.encode()).hexdigest() for k in (key, key + "/debug")]
 
 
+def is_fork_server(pid: int) -> bool:
+    """pyshim's fork server (shim/forkserver): `<shim binary> forkserver <containerd pid> ...`, launched by a
+    `start` that found none, or its spare (`forkserver-spare`). Neither is a shim server of any container."""
+    argv = processes.cmdline(pid)
+    for token in ("forkserver", "forkserver-spare"):  # the server, and the spare it forks in advance
+        if token in argv and any(Path(a).name == PY.binary_name for a in argv[:argv.index(token)]):
+            return True
+    return False
+
+
+def listening_children(path: str) -> list[int]:
+    """Our children, fork servers aside, holding a listening unix socket bound at path."""
+    so_acceptcon = 0x10000
+    inodes = set()
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 8 and fields[7] == path and int(fields[3], 16) & so_acceptcon:
+            inodes.add(f"socket:[{fields[6]}]")
+    found = []
+    for pid in processes.children_of(os.getpid()):
+        if is_fork_server(pid):
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                    found.append(pid)
+                    break
+            except OSError:
+                continue
+    return found
+
+
+def end_strays() -> list[str]:
+    """Shim processes still our children at the end (none should be): ended by pid, and reported."""
+    notes = []
+    for pid in processes.children_of(os.getpid()):
+        argv = processes.cmdline(pid)
+        if any(Path(a).name in (PY.binary_name, GO.binary_name) for a in argv[:3]) and not is_fork_server(pid):
+            notes.append(f"ended a leftover shim process {pid} ({' '.join(argv[-2:])})")
+            processes.kill_child_of(os.getpid(), pid, signal.SIGTERM)
+            if not reap(pid, 3.0):
+                processes.kill_child_of(os.getpid(), pid, signal.SIGKILL)
+                reap(pid, 3.0)
+    return notes
+
+
+def end_fork_servers() -> list[int]:
+    """SIGTERM (by pidfd) and reap the fork servers that are our children: those launched by the `start` runs of
+    section 2, whose "containerd" is this script. They would exit with the script or when idle."""
+    ended = []
+    for pid in processes.children_of(os.getpid()):
+        if is_fork_server(pid):
+            processes.kill_child_of(os.getpid(), pid, signal.SIGTERM)
+            if not reap(pid, SHIM_EXIT_TIMEOUT):
+                processes.kill_child_of(os.getpid(), pid, signal.SIGKILL)
+                reap(pid, 3.0)
+            ended.append(pid)
+    return ended
+
+
 def become_subreaper() -> None:
     """Servers that `start` daemonises get re-parented to us: ours to find, wait for and reap by pid."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -213,6 +277,7 @@ class StartDelete:
     delete: list[float] = field(default_factory=list)
     server_rss: list[int] = field(default_factory=list)  # KiB, server with no container, after its first answer
     notes: list[str] = field(default_factory=list)
+    origins: Counter = field(default_factory=Counter)  # pyshim: how each counted server came to be (its log line)
 
 
 @dataclass
@@ -224,6 +289,7 @@ class Cycle:
     delete: float = 0.0
     server_rss: int = 0
     start_stderr: str = ""
+    origin: str = ""  # pyshim: "forked by start" or "forked by fork server N", from the server's log
     problems: list[str] = field(default_factory=list)
 
 
@@ -276,6 +342,14 @@ class Benchmark:
                 elif i:
                     samples[shim].append(seconds)
         return samples
+
+    def pyshim_origins(self, prefix: str) -> Counter:
+        """How the pyshim servers of our containers with ids starting with prefix came to be, from their start-up
+        log line in containerd's log ("forked by start", "forked by fork server N")."""
+        text = self.c.log_path.read_text(errors="replace") if self.c.log_path.exists() else ""
+        return Counter(re.sub(r"\d+", "N", origin) for container_id, origin in
+                       re.findall(r"pyshim serving namespace \S+ id (\S+) \(pid \d+, ([^)]*)\)", text)
+                       if container_id.startswith(prefix) and container_id in self.ids)
 
     def cleanups_after_disconnect(self, prefix: str) -> dict[Shim, int]:
         """How many of our containers (ids starting with prefix) containerd logged "cleaning up after shim
@@ -359,6 +433,8 @@ class Benchmark:
             out.ready.append(cycle.ready)
             out.delete.append(cycle.delete)
             out.server_rss.append(cycle.server_rss)
+            if cycle.origin:
+                out.origins[re.sub(r"\d+", "N", cycle.origin)] += 1
 
     def _start_then_delete(self, shim: Shim, prefix: str, interpreter: Sequence[str] = ()) -> Cycle:
         """One shim lifetime without a container, as containerd drives it: `start` (timed), the server's first answer
@@ -373,25 +449,34 @@ class Benchmark:
         try:
             cycle.start, result = timed([*interpreter, *self._argv(shim, container_id, "start", bundle)], cwd=bundle,
                                         env=self.start_env, input=b"", process_group=0)
+            started = time.perf_counter()  # *ready* counts from start's exit
             cycle.start_stderr = result.stderr.decode(errors="replace")
             address, api_version = parse_start_output(result.stdout)
-            servers = [pid for pid in processes.children_of(os.getpid()) if pid not in children_before]
-            if result.returncode != 0 or not address.startswith("unix://") or len(servers) != 1:
-                cycle.problems.append(f"start failed: exit {result.returncode}, output {result.stdout!r} "
-                                      f"{result.stderr[-2000:]!r}, servers {servers}")
-                for pid in servers:
-                    end_child(pid)
-                return cycle
-            started = time.perf_counter()
+            path = address.removeprefix("unix://") if address.startswith("unix:///") else ""
+            servers: list[int] = []
 
             def on_ready() -> None:
                 cycle.ready = time.perf_counter() - started
-                cycle.server_rss = memory_kib(servers[0])["Rss"]
+                # The server is the child of ours that listens on the address (found once it has answered, so the
+                # search is not timed): forked by start, re-executed by the Go shim, or pyshim's fork server's
+                # spare, which was our child before this start ran.
+                servers.extend(listening_children(path))
+                if len(servers) == 1:
+                    cycle.server_rss = memory_kib(servers[0])["Rss"]
 
-            try:
-                asyncio.run(_answer_then_shutdown(address, api_version, container_id, on_ready))
-            except Exception as exc:  # noqa: BLE001 - recorded, and the server is ended below either way
-                cycle.problems.append(f"{type(exc).__name__}: {exc}")
+            if result.returncode == 0 and path:
+                try:
+                    asyncio.run(_answer_then_shutdown(address, api_version, container_id, on_ready))
+                except Exception as exc:  # noqa: BLE001 - recorded, and the server is ended below either way
+                    cycle.problems.append(f"{type(exc).__name__}: {exc}")
+            if result.returncode != 0 or not path or len(servers) != 1:
+                new = [pid for pid in processes.children_of(os.getpid())
+                       if pid not in children_before and not is_fork_server(pid)]
+                cycle.problems.append(f"start failed: exit {result.returncode}, output {result.stdout!r} "
+                                      f"{result.stderr[-2000:]!r}, servers {servers}, new children {new}")
+                for pid in dict.fromkeys(servers + new):
+                    end_child(pid)
+                return cycle
             if note := end_child(servers[0]):
                 cycle.problems.append(note)
             cycle.delete, deleted = timed(self._argv(shim, container_id, "delete", bundle), cwd=bundle,
@@ -400,13 +485,16 @@ class Benchmark:
                 cycle.problems.append(f"delete failed: exit {deleted.returncode}: {deleted.stderr[-2000:]!r}")
             return cycle
         finally:
+            logged = b""
             try:
-                while os.read(log_reader, 65536):
-                    pass
+                while chunk := os.read(log_reader, 65536):
+                    logged += chunk
             except BlockingIOError:
                 pass
             os.close(log_reader)
             shutil.rmtree(bundle, ignore_errors=True)
+            if found := re.search(rb"pyshim serving namespace \S+ id \S+ \(pid \d+, ([^)]*)\)", logged):
+                cycle.origin = found[1].decode()
 
     # 3 ------------------------------------------------------------------------------------------------------------
     def create_and_idle_memory(self) -> tuple[dict[Shim, list[float]], dict[Shim, list[dict[str, int]]], list[str]]:
@@ -627,7 +715,7 @@ def verdict(value: float, target: float = TARGET_RATIO) -> str:
 
 
 def render(marker: str, heading: str, command: str, host: list[str], bench: Benchmark,
-           lifecycle: dict, cleanups: dict, start_delete: dict, create: dict, memory: dict, memory_notes: list[str],
+           lifecycle: dict, cleanups: dict, origins: Counter, start_delete: dict, create: dict, memory: dict, memory_notes: list[str],
            breakdown: dict, load: tuple[str, str], others: int) -> str:
     lines = [f"<!-- BEGIN {marker} -->", f"## {heading}", "", "Command (as root, in the repository):", "",
              f"    {command}", ""]
@@ -649,7 +737,7 @@ def render(marker: str, heading: str, command: str, host: list[str], bench: Benc
               "",
               f"containerd logged \"cleaning up after shim disconnected\" (it then runs the shim binary's `delete`) "
               f"for {cleanups[PY]} of pyshim's and {cleanups[GO]} of Go's {bench.runs + 1} lifecycle containers "
-              "(warm-up included).",
+              "(warm-up included)." + origins_sentence(origins),
               ""]
     sd_py, sd_go = start_delete[PY], start_delete[GO]
     lines += ["### 2. The shim's own actions, and task creation through containerd",
@@ -679,6 +767,8 @@ def render(marker: str, heading: str, command: str, host: list[str], bench: Benc
               f"{ms(max(sd_py.delete, default=float('nan')))} ms, Go {ms(max(sd_go.delete, default=float('nan')))} ms "
               "(containerd allows 5 s).",
               ""]
+    if sd_py.origins:
+        lines += [f"pyshim servers of the counted `start` runs: {describe_origins(sd_py.origins)}.", ""]
     for shim in SHIMS:
         for note in dict.fromkeys(start_delete[shim].notes):
             lines.append(f"- {shim.label} start/delete problem: {note}")
@@ -709,6 +799,16 @@ def render(marker: str, heading: str, command: str, host: list[str], bench: Benc
         lines += [f"- {failure}" for failure in dict.fromkeys(bench.failures)]
     lines += ["", f"<!-- END {marker} -->"]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)) + "\n"
+
+
+def describe_origins(origins: Counter) -> str:
+    return ", ".join(f"{count} {origin}" for origin, count in origins.most_common())
+
+
+def origins_sentence(origins: Counter) -> str:
+    if not origins:
+        return ""
+    return f" pyshim's servers (warm-up included): {describe_origins(origins)}."
 
 
 def render_breakdown(breakdown: dict) -> list[str]:
@@ -766,6 +866,8 @@ def run_one(version: str, env: Environment, image: TestImage, args: argparse.Nam
             command: str) -> tuple[str, str]:
     load_before = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     c = Containerd(version, env, log_dir=LOG_DIR)
+    if args.no_forkserver:
+        c.env["PYSHIM_FORKSERVER"] = "0"  # containerd passes it on to every `start`
     bench = Benchmark(c, image, args.runs, args.idle)
     try:
         c.start()
@@ -784,13 +886,19 @@ def run_one(version: str, env: Environment, image: TestImage, args: argparse.Nam
         others = max(others, other_containerds(c))
     finally:
         notes = c.stop()
+        notes += end_strays()
+        end_fork_servers()
         notes += bench.remove_leftover_sockets()
     cleanups = bench.cleanups_after_disconnect("lc-")  # from containerd's log, kept after it stopped
+    origins = bench.pyshim_origins("lc-")
     load_after = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     today = datetime.date.today().isoformat()
-    marker = f"lifecycle containerd={server_version} date={today}"
-    heading = f"containerd {server_version} (`--containerd {version}`), {today}"
-    section = render(marker, heading, command, describe_host(env), bench, lifecycle, cleanups, start_delete, create,
+    variant = " forkserver=off" if args.no_forkserver else " forkserver=on"
+    marker = f"lifecycle containerd={server_version}{variant} date={today}"
+    heading = (f"containerd {server_version} (`--containerd {version}`), {today}"
+               + (", pyshim without its fork server (`--no-forkserver`)" if args.no_forkserver else ""))
+    section = render(marker, heading, command, describe_host(env), bench, lifecycle, cleanups, origins, start_delete,
+                     create,
                      memory, memory_notes, breakdown, (load_before, load_after), others)
     if notes:
         section = section.replace(f"<!-- END {marker} -->",
@@ -804,6 +912,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="which containerd line to run against (default 2; all = each in turn)")
     parser.add_argument("--runs", type=int, default=20, help="timed runs per shim for each timing (default 20)")
     parser.add_argument("--idle", type=int, default=20, help="idle containers per shim for memory (default 20)")
+    parser.add_argument("--no-forkserver", action="store_true",
+                        help="run pyshim without its fork server (PYSHIM_FORKSERVER=0 in containerd's environment): "
+                             "every `start` forks the server itself, as before shim/forkserver existed")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md",
                         help="Markdown file whose section for this containerd version and date is replaced "
                              "(default docs/benchmarks.md)")

@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Sequence
 
 from shim.cli import ShimArgs
 
@@ -95,14 +96,19 @@ def join_cgroup(options: bytes) -> None:
 
 
 def serve(args: ShimArgs, sock: socket.socket, bundle: str, options: bytes = b"",
-          containerd_pid: int | None = None) -> int:
+          containerd_pid: int | None = None, origin: str = "", notes: Sequence[str] = ()) -> int:
+    """Serve until Shutdown or SIGTERM. origin says how this process came to be (logged); notes are
+    warnings from before logging was set up."""
     setup_logging(bundle, args.debug)
+    for note in notes:
+        log.warning("%s", note)
     adjust_oom_score(containerd_pid)
     try:
         join_cgroup(options)
     except Exception as exc:
         log.warning("could not join the shim cgroup: %s", exc)
-    log.info("pyshim serving namespace %s id %s (pid %d)", args.namespace, args.id, os.getpid())
+    log.info("pyshim serving namespace %s id %s (pid %d, %s)", args.namespace, args.id, os.getpid(),
+             origin or "forked by start")
     try:
         asyncio.run(_serve(args, sock))
     except Exception:
@@ -114,7 +120,7 @@ def serve(args: ShimArgs, sock: socket.socket, bundle: str, options: bytes = b""
 def serve_inherited(args: ShimArgs) -> int:
     """Serve on a listening socket passed as fd 3 (the Go shim's re-exec convention)."""
     sock = socket.socket(fileno=INHERITED_SOCKET_FD)
-    return serve(args, sock, os.getcwd())
+    return serve(args, sock, os.getcwd(), origin="socket inherited as fd 3")
 
 
 async def _serve(args: ShimArgs, sock: socket.socket) -> None:

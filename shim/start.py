@@ -1,9 +1,12 @@
-"""The `start` action: bind the shim's socket, fork the server, print the address.
+"""The `start` action: bind the shim's socket, have the server forked, print the address.
 
 Runs on containerd's hot path, so it does no more than it must: no asyncio, no protobuf.
-The server is a fork of this process made after the socket is bound (no second
-interpreter start-up), detached from containerd's stdout/stderr pipes, because containerd
-reads them until every writer has closed them.
+The socket is bound here, then handed to the fork server (shim/forkserver), which forks a
+server that has everything imported already. When no fork server answers, the server is a
+fork of this process (no second interpreter start-up; it imports the server's modules
+itself) and a fork server is launched for the next containers. Either way the server is
+detached from containerd's stdout/stderr pipes, because containerd reads them until every
+writer has closed them.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import sys
 
 from shim.cli import ShimArgs
+from shim.forkserver import client as forkserver
 from shim.layout import ADDRESS_FILE, group_id, socket_address, write_atomically
 
 
@@ -58,12 +62,42 @@ def start(args: ShimArgs) -> int:
         options = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
         containerd_pid = os.getppid()
         sys.stdout.flush()
-        if os.fork() == 0:
-            _become_server(args, sock, bundle, options, containerd_pid)
+        target = _forkserver_target(containerd_pid)
+        if target is None or not _hand_over(target, sock, bundle, options):
+            _fork_server(args, sock, bundle, options, containerd_pid)
+            if target is not None:
+                _launch(target)  # for the next containers
         sock.close()
     sys.stdout.write(address)
     sys.stdout.flush()
     return 0
+
+
+def _forkserver_target(containerd_pid: int) -> forkserver.Target | None:
+    # Whatever goes wrong with the fork server, `start` forks the server itself.
+    try:
+        return forkserver.Target(containerd_pid) if forkserver.enabled() else None
+    except Exception:
+        return None
+
+
+def _hand_over(target: forkserver.Target, sock: _socket.socket, bundle: str, options: bytes) -> bool:
+    try:
+        return forkserver.hand_over(target, sock, bundle, options) is not None
+    except Exception:
+        return False
+
+
+def _launch(target: forkserver.Target) -> None:
+    try:
+        forkserver.launch(target)
+    except Exception:
+        pass
+
+
+def _fork_server(args: ShimArgs, sock: _socket.socket, bundle: str, options: bytes, containerd_pid: int) -> None:
+    if os.fork() == 0:
+        _become_server(args, sock, bundle, options, containerd_pid)
 
 
 def _become_server(args: ShimArgs, sock: _socket.socket, bundle: str, options: bytes, containerd_pid: int) -> None:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-ENV_FILE = Path("/opt/pyshim/env")
+# PYSHIM_ENV_FILE points the suite at another installation (e.g. a worktree's own launcher and venv).
+ENV_FILE = Path(os.environ.get("PYSHIM_ENV_FILE") or "/opt/pyshim/env")
 
 # The containerd lines the project supports; test ids and fixture params use these names.
 CONTAINERD_VERSIONS: tuple[str, ...] = ("1.6", "1.7", "2")
