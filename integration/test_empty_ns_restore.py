@@ -22,18 +22,16 @@ the image path, Tasks.Start; the same calls to both):
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 import pytest
-
 from harness.containerd import PYSHIM, RUNC_V2, RUNTIMES, Containerd
 from harness.grpc_client import ContainerdClient
 from harness.image import TestImage
-from harness.netns_hosts import SUBNET, Host, Hosts, iptables_rules
+from harness.netns_hosts import SUBNET, Host, Hosts, echo, iptables_rules, no_echo
 from harness.oci_hooks import NetworkHook, write_hook
+
 from shim.api.containerd.runc.options import oci_pb2
 from shim.netns import addresses, links
 
@@ -49,26 +47,6 @@ def hosts():
     finally:
         left = made.close()
     assert not left, f"left behind: {left}"
-
-
-def echo(sock: socket.socket, text: str) -> str:
-    sock.sendall(text.encode() + b"\n")
-    received = b""
-    while not received.endswith(b"\n"):
-        chunk = sock.recv(256)
-        if not chunk:
-            break
-        received += chunk
-    return received.decode().rstrip("\n")
-
-
-def no_echo(sock: socket.socket, text: str) -> str:
-    sock.settimeout(1)
-    try:
-        answer = echo(sock, text)
-    except OSError as exc:
-        return type(exc).__name__
-    return f"answered {answer!r}" if answer else "EOF"
 
 
 def task_pid(containerd: Containerd, container_id: str) -> int:

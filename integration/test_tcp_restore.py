@@ -32,11 +32,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from harness.containerd import PYSHIM, RUNC_V2, RUNTIMES, Containerd
 from harness.grpc_client import ContainerdClient
 from harness.image import TestImage
-from harness.netns_hosts import Host, Hosts, iptables_rules
+from harness.netns_hosts import Host, Hosts, echo, iptables_rules, no_echo
+
 from shim.api.containerd.runc.options import oci_pb2
 
 PORT = 7000
@@ -66,28 +66,6 @@ def checkpoint_annotations(containerd: Containerd, images: Path) -> list[str]:
     if containerd.version != "2":  # ctr 1.6/1.7 send --exit and --image-path to runc runtimes only
         pairs += [f"{OPTION}leave-running=false", f"{OPTION}image-path={images}"]
     return annotations(*pairs)
-
-
-def echo(sock: socket.socket, text: str) -> str:
-    """Send a line, return what came back (up to a newline; bounded by the socket's timeout)."""
-    sock.sendall(text.encode() + b"\n")
-    received = b""
-    while not received.endswith(b"\n"):
-        chunk = sock.recv(256)
-        if not chunk:
-            break
-        received += chunk
-    return received.decode().rstrip("\n")
-
-
-def no_echo(sock: socket.socket, text: str) -> str:
-    """What using a dead connection gives: the error's name, "EOF", or what it answered after all."""
-    sock.settimeout(1)
-    try:
-        answer = echo(sock, text)
-    except OSError as exc:  # socket.timeout included
-        return type(exc).__name__
-    return f"answered {answer!r}" if answer else "EOF"
 
 
 def task_line(containerd: Containerd, container_id: str) -> list[str]:

@@ -150,3 +150,24 @@ class Hosts:
     @staticmethod
     def _host_criu_rules() -> list[str]:
         return [rule for rule in iptables_rules(None) if "CRIU" in rule or "10.123." in rule]
+
+def echo(sock: socket.socket, text: str) -> str:
+    """Send a line, return what came back (up to a newline; bounded by the socket's timeout)."""
+    sock.sendall(text.encode() + b"\n")
+    received = b""
+    while not received.endswith(b"\n"):
+        chunk = sock.recv(256)
+        if not chunk:
+            break
+        received += chunk
+    return received.decode().rstrip("\n")
+
+
+def no_echo(sock: socket.socket, text: str) -> str:
+    """What using a dead connection gives: the error's name, "EOF", or what it answered after all."""
+    sock.settimeout(1)
+    try:
+        answer = echo(sock, text)
+    except OSError as exc:  # socket.timeout included
+        return type(exc).__name__
+    return f"answered {answer!r}" if answer else "EOF"
