@@ -187,6 +187,27 @@ def stop_process(process: subprocess.Popen) -> None:
     process.wait(10)
 
 
+def delete_event(stream: EventStream, containerd: Containerd, runtime: str, container_id: str) -> dict | None:
+    """The task's /tasks/delete event; from the Go shim, None when it never came but the task is gone.
+
+    pyshim's publisher drains its queue before the shim exits, so its event is required. After a
+    containerd restart the Go shim's delete event is occasionally never published (seen in CI runs
+    of this test, not reproduced in 6 local runs). Its publisher retries a failed Forward from a
+    goroutine after a 1 s sleep, which the shim's exit can cut short: the likely cause, unproven.
+    For the reference the observable outcome checked is then the task's removal.
+    """
+    try:
+        return wait_event(stream, "/tasks/delete", timeout=15 if runtime == RUNC_V2 else 30,
+                          container_id=container_id)
+    except TimeoutError:
+        if runtime != RUNC_V2:
+            raise
+    assert container_id not in task_list(containerd)
+    print(f"NOTE go-runc shim: no /tasks/delete event for {container_id} after the containerd restart "
+          "- the task is deleted")
+    return None
+
+
 def report(containerd: Containerd, runtime: str, record_property, **timings: float) -> None:
     rendered = " ".join(f"{name}={seconds:.2f}s" for name, seconds in timings.items())
     print(f"TIMING containerd {containerd.version} {runtime}: {rendered}")
@@ -263,9 +284,9 @@ def test_tasks_survive_containerd_restart(containerd: Containerd, test_image: Te
             for container_id, (_, status) in signalled.items():
                 if container_id != ids[0]:
                     containerd.ctr("tasks", "rm", container_id)
-                # 30 s: after a restart the Go shim's publisher may still be in its retry back-off
-                deleted = wait_event(stream, "/tasks/delete", timeout=30, container_id=container_id)
-                assert (deleted["pid"], deleted.get("exit_status", 0)) == (before[container_id][0], status)
+                deleted = delete_event(stream, containerd, runtime, container_id)
+                if deleted is not None:
+                    assert (deleted["pid"], deleted.get("exit_status", 0)) == (before[container_id][0], status)
                 containerd.ctr("containers", "rm", container_id)
             remaining = task_list(containerd)
             assert set(remaining) == set(ids) - set(signalled)
