@@ -23,6 +23,11 @@ MAX_FDS = 4
 _FD_BYTES = 4
 
 
+# sys.path as the interpreter set it up, before any import could change it (pycriu appends its images
+# directory when imported): the digest of a fork server that imported pycriu must still match `start`'s.
+LAUNCH_PATH = tuple(sys.path)
+
+
 class ProtocolError(ValueError):
     pass
 
@@ -42,13 +47,13 @@ def shim_root() -> str:
 
 
 def source_digest(root: str | None = None) -> str:
-    """What the fork server's imports depend on: the interpreter, sys.path and its directories' mtimes (pip
-    adding or removing a package changes site-packages'), and every .py file of the shim package (path, mtime,
-    size). A change to any of them gives another digest, hence another server."""
+    """What the fork server's imports depend on: the interpreter, sys.path at launch and its directories'
+    mtimes (pip adding or removing a package changes site-packages'), and every .py file of the shim package
+    (path, mtime, size). A change to any of them gives another digest, hence another server."""
     h = sha256()
     for item in (sys.executable, sys.version):
         h.update(item.encode(errors="surrogateescape") + b"\0")
-    for entry in sys.path:
+    for entry in LAUNCH_PATH:
         try:
             mtime = os.stat(entry or ".").st_mtime_ns
         except OSError:
