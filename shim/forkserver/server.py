@@ -42,14 +42,19 @@ PRELOAD = (
     "shim.api.containerd.task.v2.shim_pb2", "shim.api.containerd.task.v3.shim_pb2", "google.protobuf.any_pb2",
     "shim.forkserver.proctitle",
 )
-# What a checkpoint or a restore imports besides: 16 ms of imports (pycriu's generated messages most of it)
-# that each server otherwise pays in its first Checkpoint and in the Start of a restore, inside the
-# container's downtime. Missing pycriu is not the fork server's failure: a checkpoint reports it.
-PRELOAD_IF_PRESENT = ("shim.criu.checkpoint", "shim.criu.restore", "pycriu.images")
+# What a checkpoint or a restore imports besides, only with PYSHIM_FORKSERVER_PRELOAD_CRIU=1: 22 ms of
+# imports (pycriu's generated messages most of it) that a server otherwise pays in its first Checkpoint,
+# against 2.8 MiB more RSS in every server (measured: docs/forkserver.md). Missing pycriu is not the fork
+# server's failure: a checkpoint reports it.
+PRELOAD_CRIU = ("shim.criu.checkpoint", "shim.criu.restore", "pycriu.images")
 
 
 class Exit(Exception):
     """Why the server stops (logged nowhere: the server has no log; the reason is the exit status)."""
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
 
 
 def _env_seconds(name: str, default: float) -> float:
@@ -85,7 +90,7 @@ class ForkServer:
             raise Exit("code changed before the imports")
         for name in PRELOAD:
             __import__(name)
-        for name in PRELOAD_IF_PRESENT:
+        for name in PRELOAD_CRIU if _env_flag("PYSHIM_FORKSERVER_PRELOAD_CRIU") else ():
             try:
                 __import__(name)
             except ImportError:
