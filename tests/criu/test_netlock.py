@@ -3,6 +3,8 @@
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pycriu.images
@@ -477,3 +479,15 @@ def test_nothing_is_watched_for_a_private_namespace_skip_or_a_foreign_image(tmp_
     inventory(images, 0, RUN_ID)
     assert run(netlock.before_restore(Reaper(), str(images), config({"type": "network"}))) is None
     assert run(netlock.after_failed_restore(Reaper(), None)) == []
+
+
+def test_a_restore_into_a_private_namespace_reads_no_image(tmp_path):
+    # Reading the inventory loads pycriu's messages (~20 ms inside the restore's Start); a private namespace has no
+    # lock to watch, so the inventory (here one pycriu could not parse, which would be logged) is never read.
+    (tmp_path / "inventory.img").write_bytes(b"\x00not an image")
+    probe = ("import asyncio, sys; from shim.criu import netlock; "
+             "private = {'linux': {'namespaces': [{'type': 'network'}]}}; "
+             "print(asyncio.run(netlock.before_restore(None, sys.argv[1], private)), 'pycriu.images' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert (result.stdout.split(), result.stderr) == (["None", "False"], "")
