@@ -82,3 +82,29 @@ def test_unknown_action_and_bad_flags_exit_2():
 
     assert subprocess.run([sys.executable, "-m", "shim", "frobnicate"], capture_output=True).returncode == 2
     assert subprocess.run([sys.executable, "-m", "shim", "-nope", "start"], capture_output=True).returncode == 2
+
+
+def test_delete_runs_the_runtime_only_when_it_holds_state_for_the_container(tmp_path):
+    import subprocess
+    import sys
+
+    from shim.layout import RUNTIME_FILE
+
+    calls = tmp_path / "calls"
+    runtime = tmp_path / "fake-runc"
+    runtime.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    runtime.chmod(0o755)
+    root = tmp_path / "root"
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / RUNTIME_FILE).write_text(f"binary={runtime}\nroot={root}\n")
+    argv = [sys.executable, "-m", "shim", "-namespace", "ns1", "-id", "c1", "-bundle", str(bundle), "delete"]
+
+    first = subprocess.run(argv, capture_output=True, timeout=30)
+    assert first.returncode == 0 and DeleteResponse.FromString(first.stdout).exit_status == 137
+    assert not calls.exists()  # no <root>/ns1/c1: nothing for the runtime to delete
+
+    (root / "ns1" / "c1").mkdir(parents=True)
+    second = subprocess.run(argv, capture_output=True, timeout=30)
+    assert second.returncode == 0 and DeleteResponse.FromString(second.stdout).exit_status == 137
+    assert calls.read_text().split() == ["--root", f"{root}/ns1", "delete", "--force", "c1"]
