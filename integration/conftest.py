@@ -51,6 +51,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
             )
 
 
+def track_containerd(request: pytest.FixtureRequest, instance: Containerd) -> None:
+    """Attach instance's log tail to the test's report if it fails (for fixtures that make their own containerd)."""
+    request.node.stash.setdefault(_containerds_of_item, []).append(instance)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _nothing_left_on_the_network():
     """No network namespace, veth, iptables or nftables rule the tests made is left at the end of the session
@@ -113,7 +118,7 @@ def containerd(request: pytest.FixtureRequest, containerd_version: str, environm
                test_image: TestImage, containerd_log_dir: Path):
     """A started private containerd of containerd_version with the test image imported; stopped afterwards."""
     instance = Containerd(containerd_version, environment, log_dir=containerd_log_dir)
-    request.node.stash.setdefault(_containerds_of_item, []).append(instance)
+    track_containerd(request, instance)
     try:
         instance.start()
         instance.import_image(test_image)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import cgroups, commands, ids, logs, mounts, processes
-from .config import ContainerdPaths, render_config
+from .config import ContainerdPaths, CriSettings, render_config
 from .environment import Environment
 from .events import EventStream
 from .image import TestImage
@@ -36,6 +36,8 @@ START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 # Where the Go shim library puts shim sockets whatever containerd's state dir is (1.6-2.x).
 GO_SHIM_SOCKET_DIR = Path("/run/containerd/s")
+# The containerd namespace the CRI plugin keeps its pods, containers and images in.
+CRI_NAMESPACE = "k8s.io"
 SYSTEM_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 
 # Every instance not yet stopped (created ones too: they own a temp dir).
@@ -46,8 +48,11 @@ class Containerd:
     """One containerd instance for tests. Use as a context manager, or call start() and stop()."""
 
     def __init__(self, version: str, environment: Environment, *, log_dir: Path,
-                 namespace: str | None = None, base_dir: Path = Path("/tmp")):
+                 namespace: str | None = None, base_dir: Path = Path("/tmp"), cri_sandbox_image: str | None = None):
+        """cri_sandbox_image enables the CRI plugin (off otherwise) with that image (one to import into
+        CRI_NAMESPACE before a pod is run: nothing can be pulled) as every pod's sandbox image; see config.py."""
         self.version = version
+        self.cri_sandbox_image = cri_sandbox_image
         self.bin_dir = environment.containerd_bin_dir(version)
         # Short paths: unix socket paths are limited to 108 bytes.
         self.tmp = Path(tempfile.mkdtemp(prefix=f"psh{version.replace('.', '')}-", dir=base_dir))
@@ -59,6 +64,8 @@ class Containerd:
         self.runc_root = self.tmp / "runc"
         self.fifo_dir = self.tmp / "fifo"
         self.config_path = self.tmp / "config.toml"
+        # CRI's registry hosts configuration (hosts.toml per registry host), when CRI is enabled.
+        self.registry_config_dir = self.tmp / "registries"
         self.namespace = namespace or ids.namespace()
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"containerd-{version}-{self.tmp.name}.log"
@@ -73,6 +80,8 @@ class Containerd:
         # Subreapers of containerd processes ended by restart(): they still reap the shims that process started.
         self._retired: list[Supervised] = []
         self._namespaces_seen: set[str] = {self.namespace}
+        if cri_sandbox_image is not None:
+            self._namespaces_seen.add(CRI_NAMESPACE)
         _live.add(self)
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
@@ -88,7 +97,15 @@ class Containerd:
         for directory in (self.root, self.state, self.runc_root, self.fifo_dir, self.tmp / "tmp"):
             directory.mkdir(parents=True, exist_ok=True)
         paths = ContainerdPaths(self.root, self.state, self.tmp / "tmp", self.address, self.ttrpc_address)
-        self.config_path.write_text(render_config(self.version, paths))
+        cri = None
+        if self.cri_sandbox_image is not None:
+            cni = self.tmp / "cni"
+            for directory in (cni / "bin", cni / "conf"):
+                directory.mkdir(parents=True, exist_ok=True)
+            self.registry_config_dir.mkdir(exist_ok=True)
+            cri = CriSettings(self.cri_sandbox_image, self.runc_root, self.pyshim_config(), cni / "bin", cni / "conf",
+                              self.registry_config_dir)
+        self.config_path.write_text(render_config(self.version, paths, cri))
         self._launch(timeout)
 
     def _launch(self, timeout: float) -> None:
@@ -250,8 +267,8 @@ class Containerd:
                 return value.strip().lstrip("v")
         raise ValueError(f"no server version in `ctr version` output:\n{output}")
 
-    def import_image(self, image: TestImage) -> None:
-        self.ctr("images", "import", str(image.path), timeout=60)
+    def import_image(self, image: TestImage, namespace: str | None = None) -> None:
+        self.ctr("images", "import", str(image.path), namespace=namespace, timeout=60)
 
     def events(self) -> EventStream:
         """A `ctr events` stream (all namespaces); use as a context manager."""

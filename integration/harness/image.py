@@ -21,6 +21,11 @@ from typing import Callable
 
 IMAGE_REF = "localhost/pyshim-test/busybox:latest"
 BUSYBOX = Path("/bin/busybox")
+DEFAULT_COMMAND = ("/bin/sh",)
+# A CRI pod's sandbox ("pause") image: the same busybox layer, a command that lives until it is signalled. The shell
+# waits in `wait`, which a trapped TERM interrupts at once (a foreground sleep would delay the trap).
+PAUSE_IMAGE_REF = "localhost/pyshim-test/pause:latest"
+PAUSE_COMMAND = ("/bin/sh", "-c", "trap 'exit 0' TERM INT; sleep 86400 & wait")
 
 # Applets the tests may use; those this busybox lacks (Debian 12's has no flock) are left out and reported.
 APPLETS = (
@@ -109,7 +114,7 @@ def rootfs_entries(busybox: bytes, applets: tuple[str, ...] = APPLETS) -> list[t
     return entries
 
 
-def image_blobs(layer: bytes, ref: str) -> tuple[dict[str, bytes], bytes, str]:
+def image_blobs(layer: bytes, ref: str, command: tuple[str, ...] = DEFAULT_COMMAND) -> tuple[dict[str, bytes], bytes, str]:
     """Config, manifest and index for one layer: (blobs by digest, index.json bytes, manifest digest)."""
     arch = _GO_ARCH.get(platform.machine(), platform.machine())
     config = _json_bytes({
@@ -117,7 +122,7 @@ def image_blobs(layer: bytes, ref: str) -> tuple[dict[str, bytes], bytes, str]:
         "os": "linux",
         "config": {
             "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-            "Cmd": ["/bin/sh"],
+            "Cmd": list(command),
             "WorkingDir": "/",
         },
         "rootfs": {"type": "layers", "diff_ids": [digest(layer)]},
@@ -180,12 +185,27 @@ def build_test_image(cache_dir: Path, busybox: Path = BUSYBOX, ref: str = IMAGE_
     return TestImage(path=path, ref=ref, manifest_digest=manifest_digest(path), missing_applets=missing)
 
 
-def cached_layout(cache_dir: Path, name: str, inputs: list, layer: Callable[[], bytes], ref: str) -> Path:
-    """The image layout tarball of layer() named ref, under cache_dir keyed by inputs; built only when absent."""
-    key = hashlib.sha256(_json_bytes([*inputs, platform.machine()])).hexdigest()[:32]
+def build_pause_image(cache_dir: Path, busybox: Path = BUSYBOX, ref: str = PAUSE_IMAGE_REF,
+                      command: tuple[str, ...] = PAUSE_COMMAND) -> TestImage:
+    """The test image's layer with a long-lived command: a CRI pod's sandbox image (nothing is ever pulled)."""
+    busybox_bytes = busybox.read_bytes()
+    available = available_applets(busybox)
+    applets = tuple(a for a in APPLETS if a in available)
+    path = cached_layout(cache_dir, "pause", [BUILDER_VERSION, ref, list(applets), digest(busybox_bytes)],
+                         lambda: rootfs_layer(busybox_bytes, applets), ref, command)
+    return TestImage(path=path, ref=ref, manifest_digest=manifest_digest(path),
+                     missing_applets=tuple(a for a in APPLETS if a not in available))
+
+
+def cached_layout(cache_dir: Path, name: str, inputs: list, layer: Callable[[], bytes], ref: str,
+                  command: tuple[str, ...] = DEFAULT_COMMAND) -> Path:
+    """The image layout tarball of layer() named ref, under cache_dir keyed by inputs; built only when absent.
+    A command other than the default is part of the key."""
+    extra = [] if command == DEFAULT_COMMAND else [list(command)]
+    key = hashlib.sha256(_json_bytes([*inputs, *extra, platform.machine()])).hexdigest()[:32]
     path = cache_dir / f"{name}-{key}.oci.tar"
     if not path.exists():
-        blobs, index, _ = image_blobs(layer(), ref)
+        blobs, index, _ = image_blobs(layer(), ref, command)
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_bytes(layout_tarball(blobs, index))
