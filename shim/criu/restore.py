@@ -56,6 +56,14 @@ def restore_options(bundle: str, image_path: str) -> tuple[CheckpointOptions, di
     return options, config
 
 
+def creates_network_namespace(config: dict) -> bool:
+    """Whether the restore makes the container a new network namespace (one without a path), whose `lo` nobody
+    else raises. A namespace given by path (CNI, a pod) keeps its own `lo`; the host's is the host's: then CRIU is
+    given no action script, and runs no process at each of its seven restore stages."""
+    return any(ns.get("type") == "network" and not ns.get("path")
+               for ns in (config.get("linux") or {}).get("namespaces") or [])
+
+
 def action_script(directory: str) -> str:
     """A script CRIU can run that calls shim.criu.action with this interpreter and paths."""
     path = os.path.join(directory, "pyshim-criu-action")
@@ -87,8 +95,9 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
     annotations = config.get("annotations") or {}
     user_config = annotations.get(CRIU_CONFIG_ANNOTATION, DEFAULT_RUNC_CRIU_CONFIG) or None
     criu_config = os.path.join(work, "pyshim-criu.conf")
+    script = action_script(work) if creates_network_namespace(config) else ""
     images.write_private(criu_config, restore_config(options, user_config=user_config,
-                                                     action_script=action_script(work)).encode())
+                                                     action_script=script).encode())
     _annotate(bundle, config, criu_config)  # runc hands org.criu.config to CRIU as its config file
     lazy = lazy_request(annotations)
     flags = runtime_restore_args(options)

@@ -63,3 +63,15 @@ def test_setup_namespaces_raises_lo_of_the_restored_tree_without_the_socket_modu
     finally:
         holder.kill()  # our own child, by pid
         holder.wait(10)
+
+
+def test_the_script_is_named_only_for_a_restore_that_makes_a_network_namespace():
+    from shim.criu.restore import creates_network_namespace
+
+    def config(*namespaces):
+        return {"linux": {"namespaces": list(namespaces)}}
+
+    assert creates_network_namespace(config({"type": "pid"}, {"type": "network"}))  # ctr's default: a private one
+    assert not creates_network_namespace(config({"type": "network", "path": "/var/run/netns/cni-1"}))  # CNI, pods
+    assert not creates_network_namespace(config({"type": "pid"}))  # the host's network
+    assert not creates_network_namespace({})
