@@ -22,7 +22,6 @@ both handlers and the observable outcomes are compared.
 from __future__ import annotations
 
 import tarfile
-import time
 import uuid
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from harness.cri import STATE_NAMES, CriClient, container_config, pod_config
 from harness.environment import Environment
 from harness.image import TestImage, build_pause_image
 from harness.registry import Registry
+from harness.waiting import wait_until
 
 from shim.api.cri.runtime.v1 import api_pb2 as cri_api
 
@@ -82,15 +82,6 @@ def cri(cri_containerd: Containerd):
 
 
 # --- helpers -----------------------------------------------------------------------------------------------------
-
-def wait_until(predicate, timeout: float = WAIT, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-    return value
-
 
 def rpc_error(call, *args) -> tuple[str, str] | None:
     """None if the call succeeds, else (status code name, details)."""

@@ -23,19 +23,11 @@ from harness import processes
 from harness.containerd import PYSHIM, Containerd
 from harness.environment import Environment
 from harness.image import TestImage
+from harness.waiting import wait_until
 from shim.forkserver import wire
 
 WAIT = 20.0
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-
-
-def wait_for(predicate, timeout: float = WAIT, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-    return value
 
 
 def fork_server_argv(pid: int) -> list[str] | None:
@@ -60,7 +52,7 @@ def spares(containerd: Containerd) -> list[int]:
 
 def no_children(pid: int) -> bool:
     """The fork server has no child: its short-lived intermediates come and go within milliseconds."""
-    return wait_for(lambda: processes.children_of(pid) == [], timeout=5, what=f"{pid} without children")
+    return wait_until(lambda: processes.children_of(pid) == [], timeout=5, what=f"{pid} without children")
 
 
 def fork_servers(containerd: Containerd) -> list[int]:
@@ -78,14 +70,14 @@ def serving_fork_server(containerd: Containerd, other_than: int | None = None) -
                 return pid
         return None
 
-    return wait_for(ready, what=f"containerd {containerd.version}'s fork server")
+    return wait_until(ready, WAIT, what=f"containerd {containerd.version}'s fork server")
 
 
 def origin(containerd: Containerd, container_id: str) -> str:
     """How the shim server of container_id came to be, from its start-up log line in containerd's log."""
     pattern = re.compile(rf"pyshim serving namespace \S+ id {re.escape(container_id)} \(pid \d+, ([^)]*)\)")
-    found = wait_for(lambda: pattern.findall(containerd.log_path.read_text(errors="replace")),
-                     what=f"the start-up log line of {container_id}'s shim")
+    found = wait_until(lambda: pattern.findall(containerd.log_path.read_text(errors="replace")), WAIT,
+                       what=f"the start-up log line of {container_id}'s shim")
     assert len(found) == 1, found
     return found[0]
 
@@ -158,7 +150,7 @@ def test_containers_start_through_the_fork_server(containerd: Containerd, test_i
     assert origin(containerd, first) == "forked by start"
     server = serving_fork_server(containerd)
     # Later shims come from the fork server (or its spare) even when those sit in other cgroups than containerd.
-    spare = wait_for(lambda: spares(containerd), what="the fork server's spare")
+    spare = wait_until(lambda: spares(containerd), WAIT, what="the fork server's spare")
     assert len(spare) == 1
     moved = move_to_test_cgroup(server, containerd.namespace) + move_to_test_cgroup(spare[0], containerd.namespace)
     assert cgroups_of(server) != cgroups_of(containerd.pid)
@@ -241,7 +233,7 @@ def test_changed_code_never_reaches_the_old_fork_server(own_containerd, environm
         with open(Path(tmp) / "src" / "shim" / "cli.py", "a") as f:  # an upgrade: the code on disk changes
             f.write("# upgraded\n")
         assert origin(containerd, run_rm(containerd, test_image, "c")) == "forked by start"
-        wait_for(lambda: not processes.is_running(old), what="the old fork server to exit")
+        wait_until(lambda: not processes.is_running(old), WAIT, what="the old fork server to exit")
         new = serving_fork_server(containerd, other_than=old)
         assert fork_server_socket(new) != fork_server_socket(old)
         assert origin(containerd, run_rm(containerd, test_image, "d")) == f"forked by fork server {new}"
@@ -258,7 +250,7 @@ def test_idle_fork_server_exits_holding_nothing_of_its_containers(own_containerd
     second = containerd.new_id("idle")
     containerd.run(second, test_image, "sleep", "60", runtime=PYSHIM)
     assert origin(containerd, second) == f"forked by fork server {server}"
-    wait_for(lambda: not processes.is_running(server), timeout=10, what="the idle fork server to exit")
+    wait_until(lambda: not processes.is_running(server), timeout=10, what="the idle fork server to exit")
     assert path and not os.path.exists(path) and not os.path.exists(path.removesuffix(".sock") + ".lock")
     for container_id in (first, second):
         assert containerd.ctr("task", "exec", "--exec-id", "after", container_id, "echo", "ok").stdout == "ok\n"

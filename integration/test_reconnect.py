@@ -33,6 +33,7 @@ from harness import mounts, processes
 from harness.containerd import PYSHIM, RUNC_V2, Containerd
 from harness.events import EventStream
 from harness.image import TestImage
+from harness.waiting import wait_until
 from shim.api.containerd.task.v2 import shim_pb2 as task_v2
 from shim.api.containerd.task.v3 import shim_pb2 as task_v3
 from shim.events import NAMESPACE_KEY
@@ -64,18 +65,6 @@ def task_pids(containerd: Containerd, container_id: str) -> list[int]:
     """`ctr task ps`: the pids of the task's processes."""
     lines = containerd.ctr("tasks", "ps", container_id, timeout=15).stdout.splitlines()[1:]
     return [int(line.split()[0]) for line in lines if line.split() and line.split()[0].isdigit()]
-
-
-def wait_until(predicate, timeout: float, what: str):
-    """predicate()'s first truthy value, polling for at most timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"{what}: not within {timeout}s (last: {value!r})")
-        time.sleep(0.05)
 
 
 def wait_event(stream: EventStream, topic: str, timeout: float = 15.0, **fields) -> dict:
