@@ -30,6 +30,7 @@ on a rerun the same day; other sections are left alone. Run as root:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import hashlib
 import json
@@ -434,41 +435,48 @@ class CheckpointBenchmark:
 
     # ---------------------------------------------------------------------------------------------------------------
     def action_script_floor(self, runs: int) -> dict[str, float]:
-        """What one CRIU action-script call costs pyshim's restore: the script it generates (shim.criu.restore), run
-        for an action it ignores, and for setup-namespaces against a fresh network namespace (`unshare --net sleep`,
-        ours, ended by pid after each sample) whose `lo` it raises; and the bare interpreter (the script execs the
-        shim's sys.executable, the same venv python as this one)."""
-        from shim.criu.restore import action_script
+        """What one CRIU action-script call costs pyshim's restore: the script pyshim names (shim.criu.loopback),
+        served by a LoopbackHook in this process's event loop as the shim serves it during a restore, run for an
+        action it ignores and for setup-namespaces against a fresh network namespace (`unshare --net sleep`, ours,
+        ended by pid after each sample) whose `lo` the hook raises; and the shell alone."""
+        from shim.criu.loopback import LoopbackHook
 
         directory = Path(tempfile.mkdtemp(prefix="action-", dir=self.images_root))
+        samples: dict[str, list[float]] = {}
+
+        async def sample(name: str, argv: list[str], env: dict[str, str]) -> None:
+            started = time.perf_counter()
+            child = await asyncio.create_subprocess_exec(*argv, env={**os.environ, **env}, stdin=subprocess.DEVNULL,
+                                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            _, err = await asyncio.wait_for(child.communicate(), 30)
+            if child.returncode == 0:
+                samples.setdefault(name, []).append(time.perf_counter() - started)
+            else:
+                self.failures.append(f"{name}: exit {child.returncode}: {err.decode().strip()[-300:]}")
+
+        async def measure() -> None:
+            hook = LoopbackHook(str(directory))
+            try:
+                for i in range(runs + 1):
+                    with subprocess.Popen(["unshare", "--net", "sleep", "60"]) as netns_holder:
+                        try:
+                            await asyncio.sleep(0.05)  # unshare has made the namespace and exec'd sleep (same pid)
+                            for name, argv, env in (
+                                    ("`sh -c :` (the shell alone)", ["sh", "-c", ":"], {}),
+                                    ("action script, an action it ignores (pre-resume)", [hook.script],
+                                     {"CRTOOLS_SCRIPT_ACTION": "pre-resume"}),
+                                    ("action script, setup-namespaces (the shim raises `lo` in a fresh netns)",
+                                     [hook.script], {"CRTOOLS_SCRIPT_ACTION": "setup-namespaces",
+                                                     "CRTOOLS_INIT_PID": str(netns_holder.pid)})):
+                                if i:
+                                    await sample(name, argv, env)
+                        finally:
+                            netns_holder.kill()
+            finally:
+                hook.close()
+
         try:
-            script = action_script(str(directory))
-            interpreter = sys.executable
-            samples: dict[str, list[float]] = {}
-
-            def sample(name: str, argv: list[str], env: dict[str, str]) -> None:
-                seconds, result = timed(argv, env={**os.environ, **env})
-                if result.returncode == 0:
-                    samples.setdefault(name, []).append(seconds)
-                else:
-                    self.failures.append(f"{name}: exit {result.returncode}: {result.stderr.strip()[-300:]}")
-
-            for i in range(runs + 1):
-                with subprocess.Popen(["unshare", "--net", "sleep", "60"]) as netns_holder:
-                    try:
-                        time.sleep(0.05)  # unshare has made the namespace and exec'd sleep (same pid)
-                        for name, argv, env in (
-                                (f"`{Path(interpreter).name} -S -c pass` (the interpreter alone)",
-                                 [interpreter, "-S", "-c", "pass"], {}),
-                                ("action script, an action it ignores (pre-resume)", [script],
-                                 {"CRTOOLS_SCRIPT_ACTION": "pre-resume"}),
-                                ("action script, setup-namespaces (raises `lo` in a fresh netns)", [script],
-                                 {"CRTOOLS_SCRIPT_ACTION": "setup-namespaces",
-                                  "CRTOOLS_INIT_PID": str(netns_holder.pid)})):
-                            if i:
-                                sample(name, argv, env)
-                    finally:
-                        netns_holder.kill()
+            asyncio.run(measure())
             return {name: median(values) for name, values in samples.items()}
         finally:
             shutil.rmtree(directory, ignore_errors=True)
@@ -612,8 +620,9 @@ def render(marker: str, heading: str, command: str, host: list[str], extra_host:
     lines += ["", "The TOML path is ctr's own `task start` (ctr start-up, snapshot mounts, Create, Start) and has no Go "
                   "shim counterpart through ctr; it is shown for pyshim alone.", ""]
     if floors:
-        lines += ["pyshim's CRIU action script (named in the CRIU configuration pyshim writes for a restore; CRIU "
-                  "runs it at every action, and it raises `lo` at setup-namespaces), run on its own, wall time, "
+        lines += ["pyshim's CRIU action script (named in the CRIU configuration pyshim writes for a restore that makes "
+                  "a network namespace; CRIU runs it at every action; at setup-namespaces it has the shim raise `lo`), "
+                  "run on its own with this script serving it as the shim would, wall time, "
                   "medians of 10:", "", "| command | ms |", "|---|---|"]
         lines += [f"| {name} | {ms(value)} |" for name, value in floors.items()]
         lines.append("")

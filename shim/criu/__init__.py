@@ -15,7 +15,7 @@ Modules:
 - restore: restoring a container through the OCI runtime's `restore`.
 - stats: CRIU's stats-dump / stats-restore, read with pycriu.
 - tcp: established TCP connections a checkpoint holds; a restore that would lose them refused.
-- action: the CRIU action script pyshim names in its CRIU configuration (loopback up).
+- loopback: `lo` up in the network namespace a restore creates (the action script CRIU runs, served by the shim).
 - netlock: CRIU's network lock a dump left in a namespace (iptables-save / nft output, its log and
   inventory), removed when no restore will come there (failed dump, Delete, restore elsewhere).
 """

@@ -14,14 +14,12 @@ import contextlib
 import json
 import logging
 import os
-import shlex
 import shutil
 import signal
-import sys
 import tempfile
 
 from shim import unmount
-from shim.criu import images, netlock
+from shim.criu import images, loopback, netlock
 from shim.criu.log import log_excerpt
 from shim.criu.options import CheckpointOptions, OptionError, from_annotations, from_host_config, from_record, resolve
 from shim.criu.plan import CRIU_CONFIG_ANNOTATION, DEFAULT_RUNC_CRIU_CONFIG, restore_config, runtime_restore_args
@@ -64,18 +62,6 @@ def creates_network_namespace(config: dict) -> bool:
                for ns in (config.get("linux") or {}).get("namespaces") or [])
 
 
-def action_script(directory: str) -> str:
-    """A script CRIU can run that calls shim.criu.action with this interpreter and paths."""
-    path = os.path.join(directory, "pyshim-criu-action")
-    code = f"import sys; sys.path[1:1] = {sys.path[1:]!r}; from shim.criu.action import main; sys.exit(main())"
-    # CRIU runs the script at every stage of a restore; only setup-namespaces needs Python.
-    script = (f'#!/bin/sh\n[ "$CRTOOLS_SCRIPT_ACTION" = setup-namespaces ] || exit 0\n'
-              f"exec {shlex.quote(sys.executable)} -S -c {shlex.quote(code)}\n")
-    images.write_private(path, script.encode())
-    os.chmod(path, 0o700)
-    return path
-
-
 async def restore(*, container_id: str, bundle: str, image_path: str, work_path: str, runtime: OciRuntime,
                   stdio, pid_file: str, console_socket: str = "", no_pivot: bool = False) -> CheckpointOptions:
     if not os.path.isdir(image_path):
@@ -95,15 +81,18 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
     annotations = config.get("annotations") or {}
     user_config = annotations.get(CRIU_CONFIG_ANNOTATION, DEFAULT_RUNC_CRIU_CONFIG) or None
     criu_config = os.path.join(work, "pyshim-criu.conf")
-    script = action_script(work) if creates_network_namespace(config) else ""
-    images.write_private(criu_config, restore_config(options, user_config=user_config,
-                                                     action_script=script).encode())
+    raises_loopback = creates_network_namespace(config)
+    images.write_private(criu_config, restore_config(
+        options, user_config=user_config,
+        action_script=os.path.join(work, loopback.SCRIPT) if raises_loopback else "").encode())
     _annotate(bundle, config, criu_config)  # runc hands org.criu.config to CRIU as its config file
     lazy = lazy_request(annotations)
     flags = runtime_restore_args(options)
     watched_lock = await netlock.before_restore(runtime.run.reaper, image_path, config)
-    daemon = None
+    daemon = hook = None
     try:
+        if raises_loopback:
+            hook = loopback.LoopbackHook(work)  # writes the script named in the configuration
         if lazy is not None:
             daemon = await LazyPages.start(runtime.run.reaper, image_path=image_path, work=work,
                                            log_file=os.path.join(bundle, LAZY_PAGES_LOG),
@@ -131,6 +120,8 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
             await daemon.stop()
         raise
     finally:
+        if hook is not None:
+            hook.close()
         # A CRIU killed mid-restore leaves its cgroup yard (every hierarchy's root) mounted in the
         # work dir: removing the dir through it would rmdir every empty cgroup on the host.
         unmount.unmount_all(work)
