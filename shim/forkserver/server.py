@@ -37,7 +37,7 @@ SPARE_TOKEN = "forkserver-spare"  # the spare's command line has this instead of
 # What the shim server imports, from serving through a container's whole lifecycle (create, start, exec,
 # pause, stats, kill, delete).
 PRELOAD = (
-    "socket", "ctypes", "resource", "shim.cli", "shim.daemon", "shim.events", "shim.reaper", "shim.stdio",
+    "shim.notls", "socket", "ctypes", "resource", "shim.cli", "shim.daemon", "shim.events", "shim.reaper", "shim.stdio",
     "shim.task.service", "shim.task.convert", "shim.ttrpc", "shim.cgroups", "shim.cgroups.procs",
     "shim.api.containerd.task.v2.shim_pb2", "shim.api.containerd.task.v3.shim_pb2", "google.protobuf.any_pb2",
     "shim.forkserver.proctitle",
