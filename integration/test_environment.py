@@ -82,5 +82,9 @@ def test_event_stream_sees_the_task_lifecycle(containerd: Containerd, test_image
     container_id = containerd.new_id("events")
     with containerd.events() as events:
         containerd.run(container_id, test_image, "true", detach=False, extra=["--rm"])
-        for topic in ("/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"):
+        # The Go shim's events, then containerd's own for the container's removal. Not the Go shim's /tasks/delete,
+        # which is sometimes never published (seen in CI on containerd 2.x): its forwarder tries each event once and
+        # queues a failed Forward for a retry a second later, but Shutdown right after Delete closes the publisher
+        # first (see test_reconnect.delete_event).
+        for topic in ("/tasks/create", "/tasks/start", "/tasks/exit", "/containers/delete"):
             events.wait_for(rf"{containerd.namespace} {topic} .*{container_id}", timeout=10)

@@ -54,16 +54,24 @@ def test_detached_signals_exit_status_and_events(containerd: Containerd, test_im
             stopped = wait_status(containerd, container_id, "STOPPED")
             exit_line = events.wait_for(rf"/tasks/exit .*{container_id}")
             containerd.ctr("task", "rm", container_id)
-            events.wait_for(rf"/tasks/delete .*{container_id}")
+            # The Go shim's /tasks/delete is sometimes never published (seen in CI on containerd 2.x; see
+            # test_reconnect.delete_event). pyshim's publisher drains its queue, retries included, before the shim
+            # exits: its event is required.
+            events.wait_for(rf"/tasks/delete .*{container_id}", timeout=5 if runtime == RUNC_V2 else 10,
+                            raising=runtime != RUNC_V2)
             topics = [line.split()[-2] for line in events.lines() if container_id in line and "/tasks/" in line]
         containerd.ctr("containers", "rm", container_id)
         status = int(re.search(r'"exit_status":(\d+)', exit_line).group(1))
         return running, stopped, status, topics
 
     outcomes = each_runtime(scenario)
-    assert outcomes[PYSHIM] == ("RUNNING", "STOPPED", 7, ["/tasks/create", "/tasks/start", "/tasks/exit",
-                                                             "/tasks/delete"])
-    assert outcomes[PYSHIM] == outcomes[RUNC_V2]
+    expected_topics = ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"]
+    assert outcomes[PYSHIM] == ("RUNNING", "STOPPED", 7, expected_topics)
+    go = outcomes[RUNC_V2]
+    if go[3] == expected_topics[:3]:
+        print("NOTE go-runc shim: its /tasks/delete was never published (see test_reconnect.delete_event)")
+        go = (*go[:3], expected_topics)
+    assert outcomes[PYSHIM] == go
 
 
 def test_exec_output_exit_code_and_ps(containerd: Containerd, test_image: TestImage):

@@ -179,10 +179,13 @@ def stop_process(process: subprocess.Popen) -> None:
 def delete_event(stream: EventStream, containerd: Containerd, runtime: str, container_id: str) -> dict | None:
     """The task's /tasks/delete event; from the Go shim, None when it never came but the task is gone.
 
-    pyshim's publisher drains its queue before the shim exits, so its event is required. After a
-    containerd restart the Go shim's delete event is occasionally never published (seen in CI runs
-    of this test, not reproduced in 6 local runs). Its publisher retries a failed Forward from a
-    goroutine after a 1 s sleep, which the shim's exit can cut short: the likely cause, unproven.
+    pyshim's publisher drains its queue, retries included, before the shim exits, so its event is
+    required. The Go shim's is occasionally never published (seen in CI on containerd 2.x, here
+    after a containerd restart and in test_environment without one). Its forwarder gives each
+    event one Forward and queues a failed one for a retry a second later, while the Shutdown that
+    follows Delete closes the event queue and then the publisher as soon as the queue is drained,
+    so that retry never runs (containerd 2.x: forward() in cmd/containerd-shim-runc-v2/task/
+    service.go, queue() in pkg/shim/publisher.go). What fails that one Forward here is not known.
     For the reference the observable outcome checked is then the task's removal.
     """
     try:
