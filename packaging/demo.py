@@ -28,7 +28,9 @@ from harness.environment import load_environment  # noqa: E402
 from harness.image import build_test_image  # noqa: E402
 from shim.criu.stats import summary  # noqa: E402
 
-COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.1; done"
+# Rewritten in place at a fixed width in the image's /tmp/count (integration/harness/image.py): the restore goes into
+# a fresh rootfs, where a file the shell had open at the checkpoint must exist at the same size.
+COUNTER = "i=0; while :; do i=$((i+1)); printf '%08d\\n' $i 1<> /tmp/count; sleep 0.1; done"
 
 
 def show(containerd: Containerd, *args: str, check: bool = True, input: str | None = None) -> str:
