@@ -43,7 +43,9 @@ RUNTIME_TYPES = {"pyshim": "io.containerd.pyshim.v2", "runc": "io.containerd.run
 SHIM_BINARIES = {"pyshim": "containerd-shim-pyshim-v2", "runc": "containerd-shim-runc-v2"}
 # Exits 7 on SIGTERM (StopContainer's first signal); `wait` returns at once when the trap fires.
 WORKLOAD = "trap 'exit 7' TERM; echo ready > /tmp/ready; sleep 86400 & wait"
-COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.1; done"
+# Rewritten in place at a fixed width in the image's /tmp/count (harness/image.py): whatever the dump catches the
+# shell holding open exists, at the same size, in the rootfs the restore starts from.
+COUNTER = "i=0; while :; do i=$((i+1)); printf '%08d\\n' $i 1<> /tmp/count; sleep 0.1; done"
 WAIT = 15.0
 POD_STATES = {cri_api.SANDBOX_READY: "SANDBOX_READY", cri_api.SANDBOX_NOTREADY: "SANDBOX_NOTREADY"}
 
