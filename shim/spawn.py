@@ -14,6 +14,7 @@ import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from shim.proctree import descendants
 from shim.reaper import Exit, Reaper
 
 # Python ignores SIGPIPE and SIGXFSZ; ignored signals survive exec, and runc would hand them on
@@ -84,27 +85,6 @@ async def wait_or_kill(waiting, pid: int, timeout: float | None) -> Exit:
     kill_tree(pid)
     await task
     raise TimeoutError(f"pid {pid} did not finish within {timeout}s and was killed with what it started")
-
-
-def descendants(pid: int) -> list[int]:
-    """The processes below pid, parents before children (read from /proc)."""
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
-        parents.setdefault(ppid, []).append(int(entry))
-    found, queue = [], [pid]
-    while queue:
-        children = parents.get(queue.pop(0), [])
-        found += children
-        queue += children
-    return found
 
 
 def kill_tree(pid: int) -> None:

@@ -32,6 +32,7 @@ import socket
 from dataclasses import dataclass
 
 from shim.errors import FailedPrecondition
+from shim.proctree import children_by_parent
 from shim.netns.enter import run_in
 
 TYPES = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "datagram", socket.SOCK_SEQPACKET: "seqpacket"}
@@ -92,21 +93,9 @@ class ExternalUnixSocket:
 # -- the container's processes and their sockets -----------------------------------------------
 
 
-def _parent(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    return int(stat[stat.rindex(")") + 2:].split()[1])
-
-
 def process_tree(init_pid: int) -> list[int]:
     """init_pid and its descendants: the tree CRIU dumps."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (parent := _parent(int(entry))) is not None:
-            children.setdefault(parent, []).append(int(entry))
+    children = children_by_parent()
     tree, pending = [], [init_pid]
     while pending:
         pid = pending.pop()

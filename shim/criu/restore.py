@@ -28,6 +28,7 @@ from shim.errors import InvalidArgument, ShimError
 from shim.layout import write_atomically
 from shim.oci.runner import RuntimeFailed
 from shim.oci.runtime import OciRuntime
+from shim.proctree import children_of, cmdline, parent_of
 from shim.reaper import Reaper
 from shim.spawn import spawn
 
@@ -246,47 +247,22 @@ class LazyPages:
 
 def _kill_restoring_criu(container_id: str) -> None:
     """SIGKILL the CRIU of our `runc restore ... <container_id>` (runc then fails and says so)."""
-    for runc in _children(os.getpid()):
-        argv = _cmdline(runc)
+    for runc in children_of(os.getpid()):
+        argv = cmdline(runc)
         if "restore" not in argv or not argv or argv[-1] != container_id:
             continue
-        for criu in _children(runc):
+        for criu in children_of(runc):
             try:
                 pidfd = os.pidfd_open(criu)
             except OSError:
                 continue
             try:
-                if _parent(criu) == runc:  # still runc's child: the pidfd is CRIU's, not a reused pid's
+                if parent_of(criu) == runc:  # still runc's child: the pidfd is CRIU's, not a reused pid's
                     signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             finally:
                 os.close(pidfd)
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and _parent(int(entry)) == pid:
-            found.append(int(entry))
-    return found
-
-
-def _parent(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return 0
-    return int(stat[stat.rindex(b")") + 2:].split()[1])
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().decode(errors="replace").split("\0")[:-1]
-    except OSError:
-        return []
 
 
 async def _read_once(fd: int) -> bytes:

@@ -1,0 +1,51 @@
+"""Process relations as /proc shows them: a process's parent, children and descendants, its command line.
+
+Only reads: a pid read here may be reused by the time it is used, so whoever signals one takes a pidfd first and
+checks the relation again (shim.spawn.kill_tree, shim.criu.restore).
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def parent_of(pid: int) -> int | None:
+    """The parent pid from /proc/<pid>/stat, or None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(b")") + 2:].split()[1])  # after "pid (comm) state": comm may hold anything
+
+
+def children_by_parent() -> dict[int, list[int]]:
+    """Every process's children, from one pass over /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (parent := parent_of(int(entry))) is not None:
+            children.setdefault(parent, []).append(int(entry))
+    return children
+
+
+def children_of(pid: int) -> list[int]:
+    return children_by_parent().get(pid, [])
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below pid, parents before children."""
+    children = children_by_parent()
+    found, queue = [], [pid]
+    while queue:
+        below = children.get(queue.pop(0), [])
+        found += below
+        queue += below
+    return found
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        return []

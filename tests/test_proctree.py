@@ -1,0 +1,30 @@
+"""Process relations read from /proc."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+from shim import proctree
+
+
+def test_a_shell_and_its_child_as_proc_shows_them():
+    shell = subprocess.Popen(["sh", "-c", "sleep 30 & wait"])
+    try:
+        deadline = time.monotonic() + 5
+        while not (below := proctree.descendants(shell.pid)):
+            assert time.monotonic() < deadline, "the shell's child never appeared"
+            time.sleep(0.01)
+        (sleeper,) = below
+        assert proctree.parent_of(shell.pid) == os.getpid()
+        assert proctree.parent_of(sleeper) == shell.pid
+        assert proctree.children_of(shell.pid) == [sleeper]
+        assert shell.pid in proctree.children_by_parent()[os.getpid()]
+        assert proctree.cmdline(sleeper) == ["sleep", "30"]
+    finally:
+        for pid in proctree.descendants(shell.pid):
+            os.kill(pid, 9)  # the sleep this test started (through its shell)
+        shell.kill()
+        shell.wait(10)
+    assert proctree.parent_of(shell.pid) is None and proctree.cmdline(shell.pid) == []
