@@ -25,6 +25,12 @@ def test_a_shell_and_its_child_as_proc_shows_them():
     finally:
         for pid in proctree.descendants(shell.pid):
             os.kill(pid, 9)  # the sleep this test started (through its shell)
-        shell.kill()
-        shell.wait(10)
+        # The shell's `wait` returns and the shell reaps the sleep. Killing the shell first could orphan the sleep to
+        # this process (a child subreaper once other tests made it one), and a later reaper test would see its exit.
+        try:
+            shell.wait(10)
+        finally:
+            if shell.poll() is None:
+                shell.kill()
+                shell.wait(10)
     assert proctree.parent_of(shell.pid) is None and proctree.cmdline(shell.pid) == []
