@@ -278,8 +278,8 @@ def test_file_and_binary_log_uris(containerd: Containerd, test_image: TestImage,
     assert outcomes[PYSHIM] == [["to-err", "to-out"], ("to-out\n", "to-err\n")]
     go = outcomes[RUNC_V2]
     if go != outcomes[PYSHIM] and set(go[0]) < set(outcomes[PYSHIM][0]) and go[1] == outcomes[PYSHIM][1]:
-        # Seen once in CI (containerd 1.6's Go shim, `--rm`): its file:// log lacked the stderr line after 10 s. The
-        # Go shim's copy is cut short; pyshim drains both streams before the task's exit is reported.
+        # Seen once in CI (containerd 1.6's Go shim, `--rm`): its file:// log lacked the stderr line after 10 s, while
+        # pyshim's held both lines, as it has in every run.
         print(f"NOTE go-runc shim: its file:// log held only {go[0]}")
         go = outcomes[PYSHIM]
     assert outcomes[PYSHIM] == go
