@@ -169,7 +169,7 @@ handler_toml() {
     fi
     echo "  runtime_path = \"$SHIM\""
     sandbox_line "$line"
-    echo "${table%]}.options]"
+    echo "  ${table%]}.options]"
     if [[ $MODE == name ]]; then
         echo "    ConfigPath = \"$(runc_options_file)\""
     else
@@ -187,7 +187,7 @@ default_runtime_toml() {
     echo "$table"
     echo '  runtime_type = "io.containerd.runc.v2"'
     sandbox_line "$line"
-    echo "${table%]}.options]"
+    echo "  ${table%]}.options]"
 }
 
 # The runc options file name mode's handler names (pyshim reads it at Create).
@@ -204,11 +204,12 @@ print_snippet() {
     if [[ $MODE == override ]]; then
         die "override mode adds no config: it links $GO_SHIM_NAME (see docs/registration.md)"
     fi
-    echo "# pyshim as the CRI runtime handler \"$HANDLER\" ($(mode_summary)), containerd $(line_label "$line")."
-    echo "# Kubernetes: a RuntimeClass with handler \"$HANDLER\". Written by packaging/containerd/register.sh,"
-    echo "# which also creates every file named here; docs/registration.md says how to use it and undo it."
+    echo "# pyshim as the CRI runtime handler \"$HANDLER\" for containerd $(line_label "$line"):"
+    echo "# $(mode_summary)."
+    echo "# Kubernetes: a RuntimeClass with handler \"$HANDLER\". packaging/containerd/register.sh registers this"
+    echo "# and creates every file it names; docs/registration.md says how, and how to undo it."
     if [[ $MODE == name ]]; then
-        echo "# $(runc_options_file) holds the handler's runc options (register.sh creates it)."
+        echo "# $(runc_options_file) holds the handler's runc options (by hand: copy pyshim-runc.toml there)."
     fi
     if [[ $line != 2 ]]; then
         echo "# 1.6/1.7: an imported file REPLACES config.toml's whole CRI section; use this as a drop-in only when"
@@ -225,7 +226,7 @@ print_snippet() {
 }
 
 config_schema() { if [[ $1 == 2 ]]; then echo 3; else echo 2; fi; }
-line_label() { if [[ $1 == 2 ]]; then echo "2.x"; else echo "$1"; fi; }
+line_label() { if [[ $1 == 2 ]]; then echo "2.x"; else echo "1.6/1.7"; fi; }
 mode_summary() {
     case $MODE in
         cri) echo "runtime type io.containerd.runc.v2, binary $SHIM" ;;
@@ -405,7 +406,6 @@ register_config() {
         config_with_block "$original" 0 | write_file "$CONFIG"
         if [[ -n $default ]] && ! dump_has_runtime "$(dump_config || true)" "$default"; then
             if [[ $default != runc ]]; then
-                undo_record
                 die "adding the handler drops containerd's default runtime '$default', and this script only" \
                     "knows how to spell out 'runc': add the handler to $CONFIG by hand (docs/registration.md)"
             fi
@@ -440,13 +440,11 @@ check_result() {
         return
     }
     if ! after=$(dump_config); then
-        undo_record
         die "containerd could not load the registered config, so it was put back as it was:"$'\n'"$after"
     fi
     if ! dump_has_runtime "$after" "$HANDLER" ||
         ! grep -qF -e "runtime_path = \"$SHIM\"" -e "runtime_path = '$SHIM'" <<<"$after" ||
         { [[ -n $default ]] && ! dump_has_runtime "$after" "$default"; }; then
-        undo_record
         die "containerd loaded the registered config without the handler '$HANDLER' or without its default" \
             "runtime '$default' (is $CONFIG an old version 1 config?); it was put back as it was"
     fi
@@ -486,15 +484,31 @@ do_register() {
         say "a different or altered registration is in place: undoing it first"
         undo_record
     fi
+    local missing=() dir=$STATE_DIR
+    while [[ ! -d $dir ]]; do
+        missing+=("$dir")
+        dir=$(dirname "$dir")
+    done
     mkdir -p "$STATE_DIR"
     : >"$(record_file)"
+    # from here on, a failure takes back whatever was already changed
+    trap 'roll_back $?' EXIT
     record request "$(request_key)"
+    # the state dir's own parents, deepest first, for undo to remove after the state dir itself
+    for dir in "${missing[@]:1}"; do record state-dir-created "$dir"; done
     if [[ $MODE == override ]]; then
         register_override
     else
         register_config
     fi
+    trap - EXIT
     restart_note
+}
+
+roll_back() {
+    ((${1:-0} == 0)) && return
+    undo_record
+    printf 'register.sh: nothing was changed\n' >&2
 }
 
 # Are the files register wrote still as it wrote them?
@@ -513,7 +527,7 @@ record_intact() {
 # Walk the record backwards, undoing each change whose result is still what register left. A file changed since
 # is left in place (what is ours is cut out of config.toml) and said so: nothing the operator wrote is lost.
 undo_record() {
-    local kind path value config_done=0 lines
+    local kind path value config_done=0 lines state_parents=()
     [[ -f $(record_file) ]] || return 0
     mapfile -t lines < <(tac "$(record_file)")
     local entry
@@ -547,9 +561,13 @@ undo_record() {
             dir-created)
                 rmdir "$path" 2>/dev/null || say "kept $path: not empty"
                 ;;
+            state-dir-created)
+                state_parents=("$path" "${state_parents[@]}")
+                ;;
         esac
     done
     rm -rf "$STATE_DIR"
+    for path in "${state_parents[@]}"; do rmdir "$path" 2>/dev/null || true; done
 }
 
 # config.toml changed since registration: remove only the marked block and the marked imports line.
