@@ -48,9 +48,10 @@ REGISTER = SNIPPETS / "register.sh"
 SHIM_NAME = "containerd-shim-pyshim-v2"
 GO_SHIM_NAME = "containerd-shim-runc-v2"
 FIXTURES_ENV = Path(os.environ.get("PYSHIM_FIXTURES_ENV_FILE") or "/opt/pyshim/fixtures.env")
-# The shipped snippets: (mode, version line) -> file, and the versions each one names.
-SHIPPED = {("cri", "1.7"): "cri-pyshim-v2.toml", ("cri", "2"): "cri-pyshim-v3.toml",
-           ("name", "1.7"): "cri-pyshim-name-v2.toml", ("name", "2"): "cri-pyshim-name-v3.toml"}
+# The shipped snippets: (mode, version given to `register.sh print`) -> (file, the versions it names).
+SHIPPED = {("cri", "1.7"): ("cri-pyshim-v2.toml", ("1.7",)), ("cri", "2"): ("cri-pyshim-v3.toml", ("2",)),
+           ("name", "1.7"): ("cri-pyshim-name-v2.toml", ("1.6", "1.7")),
+           ("name", "2"): ("cri-pyshim-name-v3.toml", ("2",))}
 COUNTER = "i=0; while :; do i=$((i+1)); printf '%08d\\n' $i 1<> /tmp/count; sleep 0.1; done"
 
 
@@ -101,6 +102,16 @@ def tree(root: Path) -> dict[str, tuple]:
     return entries
 
 
+def default_runtime_type(version: str) -> str:
+    """What the default (cri) registration's handler reports: runc v2's type, but name mode's on 1.6."""
+    return PYSHIM if version == "1.6" else RUNC_V2
+
+
+def is_pyshim(pid: int) -> bool:
+    """pyshim's binary is a Python script: the process is the interpreter (the Go shim is its own executable)."""
+    return Path(os.readlink(f"/proc/{pid}/exe")).name.startswith("python")
+
+
 def pyshim_binary(containerd: Containerd) -> str:
     """The pyshim binary this harness's containerds run (first on their PATH), which registrations must name."""
     found = shutil.which(SHIM_NAME, path=containerd.env["PATH"])
@@ -145,7 +156,7 @@ def write_config(kind: str, version: str, path: Path) -> None:
 # --- 1. register, re-register, undo --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["missing", "minimal", "operator"])
-@pytest.mark.parametrize("mode", ["cri", "name"])
+@pytest.mark.parametrize("mode", ["default", "name"])
 def test_register_twice_then_undo_restores_every_byte(containerd_version: str, environment: Environment,
                                                       tmp_path: Path, kind: str, mode: str):
     version, bin_dir = containerd_version, environment.containerd_bin_dir(containerd_version)
@@ -157,7 +168,9 @@ def test_register_twice_then_undo_restores_every_byte(containerd_version: str, e
     config.parent.mkdir(parents=True)
     write_config(kind, version, config)
     before = tree(tmp_path)
-    args = ("--mode", mode, "--shim", str(shim), "--etc-dir", str(pyshim_etc))
+    args = (*(("--mode", mode) if mode != "default" else ()), "--shim", str(shim), "--etc-dir", str(pyshim_etc))
+    if mode == "default" and version == "1.6":
+        mode = "name"  # 1.6 ignores runtime_path for CRI pods: its default is name mode
 
     first = register(bin_dir, config, state, *args)
     registered = tree(tmp_path)
@@ -165,7 +178,7 @@ def test_register_twice_then_undo_restores_every_byte(containerd_version: str, e
     found = runtimes(dump(bin_dir, config), version)
     handler = found["pyshim"]
     assert (handler["runtime_type"], handler["runtime_path"]) == (
-        "io.containerd.runc.v2" if mode == "cri" else PYSHIM, str(shim))
+        RUNC_V2 if mode == "default" else PYSHIM, str(shim))
     assert found["default"] == "runc" and found["runc"]["runtime_type"] == RUNC_V2, found
     if mode == "name":
         # the runc options file the handler names exists
@@ -190,6 +203,18 @@ def test_register_twice_then_undo_restores_every_byte(containerd_version: str, e
     assert tree(tmp_path) == before
     # and undo again: nothing to do, nothing changes
     assert "nothing registered" in register(bin_dir, config, state, action="undo").stdout
+    assert tree(tmp_path) == before
+
+
+def test_cri_mode_is_refused_on_containerd_1_6(environment: Environment, tmp_path: Path):
+    """1.6.20 accepts runtime_path but its CRI pods run under the Go shim all the same (test_registered_handler_serves
+    _pods shows 1.7 and 2.x using it): refused, with the modes that work there named, and nothing changed."""
+    config = tmp_path / "config.toml"
+    write_config("minimal", "1.6", config)
+    before = tree(tmp_path)
+    result = register(environment.containerd_bin_dir("1.6"), config, tmp_path / "state", "--mode", "cri", "--shim",
+                      "/bin/true", check=False)
+    assert result.returncode == 1 and "--mode name" in result.stderr and "--mode override" in result.stderr
     assert tree(tmp_path) == before
 
 
@@ -247,17 +272,18 @@ def test_a_broken_result_is_put_back(environment: Environment, tmp_path: Path):
 
 # --- 2. the shipped snippets -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode_line", sorted(SHIPPED), ids=lambda key: SHIPPED[key])
+@pytest.mark.parametrize("mode_line", sorted(SHIPPED), ids=lambda key: SHIPPED[key][0])
 def test_shipped_snippet_is_register_output_and_loads_on_its_own(mode_line, environment: Environment,
                                                                  containerd_log_dir: Path,
                                                                  request: pytest.FixtureRequest):
     mode, line = mode_line
-    snippet = SNIPPETS / SHIPPED[mode_line]
+    name, versions = SHIPPED[mode_line]
+    snippet = SNIPPETS / name
     printed = subprocess.run(["bash", str(REGISTER), "print", "--mode", mode, "--containerd-version", line],
                              capture_output=True, text=True, check=True, timeout=30).stdout
     assert snippet.read_text() == printed, f"{snippet} differs from `register.sh print --mode {mode}`"
 
-    for version in ("1.6", "1.7") if line == "1.7" else ("2",):
+    for version in versions:
         instance = Containerd(version, environment, log_dir=containerd_log_dir)
         track_containerd(request, instance)
 
@@ -324,8 +350,10 @@ def test_registered_handler_serves_pods(registered_cri, test_image: TestImage):
         status, info = cri.pod_sandbox_status(sandbox_id)
         container_id = start_counter(cri, containerd, test_image.ref, sandbox_id, config)
         _, container = cri.container_status(container_id)
+        runtime_type = default_runtime_type(containerd.version)
         assert (status.runtime_handler, info.get("runtimeType"), container.get("runtimeType")) == \
-            ("pyshim", RUNC_V2, RUNC_V2)
+            ("pyshim", runtime_type, runtime_type)
+        assert is_pyshim(shim)
         assert processes.parent_pid(container["pid"]) == shim
         assert cri.state(container_id) == "RUNNING"
     finally:
@@ -377,6 +405,7 @@ def test_cri_checkpoint_archive_is_read_by_checkpointctl(registered_cri, test_im
 def checkpoint_twice_in_one_second(containerd: Containerd, container_id: str, base: Path) -> dict:
     """`ctr task checkpoint --image-path` twice, both inside one wall-clock second (containerd's checkpoint image
     names carry the time to the second); retried (bounded) if the two straddle a second boundary."""
+    base.mkdir()
     for attempt in range(5):
         now = time.time()
         time.sleep(1 - (now - int(now)) + 0.01)  # start just after a second begins
@@ -418,12 +447,9 @@ def test_ctr_checkpoints_in_override_mode(containerd_version: str, environment: 
             container_id = instance.new_id("reg")
             instance.run(container_id, test_image, "sh", "-c", COUNTER, runtime=runtime)
             shim_pid = wait_until(lambda: instance.shim_pid(container_id), what=f"the shim of {container_id}")
-            argv = processes.cmdline(shim_pid)
             before = checkpoint_twice_in_one_second(instance, container_id, instance.tmp / f"images-{runtime}")
             outcomes[runtime] = {
-                # pyshim's launcher is a Python script: the interpreter runs it, by whichever name containerd used
-                "pyshim serves it": Path(argv[0]).name.startswith("python") and Path(argv[1]).name in (
-                    GO_SHIM_NAME, SHIM_NAME),
+                "pyshim serves it": is_pyshim(shim_pid),
                 **before,
             }
             instance.ctr("task", "rm", "-f", container_id, timeout=30)

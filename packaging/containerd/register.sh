@@ -6,7 +6,7 @@
 #   register.sh print --mode M --containerd-version V             # the standalone snippet for a mode, on stdout
 #
 # Modes:
-#   cri       (default) a CRI runtime handler `pyshim` of runtime type io.containerd.runc.v2 whose runtime_path is
+#   cri       (default; not on 1.6, which ignores runtime_path: name mode is its default) a CRI runtime handler `pyshim` of runtime type io.containerd.runc.v2 whose runtime_path is
 #             pyshim: containerd treats it exactly as the Go runc shim (checkpoint options, no stray images,
 #             CRI archives with a top-level stats-dump). ctr and nerdctl keep the Go shim.
 #   override  containerd-shim-runc-v2 -> pyshim in a directory ahead of the Go shim on containerd's PATH: EVERY
@@ -39,10 +39,9 @@ readonly MARK_END="# <<< pyshim registration <<<"
 readonly IMPORTS_MARK="# added by pyshim register.sh"
 readonly SYSTEMD_DEFAULT_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 readonly GO_SHIM_NAME=containerd-shim-runc-v2
-readonly DROPIN_NAME=pyshim.toml
 
 ACTION=register
-MODE=cri
+MODE=""
 CONFIG=/etc/containerd/config.toml
 CONTAINERD_BIN=
 CONTAINERD_VERSION=
@@ -89,7 +88,7 @@ parse_args() {
         esac
         shift
     done
-    case $MODE in cri | override | name) ;; *) die "unknown mode '$MODE': cri (default), override or name" ;; esac
+    case $MODE in "" | cri | override | name) ;; *) die "unknown mode '$MODE': cri (default), override or name" ;; esac
     [[ $HANDLER =~ ^[A-Za-z0-9_-]+$ ]] || die "handler name '$HANDLER' must be letters, digits, '-' or '_'"
     for path in "$CONFIG" "$SHIM" "$OVERRIDE_DIR" "$ETC_DIR" "$STATE_DIR" ${RUNC_ROOT:+"$RUNC_ROOT"}; do
         [[ $path == /* ]] || die "'$path' is not an absolute path"
@@ -128,8 +127,26 @@ version_line() {
 detect_version() {
     if [[ -n $CONTAINERD_VERSION ]]; then
         LINE=$(version_line "$CONTAINERD_VERSION")
-        return
+    else
+        detect_version_from_binary
     fi
+    choose_mode
+}
+
+# containerd 1.6 reads a CRI runtime's runtime_path but does not use it: measured on 1.6.20, a pod of such a handler
+# runs under the Go shim. Its CRI has no checkpoint either, so name mode loses nothing there and is its default.
+choose_mode() {
+    if [[ $LINE == 1.6 ]]; then
+        [[ $MODE != cri ]] || die "cri mode does not work on containerd 1.6: it ignores runtime_path for CRI pods," \
+            "which then run under the Go shim. Use --mode name (1.6's CRI cannot checkpoint anyway, so it" \
+            "loses nothing) or --mode override (docs/registration.md)"
+        MODE=${MODE:-name}
+    else
+        MODE=${MODE:-cri}
+    fi
+}
+
+detect_version_from_binary() {
     [[ -n $CONTAINERD_BIN ]] || die "no containerd on PATH: name it with --containerd PATH or --containerd-version V"
     local output
     output=$("$CONTAINERD_BIN" --version) || die "'$CONTAINERD_BIN --version' failed"
@@ -212,7 +229,7 @@ print_snippet() {
         echo "# $(runc_options_file) holds the handler's runc options (by hand: copy pyshim-runc.toml there)."
     fi
     if [[ $line != 2 ]]; then
-        echo "# 1.6/1.7: an imported file REPLACES config.toml's whole CRI section; use this as a drop-in only when"
+        echo "# $(line_label "$line"): an imported file REPLACES config.toml's whole CRI section; use this as a drop-in only when"
         echo "# config.toml has none, otherwise let register.sh merge it into config.toml."
     fi
     echo "version = $(config_schema "$line")"
@@ -226,7 +243,9 @@ print_snippet() {
 }
 
 config_schema() { if [[ $1 == 2 ]]; then echo 3; else echo 2; fi; }
-line_label() { if [[ $1 == 2 ]]; then echo "2.x"; else echo "1.6/1.7"; fi; }
+line_label() {
+    if [[ $1 == 2 ]]; then echo "2.x"; elif [[ $MODE == cri ]]; then echo "1.7"; else echo "1.6/1.7"; fi
+}
 mode_summary() {
     case $MODE in
         cri) echo "runtime type io.containerd.runc.v2, binary $SHIM" ;;
@@ -383,7 +402,7 @@ register_config() {
             "name with --handler, or remove it"
     fi
     default=$(dump_default_runtime "$before")
-    dropin="$(dirname "$CONFIG")/conf.d/$DROPIN_NAME"
+    dropin="$(dirname "$CONFIG")/conf.d/$(dropin_name)"
     glob="$(dirname "$CONFIG")/conf.d/*.toml"
     cover=$(imports_cover "$dropin")
     if [[ $LINE == 2 && $cover != other ]]; then
@@ -422,6 +441,9 @@ register_config() {
     fi
     check_result "$default"
 }
+
+# conf.d/pyshim.toml for the default handler, conf.d/pyshim-<handler>.toml for another one
+dropin_name() { if [[ $HANDLER == pyshim ]]; then echo pyshim.toml; else echo "pyshim-$HANDLER.toml"; fi; }
 
 print_dropin() {
     echo "# pyshim's CRI runtime handler \"$HANDLER\" ($(mode_summary)): written by register.sh; undo with"
