@@ -6,14 +6,15 @@
 #   register.sh print --mode M --containerd-version V             # the standalone snippet for a mode, on stdout
 #
 # Modes:
-#   cri       (default; not on 1.6, which ignores runtime_path: name mode is its default) a CRI runtime handler `pyshim` of runtime type io.containerd.runc.v2 whose runtime_path is
-#             pyshim: containerd treats it exactly as the Go runc shim (checkpoint options, no stray images,
-#             CRI archives with a top-level stats-dump). ctr and nerdctl keep the Go shim.
+#   cri       (default on 1.7 and 2.x) a CRI runtime handler `pyshim` of runtime type io.containerd.runc.v2 whose
+#             runtime_path is pyshim: containerd treats it exactly as the Go runc shim (checkpoint options, no
+#             stray images, CRI archives with a top-level stats-dump). ctr and nerdctl keep the Go shim.
+#             Refused on 1.6, which ignores runtime_path for CRI pods (they would run the Go shim).
 #   override  containerd-shim-runc-v2 -> pyshim in a directory ahead of the Go shim on containerd's PATH: EVERY
 #             io.containerd.runc.v2 container (ctr, nerdctl, CRI's runc handler) runs under pyshim, with the full
 #             treatment. Takes effect when containerd restarts (it caches where it found each shim binary).
 #   name      runtime io.containerd.pyshim.v2 (ctr/nerdctl --runtime io.containerd.pyshim.v2, CRI handler `pyshim`):
-#             moves nothing, but containerd treats that name as a foreign runtime (see the docs).
+#             moves nothing, but containerd treats that name as a foreign runtime (see the docs). 1.6's default.
 #
 # Options:
 #   --config PATH              containerd's config (default /etc/containerd/config.toml; need not exist)
@@ -229,8 +230,8 @@ print_snippet() {
         echo "# $(runc_options_file) holds the handler's runc options (by hand: copy pyshim-runc.toml there)."
     fi
     if [[ $line != 2 ]]; then
-        echo "# $(line_label "$line"): an imported file REPLACES config.toml's whole CRI section; use this as a drop-in only when"
-        echo "# config.toml has none, otherwise let register.sh merge it into config.toml."
+        echo "# $(line_label "$line"): an imported file REPLACES config.toml's whole CRI section; use this as a"
+        echo "# drop-in only when config.toml has none, otherwise let register.sh merge it into config.toml."
     fi
     echo "version = $(config_schema "$line")"
     echo
