@@ -260,10 +260,31 @@ def test_undo_keeps_an_operator_edit_made_after_registration(environment: Enviro
     assert text.replace(edit, "").rstrip() == original.rstrip()
 
 
-def test_a_broken_result_is_put_back(environment: Environment, tmp_path: Path):
-    """A config that already has a table register.sh would add: refused before any change, with the reason."""
+def test_a_state_dir_that_is_not_ours_is_refused(environment: Environment, tmp_path: Path):
+    """undo removes what register recorded and nothing else; a state dir with other files is never taken over."""
+    config, state = tmp_path / "config.toml", tmp_path / "state"
+    write_config("minimal", "2", config)
+    state.mkdir()
+    (state / "someone-elses").write_text("keep me")
+    before = tree(tmp_path)
+    result = register(environment.containerd_bin_dir("2"), config, state, "--shim", "/bin/true", check=False)
+    assert result.returncode == 1 and "not this script's" in result.stderr
+    assert tree(tmp_path) == before
+
+
+def test_a_result_that_does_not_load_is_put_back(environment: Environment, tmp_path: Path):
+    """The runtimes written as an inline table, which TOML forbids extending: the merged config does not load, so
+    register puts everything back and says why. A handler of the same name already there: refused up front."""
     bin_dir = environment.containerd_bin_dir("1.7")
     config, state = tmp_path / "config.toml", tmp_path / "state"
+    config.write_text('version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd]\n'
+                      '  runtimes = { runc = { runtime_type = "io.containerd.runc.v2" } }\n')
+    before = tree(tmp_path)
+    result = register(bin_dir, config, state, "--shim", "/bin/true", check=False)
+    assert result.returncode == 1 and "could not load the registered config" in result.stderr, result.stderr
+    assert "nothing was changed" in result.stderr
+    assert tree(tmp_path) == before
+
     config.write_text('version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.pyshim]\n'
                       '  runtime_type = "io.containerd.runc.v2"\n')
     before = tree(tmp_path)
@@ -438,7 +459,7 @@ def test_ctr_checkpoints_in_override_mode(containerd_version: str, environment: 
     shim = pyshim_binary(instance)
 
     def registration(config: Path) -> None:
-        register(instance.bin_dir, config, instance.tmp / "state", "--mode", "override", "--shim", shim,
+        register(instance.bin_dir, config, instance.tmp / "registration", "--mode", "override", "--shim", shim,
                  "--override-dir", str(override), "--search-path", instance.env["PATH"])
 
     try:
@@ -473,6 +494,46 @@ def test_ctr_checkpoints_in_override_mode(containerd_version: str, environment: 
     assert {key: named[key] for key in ("pyshim serves it", "exit codes", "images written")} == {
         "pyshim serves it": True, "exit codes": [0, 1], "images written": [image_path_sent, image_path_sent]}
     assert len(named["checkpoint images"]) == 1 and "already exists" in named["errors"][0], named
+
+
+@pytest.mark.parametrize("version", ["1.7", "2"])
+def test_override_takes_effect_at_restart_and_its_undo_needs_one(version: str, environment: Environment,
+                                                                 test_image: TestImage, containerd_log_dir: Path,
+                                                                 request: pytest.FixtureRequest):
+    """containerd caches where it found each shim binary (per binary name, for its lifetime): an override made
+    while it runs moves nothing until it restarts, and once undone, new runc v2 containers fail until it restarts."""
+    instance = Containerd(version, environment, log_dir=containerd_log_dir)
+    track_containerd(request, instance)
+    override = instance.tmp / "override"
+    instance.env["PATH"] = f"{override}:{instance.env['PATH']}"
+    args = ("--mode", "override", "--shim", pyshim_binary(instance), "--override-dir", str(override),
+            "--search-path", instance.env["PATH"])
+
+    def pyshim_runs_a_new_container() -> bool | str:
+        container_id = instance.new_id("ovr")
+        result = instance.run(container_id, test_image, "sleep", "600", runtime=RUNC_V2, check=False)
+        if result.returncode:
+            return result.stderr.strip().splitlines()[-1]
+        return is_pyshim(wait_until(lambda: instance.shim_pid(container_id), what=f"the shim of {container_id}"))
+
+    try:
+        instance.start()
+        instance.import_image(test_image)
+        seen = {"before": pyshim_runs_a_new_container()}
+        register(instance.bin_dir, instance.config_path, instance.tmp / "registration", *args)
+        seen["registered"] = pyshim_runs_a_new_container()
+        instance.restart()
+        seen["registered, restarted"] = pyshim_runs_a_new_container()
+        undone = register(instance.bin_dir, instance.config_path, instance.tmp / "registration", action="undo")
+        seen["undone"] = pyshim_runs_a_new_container()
+        instance.restart()
+        seen["undone, restarted"] = pyshim_runs_a_new_container()
+    finally:
+        instance.stop()
+    assert "WARNING" in undone.stdout
+    assert {key: value for key, value in seen.items() if key != "undone"} == {
+        "before": False, "registered": False, "registered, restarted": True, "undone, restarted": False}
+    assert f"{override}/{GO_SHIM_NAME}: no such file or directory" in seen["undone"]
 
 
 # --- 5. a Go client: runc v2's name, pyshim's binary per task ---------------------------------------------------------

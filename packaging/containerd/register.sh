@@ -507,6 +507,10 @@ do_register() {
         say "a different or altered registration is in place: undoing it first"
         undo_record
     fi
+    # the state dir holds only what this script puts there: never take over (or later empty) someone else's
+    if [[ -d $STATE_DIR ]] && [[ -n $(find "$STATE_DIR" -mindepth 1 -maxdepth 1 ! -name record ! -name backup) ]]; then
+        die "state directory $STATE_DIR holds files that are not this script's: choose another --state-dir"
+    fi
     local missing=() dir=$STATE_DIR
     while [[ ! -d $dir ]]; do
         missing+=("$dir")
@@ -589,7 +593,9 @@ undo_record() {
                 ;;
         esac
     done
-    rm -rf "$STATE_DIR"
+    # only what register put there; the directories go if that leaves them empty
+    rm -f "$STATE_DIR/backup/config.toml" "$(record_file)"
+    rmdir "$STATE_DIR/backup" "$STATE_DIR" 2>/dev/null || true
     for path in "${state_parents[@]}"; do rmdir "$path" 2>/dev/null || true; done
 }
 
@@ -611,8 +617,14 @@ do_undo() {
         say "nothing registered (no $(record_file)): nothing changed"
         return
     fi
+    local overridden=0
+    ! grep -q '^link-created' "$(record_file)" || overridden=1
     undo_record
     say "registration undone"
+    if ((overridden && !RESTART)); then
+        say "WARNING: a running containerd remembers where it found $GO_SHIM_NAME: until it restarts, new" \
+            "io.containerd.runc.v2 containers fail ('fork/exec ...: no such file or directory')"
+    fi
     restart_note
 }
 
