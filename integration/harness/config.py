@@ -9,8 +9,8 @@ None of the three versions has a config setting for the runc shim's options outs
 exists under CRI's runtimes), so the private runc root is given per container (`ctr run --runc-root`) instead.
 
 CRI is opt-in (`CriSettings`, for test_cri.py and test_registration.py): then the CRI plugins load, with two runtime
-handlers (none with `runtime_handlers=False`), `runc` (the Go shim, its runc state under the private runc root) and `pyshim` (its runc options from a config file
-naming the same root), a sandbox image that is a locally imported one, a private registry hosts directory (empty unless
+handlers (none with `runtime_handlers=False`), `runc` (the Go shim, its runc state under the private runc root) and
+`pyshim` (its runc options from a config file naming the same root), a sandbox image that is a locally imported one, a private registry hosts directory (empty unless
 a test serves images on loopback, harness/registry.py), CNI dirs that are empty private directories
 (pods use the host network, so CNI is never called), CDI off, and the streaming server on 127.0.0.1 with a port the
 kernel picks. CRI's own root and state live under containerd's, which are private already; NRI stays disabled.
