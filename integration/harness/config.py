@@ -8,12 +8,13 @@ never use are disabled: CRI (slow to start, and it would want CNI), snapshotters
 None of the three versions has a config setting for the runc shim's options outside the CRI plugin (`Root` only
 exists under CRI's runtimes), so the private runc root is given per container (`ctr run --runc-root`) instead.
 
-CRI is opt-in (`CriSettings`, for test_cri.py and test_registration.py): then the CRI plugins load, with two runtime
-handlers (none with `runtime_handlers=False`), `runc` (the Go shim, its runc state under the private runc root) and
-`pyshim` (its runc options from a config file naming the same root), a sandbox image that is a locally imported one, a private registry hosts directory (empty unless
+CRI is opt-in (`CriSettings`, for integration/test_cri.py only): then the CRI plugins load, with two runtime handlers,
+`runc` (the Go shim, its runc state under the private runc root) and `pyshim` (its runc options from a config file
+naming the same root), a sandbox image that is a locally imported one, a private registry hosts directory (empty unless
 a test serves images on loopback, harness/registry.py), CNI dirs that are empty private directories
 (pods use the host network, so CNI is never called), CDI off, and the streaming server on 127.0.0.1 with a port the
 kernel picks. CRI's own root and state live under containerd's, which are private already; NRI stays disabled.
+`runtime_handlers=False` (test_registration.py) leaves the runtime handlers and the default runtime's name out.
 `restrict_oom_score_adj`: CRI gives sandboxes oom_score_adj -998, which only CAP_SYS_RESOURCE may set, and the test
 machines' root lacks it (runc's nsexec: "failed to update /proc/self/oom_score_adj: Permission denied"); restricted,
 CRI never asks for less than containerd's own value.
