@@ -13,11 +13,13 @@ io.containerd.runc.v2. The modes and what is shown here, on real containerd 1.6,
   configuration is the snippet starts with its CRI plugin loaded.
 - cri mode (the default): a containerd started with register.sh's output on a minimal config (CRI enabled, no
   runtime handlers) serves the `pyshim` handler: a pod and a container under it run under pyshim's binary, reported as
-  runtime io.containerd.runc.v2. On 2.x, CRI CheckpointContainer through it gives an archive with a top-level
-  stats-dump on which `checkpointctl inspect --stats` and `show` work; under name mode's handler they do not.
+  runtime io.containerd.runc.v2 (1.6, which ignores runtime_path, gets name mode). On 2.x, CRI CheckpointContainer through it gives an archive with a top-level
+  stats-dump on which `checkpointctl inspect --stats` and `show` work (under name mode's handler `inspect --stats`
+  does not), and a CRI restore from it goes on from the checkpointed value.
 - override mode (what the docs recommend for ctr): `ctr task checkpoint --image-path` twice within one second both
-  succeed and leave no image in the content store; under the pyshim name, the same two leave an image (and on 2.x the
-  second one fails "already exists").
+  succeed and leave no image in the content store; under the pyshim name, the same two leave an image and the second
+  one fails "already exists". The override takes effect at containerd's restart, and its undo needs one.
+- a Go client's per-task runtime_path on a runc v2 container gets the full treatment with no registration at all.
 """
 
 from __future__ import annotations
@@ -35,12 +37,14 @@ import pytest
 from conftest import track_containerd
 from harness import processes
 from harness.containerd import CRI_NAMESPACE, PYSHIM, RUNC_V2, Containerd
-from harness.cri import CriClient
+from harness.cri import STATE_NAMES, CriClient, container_config
 from harness.environment import Environment, parse_env_text
 from harness.grpc_client import ContainerdClient
 from harness.image import TestImage, build_pause_image
+from harness.registry import Registry
 from harness.waiting import wait_until
-from test_cri import archive_members, remove_pod, run_pod, runs_under, start_counter
+from test_cri import (archive_members, checkpoint_counter, counter_path, read_counter, remove_pod, run_pod, runs_under,
+                      start_counter)
 
 from shim.api.containerd.runc.options import oci_pb2
 
@@ -421,6 +425,41 @@ def test_cri_checkpoint_archive_is_read_by_checkpointctl(registered_cri, test_im
     # Under pyshim's own runtime name CRI sends no CheckpointOptions: no top-level stats-dump, no statistics.
     assert outcomes["pyshim-name"]["top-level stats-dump"] is False
     assert outcomes["pyshim-name"]["inspect --stats"] is False
+
+
+def test_cri_restore_through_registered_handler(registered_cri, test_image: TestImage):
+    """containerd 2.1's CRI restore (CreateContainer from a CheckpointContainer archive) under the cri-mode handler:
+    the restored counter goes on from its checkpointed value (test_cri.py says why the base image is served from a
+    registry on 127.0.0.1)."""
+    containerd, cri = registered_cri
+    if containerd.version != "2":
+        pytest.skip(f"containerd {containerd.version} has no CRI checkpoint or restore (from 2.0 and 2.1)")
+    with Registry() as registry:
+        registry.configure(containerd.registry_config_dir)
+        image = registry.add(test_image, "pyshim-test/busybox")
+        cri.pull_image(image)
+        archive = containerd.tmp / "restore.tar"
+        checkpointed, (low, high) = checkpoint_counter(cri, containerd, image, "pyshim", archive)
+        assert checkpointed["error"] is None and "stats-dump" in checkpointed["archive holds"], checkpointed
+        sandbox_id, config = run_pod(cri, containerd, "regrestore", "pyshim")
+        try:
+            shim = runs_under(containerd, sandbox_id, "pyshim")
+            container_id = cri.create_container(sandbox_id, container_config("counter", str(archive)), config)
+            cri.start_container(container_id)
+            status, info = cri.container_status(container_id)
+            path, seen = counter_path(containerd, container_id), []
+
+            def advanced() -> bool:
+                if (value := read_counter(path)) is not None:
+                    seen.append(value)
+                return len(seen) > 1 and seen[-1] >= seen[0] + 3
+            wait_until(advanced, what="the restored counter to advance")
+            outcome = (STATE_NAMES[status.state], status.annotations.get("restored"), info.get("runtimeType"),
+                       is_pyshim(shim) and processes.parent_pid(info["pid"]) == shim,
+                       low <= seen[0] <= high + 3 and min(seen) >= low)
+        finally:
+            remove_pod(cri, sandbox_id)
+    assert outcome == ("RUNNING", "true", RUNC_V2, True, True), (outcome, seen, low, high)
 
 
 # --- 4. ctr in override mode ------------------------------------------------------------------------------------------
