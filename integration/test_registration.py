@@ -13,9 +13,10 @@ io.containerd.runc.v2. The modes and what is shown here, on real containerd 1.6,
   configuration is the snippet starts with its CRI plugin loaded.
 - cri mode (the default): a containerd started with register.sh's output on a minimal config (CRI enabled, no
   runtime handlers) serves the `pyshim` handler: a pod and a container under it run under pyshim's binary, reported as
-  runtime io.containerd.runc.v2 (1.6, which ignores runtime_path, gets name mode). On 2.x, CRI CheckpointContainer through it gives an archive with a top-level
-  stats-dump on which `checkpointctl inspect --stats` and `show` work (under name mode's handler `inspect --stats`
-  does not), and a CRI restore from it goes on from the checkpointed value.
+  runtime io.containerd.runc.v2 (1.6, which ignores runtime_path, gets name mode). On 2.x, CRI CheckpointContainer
+  through it gives an archive with a top-level stats-dump on which `checkpointctl inspect --stats` and `show` work
+  (under name mode's handler `inspect --stats` does not), and a CRI restore from it goes on from the checkpointed
+  value.
 - override mode (what the docs recommend for ctr): `ctr task checkpoint --image-path` twice within one second both
   succeed and leave no image in the content store; under the pyshim name, the same two leave an image and the second
   one fails "already exists". The override takes effect at containerd's restart, and its undo needs one.
