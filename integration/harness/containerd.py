@@ -48,11 +48,14 @@ class Containerd:
     """One containerd instance for tests. Use as a context manager, or call start() and stop()."""
 
     def __init__(self, version: str, environment: Environment, *, log_dir: Path,
-                 namespace: str | None = None, base_dir: Path = Path("/tmp"), cri_sandbox_image: str | None = None):
+                 namespace: str | None = None, base_dir: Path = Path("/tmp"), cri_sandbox_image: str | None = None,
+                 cri_runtime_handlers: bool = True):
         """cri_sandbox_image enables the CRI plugin (off otherwise) with that image (one to import into
-        CRI_NAMESPACE before a pod is run: nothing can be pulled) as every pod's sandbox image; see config.py."""
+        CRI_NAMESPACE before a pod is run: nothing can be pulled) as every pod's sandbox image; see config.py.
+        cri_runtime_handlers=False leaves CRI's runtimes to the test (CriSettings.runtime_handlers)."""
         self.version = version
         self.cri_sandbox_image = cri_sandbox_image
+        self.cri_runtime_handlers = cri_runtime_handlers
         self.bin_dir = environment.containerd_bin_dir(version)
         # Short paths: unix socket paths are limited to 108 bytes.
         self.tmp = Path(tempfile.mkdtemp(prefix=f"psh{version.replace('.', '')}-", dir=base_dir))
@@ -93,7 +96,8 @@ class Containerd:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def start(self, timeout: float = START_TIMEOUT) -> None:
+    def start(self, timeout: float = START_TIMEOUT, configure: Callable[[Path], object] | None = None) -> None:
+        """configure, if given, is called with the written config.toml's path before containerd starts."""
         for directory in (self.root, self.state, self.runc_root, self.fifo_dir, self.tmp / "tmp"):
             directory.mkdir(parents=True, exist_ok=True)
         paths = ContainerdPaths(self.root, self.state, self.tmp / "tmp", self.address, self.ttrpc_address)
@@ -104,8 +108,10 @@ class Containerd:
                 directory.mkdir(parents=True, exist_ok=True)
             self.registry_config_dir.mkdir(exist_ok=True)
             cri = CriSettings(self.cri_sandbox_image, self.runc_root, self.pyshim_config(), cni / "bin", cni / "conf",
-                              self.registry_config_dir)
+                              self.registry_config_dir, self.cri_runtime_handlers)
         self.config_path.write_text(render_config(self.version, paths, cri))
+        if configure is not None:
+            configure(self.config_path)
         self._launch(timeout)
 
     def _launch(self, timeout: float) -> None:

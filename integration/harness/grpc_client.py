@@ -120,12 +120,15 @@ class ContainerdClient:
         return [Blob(d.media_type, d.digest, d.size) for d in reply.descriptors]
 
     def create_task(self, container_id: str, *, checkpoint: Blob | None = None, options: Message | None = None,
-                    stdout: str = "", stderr: str = "") -> int:
+                    stdout: str = "", stderr: str = "", runtime_path: str = "") -> int:
         """Create the task of an existing container, its rootfs from the container's snapshot (as the Go
-        client does); with `checkpoint`, containerd extracts that criu tar and the shim restores from it."""
+        client does); with `checkpoint`, containerd extracts that criu tar and the shim restores from it;
+        with `runtime_path`, that shim binary serves the task whatever the container's runtime name (the Go
+        client's WithRuntimePath)."""
         record = self.container(container_id)
         request = tasks.CreateTaskRequest(container_id=container_id, stdout=stdout, stderr=stderr,
-                                          rootfs=self.mounts(record.snapshotter, record.snapshot_key))
+                                          rootfs=self.mounts(record.snapshotter, record.snapshot_key),
+                                          runtime_path=runtime_path)
         if checkpoint is not None:
             request.checkpoint.CopyFrom(checkpoint.descriptor())
         if options is not None:
