@@ -1,6 +1,6 @@
-"""Reading /opt/pyshim/env: where the installer put CRIU, the venv and each containerd version.
+"""Reading /opt/pyshim/env: where the installers put the shim, CRIU, the venv and each containerd version.
 
-The installer (packaging/install.sh) writes shell `KEY=VALUE` lines; this module parses them without running a
+The test provisioning (packaging/install-test.sh) writes shell `KEY=VALUE` lines; this module parses them without running a
 shell and answers "where is containerd X" and "which version did the installer unpack".
 """
 
@@ -60,6 +60,12 @@ class Environment:
     @property
     def python(self) -> Path:
         return self.venv / "bin" / "python"
+
+    @property
+    def shim(self) -> Path:
+        """The shim containerd runs: the installed one (the pyshim .deb's /usr/bin/containerd-shim-pyshim-v2), or
+        a developer's launcher; never one the test venv provides."""
+        return self._path("PYSHIM_SHIM")
 
     @property
     def criu(self) -> Path:
