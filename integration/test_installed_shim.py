@@ -108,7 +108,7 @@ def hiding_containerd_bin(real_bin: Path, into: Path) -> Path:
 def test_a_container_runs_and_checkpoints_with_the_checkout_hidden(
         installed, request: pytest.FixtureRequest, environment: Environment, test_image: TestImage,
         containerd_log_dir: Path, tmp_path: Path):
-    launcher, _, _ = installed
+    launcher, interpreter, _ = installed
     instance = Containerd("2", environment, log_dir=containerd_log_dir)
     track_containerd(request, instance)
     real_bin = instance.bin_dir
@@ -125,7 +125,7 @@ def test_a_container_runs_and_checkpoints_with_the_checkout_hidden(
         assert shim is not None, instance.log_tail()
         # The shim server runs the installed launcher and cannot see the checkout at all.
         argv = processes.cmdline(shim)
-        assert str(launcher) in argv, argv
+        assert argv[:2] == interpreter and Path(argv[2]).resolve() == launcher, argv
         assert os.listdir(f"/proc/{shim}/root{REPO}") == []
         time.sleep(0.5)
         images = tmp_path / "checkpoint"
