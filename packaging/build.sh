@@ -241,7 +241,7 @@ case "$1" in
     remove | deconfigure)
         register=/usr/share/pyshim/containerd/register.sh
         if [ -f "$register" ] && [ "${PYSHIM_KEEP_REGISTRATION:-0}" != 1 ]; then
-            if ! sh "$register" undo; then
+            if ! bash "$register" undo; then
                 echo "pyshim: '$register undo' failed, so containerd may still name pyshim; the package stays installed." >&2
                 echo "pyshim: fix what it reported and remove again, or remove with PYSHIM_KEEP_REGISTRATION=1 and undo by hand." >&2
                 exit 1

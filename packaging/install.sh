@@ -611,6 +611,8 @@ remove_legacy_shim_link() {
 # pyshim from a wheel, for hosts that take no .deb: the same layout under /usr/local/lib/pyshim.
 install_wheel() {
     local wheel=$1 site=$WHEEL_PREFIX/site pip_python
+    # pip comes from a throwaway venv of Debian's python3, the interpreter the launcher runs.
+    /usr/bin/python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || install_system_packages python3-venv
     ensure_pycriu
     pip_python=$(mktemp -d /tmp/pyshim-pip.XXXXXX)
     run_logged "$LOG_DIR/wheel.log" /usr/bin/python3 -m venv "$pip_python"
