@@ -109,7 +109,7 @@ build_wheel() {
         <("$BUILD_PYTHON" -c 'import sys, zipfile; print("\n".join(zipfile.ZipFile(sys.argv[1]).namelist()))' "$WHEEL" |
             grep '^shim/' | sort))
     [[ -z $missing ]] || build_die "the wheel lacks files of the checkout's shim/:"$'\n'"$missing"
-    say "build: $WHEEL ($(unzip -l "$WHEEL" 2>/dev/null | tail -n 1 | awk '{print $2}' || echo '?') files)"
+    say "build: $WHEEL ($("$BUILD_PYTHON" -c 'import sys, zipfile; print(len(zipfile.ZipFile(sys.argv[1]).namelist()))' "$WHEEL") files)"
 }
 
 # The shim's launcher: Debian's python3, isolated and without site processing (no .pth files, no

@@ -201,7 +201,8 @@ ensure_venv() {
     local have=""
     if [[ -x $VENV/bin/python ]]; then
         have=$("$VENV/bin/python" -c 'import sys, platform; print(sys.base_prefix, platform.python_version())' 2>/dev/null || true)
-        if "$VENV/bin/python" -c 'import importlib.metadata as m; m.version("pyshim")' >/dev/null 2>&1 ||
+        # -I: not from the working directory (a checkout with pyshim.egg-info would answer)
+        if "$VENV/bin/python" -I -c 'import importlib.metadata as m; m.version("pyshim")' >/dev/null 2>&1 ||
             [[ -e $VENV/bin/containerd-shim-pyshim-v2 ]]; then
             have="holds pyshim"
         fi
