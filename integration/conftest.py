@@ -1,7 +1,7 @@
 """Fixtures for the integration suite: the installed environment, the test image, and started containerds.
 
 The suite is skipped as a whole (with the reason in the header and the skip report) when not run as root or when
-packaging/install.sh has not written /opt/pyshim/env. Every containerd a test starts is stopped in the fixture's
+packaging/install-test.sh has not written /opt/pyshim/env. Every containerd a test starts is stopped in the fixture's
 teardown; a session-wide fixture stops any left running after that (and harness.containerd registers the same
 safety net with atexit). A failing test's report gets the tail of each of its containerds' debug logs. At the end of
 the session, after every containerd is stopped, no network namespace, veth, iptables or nftables rule the tests made

@@ -72,9 +72,14 @@ class Containerd:
         self.namespace = namespace or ids.namespace()
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"containerd-{version}-{self.tmp.name}.log"
+        # The shim under test (PYSHIM_SHIM: the installed one) alone in a directory of its own, first on PATH: its
+        # real directory (/usr/bin) could hold a system containerd's binaries that would shadow this version's.
+        self.shim_dir = self.tmp / "shim"
+        self.shim_dir.mkdir()
+        (self.shim_dir / "containerd-shim-pyshim-v2").symlink_to(environment.shim)
         self.env = {
-            # Our shim (venv) and this version's own shim and ctr come first; the system's runc stays reachable.
-            "PATH": ":".join([str(environment.venv / "bin"), str(self.bin_dir), *SYSTEM_PATH]),
+            # Our shim and this version's own shim and ctr come first; the system's runc stays reachable.
+            "PATH": ":".join([str(self.shim_dir), str(self.bin_dir), *SYSTEM_PATH]),
             "TMPDIR": str(self.tmp / "tmp"),
             "HOME": os.environ.get("HOME", "/root"),
             "LANG": "C.UTF-8",
