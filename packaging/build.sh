@@ -119,9 +119,10 @@ write_launcher() {
     cat >"$dest" <<LAUNCHER
 #!$python -IS
 # containerd-shim-pyshim-v2, written by pyshim packaging/build.sh: no site processing on containerd's hot path;
-# pyshim, protobuf and pyroute2 come from $site only, pycriu from $pycriu.
+# pyshim, protobuf and pyroute2 come from $site only; shim.criu.bindings loads pycriu from $pycriu when a
+# checkpoint or restore needs it (off sys.path, so PYSHIM_PYCRIU_PATH can point elsewhere).
 import sys
-sys.path[1:1] = ["$site", "$pycriu"]
+sys.path[1:1] = ["$site"]
 from shim.__main__ import main
 sys.exit(main())
 LAUNCHER

@@ -625,8 +625,9 @@ install_wheel() {
     cat <<LAUNCHER | write_if_changed "$WHEEL_PREFIX/bin/containerd-shim-pyshim-v2" 0755 || true
 #!/usr/bin/python3 -IS
 # containerd-shim-pyshim-v2, written by pyshim packaging/install.sh --wheel: no site processing on the hot path.
+# shim.criu.bindings finds pycriu in $PYCRIU_DIR, one of the places it knows.
 import sys
-sys.path[1:1] = ["$site", "$PYCRIU_DIR"]
+sys.path[1:1] = ["$site"]
 from shim.__main__ import main
 sys.exit(main())
 LAUNCHER
@@ -648,7 +649,9 @@ check_shim() {
     check=$(cd / && /usr/bin/python3 -IS -c "
 import sys
 sys.path[1:1] = $paths
-import shim, google.protobuf, pyroute2, pycriu.rpc_pb2, pycriu.images
+import shim, google.protobuf, pyroute2
+from shim.criu import bindings
+bindings.rpc_messages(), bindings.image_codec()
 print(shim.__file__, google.protobuf.__version__, pyroute2.__version__)" 2>&1) ||
         die "the installed shim's modules do not import with /usr/bin/python3:"$'\n'"$check"
     say "pyshim: $SHIM_INSTALLED -> $launcher, $(awk '/Version:/ {print $2}' <<<"$version"); shim, protobuf, pyroute2, pycriu import from $(dirname "$(dirname "${check%% *}")") (protobuf $(cut -d' ' -f2 <<<"$check"))"
