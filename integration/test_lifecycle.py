@@ -12,7 +12,8 @@ import re
 import time
 
 import pytest
-from harness.containerd import PYSHIM, RUNC_V2, Containerd
+from harness import logs
+from harness.containerd import PYSHIM, RUNC_V2, RUNTIMES, Containerd
 from harness.image import TestImage
 from harness.tasks import each_runtime, remove, task_status, wait_status
 
@@ -316,3 +317,29 @@ def test_oom_kill_is_published(containerd: Containerd, test_image: TestImage):
     outcomes = each_runtime(scenario)
     assert outcomes[PYSHIM] == (True, 137)
     assert outcomes[PYSHIM] == outcomes[RUNC_V2]
+
+
+def test_shim_log_lines_carry_the_go_shims_fields(containerd: Containerd, test_image: TestImage):
+    """containerd copies each shim's log fifo into its own log: pyshim's lines there have the Go shim's shape (logrus
+    text, RFC 3339 nanosecond time) and at least its field names, so a filter written for the Go shim (namespace=,
+    pid=, path=, runtime=) finds pyshim's lines. Compared: each shim's server start line (the Go shim's "starting
+    signal loop"), by the container's bundle path; and every pyshim line carries runtime, namespace and pid."""
+    bundles = {}
+    for runtime in (PYSHIM, RUNC_V2):
+        container_id = containerd.new_id()
+        bundles[runtime] = str(containerd.bundle(container_id))
+        containerd.run(container_id, test_image, "true", runtime=runtime, detach=False, extra=["--rm"])
+    lines = [logs.logfmt_fields(line) for line in containerd.log_path.read_text(errors="replace").splitlines()]
+    by_runtime = {runtime: [fields for fields in lines if fields.get("runtime") == runtime] for runtime in RUNTIMES}
+    start = {runtime: [fields for fields in by_runtime[runtime] if fields.get("path") == bundles[runtime]]
+             for runtime in RUNTIMES}
+    assert start[RUNC_V2], f"no Go shim line names its bundle {bundles[RUNC_V2]}:\n{containerd.log_tail()}"
+    assert start[PYSHIM], f"no pyshim line names its bundle {bundles[PYSHIM]}:\n{containerd.log_tail()}"
+    go, ours = start[RUNC_V2][0], start[PYSHIM][0]
+    assert set(go) <= set(ours), f"fields the Go shim's line has and pyshim's lacks: {set(go) - set(ours)}"
+    assert ours["namespace"] == go["namespace"] == containerd.namespace
+    stamp = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}(Z|[+-]\d\d:\d\d)$")
+    assert stamp.match(go["time"]) and stamp.match(ours["time"]), (go["time"], ours["time"])
+    pids = {fields.get("pid") for fields in by_runtime[PYSHIM]}
+    assert pids == {ours["pid"]} and all(fields.get("namespace") == containerd.namespace
+                                         for fields in by_runtime[PYSHIM]), by_runtime[PYSHIM]
