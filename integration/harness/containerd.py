@@ -5,6 +5,10 @@ the subreaper, so the shims it daemonises are reaped); `ctr` invocations bound t
 and the teardown: tasks and containers removed through ctr, runc containers left in its private runc root deleted,
 containerd stopped by pid, orphaned shims killed by pid, mounts under the temp dir unmounted, the namespace cgroups
 removed, the temp dir deleted. Only the debug log survives, for failure reports.
+
+`Containerd(..., cgroup2=True)` starts containerd in a mount namespace whose /sys/fs/cgroup is the cgroup2 hierarchy
+(harness.cgroup2_view): it and everything it starts run as on a cgroup v2 host, and `runc()` runs runc in such a
+namespace too.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import cgroups, commands, ids, logs, mounts, processes
+from . import cgroup2_view, cgroups, commands, ids, logs, mounts, processes
 from .config import ContainerdPaths, CriSettings, render_config
 from .environment import Environment
 from .events import EventStream
@@ -48,10 +52,13 @@ class Containerd:
     """One containerd instance for tests. Use as a context manager, or call start() and stop()."""
 
     def __init__(self, version: str, environment: Environment, *, log_dir: Path,
-                 namespace: str | None = None, base_dir: Path = Path("/tmp"), cri_sandbox_image: str | None = None):
+                 namespace: str | None = None, base_dir: Path = Path("/tmp"), cri_sandbox_image: str | None = None,
+                 cgroup2: bool = False):
         """cri_sandbox_image enables the CRI plugin (off otherwise) with that image (one to import into
-        CRI_NAMESPACE before a pod is run: nothing can be pulled) as every pod's sandbox image; see config.py."""
+        CRI_NAMESPACE before a pod is run: nothing can be pulled) as every pod's sandbox image; see config.py.
+        cgroup2 runs containerd (and so its shims, runc, CRIU) in a cgroup v2 view of the host: cgroup2_view.py."""
         self.version = version
+        self.cgroup2 = cgroup2
         self.cri_sandbox_image = cri_sandbox_image
         self.bin_dir = environment.containerd_bin_dir(version)
         # Short paths: unix socket paths are limited to 108 bytes.
@@ -106,14 +113,17 @@ class Containerd:
             cri = CriSettings(self.cri_sandbox_image, self.runc_root, self.pyshim_config(), cni / "bin", cni / "conf",
                               self.registry_config_dir)
         self.config_path.write_text(render_config(self.version, paths, cri))
+        if self.cgroup2 and str(self.tmp) not in mounts.mounts_under(self.tmp):
+            cgroup2_view.share(self.tmp)
         self._launch(timeout)
 
     def _launch(self, timeout: float) -> None:
         # One subreaper per containerd process; each keeps its own pid/status files (a restart must not reuse them).
         name = "containerd" if not self._retired else f"containerd-{len(self._retired)}"
+        argv = [str(self.bin_dir / "containerd"), "--config", str(self.config_path)]
         with open(self.log_path, "ab") as log:
             self._process = supervise(
-                [str(self.bin_dir / "containerd"), "--config", str(self.config_path)],
+                cgroup2_view.wrap(argv) if self.cgroup2 else argv,
                 name=name, run_dir=self.tmp, env=self.env, stdout=log, stderr=log,
             )
         self._wait_ready(timeout)
@@ -184,7 +194,8 @@ class Containerd:
                     except subprocess.TimeoutExpired:
                         notes += [f"killed leftover process {pid}" for pid in supervised.terminate(STOP_TIMEOUT)]
                 supervised.close()
-            notes += [f"unmounted {point}" for point in mounts.unmount_all_under(self.tmp)]
+            left = cgroup2_view.unshare_dir(self.tmp) if self.cgroup2 else mounts.unmount_all_under(self.tmp)
+            notes += [f"unmounted {point}" for point in left]
             for namespace in filter(ids.is_test_namespace, self._namespaces_seen):
                 # Only names this harness made up: an empty /default cgroup may belong to the host's containerd.
                 notes += [f"cgroup still busy: {path}" for path in cgroups.remove_cgroup_tree(namespace)]
@@ -217,7 +228,7 @@ class Containerd:
             return notes
         for state_root in sorted(self.runc_root.iterdir()):
             self._namespaces_seen.add(state_root.name)
-            runc = Runc(state_root, self.env)
+            runc = self._runc_on(state_root)
             for container in runc.list():
                 runc.delete(container["id"], force=True, check=False)
                 notes.append(f"runc delete -f {state_root.name}/{container['id']}")
@@ -254,6 +265,11 @@ class Containerd:
         """Run this version's ctr against this containerd, in the test namespace unless told otherwise."""
         if namespace is not None:
             self._namespaces_seen.add(namespace)
+        if self.cgroup2 and (args[:1] == ("run",) or args[:2] in (("containers", "create"), ("c", "create"))):
+            # ctr asks cpu shares 1024 unless told 0, which runc writes to cpu.weight on cgroup v2: a file of the
+            # cpu controller, which this view lacks (cgroup2_view.py).
+            position = 1 if args[0] == "run" else 2
+            args = (*args[:position], "--cpu-shares", "0", *args[position:])
         return commands.run([*self.ctr_argv(namespace), *args], env=self.env, check=check, timeout=timeout,
                             input=input)
 
@@ -316,8 +332,13 @@ class Containerd:
         return self.runc_root / (namespace or self.namespace)
 
     def runc(self, namespace: str | None = None) -> Runc:
-        """Plain runc on the state root the Go shim uses for a namespace's containers."""
-        return Runc(self.runc_state_root(namespace), self.env)
+        """Plain runc on the state root the Go shim uses for a namespace's containers (in the containerd's cgroup
+        view)."""
+        return self._runc_on(self.runc_state_root(namespace))
+
+    def _runc_on(self, state_root: Path) -> Runc:
+        # In the cgroup v2 view, runc must see the cgroups as the containers' runc saw them.
+        return Runc(state_root, self.env, wrap=cgroup2_view.wrap if self.cgroup2 else list)
 
     def adopted(self) -> list[int]:
         """Processes the subreapers of this instance adopted (shims, detached containers), past restarts included."""

@@ -195,12 +195,14 @@ def _freezer_cgroup(pid: int) -> str:
             entries = [line.rstrip("\n").split(":", 2) for line in f]
     except OSError:
         return ""
-    for _, controllers, path in entries:
-        if "freezer" in controllers.split(","):
-            return os.path.join("/sys/fs/cgroup/freezer", path.lstrip("/"))
+    # By what /sys/fs/cgroup is, as runc and CRIU decide: a v1 freezer line is still listed where the kernel has v1
+    # hierarchies mounted elsewhere (a cgroup v2 mount namespace on a hybrid host), but it is not runc's freezer.
+    unified = os.path.exists("/sys/fs/cgroup/cgroup.controllers")
     for hierarchy, controllers, path in entries:
-        if hierarchy == "0" and controllers == "" and not os.path.isdir("/sys/fs/cgroup/freezer"):
+        if unified and hierarchy == "0" and controllers == "":
             return os.path.join("/sys/fs/cgroup", path.lstrip("/"))  # cgroup v2: the unified path
+        if not unified and "freezer" in controllers.split(","):
+            return os.path.join("/sys/fs/cgroup/freezer", path.lstrip("/"))
     return ""
 
 

@@ -1,0 +1,76 @@
+"""A cgroup v2 host, simulated on a hybrid one: commands run in a mount namespace whose /sys/fs/cgroup is cgroup2.
+
+The test machines are cgroup v1 "hybrid" hosts: /sys/fs/cgroup is a tmpfs of v1 hierarchies plus the cgroup2 one at
+/sys/fs/cgroup/unified. runc, CRIU, containerd and both shims choose their cgroup mode by what /sys/fs/cgroup is, so
+a containerd started by `wrap()` (everything it starts inherits the namespace: shims, runc, CRIU, the containers'
+processes) runs as on a cgroup v2 host: runc makes v2 cgroups, pauses through cgroup.freeze, CRIU dumps v2 cgroups.
+
+What such a containerd cannot show: the controllers the host binds to v1 hierarchies (cpu, cpuacct, cpuset, memory,
+io/blkio, pids, ...) are absent from the cgroup2 hierarchy (a controller lives in one hierarchy only), so there are no
+limits, no memory or pids statistics and no OOM events in this mode.
+
+The namespace is made by `unshare --mount` with propagation left as it is, then /sys/fs/cgroup is made a slave (so
+the cgroup2 mount on it never propagates back) and cgroup2 is mounted there. It ends with its last process; no mount
+of its own is left on the host. `share()` makes a directory (a test containerd's temp dir) a shared mount first, so
+that what containerd and the shims mount below it inside the namespace (the bundles' rootfs) is seen on the host
+too, where the tests read containers' files; `unshare_dir()` undoes it. Cgroups runc makes there are in the host's
+unified hierarchy (/sys/fs/cgroup/unified/<namespace>/<id>), where harness.cgroups removes them.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+from . import commands, mounts
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+# Where a hybrid host mounts the cgroup2 hierarchy.
+UNIFIED = CGROUP_ROOT / "unified"
+# The controllers this mode cannot show, for skip reasons.
+V1_BOUND = "cpu, memory and pids"
+_SCRIPT = ('mount --make-rslave /sys/fs/cgroup && mount -t cgroup2 cgroup2 /sys/fs/cgroup && exec "$@"')
+
+
+def _fstype(path: Path) -> str | None:
+    """The filesystem type mounted exactly at path, from our mountinfo (the last mount there wins)."""
+    found = None
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        before, _, after = line.partition(" - ")
+        if before.split()[4] == str(path):
+            found = after.split()[0]
+    return found
+
+
+def unavailable_reason() -> str | None:
+    """Why the mode cannot run here, or None: it needs a hybrid host (cgroup2 at /sys/fs/cgroup/unified below a
+    /sys/fs/cgroup mount) and unshare."""
+    if _fstype(CGROUP_ROOT) == "cgroup2":
+        return "the host is cgroup v2 already: every containerd of the suite runs in v2 mode"
+    if _fstype(UNIFIED) != "cgroup2":
+        return f"no cgroup2 hierarchy at {UNIFIED} (a cgroup v1-only host) to give a containerd as /sys/fs/cgroup"
+    if shutil.which("unshare") is None:
+        return "unshare (util-linux) is not installed"
+    return None
+
+
+def wrap(argv: Sequence[str]) -> list[str]:
+    """argv run in a new mount namespace whose /sys/fs/cgroup is cgroup2; argv's process keeps the pid that
+    unshare had (unshare and the shell exec)."""
+    return [shutil.which("unshare") or "unshare", "--mount", "--propagation", "unchanged", "--",
+            "sh", "-c", _SCRIPT, "cgroup2-view", *argv]
+
+
+def share(directory: Path) -> None:
+    """Make directory a mount of its own in a shared peer group, so mounts made below it in a namespace made
+    afterwards by wrap() appear on the host (and the other way round)."""
+    commands.run(["mount", "--bind", str(directory), str(directory)], timeout=10)
+    commands.run(["mount", "--make-private", str(directory)], timeout=10)
+    commands.run(["mount", "--make-shared", str(directory)], timeout=10)
+
+
+def unshare_dir(directory: Path) -> list[str]:
+    """Unmount what is left below directory, then directory's own bind mount. Returns what was left below it."""
+    left = mounts.unmount_all_under(directory)
+    return [point for point in left if point != str(directory)]
