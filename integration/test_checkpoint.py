@@ -123,6 +123,7 @@ def image_files(directory: Path) -> set[str]:
 
 # --- 1. ctr containers checkpoint / restore ------------------------------------------------------------------------
 
+@pytest.mark.cgroup_v2
 def test_containers_checkpoint_and_live_restore_under_new_ids(containerd: Containerd, test_image: TestImage):
     def scenario(runtime):
         original = start_counter(containerd, test_image, runtime)
@@ -165,6 +166,7 @@ def test_containers_checkpoint_and_live_restore_under_new_ids(containerd: Contai
 
 # --- 2. a paused task --------------------------------------------------------------------------------------------
 
+@pytest.mark.cgroup_v2
 def test_paused_task_checkpointed_stays_paused_and_resumes(containerd: Containerd, test_image: TestImage):
     def scenario(runtime):
         container_id = start_counter(containerd, test_image, runtime)
@@ -203,6 +205,7 @@ def _flags_reach(containerd: Containerd, runtime: str) -> bool:
     return runtime == RUNC_V2 or containerd.version.split(".")[0] != "1"
 
 
+@pytest.mark.cgroup_v2
 def test_task_checkpoint_exit_into_image_path_and_restore_from_it(containerd: Containerd, test_image: TestImage):
     def scenario(runtime):
         images, work = containerd.tmp / f"images-{runtime}", containerd.tmp / f"work-{runtime}"

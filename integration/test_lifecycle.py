@@ -12,12 +12,13 @@ import re
 import time
 
 import pytest
-from harness import logs
+from harness import cgroup2_view, logs
 from harness.containerd import PYSHIM, RUNC_V2, RUNTIMES, Containerd
 from harness.image import TestImage
 from harness.tasks import each_runtime, remove, task_status, wait_status
 
 
+@pytest.mark.cgroup_v2
 def test_attached_run_exit_code_and_output(containerd: Containerd, test_image: TestImage):
     def scenario(runtime):
         result = containerd.run(containerd.new_id(), test_image, "sh", "-c", "echo to-out; echo to-err >&2; exit 3",
@@ -42,6 +43,7 @@ def test_run_rm_leaves_nothing(containerd: Containerd, test_image: TestImage):
     assert outcomes[PYSHIM] == outcomes[RUNC_V2]
 
 
+@pytest.mark.cgroup_v2
 def test_detached_signals_exit_status_and_events(containerd: Containerd, test_image: TestImage):
     def scenario(runtime):
         container_id = containerd.new_id()
@@ -75,6 +77,7 @@ def test_detached_signals_exit_status_and_events(containerd: Containerd, test_im
     assert outcomes[PYSHIM] == go
 
 
+@pytest.mark.cgroup_v2
 def test_exec_output_exit_code_and_ps(containerd: Containerd, test_image: TestImage):
     def scenario(runtime):
         container_id = containerd.new_id()
@@ -141,6 +144,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.cgroup_v2
 def test_pause_and_resume(containerd: Containerd, test_image: TestImage):
     def scenario(runtime):
         container_id = containerd.new_id()
@@ -162,6 +166,7 @@ def test_pause_and_resume(containerd: Containerd, test_image: TestImage):
     assert outcomes[PYSHIM] == outcomes[RUNC_V2]
 
 
+@pytest.mark.cgroup_v2
 def test_metrics_report_the_same_fields(containerd: Containerd, test_image: TestImage):
     def scenario(runtime):
         container_id = containerd.new_id()
@@ -174,6 +179,16 @@ def test_metrics_report_the_same_fields(containerd: Containerd, test_image: Test
         return rows
 
     outcomes = each_runtime(scenario)
+    if containerd.cgroup2:
+        # Both report v2 metrics. Of the controllers only what cgroup2 holds here is real (cgroup2_view.py): pyshim
+        # reads cpu.stat, which every v2 cgroup has (the kernel's own accounting), and leaves out what has no file;
+        # the Go shim reads cpu.stat only with the cpu controller enabled and fills pids, cpu and memory with zeros.
+        assert int(outcomes[PYSHIM]["cpu.usage_usec"]) > 0 and int(outcomes[RUNC_V2]["cpu.usage_usec"]) == 0
+        assert {key.split(".")[0] for key in outcomes[PYSHIM]} == {"cpu"}
+        assert {key for key in outcomes[RUNC_V2] if key.startswith("cpu.")} <= outcomes[PYSHIM].keys()
+        assert {"pids.current", "memory.usage"} <= outcomes[RUNC_V2].keys()
+        print(f"NOTE memory metrics not compared: {cgroup2_view.NO_V1_CONTROLLERS}")
+        return
     assert int(outcomes[PYSHIM].get("memory.usage_in_bytes", outcomes[PYSHIM].get("memory.usage", "0"))) > 0
     assert outcomes[PYSHIM].keys() == outcomes[RUNC_V2].keys()
 
@@ -300,7 +315,11 @@ def _wait_for_file(path: str, lines: int, timeout: float = 10) -> str:
         time.sleep(0.05)
 
 
+@pytest.mark.cgroup_v2
 def test_oom_kill_is_published(containerd: Containerd, test_image: TestImage):
+    if containerd.cgroup2:
+        pytest.skip(cgroup2_view.NO_V1_CONTROLLERS)
+
     def scenario(runtime):
         container_id = containerd.new_id()
         with containerd.events() as events:

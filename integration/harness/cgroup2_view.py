@@ -28,8 +28,10 @@ from . import commands, mounts
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 # Where a hybrid host mounts the cgroup2 hierarchy.
 UNIFIED = CGROUP_ROOT / "unified"
-# The controllers this mode cannot show, for skip reasons.
-V1_BOUND = "cpu, memory and pids"
+# Why limits, memory metrics and OOM kills are not shown in this view (skip reasons).
+NO_V1_CONTROLLERS = ("cgroup v2 view of a cgroup v1 hybrid host: the cpu, memory and pids controllers are bound to "
+                     "the host's v1 hierarchies, so they are absent from cgroup2 and no limit, memory metric or OOM "
+                     "kill can be shown")
 _SCRIPT = ('mount --make-rslave /sys/fs/cgroup && mount -t cgroup2 cgroup2 /sys/fs/cgroup && exec "$@"')
 
 

@@ -129,10 +129,12 @@ def runtime_restore_args(options: CheckpointOptions) -> list[str]:
     return args
 
 
-def restore_config(options: CheckpointOptions, *, user_config: str | None, action_script: str = "") -> str:
+def restore_config(options: CheckpointOptions, *, user_config: str | None, action_script: str = "",
+                   cgroup_root: str = "") -> str:
     """A CRIU configuration file for restore: the user's own (from org.criu.config or
     runc.conf) followed by what pyshim adds. CRIU reads it after the RPC options, so the
-    lines here win."""
+    lines here win. cgroup_root: the new container's cgroup on cgroup v2 (shim.cgroups.runc_path),
+    where the restored processes go instead of the cgroup they were dumped from."""
     lines = []
     if user_config:
         try:
@@ -150,6 +152,8 @@ def restore_config(options: CheckpointOptions, *, user_config: str | None, actio
         # then restores in its default (soft) mode; said here, it reaches CRIU whatever runc does.
         lines.append(f"manage-cgroups={options.manage_cgroups_mode}")
     lines.append(f"network-lock {network_lock(options)}")
+    if cgroup_root:
+        lines.append(f"cgroup-root :{cgroup_root}")  # ":" names the unified hierarchy (CRIU calls it "")
     if action_script:
         lines.append(f"action-script {action_script}")
     return "\n".join(lines) + "\n"
