@@ -9,8 +9,13 @@ What such a containerd cannot show: the controllers the host binds to v1 hierarc
 io/blkio, pids, ...) are absent from the cgroup2 hierarchy (a controller lives in one hierarchy only), so there are no
 limits, no memory or pids statistics and no OOM events in this mode.
 
-The namespace is made by `unshare --mount` with propagation left as it is, then /sys/fs/cgroup is made a slave (so
-the cgroup2 mount on it never propagates back) and cgroup2 is mounted there. It ends with its last process; no mount
+The kernel still lists the v1 hierarchies in /proc/<pid>/cgroup, and CRIU dumps (and on restore recreates) the
+whole subtree below a task's cgroup in each of them: at the host's root that would be every cgroup on the host. So
+the command first joins a cgroup of its own in each v1 hierarchy (`isolate_v1()`, below the caller's; cpuset's given
+its parent's cpus and mems), which on a real v2 host would not exist at all, and which `remove_v1()` removes.
+
+The namespace is made by `unshare --mount` with propagation left as it is; the v1 cgroups are joined, then
+/sys/fs/cgroup is made a slave (so the cgroup2 mount on it never propagates back) and cgroup2 is mounted there. It ends with its last process; no mount
 of its own is left on the host. `share()` makes a directory (a test containerd's temp dir) a shared mount first, so
 that what containerd and the shims mount below it inside the namespace (the bundles' rootfs) is seen on the host
 too, where the tests read containers' files; `unshare_dir()` undoes it. Cgroups runc makes there are in the host's
@@ -32,7 +37,9 @@ UNIFIED = CGROUP_ROOT / "unified"
 NO_V1_CONTROLLERS = ("cgroup v2 view of a cgroup v1 hybrid host: the cpu, memory and pids controllers are bound to "
                      "the host's v1 hierarchies, so they are absent from cgroup2 and no limit, memory metric or OOM "
                      "kill can be shown")
-_SCRIPT = ('mount --make-rslave /sys/fs/cgroup && mount -t cgroup2 cgroup2 /sys/fs/cgroup && exec "$@"')
+# sh -c _SCRIPT cgroup2-view <cgroup.procs files to join...> -- <command...>
+_SCRIPT = ('while [ "$1" != -- ]; do echo $$ > "$1" || exit 1; shift; done; shift; '
+           'mount --make-rslave /sys/fs/cgroup && mount -t cgroup2 cgroup2 /sys/fs/cgroup && exec "$@"')
 
 
 def _fstype(path: Path) -> str | None:
@@ -57,11 +64,55 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def wrap(argv: Sequence[str]) -> list[str]:
-    """argv run in a new mount namespace whose /sys/fs/cgroup is cgroup2; argv's process keeps the pid that
-    unshare had (unshare and the shell exec)."""
+def wrap(argv: Sequence[str], join: Sequence[Path] = ()) -> list[str]:
+    """argv run in a new mount namespace whose /sys/fs/cgroup is cgroup2, after joining the v1 cgroups `join`
+    (isolate_v1()); argv's process keeps the pid that unshare had (unshare and the shell exec)."""
     return [shutil.which("unshare") or "unshare", "--mount", "--propagation", "unchanged", "--",
-            "sh", "-c", _SCRIPT, "cgroup2-view", *argv]
+            "sh", "-c", _SCRIPT, "cgroup2-view", *(str(d / "cgroup.procs") for d in join), "--", *argv]
+
+
+def _v1_hierarchies() -> dict[frozenset[str], Path]:
+    """Mount point of each v1 hierarchy by its controllers (named ones as name=<name>), from our mountinfo."""
+    found = {}
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        before, _, after = line.partition(" - ")
+        fstype, _source, options = after.split()[:3]
+        if fstype == "cgroup":
+            found[frozenset(options.split(",")) - {"rw", "ro"}] = Path(before.split()[4])
+    return found
+
+
+def isolate_v1(name: str) -> list[Path]:
+    """A cgroup `name` below ours in every v1 hierarchy mounted here (see the module docstring); the directories,
+    in the order to join them."""
+    mounts_by_controllers = _v1_hierarchies()
+    made = []
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        hierarchy, controllers, path = line.split(":", 2)
+        wanted = frozenset(controllers.split(","))
+        mount = next((point for names, point in mounts_by_controllers.items() if wanted <= names), None)
+        if hierarchy == "0" or mount is None:
+            continue
+        directory = mount / path.lstrip("/") / name
+        directory.mkdir(exist_ok=True)
+        made.append(directory)
+        if "cpuset" in wanted:  # a new cpuset has no cpus or memory nodes to run on until given some
+            for item in ("cpuset.cpus", "cpuset.mems"):
+                (directory / item).write_text((directory.parent / item).read_text())
+    return made
+
+
+def remove_v1(directories: Sequence[Path]) -> list[Path]:
+    """rmdir what isolate_v1() made (once nothing runs there); returns those still busy."""
+    busy = []
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError:
+            busy.append(directory)
+    return busy
 
 
 def share(directory: Path) -> None:

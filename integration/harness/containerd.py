@@ -59,6 +59,7 @@ class Containerd:
         cgroup2 runs containerd (and so its shims, runc, CRIU) in a cgroup v2 view of the host: cgroup2_view.py."""
         self.version = version
         self.cgroup2 = cgroup2
+        self._v1_cgroups: list[Path] = []  # what cgroup2_view.isolate_v1() made for it
         self.cri_sandbox_image = cri_sandbox_image
         self.bin_dir = environment.containerd_bin_dir(version)
         # Short paths: unix socket paths are limited to 108 bytes.
@@ -115,6 +116,7 @@ class Containerd:
         self.config_path.write_text(render_config(self.version, paths, cri))
         if self.cgroup2 and str(self.tmp) not in mounts.mounts_under(self.tmp):
             cgroup2_view.share(self.tmp)
+            self._v1_cgroups = cgroup2_view.isolate_v1(f"pyshim-cg2-{self.tmp.name}")
         self._launch(timeout)
 
     def _launch(self, timeout: float) -> None:
@@ -123,7 +125,7 @@ class Containerd:
         argv = [str(self.bin_dir / "containerd"), "--config", str(self.config_path)]
         with open(self.log_path, "ab") as log:
             self._process = supervise(
-                cgroup2_view.wrap(argv) if self.cgroup2 else argv,
+                cgroup2_view.wrap(argv, join=self._v1_cgroups) if self.cgroup2 else argv,
                 name=name, run_dir=self.tmp, env=self.env, stdout=log, stderr=log,
             )
         self._wait_ready(timeout)
@@ -199,6 +201,7 @@ class Containerd:
             for namespace in filter(ids.is_test_namespace, self._namespaces_seen):
                 # Only names this harness made up: an empty /default cgroup may belong to the host's containerd.
                 notes += [f"cgroup still busy: {path}" for path in cgroups.remove_cgroup_tree(namespace)]
+            notes += [f"cgroup still busy: {path}" for path in cgroup2_view.remove_v1(self._v1_cgroups)]
             shutil.rmtree(self.tmp, ignore_errors=True)
         finally:
             _live.discard(self)
