@@ -25,6 +25,7 @@ unified hierarchy (/sys/fs/cgroup/unified/<namespace>/<id>), where harness.cgrou
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -102,17 +103,24 @@ def isolate_v1(name: str) -> list[Path]:
     return made
 
 
-def remove_v1(directories: Sequence[Path]) -> list[Path]:
-    """rmdir what isolate_v1() made (once nothing runs there); returns those still busy."""
-    busy = []
-    for directory in directories:
-        try:
-            directory.rmdir()
-        except FileNotFoundError:
-            pass
-        except OSError:
-            busy.append(directory)
-    return busy
+def remove_v1(directories: Sequence[Path], timeout: float = 3.0) -> list[Path]:
+    """rmdir what isolate_v1() made, once nothing runs there; returns those still busy after timeout seconds (a v1
+    cgroup can stay busy for a moment after its last process was reaped, seen on a loaded machine)."""
+    busy = list(directories)
+    deadline = time.monotonic() + timeout
+    while True:
+        left = []
+        for directory in busy:
+            try:
+                directory.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                left.append(directory)
+        if not left or time.monotonic() >= deadline:
+            return left
+        busy = left
+        time.sleep(0.05)
 
 
 def share(directory: Path) -> None:
