@@ -73,13 +73,15 @@ def wrap(argv: Sequence[str], join: Sequence[Path] = ()) -> list[str]:
 
 
 def _v1_hierarchies() -> dict[frozenset[str], Path]:
-    """Mount point of each v1 hierarchy by its controllers (named ones as name=<name>), from our mountinfo."""
+    """Mount point of each v1 hierarchy under /sys/fs/cgroup by its controllers (named ones as name=<name>), from
+    our mountinfo. (Not elsewhere: a CRIU at work mounts the same hierarchies in its transient cgroup yard.)"""
     found = {}
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         before, _, after = line.partition(" - ")
         fstype, _source, options = after.split()[:3]
-        if fstype == "cgroup":
-            found[frozenset(options.split(",")) - {"rw", "ro"}] = Path(before.split()[4])
+        point = Path(before.split()[4])
+        if fstype == "cgroup" and point.parent == CGROUP_ROOT:
+            found[frozenset(options.split(",")) - {"rw", "ro"}] = point
     return found
 
 
