@@ -1,0 +1,220 @@
+"""The `pyshim` command moving containers between two containerds ("hosts"): export, copy, restore under a new name.
+
+Two private containerds of one version stand for two hosts; the only thing that goes from one to the other is the
+archive file (copied to a directory of the second). Workloads:
+- a busybox shell counting in a shell variable (only the restored memory knows it) and writing each value to
+  /tmp/count; before the checkpoint it writes /root/marker and deletes /etc/group, so its rootfs changes are one
+  new file and one whiteout;
+- redis-server holding 20,000 keys in memory only (no RDB, no AOF), served on 127.0.0.1.
+The restored counter must go on from the checkpointed value, the marker must be there and /etc/group gone; the
+restored redis must answer DBSIZE 20000 and give the values back. Plain and gzip archives carry the counter, zstd
+the redis. checkpointctl (Debian's, run through the CRIU prefix's loader; skipped with the reason when absent) must
+read the export: `show`, and `inspect --stats` with CRIU's statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from harness.containerd import PYSHIM, Containerd
+from harness.environment import Environment
+from harness.image import TestImage
+from harness.redis_image import build_redis_image
+from harness.tasks import remove, task_status, wait_status
+
+COUNTER = ("rm /etc/group; echo written-before-checkpoint > /root/marker; "
+           "i=0; while :; do i=$((i+1)); printf '%08d\\n' $i 1<> /tmp/count; sleep 0.1; done")
+REDIS_SERVER = ("redis-server", "--bind", "127.0.0.1", "--port", "6379", "--save", "", "--appendonly", "no",
+                "--daemonize", "no", "--loglevel", "warning", "--enable-debug-command", "yes")
+KEYS = 20000
+PYSHIM_COMMAND = Path(sys.executable).parent / "pyshim"
+
+
+def pyshim(containerd: Containerd, store: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The console script against one containerd, its test namespace and a private checkpoint store."""
+    command = [str(PYSHIM_COMMAND)] if PYSHIM_COMMAND.exists() else [sys.executable, "-m", "shim.tool"]
+    return subprocess.run([*command, "--address", containerd.address, "--namespace", containerd.namespace,
+                           "--store", str(store), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def checkpointctl_path() -> Path | None:
+    """Where the test fixture packaging/fixtures/checkpointctl.sh installed checkpointctl, if it did."""
+    candidates = []
+    for env_file in (os.environ.get("PYSHIM_ENV_FILE", "/opt/pyshim/env"), "/opt/pyshim/fixtures.env"):
+        try:
+            for line in Path(env_file).read_text().splitlines():
+                if line.startswith("PYSHIM_CHECKPOINTCTL="):
+                    candidates.append(line.split("=", 1)[1].strip())
+        except OSError:
+            pass
+    candidates += ["/opt/pyshim/checkpointctl/checkpointctl", "/opt/pyshim/checkpointctl/bin/checkpointctl"]
+    return next((Path(c) for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+def runtime_config(containerd: Containerd) -> str:
+    return str(containerd.pyshim_config())
+
+
+@pytest.fixture
+def hosts(request, environment: Environment, test_image: TestImage, containerd_log_dir: Path):
+    """Two started containerds of one version, the test image imported into both."""
+    from conftest import track_containerd
+
+    version = getattr(request, "param", "2")
+    instances = []
+    try:
+        for _ in range(2):
+            instance = Containerd(version, environment, log_dir=containerd_log_dir)
+            track_containerd(request, instance)
+            instances.append(instance)
+            instance.start()
+            instance.import_image(test_image)
+        yield instances
+    finally:
+        for instance in instances:
+            instance.stop()
+
+
+def read_counter(containerd: Containerd, container_id: str) -> int | None:
+    try:
+        return int((containerd.bundle(container_id) / "rootfs/tmp/count").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def wait_counter_above(containerd: Containerd, container_id: str, value: int, timeout: float = 10) -> int:
+    deadline = time.monotonic() + timeout
+    while ((seen := read_counter(containerd, container_id)) or 0) <= value and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert seen is not None and seen > value, f"the counter of {container_id} stayed at {seen} (wanted > {value})"
+    return seen
+
+
+def exec_in(containerd: Containerd, container_id: str, *command: str, exec_id: str) -> str:
+    return containerd.ctr("task", "exec", "--exec-id", exec_id, container_id, *command, timeout=30).stdout
+
+
+@pytest.mark.parametrize("hosts", ["2", "1.7"], indirect=True, ids=lambda v: f"containerd-{v}")
+@pytest.mark.parametrize("suffix", [".tar", ".tar.gz"])
+def test_counter_moves_to_the_other_host_with_its_rootfs_changes(hosts, test_image: TestImage, tmp_path: Path,
+                                                                  suffix: str):
+    source, target = hosts
+    original, restored = source.new_id("counter"), target.new_id("moved")
+    source.run(original, test_image, "sh", "-c", COUNTER, runtime=PYSHIM)
+    try:
+        wait_counter_above(source, original, 3)
+        export = tmp_path / "source-host" / f"counter{suffix}"
+        export.parent.mkdir()
+        result = pyshim(source, tmp_path / "store-a", "checkpoint", "create", original, "--export", str(export))
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == str(export)
+        assert wait_status(source, original, "STOPPED") == "STOPPED"  # the default is --exit, as Podman's
+        last = read_counter(source, original)
+        assert sorted(p.name for p in export.parent.iterdir()) == [export.name]  # nothing half-written beside it
+
+        copied = tmp_path / "target-host" / export.name
+        copied.parent.mkdir()
+        shutil.copyfile(export, copied)
+        result = pyshim(target, tmp_path / "store-b", "restore", str(copied), "--name", restored,
+                        "--runtime-config", runtime_config(target))
+        assert result.returncode == 0, result.stderr
+        assert task_status(target, restored) == "RUNNING"
+        assert wait_counter_above(target, restored, last) > last
+        # (a counter started afresh would be far below the checkpointed value by now)
+        assert read_counter(target, restored) < last + 100
+        rootfs = target.bundle(restored) / "rootfs"
+        assert (rootfs / "root/marker").read_text() == "written-before-checkpoint\n"
+        assert not (rootfs / "etc/group").exists()
+        assert (rootfs / "etc/passwd").exists()
+        # the unpacked archive and the restore's work directory are gone
+        assert [p.name for p in (tmp_path / "store-b").iterdir()] == []
+    finally:
+        remove(source, original)
+        remove(target, restored)
+
+
+@pytest.fixture(scope="module")
+def redis_image(environment: Environment, tmp_path_factory: pytest.TempPathFactory) -> TestImage:
+    return build_redis_image(tmp_path_factory.mktemp("redis-image-cache"), environment.redis,
+                             busybox=environment.busybox)
+
+
+def redis_cli(containerd: Containerd, container_id: str, *command: str, exec_id: str) -> str:
+    return exec_in(containerd, container_id, "redis-cli", "-h", "127.0.0.1", "-p", "6379", *command,
+                   exec_id=exec_id).strip()
+
+
+def wait_for_pong(containerd: Containerd, container_id: str) -> None:
+    deadline = time.monotonic() + 15
+    for attempt in range(300):
+        result = containerd.ctr("task", "exec", "--exec-id", f"ping{attempt}", container_id, "redis-cli", "PING",
+                                check=False, timeout=20)
+        if result.stdout.strip() == "PONG":
+            return
+        assert time.monotonic() < deadline, f"redis-server did not answer: {result.stdout}{result.stderr}"
+        time.sleep(0.1)
+
+
+def test_redis_with_20k_keys_moves_in_a_zstd_archive_and_checkpointctl_reads_it(
+        hosts, redis_image: TestImage, tmp_path: Path):
+    source, target = hosts
+    for host in hosts:
+        host.import_image(redis_image)
+    original, restored = source.new_id("redis"), target.new_id("redis-moved")
+    source.run(original, redis_image, *REDIS_SERVER, runtime=PYSHIM)
+    try:
+        wait_for_pong(source, original)
+        assert redis_cli(source, original, "DEBUG", "POPULATE", str(KEYS), "key", "16", exec_id="populate") == "OK"
+        assert redis_cli(source, original, "DBSIZE", exec_id="size-before") == str(KEYS)
+        export = tmp_path / "redis.tar.zst"
+        result = pyshim(source, tmp_path / "store-a", "checkpoint", "create", original, "--export", str(export),
+                        "--leave-running", "--print-stats")
+        assert result.returncode == 0, result.stderr
+        path, _, stats_json = result.stdout.partition("\n")
+        assert path == str(export)
+        stats = json.loads(stats_json)["container_statistics"][0]
+        assert stats["Id"] == original
+        assert stats["criu_statistics"]["pages_written"] > 1000  # 20k keys are megabytes of heap
+        assert {"freezing_time", "frozen_time", "memdump_time", "memwrite_time", "pages_scanned"} <= set(
+            stats["criu_statistics"])
+        assert task_status(source, original) == "RUNNING"  # --leave-running
+        with open(export, "rb") as f:
+            assert f.read(4) == b"\x28\xb5\x2f\xfd"  # zstd's magic
+
+        copied = tmp_path / "target-host" / export.name
+        copied.parent.mkdir()
+        shutil.copyfile(export, copied)
+        # the source's server goes on and is told apart by a key the restored one must not have
+        assert redis_cli(source, original, "SET", "after-checkpoint", "yes", exec_id="after") == "OK"
+        result = pyshim(target, tmp_path / "store-b", "restore", str(copied), "--name", restored,
+                        "--runtime-config", runtime_config(target))
+        assert result.returncode == 0, result.stderr
+        assert redis_cli(target, restored, "DBSIZE", exec_id="size-after") == str(KEYS)
+        assert redis_cli(target, restored, "GET", "key:12345", exec_id="get") == "value:12345"
+        assert redis_cli(target, restored, "EXISTS", "after-checkpoint", exec_id="exists") == "0"
+
+        checkpointctl = checkpointctl_path()
+        if checkpointctl is None:
+            pytest.skip("checkpointctl is not installed (packaging/fixtures/checkpointctl.sh installs it): the "
+                        "migration was checked, checkpointctl's reading of the archive was not")
+        shown = subprocess.run([str(checkpointctl), "show", str(export)], capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0, shown.stderr
+        assert original[:12] in shown.stdout and redis_image.ref in shown.stdout
+        inspected = subprocess.run([str(checkpointctl), "inspect", "--stats", "--ps-tree", "--format", "json",
+                                    str(export)], capture_output=True, text=True, timeout=120)
+        assert inspected.returncode == 0, inspected.stderr
+        document = json.loads(inspected.stdout)
+        entry = document[0] if isinstance(document, list) else document
+        assert entry["checkpoint_size"]["rootfs_diff_size"] >= 0 if "checkpoint_size" in entry else True
+        assert entry["dump_statistics"]["pages_written"] == stats["criu_statistics"]["pages_written"]
+        assert "redis-server" in json.dumps(entry["process_tree"])
+    finally:
+        remove(source, original)
+        remove(target, restored)
