@@ -9,7 +9,8 @@ archive file (copied to a directory of the second). Workloads:
 The restored counter must go on from the checkpointed value, the marker must be there and /etc/group gone; the
 restored redis must answer DBSIZE 20000 and give the values back. Plain and gzip archives carry the counter, zstd
 the redis. checkpointctl (Debian's, run through the CRIU prefix's loader; skipped with the reason when absent) must
-read the export: `show`, and `inspect --stats` with CRIU's statistics.
+read the export: `show`, `inspect --stats --ps-tree --files --sockets` (CRIU's statistics as --print-stats gave
+them, the process tree, the rootfs diff's size) and `memparse`.
 """
 
 from __future__ import annotations
@@ -171,7 +172,7 @@ def test_redis_with_20k_keys_moves_in_a_zstd_archive_and_checkpointctl_reads_it(
     source.run(original, redis_image, *REDIS_SERVER, runtime=PYSHIM)
     try:
         wait_for_pong(source, original)
-        assert redis_cli(source, original, "DEBUG", "POPULATE", str(KEYS), "key", "16", exec_id="populate") == "OK"
+        assert redis_cli(source, original, "DEBUG", "POPULATE", str(KEYS), "key", exec_id="populate") == "OK"
         assert redis_cli(source, original, "DBSIZE", exec_id="size-before") == str(KEYS)
         export = tmp_path / "redis.tar.zst"
         result = pyshim(source, tmp_path / "store-a", "checkpoint", "create", original, "--export", str(export),
@@ -181,7 +182,7 @@ def test_redis_with_20k_keys_moves_in_a_zstd_archive_and_checkpointctl_reads_it(
         assert path == str(export)
         stats = json.loads(stats_json)["container_statistics"][0]
         assert stats["Id"] == original
-        assert stats["criu_statistics"]["pages_written"] > 1000  # 20k keys are megabytes of heap
+        assert stats["criu_statistics"]["pages_written"] > 500  # 20k keys: megabytes of heap
         assert {"freezing_time", "frozen_time", "memdump_time", "memwrite_time", "pages_scanned"} <= set(
             stats["criu_statistics"])
         assert task_status(source, original) == "RUNNING"  # --leave-running
@@ -207,14 +208,19 @@ def test_redis_with_20k_keys_moves_in_a_zstd_archive_and_checkpointctl_reads_it(
         shown = subprocess.run([str(checkpointctl), "show", str(export)], capture_output=True, text=True, timeout=60)
         assert shown.returncode == 0, shown.stderr
         assert original[:12] in shown.stdout and redis_image.ref in shown.stdout
-        inspected = subprocess.run([str(checkpointctl), "inspect", "--stats", "--ps-tree", "--format", "json",
-                                    str(export)], capture_output=True, text=True, timeout=120)
+        inspected = subprocess.run([str(checkpointctl), "inspect", "--stats", "--ps-tree", "--files", "--sockets",
+                                    "--format", "json", str(export)], capture_output=True, text=True, timeout=120)
         assert inspected.returncode == 0, inspected.stderr
         document = json.loads(inspected.stdout)
         entry = document[0] if isinstance(document, list) else document
-        assert entry["checkpoint_size"]["rootfs_diff_size"] >= 0 if "checkpoint_size" in entry else True
-        assert entry["dump_statistics"]["pages_written"] == stats["criu_statistics"]["pages_written"]
-        assert "redis-server" in json.dumps(entry["process_tree"])
+        assert (entry["id"], entry["image"], entry["engine"]) == (original, redis_image.ref, "containerd")
+        assert entry["statistics"]["pages_written"] == stats["criu_statistics"]["pages_written"]
+        assert entry["checkpoint_size"]["root_fs_diff_size"] > 0
+        assert entry["process_tree"]["command"] == "redis-server"
+        memparse = subprocess.run([str(checkpointctl), "memparse", str(export)], capture_output=True, text=True,
+                                  timeout=120)
+        assert memparse.returncode == 0, memparse.stderr
+        assert "redis-server" in memparse.stdout
     finally:
         remove(source, original)
         remove(target, restored)
