@@ -113,6 +113,7 @@ def _complete(staging: str, client: ContainerdClient, record, task, chosen: dict
         source = os.path.join(images, name)
         if os.path.exists(source):
             shutil.copyfile(source, os.path.join(staging, name))
+            os.chmod(os.path.join(staging, name), 0o600)
     spec = json.loads(record.spec.value) if record.spec.value else {}
     _write_json(os.path.join(staging, archive.SPEC_DUMP), spec)
     created = record.created_at.ToDatetime(tzinfo=datetime.timezone.utc) if record.HasField("created_at") else None
@@ -142,6 +143,7 @@ def _complete(staging: str, client: ContainerdClient, record, task, chosen: dict
             raise ToolError(f"the container's snapshot ({record.snapshotter}) is a plain directory, whose changes "
                             "cannot be told from the image's; use --ignore-rootfs, or the overlayfs snapshotter")
         rootfs.write_diff(layer, os.path.join(staging, archive.ROOTFS_DIFF))
+        os.chmod(os.path.join(staging, archive.ROOTFS_DIFF), 0o600)
     return pyshim_record
 
 
