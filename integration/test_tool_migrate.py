@@ -163,6 +163,7 @@ def wait_for_pong(containerd: Containerd, container_id: str) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.parametrize("hosts", ["2", "1.7"], indirect=True, ids=lambda v: f"containerd-{v}")
 def test_redis_with_20k_keys_moves_in_a_zstd_archive_and_checkpointctl_reads_it(
         hosts, redis_image: TestImage, tmp_path: Path):
     source, target = hosts

@@ -188,6 +188,7 @@ def _dispatch(args) -> int:
         return getattr(listing, {"ls": "list_store", "inspect": "inspect", "rm": "remove"}[args.action])(args)
     client = _client(args)
     try:
+        # (imported only now: these need grpcio, whose absence _client has reported)
         if args.command == "restore":
             from shim.tool import restore
 

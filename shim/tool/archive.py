@@ -177,6 +177,12 @@ def _open_stream(path: str) -> BinaryIO:
     return raw
 
 
+def names(path: str) -> list[str]:
+    """The entry names of an archive, in order (any of our compressions)."""
+    with _open_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        return [member.name for member in tar]
+
+
 def extract(path: str, destination: str) -> None:
     """Unpack an archive (any of our compressions, told by its first bytes) into destination, which must be a
     new private directory. Entries that would land outside it, devices and links out are refused

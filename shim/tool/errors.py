@@ -4,25 +4,24 @@ from __future__ import annotations
 
 import errno
 
-import grpc
-
 
 class ToolError(Exception):
     """A failure the command reports as one line (exit status 1)."""
 
 
-def from_rpc(exc: grpc.RpcError, what: str, *, not_found: str | None = None, exists: str | None = None,
+def from_rpc(exc, what: str, *, not_found: str | None = None, exists: str | None = None,
              precondition: str | None = None) -> ToolError:
     """containerd's gRPC error as a ToolError: the caller's words for the codes it expects, else containerd's."""
-    code = exc.code() if hasattr(exc, "code") else None
+    # (grpc is not imported here: without it the command must still say how to install it)
+    code = exc.code().name if hasattr(exc, "code") else ""
     detail = exc.details() if hasattr(exc, "details") else str(exc)
-    if code == grpc.StatusCode.NOT_FOUND and not_found:
+    if code == "NOT_FOUND" and not_found:
         return ToolError(not_found)
-    if code == grpc.StatusCode.ALREADY_EXISTS and exists:
+    if code == "ALREADY_EXISTS" and exists:
         return ToolError(exists)
-    if code == grpc.StatusCode.FAILED_PRECONDITION and precondition:
+    if code == "FAILED_PRECONDITION" and precondition:
         return ToolError(f"{precondition}: {detail}")
-    if code == grpc.StatusCode.UNAVAILABLE and "connect" in (detail or "").lower():
+    if code == "UNAVAILABLE" and "connect" in (detail or "").lower():
         return ToolError(f"{what}: containerd is not answering ({detail}); is it running, and is --address right?")
     return ToolError(f"{what} failed: {detail or code}")
 
