@@ -208,3 +208,24 @@ def test_doctor_names_what_is_missing_with_its_fix(tmp_path: Path):
     assert text.returncode == 1
     assert "FAIL  criu" in text.stdout and "fix: install CRIU >= 4.2" in text.stdout
     assert text.stdout.strip().endswith("cannot work here: 1 problem(s) above")
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(containerd2: Containerd, test_image: TestImage, tmp_path: Path):
+    """An export onto a filesystem too small for it (a 256 KiB tmpfs): one line saying there is no space, the task
+    running on (the dump left it so), and nothing left on that filesystem."""
+    containerd = containerd2
+    small = containerd.tmp / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)], check=True, timeout=10)
+    container_id = containerd.new_id("full")
+    try:
+        containerd.run(container_id, test_image, "sh", "-c", COUNTER, runtime=PYSHIM)
+        wait_counter_above(containerd, container_id, 1)
+        line = one_line_failure(pyshim(containerd, tmp_path / "store", "checkpoint", "create", container_id,
+                                       "--leave-running", "--export", str(small / "full.tar")))
+        assert "no space left on device" in line and "free some space or write elsewhere" in line, line
+        assert list(small.iterdir()) == []
+        assert wait_status(containerd, container_id, "RUNNING") == "RUNNING"
+    finally:
+        remove(containerd, container_id)
+        subprocess.run(["umount", str(small)], check=False, timeout=10)

@@ -78,6 +78,10 @@ def create(args, client: ContainerdClient) -> int:
                 client.checkpoint(args.container, options.request_options(chosen, image_path),
                                   timeout=float(chosen.get("timeout", 600)) + 60)
         except grpc.RpcError as exc:
+            if "no space left on device" in (exc.details() or "").lower():
+                raise ToolError(f"checkpoint of {args.container} failed: no space left on device in "
+                                f"{os.path.dirname(target)}, where the images are written first; free some space or "
+                                "write elsewhere (the task was left as it was, nothing was kept)") from None
             raise from_rpc(exc, f"checkpoint of {args.container}") from None
         runtime_duration = time.monotonic() - started
         pyshim_record = _complete(staging, client, record, task, chosen, ignore_rootfs=args.ignore_rootfs)
