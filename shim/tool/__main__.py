@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                     description="""
                       Restore a checkpoint into a new container on this containerd: from an archive (.tar, .tar.gz,
                       .tar.zst: pyshim's, containerd CRI's, or as far as the format allows Podman's), a checkpoint
-                      directory, or a name in the store. The checkpointed container's image must be in this
+                      directory, a name in the store, or a checkpoint image in containerd's image store
+                      (`checkpoint create --create-image`). The checkpointed container's image must be in this
                       containerd's image store (import or pull it first); the container's rootfs changes are applied
                       to a new snapshot of it, and pyshim restores the task from CRIU's images, which keeps the
                       options the checkpoint was taken with.
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
                       exit status: 0 restored and running; 1 otherwise, with the reason on stderr.
                     """)
-    restore.add_argument("source", metavar="SOURCE", help="archive, directory or name in the store")
+    restore.add_argument("source", metavar="SOURCE", help="archive, directory, name in the store, or checkpoint image")
     restore.add_argument("--name", required=True, help="the new container's id (must not exist)")
     restore.add_argument("--netns", metavar="PATH", help="restore into this network namespace (e.g. /var/run/netns/X)")
     restore.add_argument("--tcp-close", action="store_true",
@@ -129,8 +130,9 @@ def _create_parser(actions) -> None:
 
     create = _page(actions, "create", help="checkpoint a running container",
                    description="""
-                     Checkpoint the task of a running container (under pyshim) with CRIU. Without --export the
-                     checkpoint is kept as a directory in the store (see `checkpoint ls`); with it, as one archive
+                     Checkpoint the task of a running container (under pyshim) with CRIU. Without --export or
+                     --create-image the checkpoint is kept as a directory in the store (see `checkpoint ls`); with
+                     --create-image, as an OCI image in containerd's image store; with --export, as one archive
                      in the layout containerd's CRI and Podman write, which checkpointctl reads:
                      checkpoint/ (CRIU's images), config.dump, spec.dump, status.dump, rootfs-diff.tar (the
                      container's changes to its image), stats-dump and dump.log.
@@ -142,7 +144,7 @@ def _create_parser(actions) -> None:
                    epilog="""
                      The task stops after the checkpoint unless --leave-running (as Podman). Nothing half-written is
                      left where the checkpoint is expected: it is assembled under a hidden name and renamed at the
-                     end. The path or name written is printed on stdout.
+                     end. The paths and image names written are printed on stdout, one a line.
 
                      exit status: 0 checkpointed; 1 otherwise (the task is left as it was), with the reason.
                    """)
@@ -152,6 +154,10 @@ def _create_parser(actions) -> None:
     mode.add_argument("--exit", action="store_true", help="stop the task after the checkpoint (the default)")
     create.add_argument("--export", "-e", metavar="FILE",
                         help="write one archive: FILE ends in .tar, .tar.gz or .tar.zst (the compression)")
+    create.add_argument("--create-image", metavar="NAME",
+                        help="also (or instead of the store) write the checkpoint as an OCI image NAME in containerd's "
+                             "image store, which `ctr images export/import` or a registry move, and `pyshim restore "
+                             "NAME` restores")
     create.add_argument("--name", help="the checkpoint's name in the store (default: CONTAINER-<time>)")
     create.add_argument("--ignore-rootfs", action="store_true", help="leave out the container's rootfs changes")
     create.add_argument("--print-stats", action="store_true",

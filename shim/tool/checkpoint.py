@@ -53,23 +53,27 @@ def running_task(client: ContainerdClient, container_id: str):
 
 def create(args, client: ContainerdClient) -> int:
     record, task = running_task(client, args.container)
+    keep_in_store = not args.export and not args.create_image
+    store = Store.default(args.store)
     if args.export:
         target = os.path.abspath(args.export)
         archive.compression_for(target)
         if not os.path.isdir(os.path.dirname(target)):
             raise ToolError(f"cannot export to {target}: directory {os.path.dirname(target)} does not exist")
     else:
-        store = Store.default(args.store)
         store.ensure()
         name = args.name or f"{args.container}-{time.strftime('%Y%m%dT%H%M%S')}"
         target = store.path(name)
-    if os.path.lexists(target):
+    if os.path.lexists(target) and (args.export or keep_in_store):
         raise ToolError(f"{target} already exists; remove it (pyshim checkpoint rm) or choose another name")
+    if args.create_image:
+        _image_name_free(client, args.create_image)
     chosen = options.chosen(args)
     try:
         staging = archive.private_dir_beside(target, "staging")
     except OSError as exc:
         raise from_os(exc, f"preparing {target}") from None
+    written = []
     try:
         started = time.monotonic()
         image_path = os.path.join(staging, archive.CHECKPOINT_DIR)
@@ -85,11 +89,24 @@ def create(args, client: ContainerdClient) -> int:
             raise from_rpc(exc, f"checkpoint of {args.container}") from None
         runtime_duration = time.monotonic() - started
         pyshim_record = _complete(staging, client, record, task, chosen, ignore_rootfs=args.ignore_rootfs)
+        if args.create_image:
+            from shim.tool import oci_image
+
+            try:
+                oci_image.create(client, staging, args.create_image, container_id=args.container,
+                                 base_image=record.image)
+            except grpc.RpcError as exc:
+                raise from_rpc(exc, f"creating image {args.create_image}",
+                               exists=f"image {args.create_image} appeared meanwhile; choose another name") from None
+            written.append(args.create_image)
         if args.export:
             archive.write(staging, target)
-            archive.remove_tree(staging)
-        else:
+            written.append(target)
+        if keep_in_store:
             os.rename(staging, target)
+            written.append(target)
+        else:
+            archive.remove_tree(staging)
     except OSError as exc:
         archive.remove_tree(staging)
         raise from_os(exc, f"checkpoint of {args.container} into {target}") from None
@@ -97,10 +114,21 @@ def create(args, client: ContainerdClient) -> int:
         archive.remove_tree(staging)
         raise
     total = time.monotonic() - started
-    print(target)
+    print("\n".join(written))
     if args.print_stats:
         print(json.dumps(stats_report(args.container, pyshim_record, runtime_duration, total), indent=2))
     return 0
+
+
+def _image_name_free(client: ContainerdClient, name: str) -> None:
+    try:
+        client.image(name)
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.NOT_FOUND:
+            return
+        raise from_rpc(exc, f"looking up image {name}") from None
+    raise ToolError(f"image {name} already exists in namespace {client.namespace}: choose another name, or remove it "
+                    f"(`ctr -n {client.namespace} images rm {name}`)")
 
 
 def _complete(staging: str, client: ContainerdClient, record, task, chosen: dict[str, str], *,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -210,10 +211,12 @@ class ContainerdClient:
             data += chunk.data
         return bytes(data)
 
-    def write(self, data: bytes, media_type: str, ref: str) -> Blob:
-        """Commit data as a blob, labelled as a GC root (as nerdctl's and Docker's re-import of a checkpoint)."""
+    def write(self, data: bytes, media_type: str, ref: str, labels: dict[str, str] | None = None) -> Blob:
+        """Commit data as a blob with the given labels; by default labelled as a GC root (as nerdctl's and
+        Docker's re-import of a checkpoint)."""
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        labels = {"containerd.io/gc.root": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if labels is None:
+            labels = {"containerd.io/gc.root": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
         def requests() -> Iterator[content.WriteContentRequest]:
             for offset in range(0, len(data), CHUNK):
@@ -231,6 +234,60 @@ class ContainerdClient:
         if last is None or last.action != content.COMMIT or last.digest != digest:
             raise IOError(f"content write {ref}: not committed as {digest} (last reply: {last})")
         return Blob(media_type, digest, len(data))
+
+    def write_file(self, path: str, media_type: str, ref: str, labels: dict[str, str] | None = None,
+                   progress=None) -> Blob:
+        """Commit a file as a blob, streamed in chunks (its digest computed first), with the given labels."""
+        digest_of = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                digest_of.update(chunk)
+        digest = "sha256:" + digest_of.hexdigest()
+        total = os.path.getsize(path)
+
+        def requests() -> Iterator[content.WriteContentRequest]:
+            offset = 0
+            with open(path, "rb") as f:
+                while chunk := f.read(CHUNK):
+                    yield content.WriteContentRequest(action=content.WRITE, ref=ref, total=total, offset=offset,
+                                                      data=chunk)
+                    offset += len(chunk)
+                    if progress is not None:
+                        progress.add(len(chunk))
+            yield content.WriteContentRequest(action=content.COMMIT, ref=ref, total=total, offset=total,
+                                              expected=digest, labels=labels or {})
+
+        call = self.channel.stream_stream("/containerd.services.content.v1.Content/Write",
+                                          request_serializer=content.WriteContentRequest.SerializeToString,
+                                          response_deserializer=content.WriteContentResponse.FromString)
+        last = None
+        for last in call(requests(), metadata=self.metadata, timeout=max(self.timeout, total / (20 << 20))):
+            pass
+        if last is None or last.action != content.COMMIT or last.digest != digest:
+            raise IOError(f"content write {ref}: not committed as {digest} (last reply: {last})")
+        return Blob(media_type, digest, total)
+
+    def read_to_file(self, digest: str, path: str, progress=None) -> int:
+        """A blob streamed into a new file (0600); its size."""
+        call = self.channel.unary_stream("/containerd.services.content.v1.Content/Read",
+                                         request_serializer=content.ReadContentRequest.SerializeToString,
+                                         response_deserializer=content.ReadContentResponse.FromString)
+        written = 0
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            for chunk in call(content.ReadContentRequest(digest=digest), metadata=self.metadata, timeout=None):
+                if chunk.offset != written:
+                    raise IOError(f"content {digest}: chunk at offset {chunk.offset}, expected {written}")
+                f.write(chunk.data)
+                written += len(chunk.data)
+                if progress is not None:
+                    progress.add(len(chunk.data))
+        return written
+
+    def create_image(self, name: str, target: Blob, labels: dict[str, str] | None = None) -> images.Image:
+        record = images.Image(name=name, target=target.descriptor(), labels=labels or {})
+        return self._unary("/containerd.services.images.v1.Images/Create", images.CreateImageRequest(image=record),
+                           images.CreateImageResponse).image
 
     def delete_content(self, digest: str) -> None:
         self._unary("/containerd.services.content.v1.Content/Delete", content.DeleteContentRequest(digest=digest),

@@ -33,7 +33,21 @@ TCP_CLOSE_ANNOTATION = "io.pyshim.checkpoint.tcp-close"
 
 def restore(args, client: ContainerdClient) -> int:
     store = Store.default(args.store)
-    source = store.resolve(args.source)
+    layer = None
+    try:
+        source = store.resolve(args.source)
+    except ToolError:
+        # not a path, not in the store: a checkpoint image in containerd's image store?
+        from shim.tool import oci_image
+
+        try:
+            layer = oci_image.checkpoint_layer(client, args.source)
+        except grpc.RpcError as exc:
+            raise from_rpc(exc, f"looking up image {args.source}") from None
+        if layer is None:
+            raise ToolError(f"no checkpoint {args.source!r}: neither a path, a name in the store {store.root}, nor an "
+                            f"image in namespace {client.namespace} (`pyshim checkpoint ls`, `ctr images ls`)") from None
+        source = args.source
     name = args.name
     try:
         client.container(name)
@@ -44,12 +58,17 @@ def restore(args, client: ContainerdClient) -> int:
             raise from_rpc(exc, f"looking up container {name}") from None
     unpacked = None
     try:
-        if os.path.isdir(source):
+        if layer is None and os.path.isdir(source):
             directory = source
         else:
             store.ensure()
             unpacked = tempfile.mkdtemp(prefix=f".{name}.pyshim-restore-", dir=store.root)
-            archive.extract(source, unpacked)
+            if layer is not None:
+                from shim.tool import oci_image
+
+                oci_image.fetch(client, layer, unpacked)
+            else:
+                archive.extract(source, unpacked)
             directory = unpacked
         archive.check_layout(directory, source)
         return _restore_from(args, client, directory, source)
