@@ -29,6 +29,8 @@ from shim.tool.store import Store
 
 INDEX_TYPES = ("application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json")
 TCP_CLOSE_ANNOTATION = "io.pyshim.checkpoint.tcp-close"
+# Under the store: stand-ins for bind-mount sources of the checkpointed host, per restored container.
+STAND_INS = ".mounts"
 
 
 def restore(args, client: ContainerdClient) -> int:
@@ -103,7 +105,8 @@ def _restore_from(args, client: ContainerdClient, directory: str, source: str) -
         raise ToolError(f"{source} is of a container with a terminal; `pyshim restore` gives none: restore it with "
                         "`ctr` and a console")
     parent = _image_chain_id(client, image_ref)
-    _adjust_spec(spec, config, client.namespace, args)
+    stand_ins = os.path.join(Store.default(args.store).root, STAND_INS, args.name)
+    _adjust_spec(spec, config, client.namespace, args, stand_ins)
     name, snapshotter = args.name, args.snapshotter
     created_container = created_snapshot = created_task = False
     work = None
@@ -149,6 +152,7 @@ def _restore_from(args, client: ContainerdClient, directory: str, source: str) -
             raise from_rpc(exc, f"restore of {source} into {name}") from None
     except BaseException:
         _undo(client, name, snapshotter, created_task, created_container, created_snapshot)
+        archive.remove_tree(stand_ins)
         raise
     finally:
         if work:
@@ -219,8 +223,33 @@ def _arch() -> str:
     return {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine)
 
 
-def _adjust_spec(spec: dict, config: dict, namespace: str, args) -> None:
-    """The checkpointed spec made this container's: its cgroup, its namespaces, mounts that exist here."""
+HOST_FILES = ("/etc/hostname", "/etc/hosts", "/etc/resolv.conf", "/dev/termination-log")
+
+
+def _stand_in(directory: str, destination: str, spec: dict) -> str:
+    """A file (for the files CRI and Podman bind-mount) or an empty directory standing in for a missing source."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    path = os.path.join(directory, destination.strip("/").replace("/", "_") or "root")
+    if destination not in HOST_FILES:
+        os.makedirs(path, exist_ok=True)
+        return path
+    content = ""
+    if destination == "/etc/hostname":
+        content = (spec.get("hostname") or "") + "\n"
+    elif destination == "/etc/hosts":
+        content = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+    elif destination == "/etc/resolv.conf" and os.path.exists("/etc/resolv.conf"):
+        with open("/etc/resolv.conf") as f:
+            content = f.read()
+    with open(path, "w") as f:
+        f.write(content)
+    os.chmod(path, 0o644)
+    return path
+
+
+def _adjust_spec(spec: dict, config: dict, namespace: str, args, stand_ins: str) -> None:
+    """The checkpointed spec made this container's: its cgroup, its namespaces, stand-ins for bind-mount sources
+    that do not exist here (kept in stand_ins, which must outlive the container)."""
     linux = spec.setdefault("linux", {})
     cgroups = linux.get("cgroupsPath") or ""
     if cgroups:
@@ -240,16 +269,16 @@ def _adjust_spec(spec: dict, config: dict, namespace: str, args) -> None:
     if args.netns and not any(e.get("type") == "network" for e in namespaces):
         namespaces.append({"type": "network", "path": os.path.abspath(args.netns)})
     linux["namespaces"] = namespaces
-    kept = []
     for mount in spec.get("mounts") or []:
         options = mount.get("options") or []
-        if ("bind" in options or "rbind" in options or mount.get("type") == "bind") and \
-                not os.path.exists(mount.get("source", "")):
-            print(f"pyshim: leaving out the bind mount of {mount.get('source')} on {mount.get('destination')}: "
-                  "it does not exist on this host", file=sys.stderr)
-            continue
-        kept.append(mount)
-    spec["mounts"] = kept
+        source = mount.get("source", "")
+        if ("bind" in options or "rbind" in options or mount.get("type") == "bind") and not os.path.exists(source):
+            # CRIU's images name every mount the container had: one left out cannot be restored ("No mapping for
+            # ... mountpoint"). A file or directory of the checkpointed host (CRI's /etc/hosts, /dev/shm, ...)
+            # gets a stand-in here.
+            mount["source"] = _stand_in(stand_ins, mount.get("destination", ""), spec)
+            print(f"pyshim: {mount.get('destination')}: {source} does not exist on this host; bind-mounting the "
+                  f"stand-in {mount['source']}", file=sys.stderr)
     annotations = spec.setdefault("annotations", {})
     if args.tcp_close:
         annotations[TCP_CLOSE_ANNOTATION] = "true"
