@@ -267,6 +267,12 @@ def test_checkpoint_image_moves_through_ctr_images_export_and_import(hosts, test
         # an image that is no checkpoint is refused as such
         wrong = pyshim(target, tmp_path / "store-b", "restore", test_image.ref, "--name", "x1")
         assert wrong.returncode == 1 and "not a pyshim checkpoint image" in wrong.stderr
+        # `checkpoint ls` knows the image, `checkpoint rm` removes it
+        listed = json.loads(pyshim(source, tmp_path / "store-a", "checkpoint", "ls", "--json").stdout)
+        assert [(e["name"], e["kind"], e["container"], e["image"]) for e in listed] == [
+            (reference, "image", original, test_image.ref)]
+        assert pyshim(source, tmp_path / "store-a", "checkpoint", "rm", reference).returncode == 0
+        assert reference not in source.ctr("images", "ls", "-q").stdout.split()
     finally:
         remove(source, original)
         remove(target, restored)

@@ -62,8 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     _create_parser(actions)
     _page(actions, "ls", help="list the checkpoints in the store",
           description="""
-            List the checkpoints in the store: directories left by `checkpoint create` without --export, and
-            archives put there. One line each: name, container, image, when, size.
+            List the checkpoints pyshim knows of: directories left in the store by `checkpoint create`
+            without --export, archives put there, and checkpoint images (--create-image) in containerd's image
+            store (namespace --namespace, when containerd answers). One line each: name, container, image, when,
+            size.
           """).add_argument("--json", action="store_true", help="print JSON")
     inspect = _page(actions, "inspect", help="show what a checkpoint holds",
                     description="""
@@ -78,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("source", metavar="SOURCE", help="archive, directory or name in the store")
     inspect.add_argument("--json", action="store_true", help="print JSON")
     remove = _page(actions, "rm", help="remove checkpoints from the store",
-                   description="Remove checkpoints (directories or archives) from the store, by name.")
+                   description="Remove checkpoints by name: directories or archives from the store, checkpoint images "
+                               "from containerd's image store.")
     remove.add_argument("names", metavar="NAME", nargs="+")
 
     restore = _page(commands, "restore", help="restore a checkpoint into a new container",

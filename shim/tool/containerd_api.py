@@ -284,6 +284,14 @@ class ContainerdClient:
                     progress.add(len(chunk.data))
         return written
 
+    def images(self, *filters: str) -> list[images.Image]:
+        return list(self._unary("/containerd.services.images.v1.Images/List",
+                                images.ListImagesRequest(filters=list(filters)), images.ListImagesResponse).images)
+
+    def delete_image(self, name: str) -> None:
+        self._unary("/containerd.services.images.v1.Images/Delete", images.DeleteImageRequest(name=name, sync=True),
+                    Empty)
+
     def create_image(self, name: str, target: Blob, labels: dict[str, str] | None = None) -> images.Image:
         record = images.Image(name=name, target=target.descriptor(), labels=labels or {})
         return self._unary("/containerd.services.images.v1.Images/Create", images.CreateImageRequest(image=record),

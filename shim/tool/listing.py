@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 
 from shim.tool import archive, images
@@ -31,9 +32,24 @@ def _summary(path: str) -> dict:
     return entry
 
 
+def _checkpoint_images(args) -> list[dict]:
+    """Checkpoint images in containerd's image store, when containerd answers at --address (else none)."""
+    if not os.path.exists(args.address):
+        return []
+    try:
+        from shim.tool import oci_image
+        from shim.tool.containerd_api import ContainerdClient
+
+        with ContainerdClient(args.address, args.namespace, timeout=10) as client:
+            return oci_image.listed(client)
+    except Exception as exc:  # noqa: BLE001 - the store is still worth listing
+        print(f"pyshim: checkpoint images not listed: containerd at {args.address}: {exc}", file=sys.stderr)
+        return []
+
+
 def list_store(args) -> int:
     store = Store.default(args.store)
-    entries = [_summary(os.path.join(store.root, name)) for name in store.entries()]
+    entries = [_summary(os.path.join(store.root, name)) for name in store.entries()] + _checkpoint_images(args)
     if args.json:
         print(json.dumps(entries, indent=2))
         return 0
@@ -48,11 +64,20 @@ def list_store(args) -> int:
 
 def remove(args) -> int:
     store = Store.default(args.store)
-    missing = [name for name in args.names if name not in store.entries()]
+    images = {entry["name"] for entry in _checkpoint_images(args)}
+    missing = [name for name in args.names if name not in store.entries() and name not in images]
     if missing:
-        raise ToolError(f"no checkpoint {', '.join(missing)} in the store {store.root}; nothing was removed "
-                        "(`pyshim checkpoint ls` lists them)")
+        raise ToolError(f"no checkpoint {', '.join(missing)} in the store {store.root} or among the checkpoint "
+                        f"images of namespace {args.namespace}; nothing was removed (`pyshim checkpoint ls` lists "
+                        "them)")
     for name in args.names:
+        if name not in store.entries():
+            from shim.tool.containerd_api import ContainerdClient
+
+            with ContainerdClient(args.address, args.namespace) as client:
+                client.delete_image(name)
+            print(name)
+            continue
         path = store.path(name)
         try:
             if os.path.isdir(path):

@@ -92,3 +92,24 @@ def fetch(client: ContainerdClient, layer_digest: str, destination: str) -> None
             os.unlink(layer_path)
         except FileNotFoundError:
             pass
+
+
+LABEL_FILTER = f'labels."{CHECKPOINT_ANNOTATION}"==true'
+
+
+def listed(client: ContainerdClient) -> list[dict]:
+    """The checkpoint images in the namespace, as `checkpoint ls` shows entries."""
+    entries = []
+    for image in client.images(LABEL_FILTER):
+        entry = {"name": image.name, "path": f"image {image.name}", "kind": "image", "size": 0}
+        try:
+            manifest = json.loads(client.read(image.target.digest))
+            annotations = manifest.get("annotations") or {}
+            entry.update(container=annotations.get(CONTAINER_ANNOTATION, ""),
+                         image=annotations.get(BASE_IMAGE_ANNOTATION, ""),
+                         checkpointed=annotations.get("org.opencontainers.image.created", ""),
+                         size=sum(layer.get("size", 0) for layer in manifest.get("layers", [])))
+        except Exception:  # noqa: BLE001 - an image whose content is gone is still listed, by name
+            pass
+        entries.append(entry)
+    return entries

@@ -1,5 +1,6 @@
 import datetime
 
+from google.protobuf import empty_pb2 as _empty_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from shim.api.containerd.types import descriptor_pb2 as _descriptor_pb2
 from google.protobuf.internal import containers as _containers
@@ -66,3 +67,11 @@ class CreateImageResponse(_message.Message):
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     image: Image
     def __init__(self, image: _Optional[_Union[Image, _Mapping]] = ...) -> None: ...
+
+class DeleteImageRequest(_message.Message):
+    __slots__ = ("name", "sync")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SYNC_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    sync: bool
+    def __init__(self, name: _Optional[str] = ..., sync: _Optional[bool] = ...) -> None: ...
