@@ -15,6 +15,7 @@ import textwrap
 from shim.tool.errors import ToolError
 
 PROG = "pyshim"
+DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
 
 
 def _formatter(prog: str) -> argparse.HelpFormatter:
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
             See docs/cli.md for a walk-through.
         """).strip())
-    parser.add_argument("-a", "--address", default=os.environ.get("CONTAINERD_ADDRESS", "/run/containerd/containerd.sock"),
+    parser.add_argument("-a", "--address", default=os.environ.get("CONTAINERD_ADDRESS", DEFAULT_ADDRESS),
                         help="containerd's gRPC socket (default: %(default)s)")
     parser.add_argument("-n", "--namespace", default=os.environ.get("CONTAINERD_NAMESPACE", "default"),
                         help="containerd namespace (default: %(default)s)")

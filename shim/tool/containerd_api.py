@@ -39,7 +39,6 @@ MEDIA_CRIU_TAR = "application/vnd.containerd.container.criu.checkpoint.criu.tar"
 MEDIA_CHECKPOINT_CONFIG = "application/vnd.containerd.container.checkpoint.config.v1+proto"
 # The type URL containerd's typeurl package gives an OCI runtime spec (a container record's `spec`).
 SPEC_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Spec"
-DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
 CHUNK = 1 << 20
 
 
@@ -88,7 +87,8 @@ class ContainerdClient:
         lease_id = f"{self.lease_prefix}-{uuid.uuid4().hex[:12]}"
         expiry = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + expire))
         self._unary("/containerd.services.leases.v1.Leases/Create",
-                    leases.CreateRequest(id=lease_id, labels={"containerd.io/gc.expire": expiry}), leases.CreateResponse)
+                    leases.CreateRequest(id=lease_id, labels={"containerd.io/gc.expire": expiry}),
+                    leases.CreateResponse)
         self.metadata = (*self.namespace_metadata, ("containerd-lease", lease_id))
         try:
             yield lease_id

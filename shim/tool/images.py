@@ -138,12 +138,16 @@ def _size(path: str) -> int | None:
         return None
 
 
+def _size_text(size: int | None) -> str:
+    return "none" if size is None else archive.human_size(size)
+
+
 def as_text(report: dict) -> str:
     lines = [f"checkpoint   {report['source']}",
              f"container    {report['container'] or '-'} (image {report['image'] or '-'}, {report['runtime'] or '-'})",
              f"taken        {report['checkpointed'] or '-'} by {report['engine'] or 'an unknown engine'}",
              f"memory       {archive.human_size(report['memory_dumped'])} dumped",
-             f"rootfs diff  {archive.human_size(report['rootfs_diff_size']) if report['rootfs_diff_size'] is not None else 'none'}"]
+             f"rootfs diff  {_size_text(report['rootfs_diff_size'])}"]
     if report["statistics"]:
         lines.append("statistics   " + ", ".join(f"{k} {v}" for k, v in report["statistics"].items()))
     on = sorted(k for k, v in report["options"].items() if v is True)

@@ -47,8 +47,9 @@ def restore(args, client: ContainerdClient) -> int:
         except grpc.RpcError as exc:
             raise from_rpc(exc, f"looking up image {args.source}") from None
         if layer is None:
-            raise ToolError(f"no checkpoint {args.source!r}: neither a path, a name in the store {store.root}, nor an "
-                            f"image in namespace {client.namespace} (`pyshim checkpoint ls`, `ctr images ls`)") from None
+            raise ToolError(f"no checkpoint {args.source!r}: neither a path, a name in the store {store.root}, nor "
+                            f"an image in namespace {client.namespace} (`pyshim checkpoint ls`, `ctr images ls`)"
+                            ) from None
         source = args.source
     name = args.name
     try:
