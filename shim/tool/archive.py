@@ -98,6 +98,13 @@ class _Counting:
         self.raw.close()
 
 
+def say(text: str) -> None:
+    """A step of long work, on a terminal only (stdout stays for results)."""
+    if sys.stderr.isatty():
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+
 def human_size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":

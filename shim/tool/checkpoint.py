@@ -77,6 +77,7 @@ def create(args, client: ContainerdClient) -> int:
     try:
         started = time.monotonic()
         image_path = os.path.join(staging, archive.CHECKPOINT_DIR)
+        archive.say(f"checkpointing {args.container} (CRIU dump through containerd and pyshim)...")
         try:
             with client.lease():
                 client.checkpoint(args.container, options.request_options(chosen, image_path),

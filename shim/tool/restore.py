@@ -71,6 +71,7 @@ def restore(args, client: ContainerdClient) -> int:
 
                 oci_image.fetch(client, layer, unpacked)
             else:
+                archive.say(f"unpacking {source}...")
                 archive.extract(source, unpacked)
             directory = unpacked
         archive.check_layout(directory, source)
@@ -145,6 +146,7 @@ def _restore_from(args, client: ContainerdClient, directory: str, source: str) -
         work = tempfile.mkdtemp(prefix=f"pyshim-restore-work-{name}-")
         task_options = _task_options(args.runtime_config, os.path.join(directory, archive.CHECKPOINT_DIR), work)
         log_uri = f"file://{os.path.abspath(args.log)}" if args.log else ""
+        archive.say(f"restoring {name} (CRIU restore through containerd and pyshim)...")
         try:
             client.create_task(name, options=task_options, stdout=log_uri, stderr=log_uri, timeout=args.timeout)
             created_task = True
