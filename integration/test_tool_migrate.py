@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -257,8 +258,11 @@ def test_checkpoint_image_moves_through_ctr_images_export_and_import(hosts, test
         assert again.returncode == 1 and "already exists" in again.stderr
 
         exported = tmp_path / "checkpoint-image.tar"
-        source.ctr("images", "export", str(exported), reference, timeout=60)
-        target.ctr("images", "import", "--no-unpack", str(exported), timeout=60)
+        # --local: ctr's own export and import. Through containerd 2.1's transfer API (ctr's default) the import
+        # once said "unrecognized image format" for an export made a moment before (seen once in a full run of
+        # these tests, not again in three runs of this one)
+        source.ctr("images", "export", "--local", str(exported), reference, timeout=60)
+        target.ctr("images", "import", "--local", "--no-unpack", str(exported), timeout=60)
         result = pyshim(target, tmp_path / "store-b", "restore", reference, "--name", restored,
                         "--runtime-config", runtime_config(target))
         assert result.returncode == 0, result.stderr
@@ -277,3 +281,44 @@ def test_checkpoint_image_moves_through_ctr_images_export_and_import(hosts, test
         remove(source, original)
         remove(target, restored)
         source.ctr("images", "rm", reference, check=False)
+
+
+@pytest.mark.parametrize("hosts", ["2"], indirect=True, ids=lambda v: f"containerd-{v}")
+def test_restore_into_a_given_network_namespace(hosts, test_image: TestImage, tmp_path: Path):
+    """--netns PATH: a container whose network namespace was given by path (as CNI and pods give it) is restored into
+    the namespace named; one with a namespace of its own is refused with the reason (CRIU restores that one as a new
+    namespace)."""
+    from harness import commands
+
+    source, target = hosts
+    original, private, restored = source.new_id("counter"), source.new_id("private"), target.new_id("in-netns")
+    on_source, on_target = (f"pyshim-tool-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    for netns in (on_source, on_target):
+        commands.run(["ip", "netns", "add", netns], timeout=10)
+    source.run(original, test_image, "sh", "-c", COUNTER, runtime=PYSHIM,
+               extra=["--with-ns", f"network:/var/run/netns/{on_source}"])
+    source.run(private, test_image, "sh", "-c", COUNTER, runtime=PYSHIM)
+    try:
+        wait_counter_above(source, original, 2)
+        export = tmp_path / "counter.tar.zst"
+        assert pyshim(source, tmp_path / "store-a", "checkpoint", "create", original, "--export",
+                      str(export)).returncode == 0
+        result = pyshim(target, tmp_path / "store-b", "restore", str(export), "--name", restored, "--netns",
+                        f"/var/run/netns/{on_target}", "--runtime-config", runtime_config(target))
+        assert result.returncode == 0, result.stderr
+        pid = int(next(line.split()[1] for line in target.ctr("task", "ls").stdout.splitlines()[1:]
+                       if line.split()[0] == restored))
+        assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/var/run/netns/{on_target}").st_ino
+        assert first_write(target, restored) > 2
+
+        private_export = tmp_path / "private.tar"
+        assert pyshim(source, tmp_path / "store-a", "checkpoint", "create", private, "--export",
+                      str(private_export)).returncode == 0
+        refused = pyshim(target, tmp_path / "store-b", "restore", str(private_export), "--name", "x2", "--netns",
+                         f"/var/run/netns/{on_target}", "--runtime-config", runtime_config(target))
+        assert refused.returncode == 1 and "network namespace of its own" in refused.stderr
+    finally:
+        for host, container_id in ((source, original), (source, private), (target, restored)):
+            remove(host, container_id)
+        for netns in (on_source, on_target):
+            commands.run(["ip", "netns", "del", netns], timeout=10, check=False)

@@ -96,15 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
                       options the checkpoint was taken with.
                     """,
                     epilog="""
-                      The new container has the checkpointed spec with its cgroup renamed and private namespaces
-                      (network too, unless --netns names one); bind mounts whose source does not exist here are left
-                      out, with a note. Nothing is left behind by a restore that fails.
+                      The new container has the checkpointed spec with its cgroup renamed and private namespaces; a
+                      network namespace given by path at checkpoint is replaced by --netns (or kept if it exists
+                      here), one of its own comes back new. Bind mounts whose source does not exist here get
+                      stand-ins under <store>/.mounts/NAME. Nothing is left behind by a restore that fails.
 
                       exit status: 0 restored and running; 1 otherwise, with the reason on stderr.
                     """)
     restore.add_argument("source", metavar="SOURCE", help="archive, directory, name in the store, or checkpoint image")
     restore.add_argument("--name", required=True, help="the new container's id (must not exist)")
-    restore.add_argument("--netns", metavar="PATH", help="restore into this network namespace (e.g. /var/run/netns/X)")
+    restore.add_argument("--netns", metavar="PATH",
+                         help="restore into this network namespace (e.g. /var/run/netns/X); for a container whose "
+                              "namespace was given by path (CNI, pods, ctr run --with-ns)")
     restore.add_argument("--tcp-close", action="store_true",
                          help="close established TCP connections instead of restoring them")
     restore.add_argument("--image", metavar="REF", help="the image to restore on (default: the checkpoint's)")

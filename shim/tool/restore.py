@@ -226,6 +226,30 @@ def _arch() -> str:
     return {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine)
 
 
+def _network_namespace(entry: dict, netns: str | None) -> dict:
+    """Where the restored network namespace comes from. CRIU brings a namespace the container had of its own back
+    as a new one (runc dumps it empty); only a namespace given by path (CNI's, a pod's) was dumped as external and can
+    be swapped for another one on restore (without --netns, a new one when the path is not this host's)."""
+    checkpointed = entry.get("path")
+    if not checkpointed:
+        if netns:
+            raise ToolError("the checkpointed container had a network namespace of its own, which CRIU restores as "
+                            "a new one, not into --netns; restore without --netns (OCI hooks in the spec network the "
+                            "new one, docs/checkpoint.md), or checkpoint containers whose network namespace is given "
+                            "by path (ctr run --with-ns network:PATH, CNI)")
+        return entry
+    if netns:
+        return {**entry, "path": os.path.abspath(netns)}
+    if os.path.exists(checkpointed) and not checkpointed.startswith("/proc/"):
+        print(f"pyshim: restoring into the checkpointed network namespace {checkpointed} (another with --netns)",
+              file=sys.stderr)
+        return entry
+    # A pod's namespace (/proc/<pid>/ns/net of its sandbox) or a path of the checkpointed host: a new one here.
+    print(f"pyshim: the checkpointed network namespace {checkpointed} is not this host's: restoring into a new one "
+          "(name one with --netns)", file=sys.stderr)
+    return {key: value for key, value in entry.items() if key != "path"}
+
+
 HOST_FILES = ("/etc/hostname", "/etc/hosts", "/etc/resolv.conf", "/dev/termination-log")
 
 
@@ -264,8 +288,8 @@ def _adjust_spec(spec: dict, config: dict, namespace: str, args, stand_ins: str)
     namespaces = []
     for entry in linux.get("namespaces") or []:
         entry = dict(entry)
-        if entry.get("type") == "network" and args.netns:
-            entry["path"] = os.path.abspath(args.netns)
+        if entry.get("type") == "network":
+            entry = _network_namespace(entry, args.netns)
         else:
             entry.pop("path", None)  # the checkpointed host's namespaces do not exist here: a private one
         namespaces.append(entry)
