@@ -18,7 +18,7 @@ from harness.containerd import PYSHIM, RUNC_V2, Containerd
 from harness.image import TestImage
 from harness.tasks import remove, wait_status
 
-from test_tool_migrate import COUNTER, pyshim, runtime_config, wait_counter_above
+from test_tool_migrate import COUNTER, pyshim, runtime_config, tool_command, wait_counter_above
 
 WORKTREE = Path(__file__).resolve().parents[1]
 
@@ -148,11 +148,24 @@ def test_store_create_ls_inspect_rm(containerd2: Containerd, test_image: TestIma
 def doctor(tmp_path: Path, path: str, pycriu_path: str | None = None) -> subprocess.CompletedProcess:
     """`pyshim doctor --json` as the installed command sees the host: the interpreter without site's .pth files (the
     dev venv's puts pycriu on sys.path, which an installed pyshim does not have), a given PATH."""
-    env = {"PATH": path, "PYTHONPATH": f"{WORKTREE}:{sysconfig.get_paths()['purelib']}", "LANG": "C.UTF-8"}
+    env = {"PATH": path, "LANG": "C.UTF-8", **command_environment()}
     if pycriu_path is not None:
         env["PYSHIM_PYCRIU_PATH"] = pycriu_path
-    return subprocess.run([sys.executable, "-S", "-m", "shim.tool", "--address", str(tmp_path / "no.sock"), "doctor",
-                           "--json"], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    return subprocess.run([*doctor_command(), "--address", str(tmp_path / "no.sock"), "doctor", "--json"],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+
+
+def doctor_command() -> list[str]:
+    """The installed `pyshim` (its launcher sets its own paths), else the checkout's without site processing."""
+    command = tool_command()
+    return command if len(command) == 1 else [sys.executable, "-S", "-m", "shim.tool"]
+
+
+def command_environment() -> dict[str, str]:
+    """What the checkout's command needs to import itself without site processing (nothing for the installed one)."""
+    if len(tool_command()) == 1:
+        return {}
+    return {"PYTHONPATH": f"{WORKTREE}:{sysconfig.get_paths()['purelib']}"}
 
 
 def checks_of(result: subprocess.CompletedProcess) -> dict[str, list[dict]]:
@@ -201,10 +214,9 @@ def test_doctor_names_what_is_missing_with_its_fix(tmp_path: Path):
     # TCP-less checkpoints still work without iptables: a warning, not a failure
     assert no_iptables.returncode == 0
 
-    text = subprocess.run([sys.executable, "-S", "-m", "shim.tool", "--address", str(tmp_path / "no.sock"),
-                           "doctor"], capture_output=True, text=True, timeout=120, cwd=tmp_path,
-                          env={"PATH": host_path_without(tmp_path, "criu", "x"),
-                               "PYTHONPATH": f"{WORKTREE}:{sysconfig.get_paths()['purelib']}"})
+    text = subprocess.run([*doctor_command(), "--address", str(tmp_path / "no.sock"), "doctor"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={"PATH": host_path_without(tmp_path, "criu", "x"), **command_environment()})
     assert text.returncode == 1
     assert "FAIL  criu" in text.stdout and "fix: install CRIU >= 4.2" in text.stdout
     assert text.stdout.strip().endswith("cannot work here: 1 problem(s) above")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 from harness.containerd import PYSHIM, Containerd
-from harness.environment import Environment
+from harness.environment import Environment, load_environment
 from harness.image import TestImage
 from harness.redis_image import build_redis_image
 from harness.tasks import remove, task_status, wait_status
@@ -36,12 +36,16 @@ COUNTER = ("rm /etc/group; echo written-before-checkpoint > /root/marker; "
 REDIS_SERVER = ("redis-server", "--bind", "127.0.0.1", "--port", "6379", "--save", "", "--appendonly", "no",
                 "--daemonize", "no", "--loglevel", "warning", "--enable-debug-command", "yes")
 KEYS = 20000
-PYSHIM_COMMAND = Path(sys.executable).parent / "pyshim"
+def tool_command() -> list[str]:
+    """The installed command (PYSHIM_TOOL, the .deb's /usr/bin/pyshim); a developer's env without one runs the
+    checkout's."""
+    installed = load_environment().tool
+    return [str(installed)] if installed else [sys.executable, "-m", "shim.tool"]
 
 
 def pyshim(containerd: Containerd, store: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """The console script against one containerd, its test namespace and a private checkpoint store."""
-    command = [str(PYSHIM_COMMAND)] if PYSHIM_COMMAND.exists() else [sys.executable, "-m", "shim.tool"]
+    command = tool_command()
     return subprocess.run([*command, "--address", containerd.address, "--namespace", containerd.namespace,
                            "--store", str(store), *args], capture_output=True, text=True, timeout=timeout)
 

@@ -5,7 +5,8 @@
 #
 #   dist/pyshim-<version>-py3-none-any.whl    the Python package (non-editable; generated code in shim/api)
 #   dist/pyshim_<version>_amd64.deb           pyshim in /usr/lib/pyshim with protobuf, pyroute2 and pycriu,
-#                                             /usr/bin/containerd-shim-pyshim-v2, snippets, docs
+#                                             /usr/bin/containerd-shim-pyshim-v2, /usr/bin/pyshim (the command,
+#                                             with grpcio and zstandard per CPython), snippets, docs
 #   dist/pyshim-criu_<criu version>_amd64.deb Debian sid's CRIU >= 4.2 with its libraries in /usr/lib/pyshim-criu
 #                                             and /usr/sbin/criu (Debian 12 and 13 ship older CRIUs)
 #   dist/SHA256SUMS
@@ -129,6 +130,41 @@ LAUNCHER
     chmod 0755 "$dest"
 }
 
+# The `pyshim` command's own dependencies (the `tool` extra: grpcio, zstandard) are compiled for one CPython
+# each, not abi3: one directory per CPython the supported Debians ship (12: 3.11, 13: 3.13); the command's
+# launcher takes its interpreter's. The shim itself needs none of them.
+readonly TOOL_PYTHONS=(3.11 3.13)
+
+tool_requirements() {
+    "$BUILD_PYTHON" -c 'import sys, tomllib
+print("\n".join(tomllib.load(open(sys.argv[1], "rb"))["project"]["optional-dependencies"]["tool"]))' \
+        "$BUILD_REPO/pyproject.toml"
+}
+
+install_tool_dependencies() {
+    local dest=$1 version requirements
+    mapfile -t requirements < <(tool_requirements)
+    for version in "${TOOL_PYTHONS[@]}"; do
+        run_logged "$LOG_DIR/build-tool.log" "$BUILD_PYTHON" -m pip install --no-input --no-compile \
+            --only-binary=:all: --implementation cp --python-version "$version" \
+            --platform "manylinux2014_$(uname -m)" --target "$dest/cp${version/./}" "${requirements[@]}"
+    done
+}
+
+# The `pyshim` command's launcher: like the shim's, plus the tool dependencies built for its interpreter.
+write_tool_launcher() {
+    local dest=$1 python=$2 site=$3 tool=$4
+    cat >"$dest" <<LAUNCHER
+#!$python -IS
+# pyshim, written by pyshim packaging/build.sh: the command for checkpoint workflows (docs/cli.md).
+import sys
+sys.path[1:1] = ["$site", "$tool/cp3%d" % sys.version_info.minor]
+from shim.tool.__main__ import main
+sys.exit(main())
+LAUNCHER
+    chmod 0755 "$dest"
+}
+
 installed_size_kib() {
     du -sk --exclude=DEBIAN "$1" | awk '{print $1}'
 }
@@ -164,11 +200,14 @@ build_pyshim_deb() {
     native=$(find "$site" -name '*.so' ! -name '*.abi3.so' -printf '%P\n')
     [[ -z $native ]] || build_die "compiled modules tied to one Python version would break on Debian 12 or 13:"$'\n'"$native"
     cp -a "$PYCRIU_DIR/pycriu" "$PYCRIU_DIR"/pycriu-*.dist-info "$pycriu/"
+    install_tool_dependencies "$root$PACKAGE_PREFIX/tool"
     find "$root" -name __pycache__ -prune -exec rm -rf {} +
 
     write_launcher "$root$PACKAGE_PREFIX/bin/containerd-shim-pyshim-v2" /usr/bin/python3 \
         "$PACKAGE_PREFIX/site" "$PACKAGE_PREFIX/pycriu"
     ln -s "../lib/pyshim/bin/containerd-shim-pyshim-v2" "$root/usr/bin/containerd-shim-pyshim-v2"
+    write_tool_launcher "$root$PACKAGE_PREFIX/bin/pyshim" /usr/bin/python3 "$PACKAGE_PREFIX/site" "$PACKAGE_PREFIX/tool"
+    ln -s "../lib/pyshim/bin/pyshim" "$root/usr/bin/pyshim"
     printf 'version=%s\nsource=%s\n' "$VERSION" "$DIGEST" >"$root$PACKAGE_PREFIX/BUILD"
 
     # containerd snippets and registration, whatever packaging/containerd holds at build time.
@@ -187,8 +226,9 @@ Files: usr/lib/pyshim/site/shim/*
 License: Apache-2.0
  On Debian systems the full text is in /usr/share/common-licenses/Apache-2.0.
 
-Files: usr/lib/pyshim/site/google/* usr/lib/pyshim/site/pyroute2/*
-Comment: protobuf and pyroute2 from PyPI; their licenses are in usr/lib/pyshim/site/*.dist-info.
+Files: usr/lib/pyshim/site/google/* usr/lib/pyshim/site/pyroute2/* usr/lib/pyshim/tool/*
+Comment: protobuf, pyroute2, grpcio, zstandard and typing-extensions from PyPI; their licenses are in the
+ *.dist-info directories beside them.
 
 Files: usr/lib/pyshim/pycriu/*
 Comment: Debian's python3-pycriu $PYCRIU_VERSION; its copyright file follows.
@@ -211,7 +251,8 @@ Description: containerd shim v2 in Python, built around CRIU checkpoint/restore
  containerd-shim-pyshim-v2). runc creates and runs the containers; CRIU
  checkpoints and restores them. Installed in /usr/lib/pyshim with its own
  protobuf, pyroute2 and pycriu; containerd snippets and registration in
- /usr/share/pyshim/containerd.
+ /usr/share/pyshim/containerd. The pyshim command (/usr/bin/pyshim) exports,
+ inspects and restores checkpoints across containerd hosts.
 EOF
     write_maintainer_scripts "$root/DEBIAN"
     write_md5sums "$root"
@@ -228,7 +269,8 @@ write_maintainer_scripts() {
 # pyshim postinst: bytecode for the python3 installed now (the package ships none; prerm removes it).
 set -e
 if [ "$1" = configure ]; then
-    /usr/bin/python3 -m compileall -q -j 0 /usr/lib/pyshim/site /usr/lib/pyshim/pycriu >/dev/null 2>&1 ||
+    /usr/bin/python3 -m compileall -q -j 0 /usr/lib/pyshim/site /usr/lib/pyshim/pycriu \
+        "/usr/lib/pyshim/tool/cp3$(/usr/bin/python3 -c 'import sys; print(sys.version_info.minor)')" >/dev/null 2>&1 ||
         echo "pyshim: byte-compiling /usr/lib/pyshim failed; the shim still runs, only its start-up is slower" >&2
 fi
 exit 0

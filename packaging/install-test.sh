@@ -285,6 +285,8 @@ write_env_file() {
         echo "PYSHIM_BUSYBOX=$(command -v busybox || echo /bin/busybox)"
         # The installed shim (pyshim .deb); the harness puts it first on each test containerd's PATH.
         echo "PYSHIM_SHIM=$SHIM"
+        # The installed `pyshim` command (same .deb); the tool tests run it rather than the checkout.
+        echo "PYSHIM_TOOL=$(dirname "$SHIM")/pyshim"
         if [[ -n $REDIS_VERSION ]]; then
             echo "PYSHIM_REDIS=$REDIS_PREFIX"
             echo "PYSHIM_REDIS_VERSION=$REDIS_VERSION"

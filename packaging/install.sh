@@ -618,7 +618,7 @@ install_wheel() {
     run_logged "$LOG_DIR/wheel.log" /usr/bin/python3 -m venv "$pip_python"
     rm -rf "$site.new"
     run_logged "$LOG_DIR/wheel.log" "$pip_python/bin/python" -m pip install --no-input --only-binary=:all: \
-        --target "$site.new" "$wheel"
+        --target "$site.new" "$wheel[tool]"
     rm -rf "$pip_python" "$site.new/bin" "$site"
     mkdir -p "$WHEEL_PREFIX/bin"
     mv "$site.new" "$site"
@@ -632,6 +632,16 @@ from shim.__main__ import main
 sys.exit(main())
 LAUNCHER
     ln -sfn "$WHEEL_PREFIX/bin/containerd-shim-pyshim-v2" "$LEGACY_SHIM_LINK"
+    # The pyshim command: its tool extra (grpcio, zstandard) sits in the same site, built for this python3.
+    cat <<LAUNCHER | write_if_changed "$WHEEL_PREFIX/bin/pyshim" 0755 || true
+#!/usr/bin/python3 -IS
+# pyshim, written by pyshim packaging/install.sh --wheel: the command for checkpoint workflows (docs/cli.md).
+import sys
+sys.path[1:1] = ["$site"]
+from shim.tool.__main__ import main
+sys.exit(main())
+LAUNCHER
+    ln -sfn "$WHEEL_PREFIX/bin/pyshim" /usr/local/bin/pyshim
     SHIM_INSTALLED=$LEGACY_SHIM_LINK
     say "pyshim: $(basename "$wheel") -> $site; $SHIM_INSTALLED"
 }
@@ -655,6 +665,18 @@ bindings.rpc_messages(), bindings.image_codec()
 print(shim.__file__, google.protobuf.__version__, pyroute2.__version__)" 2>&1) ||
         die "the installed shim's modules do not import with /usr/bin/python3:"$'\n'"$check"
     say "pyshim: $SHIM_INSTALLED -> $launcher, $(awk '/Version:/ {print $2}' <<<"$version"); shim, protobuf, pyroute2, pycriu import from $(dirname "$(dirname "${check%% *}")") (protobuf $(cut -d' ' -f2 <<<"$check"))"
+    # The pyshim command, beside the shim: its help needs its own imports (grpcio) only lazily, so ask its doctor
+    # for nothing and just load the containerd client it would use.
+    local tool
+    tool=$(dirname "$SHIM_INSTALLED")/pyshim
+    [[ -x $tool ]] || die "the pyshim command is missing beside $SHIM_INSTALLED"
+    check=$(cd / && "$tool" --help 2>&1) || die "$tool --help failed:"$'\n'"$check"
+    check=$(cd / && /usr/bin/python3 -IS -c "
+import sys
+sys.path[1:1] = $(sed -n 's/^sys.path\[1:1\] = //p' "$(readlink -f "$tool")")
+import grpc, zstandard
+print(grpc.__version__, zstandard.__version__)" 2>&1) || die "the pyshim command's grpcio/zstandard do not import:"$'\n'"$check"
+    say "pyshim: $tool answers --help; grpcio $(cut -d' ' -f1 <<<"$check"), zstandard $(cut -d' ' -f2 <<<"$check")"
 }
 
 # ----------------------------------------------------------------------------------------------------

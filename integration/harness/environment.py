@@ -68,6 +68,13 @@ class Environment:
         return self._path("PYSHIM_SHIM")
 
     @property
+    def tool(self) -> Path | None:
+        """The installed `pyshim` command (the .deb's /usr/bin/pyshim), or None (a developer's env without one: the
+        tool tests then run the checkout's shim.tool)."""
+        value = self.values.get("PYSHIM_TOOL")
+        return Path(value) if value and os.access(value, os.X_OK) else None
+
+    @property
     def criu(self) -> Path:
         return self._path("PYSHIM_CRIU")
 

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import BinaryIO
 
+from shim.tool import tarsafe
 from shim.tool.errors import ToolError, from_os
 
 CHECKPOINT_DIR = "checkpoint"
@@ -200,9 +201,11 @@ def extract(path: str, destination: str) -> None:
                 if member.name.startswith("/") or ".." in Path(member.name).parts:
                     raise ToolError(f"{path}: entry {member.name!r} points outside the archive; refusing it "
                                     "(a checkpoint archive holds relative names only)")
-                tar.extract(member, destination, filter="data")
+                tarsafe.extract(tar, member, destination, data=True)
     except ToolError:
         raise
+    except tarsafe.REFUSED as exc:
+        raise ToolError(f"{path} holds an entry a checkpoint archive cannot ({exc}); refusing it") from None
     except OSError as exc:
         if isinstance(exc, (FileNotFoundError, PermissionError)) and exc.filename == path:
             raise from_os(exc, f"reading {path}") from None

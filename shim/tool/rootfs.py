@@ -15,6 +15,7 @@ import shutil
 import stat
 import tarfile
 
+from shim.tool import tarsafe
 from shim.tool.errors import ToolError
 
 WHITEOUT = ".wh."
@@ -102,13 +103,13 @@ def apply_diff(tar_path: str, kind: str, layer: str, deleted_files: str | None =
                     existing = _inside(layer, member.name)
                     if os.path.lexists(existing) and not (member.isdir() and os.path.isdir(existing)):
                         _remove_any(existing)
-                    tar.extract(member, layer, filter="tar")
+                    tarsafe.extract(tar, member, layer, data=False)
                 count += 1
-    except (tarfile.TarError, EOFError) as exc:
-        raise ToolError(f"the checkpoint's rootfs-diff.tar is corrupt ({exc}); export the checkpoint again") from None
-    except tarfile.FilterError as exc:
+    except tarsafe.REFUSED as exc:  # before TarError: tarfile's FilterError is one
         raise ToolError(f"the checkpoint's rootfs-diff.tar has an entry outside the container's rootfs ({exc}); "
                         "refusing it") from None
+    except (tarfile.TarError, EOFError) as exc:
+        raise ToolError(f"the checkpoint's rootfs-diff.tar is corrupt ({exc}); export the checkpoint again") from None
     if deleted_files and os.path.exists(deleted_files):
         with open(deleted_files) as f:
             for path in json.load(f) or []:
