@@ -60,6 +60,8 @@ sys.path[1:1] = {paths!r}
 import shim
 found = {{"shim": shim.__file__}}
 for info in pkgutil.walk_packages(shim.__path__, "shim."):
+    if info.name.startswith({skip!r}):
+        continue  # the pyshim command's modules: its own launcher adds their dependencies (grpcio)
     found[info.name] = importlib.import_module(info.name).__file__
 import google.protobuf, pyroute2
 from shim.criu import bindings  # pycriu is off the launcher's paths: found in the prefix
@@ -72,9 +74,9 @@ print(json.dumps(found))
 
 def test_every_module_of_the_checkout_imports_from_the_package_prefix(installed):
     launcher, interpreter, paths = installed
-    result = run_from_root([*interpreter, "-c", IMPORT_ALL.format(paths=paths)])
+    result = run_from_root([*interpreter, "-c", IMPORT_ALL.format(paths=paths, skip="shim.tool.")])
     found: dict[str, str] = json.loads(result.stdout)
-    missing = checkout_modules() - found.keys()
+    missing = {m for m in checkout_modules() if not m.startswith("shim.tool.")} - found.keys()
     assert not missing, f"modules of the checkout that the installed package lacks: {sorted(missing)}"
     # pycriu comes from <prefix>/pycriu beside the launcher's site directory (shim.criu.bindings looks there).
     roots = [*paths, *(str(Path(p).parent / "pycriu") for p in paths)]
@@ -83,6 +85,37 @@ def test_every_module_of_the_checkout_imports_from_the_package_prefix(installed)
     assert not [file for file in found.values() if file.startswith(str(REPO) + "/")]
     version = run_from_root([str(launcher), "-v"]).stdout
     assert "Runtime:  io.containerd.pyshim.v2" in version, version
+
+
+TOOL_IMPORTS = """
+import importlib, json, pkgutil, sys
+{paths_line}
+import shim.tool
+found = {{name: importlib.import_module(name).__file__
+         for name in ["shim.tool", *(i.name for i in pkgutil.walk_packages(shim.tool.__path__, "shim.tool."))]}}
+import grpc, zstandard
+found.update(grpc=grpc.__file__, zstandard=zstandard.__file__)
+print(json.dumps(found))
+"""
+
+
+def test_the_pyshim_command_imports_from_the_package_prefix(installed, environment: Environment):
+    """The installed `pyshim` (PYSHIM_TOOL): every module of shim.tool and its grpcio/zstandard import under its own
+    launcher's interpreter and paths (the tool directory of that interpreter's version), all inside the prefix."""
+    launcher, _, paths = installed
+    if environment.tool is None:
+        pytest.skip("no installed pyshim command (PYSHIM_TOOL) in this environment")
+    tool = environment.tool.resolve()
+    lines = tool.read_text().splitlines()
+    paths_line = next(text for text in lines if text.startswith("sys.path[1:1] = "))
+    result = run_from_root([*lines[0].removeprefix("#!").split(), "-c", TOOL_IMPORTS.format(paths_line=paths_line)])
+    found: dict[str, str] = json.loads(result.stdout)
+    missing = {m for m in checkout_modules() if m.startswith("shim.tool")} - found.keys()
+    assert not missing, f"modules of the pyshim command that the installed package lacks: {sorted(missing)}"
+    prefix = str(Path(paths[0]).parent) + "/"  # <prefix>/site -> <prefix>/
+    outside = {name: file for name, file in found.items() if not file.startswith(prefix)}
+    assert not outside, f"the pyshim command imported from outside {prefix}: {outside}"
+    assert "usage: pyshim" in run_from_root([str(tool), "--help"]).stdout
 
 
 def run_from_root(argv: list[str]) -> subprocess.CompletedProcess[str]:
