@@ -19,8 +19,8 @@ import signal
 import tempfile
 
 from shim import unmount
-from shim.criu import images, loopback, netlock
-from shim.criu.log import log_excerpt
+from shim.criu import image_check, images, loopback, netlock
+from shim.criu.log import quote
 from shim.criu.options import CheckpointOptions, OptionError, from_annotations, from_host_config, from_record, resolve
 from shim.criu.plan import CRIU_CONFIG_ANNOTATION, DEFAULT_RUNC_CRIU_CONFIG, restore_config, runtime_restore_args
 from shim.criu.tcp import refuse_lost_connections
@@ -34,6 +34,7 @@ from shim.spawn import spawn
 
 log = logging.getLogger(__name__)
 LAZY_PAGES_LOG = "criu-lazy-pages.log"  # in the bundle: the daemon outlives the restore's work dir
+KEPT_LOG_BYTES = 16 << 20  # of a failed restore's log kept in the bundle
 LAZY_PAGES_READY = 10.0  # seconds for `criu lazy-pages` to listen before the restore gives up
 _serving: set[asyncio.Task] = set()  # lazy-pages daemons still serving restored containers
 
@@ -67,6 +68,11 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
                   stdio, pid_file: str, console_socket: str = "", no_pivot: bool = False) -> CheckpointOptions:
     if not os.path.isdir(image_path):
         raise InvalidArgument(f"checkpoint {image_path} does not exist")
+    try:
+        await asyncio.to_thread(image_check.check, image_path)
+    except image_check.ImageDamaged as exc:
+        raise InvalidArgument(f"restore of {container_id}: checkpoint {image_path} is damaged: {exc}. Nothing was "
+                              "restored; restore from an intact copy or checkpoint again") from None
     options, config = restore_options(bundle, image_path)
     if options.manage_cgroups_mode in ("full", "strict"):
         from shim.criu.checkpoint import forget_frozen_freezer
@@ -112,10 +118,7 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
         message = f"restore of {container_id} from {image_path} failed: {exc}"
         if daemon is not None and daemon.failed:
             message += f". {daemon.failed}"
-        lines = log_excerpt(kept) if kept else []
-        if lines:
-            message += f". From the CRIU log {kept}: " + " | ".join(lines)
-        raise RestoreFailed(message) from exc
+        raise RestoreFailed(message + quote(kept)) from exc
     except BaseException:
         if daemon is not None:
             await daemon.stop()
@@ -187,9 +190,7 @@ class LazyPages:
         if said != b"\0":
             await daemon.stop()
             why = "exited" if said == b"" else f"was not ready within {LAZY_PAGES_READY:g}s"
-            lines = log_excerpt(log_file)
-            raise RestoreFailed(f"criu lazy-pages {why}" + (f". From its log {log_file}: " + " | ".join(lines)
-                                                              if lines else ""))
+            raise RestoreFailed(f"criu lazy-pages {why}" + quote(log_file, source="criu lazy-pages log"))
         log.info("criu lazy-pages (pid %d) serves %s%s", pid, image_path,
                  f" from the page server {page_server[0]}:{page_server[1]}" if page_server else "")
         return daemon
@@ -205,9 +206,8 @@ class LazyPages:
             restore.cancel()
             raise
         if restore not in done and self.exited.result().status != 0:
-            lines = log_excerpt(self.log_file)
             self.failed = (f"criu lazy-pages exited with {self.exited.result().status} during the restore"
-                           + (f"; from its log {self.log_file}: " + " | ".join(lines) if lines else ""))
+                           + quote(self.log_file, source="criu lazy-pages log"))
             log.warning("%s: %s; killing the restore's CRIU", container_id, self.failed)
             _kill_restoring_criu(container_id)
         await restore
@@ -288,9 +288,21 @@ async def _clean_failed_restore(runtime: OciRuntime, container_id: str) -> None:
 
 
 def _keep_log(work: str, bundle: str) -> str | None:
+    """The restore's log kept in the bundle, its two ends only when it is huge: a CRIU that looped until the
+    timeout (a damaged image the checks did not catch) logs tens of MB a second."""
     source, kept = os.path.join(work, "restore.log"), os.path.join(bundle, "criu-restore.log")
     try:
-        shutil.copyfile(source, kept)
+        with open(source, "rb") as log:
+            size = os.fstat(log.fileno()).st_size
+            fd = os.open(kept, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb") as copy:
+                if size <= KEPT_LOG_BYTES:
+                    shutil.copyfileobj(log, copy)
+                else:
+                    copy.write(log.read(KEPT_LOG_BYTES // 2))
+                    copy.write(f"\n[pyshim: {size - KEPT_LOG_BYTES} bytes of this {size}-byte log left out]\n".encode())
+                    log.seek(size - KEPT_LOG_BYTES // 2)
+                    shutil.copyfileobj(log, copy)
         return kept
     except OSError:
         return None
