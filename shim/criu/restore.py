@@ -19,6 +19,7 @@ import signal
 import tempfile
 
 from shim import unmount
+from shim.cgroups import made as made_cgroups
 from shim.criu import image_check, images, loopback, netlock
 from shim.criu.log import quote
 from shim.criu.options import CheckpointOptions, OptionError, from_annotations, from_host_config, from_record, resolve
@@ -27,7 +28,7 @@ from shim.criu.tcp import refuse_lost_connections
 from shim.errors import InvalidArgument, ShimError
 from shim.layout import write_atomically
 from shim.oci.runner import RuntimeFailed
-from shim.oci.runtime import OciRuntime
+from shim.oci.runtime import OciRuntime, is_gone
 from shim.proctree import children_of, cmdline, parent_of
 from shim.reaper import Reaper
 from shim.spawn import spawn
@@ -96,6 +97,8 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
     lazy = lazy_request(annotations)
     flags = runtime_restore_args(options)
     watched_lock = await netlock.before_restore(runtime.run.reaper, image_path, config)
+    cgroups_path = (config.get("linux") or {}).get("cgroupsPath") or ""
+    cgroups_before = {path for path in made_cgroups.directories(cgroups_path) if path.is_dir()}
     daemon = hook = None
     try:
         if raises_loopback:
@@ -113,7 +116,7 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
         if daemon is not None:
             await daemon.stop()
         kept = _keep_log(work, bundle)
-        await _clean_failed_restore(runtime, container_id)
+        await _clean_failed_restore(runtime, container_id, cgroups_path, cgroups_before)
         await netlock.after_failed_restore(runtime.run.reaper, watched_lock)  # CRIU locked and did not unlock
         message = f"restore of {container_id} from {image_path} failed: {exc}"
         if daemon is not None and daemon.failed:
@@ -277,14 +280,46 @@ async def _read_once(fd: int) -> bytes:
     return os.read(fd, 1)
 
 
-async def _clean_failed_restore(runtime: OciRuntime, container_id: str) -> None:
-    """Unmount runc's private bind of the rootfs before runc removes its state: removing a
-    still-mounted criu-root deletes the container's files through it."""
+async def _clean_failed_restore(runtime: OciRuntime, container_id: str, cgroups_path: str,
+                                cgroups_before: set) -> None:
+    """Undo what a failed or killed `runc restore` left (its processes were killed with it): runc's private bind
+    of the rootfs, unmounted before runc removes its state (removing a still-mounted criu-root deletes the
+    container's files through it), runc's state, and the cgroups it made, which runc killed before writing its
+    state does not know."""
     unmount.unmount_all(os.path.join(runtime.state_dir(container_id), "criu-root"))
     try:
         await runtime.delete(container_id, force=True)
     except RuntimeFailed as exc:
-        log.warning("cleaning up the failed restore of %s: %s", container_id, exc)
+        if not is_gone(exc):
+            log.warning("cleaning up the failed restore of %s: %s", container_id, exc)
+    _remove_unfinished_state(runtime.state_dir(container_id))
+    left = made_cgroups.remove_made(cgroups_path, cgroups_before)
+    if left:
+        log.warning("the failed restore of %s left cgroups still in use: %s", container_id,
+                    ", ".join(map(str, left)))
+
+
+def _remove_unfinished_state(state: str) -> None:
+    """runc's state dir for the id when `runc delete` could not remove it (runc was killed before writing
+    state.json): its files, and empty directories only (rmdir), so nothing is removed through a mount."""
+    try:
+        entries = os.listdir(state)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        log.warning("cannot read %s left by a failed restore: %s", state, exc)
+        return
+    for name in entries:
+        path = os.path.join(state, name)
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                os.rmdir(path)
+            else:
+                os.unlink(path)
+        except OSError as exc:
+            log.warning("cannot remove %s left by a failed restore: %s", path, exc)
+    with contextlib.suppress(OSError):
+        os.rmdir(state)
 
 
 def _keep_log(work: str, bundle: str) -> str | None:
