@@ -112,12 +112,18 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
                                     work_path=work, stdio=stdio, console_socket=console_socket, no_pivot=no_pivot,
                                     flags=flags, timeout=options.timeout)
         await (restoring if daemon is None else daemon.guard(restoring, container_id))
-    except RuntimeFailed as exc:
+    except (RuntimeFailed, asyncio.CancelledError) as exc:
+        # Cancelled: the task was killed mid-restore, or containerd's connection closed; runc and CRIU were killed
+        # with the call (shim.spawn.wait_or_kill), and what they left goes as after a failure.
         if daemon is not None:
             await daemon.stop()
         kept = _keep_log(work, bundle)
         await _clean_failed_restore(runtime, container_id, cgroups_path, cgroups_before)
         await netlock.after_failed_restore(runtime.run.reaper, watched_lock)  # CRIU locked and did not unlock
+        if isinstance(exc, asyncio.CancelledError):
+            log.warning("restore of %s from %s stopped before it ended; runc and CRIU were killed and what they "
+                        "left removed%s", container_id, image_path, quote(kept))
+            raise
         message = f"restore of {container_id} from {image_path} failed: {exc}"
         if daemon is not None and daemon.failed:
             message += f". {daemon.failed}"

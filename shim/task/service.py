@@ -240,8 +240,9 @@ class TaskService:
         process = container.process(request.exec_id)
         self.checkpoint_pauses.called(request.id)
         if isinstance(process, InitProcess) and process.state is State.RESTORE_PENDING:
-            # Nothing runs yet (the restore happens at Start, or failed): the signal ends the task
-            # as it would have ended its process, so a caller waiting for the exit gets one.
+            # Nothing runs yet (the restore happens at Start, failed, or is running: it is stopped): the signal
+            # ends the task as it would have ended its process, so a caller waiting for the exit gets one.
+            await process.stop_restore()
             container.init_exited = True
             self._process_exited(Exit(0, 128 + request.signal, time.time()), container, process)
         elif isinstance(process, InitProcess):
