@@ -306,14 +306,17 @@ async def _clean_failed_restore(runtime: OciRuntime, container_id: str, cgroups_
 
 
 def _remove_unfinished_state(state: str) -> None:
-    """runc's state dir for the id when `runc delete` could not remove it (runc was killed before writing
-    state.json): its files, and empty directories only (rmdir), so nothing is removed through a mount."""
+    """runc's state dir for the id when `runc delete` could not remove it because runc was killed before writing
+    state.json: its files, and empty directories only (rmdir), so nothing is removed through a mount. A state
+    with state.json is runc's to remove (runc delete said why it did not)."""
     try:
         entries = os.listdir(state)
     except FileNotFoundError:
         return
     except OSError as exc:
         log.warning("cannot read %s left by a failed restore: %s", state, exc)
+        return
+    if "state.json" in entries:
         return
     for name in entries:
         path = os.path.join(state, name)
