@@ -11,7 +11,9 @@ restore path in the shim):
   checks the images first and fails at once, naming the file;
 - inventory.img deleted, pstree.img truncated: CRIU fails with protobuf read errors; pyshim names the file first;
 - an intact checkpoint restored with a timeout shorter than the restore (annotation io.pyshim.checkpoint.timeout):
-  runc and CRIU are killed mid-restore, and pyshim removes what they left.
+  runc and CRIU are killed mid-restore, and pyshim removes what they left;
+- `ctr containers restore --live` of a checkpoint in the content store whose criu tar was damaged there (pages-*.img
+  cut to half in the blob, rewritten in place: containerd does not check a blob's digest when it reads it).
 
 After each: Start failed within seconds with an error naming the cause, and nothing is left: no process whose command
 line names the id, no mount naming it, no runc state, no cgroup; then the same id is reused by a new container,
@@ -24,9 +26,12 @@ runc and CRIU with the call and removes what they left, and the id is reusable.
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import shutil
 import subprocess
+import tarfile
 import time
 from pathlib import Path
 
@@ -136,6 +141,45 @@ def test_damaged_or_slow_restores_fail_fast_and_leave_nothing(containerd: Contai
     expected_outcome = {"failed": True, "cause named": True, "rootfs": True, "fast": True, "left": [],
                         "reused and checkpointed": (0, "RUNNING")}
     assert outcomes == {case: expected_outcome for case in CASES}
+
+
+def damage_criu_tar(blob: Path) -> None:
+    """Rewrite a checkpoint's criu tar blob with its pages files cut to half, padded to its old size."""
+    original = blob.read_bytes()
+    damaged = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(original)) as source, tarfile.open(fileobj=damaged, mode="w") as target:
+        for member in source.getmembers():
+            data = source.extractfile(member).read() if member.isfile() else None
+            if os.path.basename(member.name).startswith("pages-"):
+                data = data[:len(data) // 2]
+                member.size = len(data)
+            target.addfile(member, io.BytesIO(data) if data is not None else None)
+    blob.write_bytes(damaged.getvalue().ljust(len(original), b"\0"))
+
+
+@pytest.mark.parametrize("containerd_version", ["2"], indirect=True)
+def test_live_restore_from_damaged_content_fails_fast(containerd: Containerd, test_image: TestImage):
+    original = containerd.new_id("orig")
+    containerd.run(original, test_image, "sh", "-c", LOOP, runtime=PYSHIM)
+    ref = f"localhost/pyshim-test/checkpoint/{original}:damaged"
+    containerd.ctr("containers", "checkpoint", "--task", original, ref)
+    remove(containerd, original)
+    target = next(line.split()[2] for line in containerd.ctr("images", "ls").stdout.splitlines()
+                  if line.split() and line.split()[0] == ref)
+    index = json.loads(containerd.ctr("content", "get", target).stdout)
+    criu = next(m["digest"] for m in index["manifests"] if m["mediaType"].endswith("criu.checkpoint.criu.tar"))
+    damage_criu_tar(containerd.root / "io.containerd.content.v1.content" / "blobs" / "sha256" / criu.split(":")[1])
+
+    container_id = containerd.new_id("live")
+    started = time.monotonic()
+    result = containerd.ctr("containers", "restore", "--live", container_id, ref, check=False, timeout=60)
+    elapsed = time.monotonic() - started
+    left = left_of(containerd, container_id, shim=containerd.shim_pid(container_id))
+    remove(containerd, container_id)
+    left += left_of(containerd, container_id)
+    print(f"{elapsed:.1f}s: {result.stderr.strip()}")
+    assert result.returncode != 0 and "is damaged: pages-1.img holds" in result.stderr
+    assert elapsed < 10 and left == []
 
 
 BIG = ("x=$(head -c 150000000 /dev/zero | tr '\\0' a); "
