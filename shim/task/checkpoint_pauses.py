@@ -15,11 +15,8 @@ it paused, sends no Pause of its own, so a State (or any other call) comes betwe
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
