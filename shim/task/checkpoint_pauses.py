@@ -5,7 +5,7 @@ a Resume deferred in the client's own process. When containerd dies after the Pa
 Resume never comes and the task stays frozen for good; the Go shim leaves it so. pyshim recognises the sequence on
 one connection: a Pause of a running task followed by that task's Checkpoint with no other call for the task in
 between. If that connection closes before the Resume, the task is resumed as soon as the checkpoint is over (a dump in
-progress is cancelled with its connection, and cleans up first), and the log says so. A new containerd reconnecting
+progress runs to its end first: the task service lets it finish), and the log says so. A new containerd reconnecting
 finds the task as it was before the checkpoint began.
 
 A pause a user asked for (`ctr task pause`) is left alone: ctr's checkpoint asks the task's State first and, seeing

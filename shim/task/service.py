@@ -293,8 +293,15 @@ class TaskService:
         if self._checkpointer is None:
             self._checkpointer = self._make_checkpointer()
         self.checkpoint_pauses.checkpoint_started(container.id, getattr(context, "disconnected", None))
+        dump = asyncio.ensure_future(container.init.checkpoint_to(self._checkpointer, options))
         try:
-            result = await container.init.checkpoint_to(self._checkpointer, options)
+            result = await asyncio.shield(dump)
+        except asyncio.CancelledError:
+            # The call's connection closed (containerd died): the dump still runs to its end (bounded by its
+            # timeout), nobody takes its result. Cut short, CRIU or a checkpoint worker would go on restoring the
+            # task's frozen state behind a resume; ended, the task is resumed after it if containerd paused it.
+            await asyncio.gather(dump, return_exceptions=True)
+            raise
         finally:
             self.checkpoint_pauses.checkpoint_ended(container.id)
         if result.completion is None:

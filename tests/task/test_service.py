@@ -236,7 +236,7 @@ class BlockingCheckpointer:
 
 def test_a_task_paused_for_a_checkpoint_whose_connection_closed_is_resumed(tmp_path):
     """containerd's client: Pause, Checkpoint, (Resume never comes: containerd died). The task runs again once the
-    cancelled checkpoint is over; a task the user paused on that connection stays paused."""
+    checkpoint, left to finish, is over; a task the user paused on that connection stays paused."""
     async def scenario(h):
         checkpointer = BlockingCheckpointer()
         h.service._make_checkpointer = lambda: checkpointer
@@ -252,14 +252,17 @@ def test_a_task_paused_for_a_checkpoint_whose_connection_closed_is_resumed(tmp_p
         await checkpointer.started.wait()
         connection.disconnected.set_result(None)  # the server cancels the connection's calls
         checkpoint.cancel()
+        await h.settle()
+        during = (await h.call("State", api.StateRequest(id="c1"))).status  # the dump runs to its end first
+        checkpointer.go.set()
         await asyncio.gather(checkpoint, return_exceptions=True)
         await h.settle()
-        states = [(await h.call("State", api.StateRequest(id=id))).status for id in ("c1", "user")]
+        states = [during] + [(await h.call("State", api.StateRequest(id=id))).status for id in ("c1", "user")]
         for id in ("c1", "user"):
             await h.call("Kill", api.KillRequest(id=id, signal=9, all=True))
         await h.settle()
         return states, h.publisher.topics()
 
     states, topics = run(scenario, tmp_path)
-    assert states == [types.RUNNING, types.PAUSED]
+    assert states == [types.PAUSED, types.RUNNING, types.PAUSED]
     assert topics.count("/tasks/resumed") == 1
