@@ -49,8 +49,10 @@ def restore_options(bundle: str, image_path: str) -> tuple[CheckpointOptions, di
     container's annotations (a restore-time choice such as tcp-close wins)."""
     config = _config(bundle)
     record = images.read_record(image_path) or {}
+    # How long CRIU may take is this host's say (or the restoring container's), not what the checkpoint was given.
+    taken_with = {name: value for name, value in (record.get("options") or {}).items() if name != "timeout"}
     try:
-        options = resolve(from_host_config(), from_record(record.get("options") or {}),
+        options = resolve(from_host_config(), from_record(taken_with),
                           from_annotations(config.get("annotations") or {}))
     except OptionError as exc:
         raise InvalidArgument(f"restore from {image_path}: {exc}") from None
