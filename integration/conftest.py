@@ -1,11 +1,14 @@
 """Fixtures for the integration suite: the installed environment, the test image, and started containerds.
 
 The suite is skipped as a whole (with the reason in the header and the skip report) when not run as root or when
-packaging/install.sh has not written /opt/pyshim/env. Every containerd a test starts is stopped in the fixture's
+packaging/install-test.sh has not written /opt/pyshim/env. Every containerd a test starts is stopped in the fixture's
 teardown; a session-wide fixture stops any left running after that (and harness.containerd registers the same
 safety net with atexit). A failing test's report gets the tail of each of its containerds' debug logs. At the end of
 the session, after every containerd is stopped, no network namespace, veth, iptables or nftables rule the tests made
 may be left (harness.leftovers); what is left is printed and fails the session.
+
+A test marked `cgroup_v2` runs once more, on containerd 2.x only, with its containerd in the cgroup v2 view of the
+host (harness.cgroup2_view; test id `containerd-2-cgroup-v2`, the others `-host-cgroups`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import leftovers
+from harness import cgroup2_view, leftovers
 from harness.containerd import GO_SHIM_SOCKET_DIR, Containerd, remove_go_shim_socket_dir, stop_all
 from harness.environment import CONTAINERD_VERSIONS, Environment, load_environment, unavailable_reason
 from harness.image import TestImage, build_test_image
@@ -23,6 +26,19 @@ HERE = Path(__file__).parent
 _containerds_of_item = pytest.StashKey[list[Containerd]]()
 # Read when pytest imports this conftest, before any test of the suite could have started a shim.
 _RUN_DIR_EXISTED = GO_SHIM_SOCKET_DIR.parent.exists()
+# The cgroup views a `cgroup_v2` test runs in; the v2 one on this containerd version only (CI time).
+HOST_CGROUPS, CGROUP_V2 = "host-cgroups", "cgroup-v2"
+CGROUP_V2_CONTAINERD = "2"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "cgroup_v2: run the test on containerd 2.x in the cgroup v2 view of the host "
+                                       "too (harness/cgroup2_view.py)")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "cgroup_view" in metafunc.fixturenames and metafunc.definition.get_closest_marker("cgroup_v2"):
+        metafunc.parametrize("cgroup_view", [HOST_CGROUPS, CGROUP_V2], indirect=True)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -31,6 +47,7 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _deselect_cgroup_v2_on_other_versions(config, items)
     reason = unavailable_reason()
     if reason is None:
         return
@@ -38,6 +55,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if HERE in Path(item.path).parents:
             item.add_marker(skip)
+
+
+def _deselect_cgroup_v2_on_other_versions(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def other_version_in_v2(item: pytest.Item) -> bool:
+        params = getattr(item, "callspec", None)
+        params = params.params if params is not None else {}
+        return params.get("cgroup_view") == CGROUP_V2 and params.get("containerd_version") != CGROUP_V2_CONTAINERD
+
+    deselected = [item for item in items if other_version_in_v2(item)]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not other_version_in_v2(item)]
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -114,10 +143,20 @@ def containerd_version(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def containerd(request: pytest.FixtureRequest, containerd_version: str, environment: Environment,
+def cgroup_view(request: pytest.FixtureRequest) -> str:
+    """The cgroups the test's containerd sees: the host's own, or (`cgroup_v2` tests) the cgroup v2 view."""
+    return getattr(request, "param", HOST_CGROUPS)
+
+
+@pytest.fixture
+def containerd(request: pytest.FixtureRequest, containerd_version: str, cgroup_view: str, environment: Environment,
                test_image: TestImage, containerd_log_dir: Path):
-    """A started private containerd of containerd_version with the test image imported; stopped afterwards."""
-    instance = Containerd(containerd_version, environment, log_dir=containerd_log_dir)
+    """A started private containerd of containerd_version with the test image imported, in the cgroup view asked
+    for; stopped afterwards."""
+    if cgroup_view == CGROUP_V2 and (reason := cgroup2_view.unavailable_reason()):
+        pytest.skip(f"cgroup v2 view: {reason}")
+    instance = Containerd(containerd_version, environment, log_dir=containerd_log_dir,
+                          cgroup2=cgroup_view == CGROUP_V2)
     track_containerd(request, instance)
     try:
         instance.start()

@@ -207,13 +207,13 @@ def test_concurrent_starts(containerd: Containerd, test_image: TestImage):
 
 def private_install(environment: Environment, into: Path) -> Path:
     """A copy of the shim package with a launcher like the installed one (same interpreter and flags, the copy
-    first on sys.path). Returns its bin dir."""
-    installed = (environment.venv / "bin" / "containerd-shim-pyshim-v2").read_text().splitlines()
+    first on sys.path, then the installed paths for its dependencies). Returns its bin dir."""
+    installed = environment.shim.resolve().read_text().splitlines()
     line = next(i for i, text in enumerate(installed) if text.startswith("sys.path[1:1] = "))
     paths = ast.literal_eval(installed[line].split("=", 1)[1].strip())
-    repo = next(p for p in paths if (Path(p) / "shim" / "__init__.py").exists())
-    shutil.copytree(Path(repo) / "shim", into / "src" / "shim", ignore=shutil.ignore_patterns("__pycache__"))
-    installed[line] = f"sys.path[1:1] = {[str(into / 'src') if p == repo else p for p in paths]!r}"
+    source = next(p for p in paths if (Path(p) / "shim" / "__init__.py").exists())
+    shutil.copytree(Path(source) / "shim", into / "src" / "shim", ignore=shutil.ignore_patterns("__pycache__"))
+    installed[line] = f"sys.path[1:1] = {[str(into / 'src'), *paths]!r}"
     launcher = into / "bin" / "containerd-shim-pyshim-v2"
     launcher.parent.mkdir(parents=True)
     launcher.write_text("\n".join(installed) + "\n")

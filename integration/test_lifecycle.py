@@ -12,11 +12,13 @@ import re
 import time
 
 import pytest
-from harness.containerd import PYSHIM, RUNC_V2, Containerd
+from harness import cgroup2_view, logs
+from harness.containerd import PYSHIM, RUNC_V2, RUNTIMES, Containerd
 from harness.image import TestImage
 from harness.tasks import each_runtime, remove, task_status, wait_status
 
 
+@pytest.mark.cgroup_v2
 def test_attached_run_exit_code_and_output(containerd: Containerd, test_image: TestImage):
     def scenario(runtime):
         result = containerd.run(containerd.new_id(), test_image, "sh", "-c", "echo to-out; echo to-err >&2; exit 3",
@@ -41,6 +43,7 @@ def test_run_rm_leaves_nothing(containerd: Containerd, test_image: TestImage):
     assert outcomes[PYSHIM] == outcomes[RUNC_V2]
 
 
+@pytest.mark.cgroup_v2
 def test_detached_signals_exit_status_and_events(containerd: Containerd, test_image: TestImage):
     def scenario(runtime):
         container_id = containerd.new_id()
@@ -74,6 +77,7 @@ def test_detached_signals_exit_status_and_events(containerd: Containerd, test_im
     assert outcomes[PYSHIM] == go
 
 
+@pytest.mark.cgroup_v2
 def test_exec_output_exit_code_and_ps(containerd: Containerd, test_image: TestImage):
     def scenario(runtime):
         container_id = containerd.new_id()
@@ -140,6 +144,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.cgroup_v2
 def test_pause_and_resume(containerd: Containerd, test_image: TestImage):
     def scenario(runtime):
         container_id = containerd.new_id()
@@ -161,6 +166,7 @@ def test_pause_and_resume(containerd: Containerd, test_image: TestImage):
     assert outcomes[PYSHIM] == outcomes[RUNC_V2]
 
 
+@pytest.mark.cgroup_v2
 def test_metrics_report_the_same_fields(containerd: Containerd, test_image: TestImage):
     def scenario(runtime):
         container_id = containerd.new_id()
@@ -173,6 +179,16 @@ def test_metrics_report_the_same_fields(containerd: Containerd, test_image: Test
         return rows
 
     outcomes = each_runtime(scenario)
+    if containerd.cgroup2:
+        # Both report v2 metrics. Of the controllers only what cgroup2 holds here is real (cgroup2_view.py): pyshim
+        # reads cpu.stat, which every v2 cgroup has (the kernel's own accounting), and leaves out what has no file;
+        # the Go shim reads cpu.stat only with the cpu controller enabled and fills pids, cpu and memory with zeros.
+        assert int(outcomes[PYSHIM]["cpu.usage_usec"]) > 0 and int(outcomes[RUNC_V2]["cpu.usage_usec"]) == 0
+        assert {key.split(".")[0] for key in outcomes[PYSHIM]} == {"cpu"}
+        assert {key for key in outcomes[RUNC_V2] if key.startswith("cpu.")} <= outcomes[PYSHIM].keys()
+        assert {"pids.current", "memory.usage"} <= outcomes[RUNC_V2].keys()
+        print(f"NOTE memory metrics not compared: {cgroup2_view.NO_V1_CONTROLLERS}")
+        return
     assert int(outcomes[PYSHIM].get("memory.usage_in_bytes", outcomes[PYSHIM].get("memory.usage", "0"))) > 0
     assert outcomes[PYSHIM].keys() == outcomes[RUNC_V2].keys()
 
@@ -299,7 +315,11 @@ def _wait_for_file(path: str, lines: int, timeout: float = 10) -> str:
         time.sleep(0.05)
 
 
+@pytest.mark.cgroup_v2
 def test_oom_kill_is_published(containerd: Containerd, test_image: TestImage):
+    if containerd.cgroup2:
+        pytest.skip(cgroup2_view.NO_V1_CONTROLLERS)
+
     def scenario(runtime):
         container_id = containerd.new_id()
         with containerd.events() as events:
@@ -316,3 +336,29 @@ def test_oom_kill_is_published(containerd: Containerd, test_image: TestImage):
     outcomes = each_runtime(scenario)
     assert outcomes[PYSHIM] == (True, 137)
     assert outcomes[PYSHIM] == outcomes[RUNC_V2]
+
+
+def test_shim_log_lines_carry_the_go_shims_fields(containerd: Containerd, test_image: TestImage):
+    """containerd copies each shim's log fifo into its own log: pyshim's lines there have the Go shim's shape (logrus
+    text, RFC 3339 nanosecond time) and at least its field names, so a filter written for the Go shim (namespace=,
+    pid=, path=, runtime=) finds pyshim's lines. Compared: each shim's server start line (the Go shim's "starting
+    signal loop"), by the container's bundle path; and every pyshim line carries runtime, namespace and pid."""
+    bundles = {}
+    for runtime in (PYSHIM, RUNC_V2):
+        container_id = containerd.new_id()
+        bundles[runtime] = str(containerd.bundle(container_id))
+        containerd.run(container_id, test_image, "true", runtime=runtime, detach=False, extra=["--rm"])
+    lines = [logs.logfmt_fields(line) for line in containerd.log_path.read_text(errors="replace").splitlines()]
+    by_runtime = {runtime: [fields for fields in lines if fields.get("runtime") == runtime] for runtime in RUNTIMES}
+    start = {runtime: [fields for fields in by_runtime[runtime] if fields.get("path") == bundles[runtime]]
+             for runtime in RUNTIMES}
+    assert start[RUNC_V2], f"no Go shim line names its bundle {bundles[RUNC_V2]}:\n{containerd.log_tail()}"
+    assert start[PYSHIM], f"no pyshim line names its bundle {bundles[PYSHIM]}:\n{containerd.log_tail()}"
+    go, ours = start[RUNC_V2][0], start[PYSHIM][0]
+    assert set(go) <= set(ours), f"fields the Go shim's line has and pyshim's lacks: {set(go) - set(ours)}"
+    assert ours["namespace"] == go["namespace"] == containerd.namespace
+    stamp = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}(Z|[+-]\d\d:\d\d)$")
+    assert stamp.match(go["time"]) and stamp.match(ours["time"]), (go["time"], ours["time"])
+    pids = {fields.get("pid") for fields in by_runtime[PYSHIM]}
+    assert pids == {ours["pid"]} and all(fields.get("namespace") == containerd.namespace
+                                         for fields in by_runtime[PYSHIM]), by_runtime[PYSHIM]

@@ -1,23 +1,23 @@
 #!/usr/bin/env bash
-# pyshim's one installer: everything a Debian 12 (bookworm) or 13 (trixie) machine needs to run the
-# pyshim demo (default) and its tests (--test).
+# pyshim's host installer, for Debian 12 (bookworm) and 13 (trixie), run as root: what a host needs to
+# RUN pyshim, installed from the release artifacts (never an editable install of a checkout).
 #
-#   bash packaging/install.sh          # runtime
-#   bash packaging/install.sh --test   # runtime + the venv's test/dev extras
+#   bash packaging/install.sh                  # build the artifacts from this checkout (packaging/build.sh), install them
+#   bash packaging/install.sh --deb FILE       # install this pyshim_*.deb (pyshim-criu_*.deb beside it when needed)
+#   bash packaging/install.sh --criu-deb FILE  # the pyshim-criu_*.deb to use when the system's CRIU is too old
+#   bash packaging/install.sh --wheel FILE     # pyshim from a wheel into /usr/local/lib/pyshim instead of a .deb
 #
 # What it sets up (see packaging/README.md for the layout):
-#   * system packages from the machine's own apt sources (runc, crun, iptables, busybox-static, ...);
-#   * CRIU >= 4.2: Debian sid's criu in a private prefix run through sid's own dynamic loader, because
-#     bookworm's 3.17 does not start on kernel 6.18 and trixie's 4.1 cannot dump TCP sockets here;
-#   * pycriu (sid's python3-pycriu, pure Python) in its own prefix;
-#   * containerd 1.6 (bookworm), 1.7 (trixie) and 2.x (sid) side by side, unpacked with dpkg -x;
-#   * the system suite's redis-server and redis-cli unpacked (not installed) for the tests;
-#   * a virtualenv with pyshim installed editable from this checkout;
-#   * /opt/pyshim/env, the KEY=VALUE file the tests read.
+#   * system packages from the machine's own apt sources (runc, iptables, python3, ...);
+#   * pyshim: the pyshim .deb (/usr/lib/pyshim, /usr/bin/containerd-shim-pyshim-v2), installed with apt;
+#   * CRIU >= 4.2: the system's when it is new enough and passes `criu check`, else the pyshim-criu .deb
+#     (Debian sid's criu with its libraries, run through sid's own loader: bookworm's 3.17 does not start
+#     on kernel 6.18 and trixie's 4.1 cannot dump TCP sockets here).
+# Test fixtures (containerd 1.6/1.7/2.x, redis, compilers, the test venv) are packaging/install-test.sh's.
 #
-# It is idempotent: a second run downloads nothing and only re-checks what is there.
-# Newer Debian packages come through a separate apt configuration under /opt/pyshim/apt, so the
-# system's sources and package state stay untouched.
+# It is idempotent: a second run installs nothing (a .deb is installed only when it differs from the
+# installed package's files) and asks nothing. It never installs, configures or restarts containerd;
+# registering pyshim with the host's containerd is /usr/share/pyshim/containerd/ (docs/install.md).
 set -euo pipefail
 
 readonly PREFIX=/opt/pyshim
@@ -29,20 +29,22 @@ readonly CONTAINERD_ROOT=$PREFIX/containerd
 readonly PRIVATE_APT=$PREFIX/apt
 readonly LOG_DIR=$PREFIX/log
 readonly ENV_FILE=$PREFIX/env
+# The wrapper earlier installers wrote; now a link to the packaged /usr/sbin/criu (see retire_legacy_criu_wrapper).
 readonly CRIU_WRAPPER=/usr/local/sbin/criu
 readonly CRIU_WRAPPER_MARKER="pyshim-criu-wrapper"
-readonly SHIM_LINK=/usr/local/bin/containerd-shim-pyshim-v2
+# What earlier installers linked to their venv's launcher; it would shadow the packaged shim on PATH.
+readonly LEGACY_SHIM_LINK=/usr/local/bin/containerd-shim-pyshim-v2
+readonly SHIM=/usr/bin/containerd-shim-pyshim-v2
+readonly WHEEL_PREFIX=/usr/local/lib/pyshim
 readonly CRIU_MIN_VERSION=4.2
 readonly PYTHON_MIN_VERSION=3.11
 readonly DEFAULT_MIRROR=http://deb.debian.org/debian
 readonly ONE_DAY=86400
 
-# System packages. The system `containerd` package is deliberately absent: pyshim only runs private
-# containerd instances, and installing the package would start a system service.
-# nftables: the `nft` command, for reading CRIU's nftables lock (CRIU itself links libnftables; pyshim uses netlink).
-# gcc and libc6-dev build the tests' small static helpers (integration/harness/*.c).
-readonly SYSTEM_PACKAGES=(runc crun iptables nftables busybox-static ca-certificates tmux iproute2 procps util-linux
-    gcc libc6-dev)
+# What a host needs to run pyshim. The system `containerd` package is deliberately absent: the operator
+# brings containerd (pyshim registers with it), and the tests run only private containerds.
+# iptables: CRIU's network lock runs iptables-restore. python3: the packaged shim's interpreter.
+readonly SYSTEM_PACKAGES=(runc iptables ca-certificates iproute2 procps util-linux python3)
 
 # Libraries sid's criu 4.2.1 was found to need (shared/reference/environment.md). The script adds
 # whatever sid's dependency closure of criu says on top, and verifies the result with
@@ -54,7 +56,9 @@ readonly CRIU_DOCUMENTED_LIBS=(libc6 libbsd0 libmd0 libgnutls30t64 libnettle8t64
 
 REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 readonly REPO_DIR
-WITH_TEST=0
+DEB_FILE=""
+CRIU_DEB_FILE=""
+WHEEL_FILE=""
 START_SECONDS=$SECONDS
 
 export DEBIAN_FRONTEND=noninteractive
@@ -75,13 +79,22 @@ die() {
 }
 
 usage() {
-    sed -n '2,7p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+}
+
+# an existing file's absolute path (apt installs a local .deb only when named with a slash)
+artifact_arg() {
+    [[ -f ${2:-} ]] || die "$1 needs an existing file (got '${2:-}')"
+    realpath "$2"
 }
 
 parse_args() {
     while (($#)); do
         case $1 in
-            --test) WITH_TEST=1 ;;
+            --deb) DEB_FILE=$(artifact_arg "$1" "${2:-}"); shift ;;
+            --criu-deb) CRIU_DEB_FILE=$(artifact_arg "$1" "${2:-}"); shift ;;
+            --wheel) WHEEL_FILE=$(artifact_arg "$1" "${2:-}"); shift ;;
+            --test) die "test provisioning moved to packaging/install-test.sh (it runs this installer first)" ;;
             -h | --help) usage; exit 0 ;;
             *) die "unknown argument: $1 (see --help)" ;;
         esac
@@ -176,10 +189,11 @@ package_installed() {
     [[ $(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null || true) == installed ]]
 }
 
+# install_system_packages PACKAGE...: those missing, from the machine's own apt sources.
 install_system_packages() {
-    local wanted=("${SYSTEM_PACKAGES[@]}") missing=() p
-    # python3-venv only matters when there is no python3 at all, or the one first on PATH is Debian's
-    # and lacks venv/ensurepip (pyenv's Python has both).
+    local wanted=("$@") missing=() p
+    # python3-venv (building the artifacts makes a small venv) only matters when the python3 first on
+    # PATH is Debian's and lacks venv/ensurepip (pyenv's Python has both).
     local py
     py=$(command -v python3 || true)
     if [[ -z $py ]] || { [[ $(readlink -f "$py") == /usr/bin/* ]] &&
@@ -203,14 +217,15 @@ install_system_packages() {
             run_logged "$LOG_DIR/apt-install.log" "${install[@]}"
         fi
     fi
-    # CRIU's network lock execs iptables-restore; runc/crun are what the shims run.
+}
+
+# The host's runtime tools: CRIU's network lock execs iptables-restore; runc is what the shim runs.
+check_runtime_tools() {
     command -v iptables-restore >/dev/null || die "iptables-restore not found after installing iptables"
     command -v runc >/dev/null || die "runc not found after installing it"
-    note "runc: $(command -v runc) -> $(runc --version | awk 'NR==1{print $3}'); crun: $(command -v crun) -> $(crun --version | awk 'NR==1{print $3}')"
+    [[ -x /usr/bin/python3 ]] || die "/usr/bin/python3 not found after installing python3"
+    note "runc: $(command -v runc) -> $(runc --version | awk 'NR==1{print $3}'); python3: /usr/bin/python3 -> $(/usr/bin/python3 -c 'import platform; print(platform.python_version())')"
     note "iptables-restore: $(command -v iptables-restore) ($(iptables-restore --version 2>&1 | head -n 1))"
-    if package_installed containerd; then
-        note "warning: the system 'containerd' package is installed; pyshim never uses it"
-    fi
 }
 
 # ----------------------------------------------------------------------------------------------------
@@ -383,8 +398,9 @@ criu_is_good() {
     [[ -n $v ]] && dpkg --compare-versions "$v" ge "$CRIU_MIN_VERSION" && "$bin" check >/dev/null 2>&1
 }
 
+# the wrapper earlier installers wrote into /usr/local/sbin (a regular file with the marker)
 is_our_wrapper() {
-    [[ -f $1 ]] && grep -q "$CRIU_WRAPPER_MARKER" "$1" 2>/dev/null
+    [[ -f $1 && ! -L $1 ]] && grep -q "$CRIU_WRAPPER_MARKER" "$1" 2>/dev/null
 }
 
 # criu's libraries: the documented list plus sid's dependency closure of criu (library packages only)
@@ -412,6 +428,8 @@ verify_private_libraries() {
     grep -c '=>' <<<"$trace"
 }
 
+# /opt/pyshim/criu: sid's criu and its libraries unpacked, the input of packaging/build.sh's pyshim-criu
+# package (and of the tests' checkpointctl, which runs through the same loader).
 install_private_criu() {
     private_apt_prepare
     local version libs
@@ -434,51 +452,18 @@ install_private_criu() {
     rm -rf "$CRIU_PREFIX"
     mv "$staging" "$CRIU_PREFIX"
     rm -rf "$debs"
-    write_criu_wrapper
 }
 
-# runc, crun and pyshim find criu through PATH; /usr/local/sbin comes before /usr/sbin there.
-write_criu_wrapper() {
-    write_if_changed "$CRIU_WRAPPER" 0755 <<EOF || true
-#!/bin/sh
-# $CRIU_WRAPPER_MARKER: written by pyshim packaging/install.sh.
-# Debian sid's criu needs a newer glibc (and libraries) than the system's, so it runs through sid's
-# own dynamic loader from the private prefix $CRIU_PREFIX. criu does not re-execute itself, so this works.
-exec $CRIU_PREFIX/usr/lib/$LIB_TRIPLET/$LOADER_NAME --library-path $CRIU_PREFIX/usr/lib/$LIB_TRIPLET $CRIU_PREFIX/usr/sbin/criu "\$@"
-EOF
-}
-
-ensure_criu() {
-    local found
-    found=$(command -v criu || true)
-    if [[ -n $found ]] && criu_is_good "$found"; then
-        CRIU_BIN=$found
-    else
-        if [[ -n $found ]]; then
-            note "criu: $found ($(criu_version_of "$found" || echo '?')) is older than $CRIU_MIN_VERSION or fails 'criu check'"
-        fi
+# The unpacked prefix is there and its criu runs through its loader, or it is (re)made.
+ensure_criu_prefix() {
+    local loader=$CRIU_PREFIX/usr/lib/$LIB_TRIPLET/$LOADER_NAME v=""
+    if [[ -x $CRIU_PREFIX/usr/sbin/criu && -e $loader ]]; then
+        v=$("$loader" --library-path "$CRIU_PREFIX/usr/lib/$LIB_TRIPLET" "$CRIU_PREFIX/usr/sbin/criu" --version 2>/dev/null |
+            awk '/^Version:/ { print $2; exit }' || true)
+    fi
+    if [[ -z $v ]] || ! dpkg --compare-versions "$v" ge "$CRIU_MIN_VERSION"; then
         install_private_criu
-        case ":$PATH:" in *":/usr/local/sbin:"*) ;; *) die "/usr/local/sbin is not on PATH" ;; esac
-        CRIU_BIN=$(command -v criu)
-        [[ $CRIU_BIN == "$CRIU_WRAPPER" ]] ||
-            die "'criu' on PATH is $CRIU_BIN, not $CRIU_WRAPPER: fix PATH so /usr/local/sbin comes first"
     fi
-    CRIU_VERSION=$(criu_version_of "$CRIU_BIN")
-    if is_our_wrapper "$CRIU_BIN"; then
-        local nlibs
-        nlibs=$(verify_private_libraries "$CRIU_PREFIX" "$CRIU_PREFIX/usr/sbin/criu")
-        CRIU_SOURCE="private prefix $CRIU_PREFIX, $nlibs objects loaded, all from it"
-    else
-        CRIU_SOURCE="system"
-    fi
-    local check rc=0
-    check=$("$CRIU_BIN" check 2>&1) || rc=$?
-    ((rc == 0)) || die "'$CRIU_BIN check' failed (exit $rc):"$'\n'"$check"
-    say "criu: $CRIU_BIN -> $CRIU_VERSION ($CRIU_SOURCE), criu check: ok ($(tail -n 1 <<<"$check"))"
-    # Informational: which kernel features CRIU misses here (no soft-dirty: no pre-dump).
-    local missing
-    missing=$("$CRIU_BIN" check --all 2>&1 | sed -n 's/^\(Warn\|Error\) *(criu\/cr-check.c:[0-9]*): *//p' | paste -sd ";" || true)
-    [[ -z $missing ]] || note "criu check --all: $missing"
 }
 
 # ----------------------------------------------------------------------------------------------------
@@ -511,254 +496,165 @@ ensure_pycriu() {
 }
 
 # ----------------------------------------------------------------------------------------------------
-# containerd 1.6 / 1.7 / 2.x side by side
+# the artifacts: built from this checkout unless given
 
-declare -A CONTAINERD_VERSION=()
+DIST_DIR=""
 
-# "containerd github.com/containerd/containerd 1.7.24~ds1 ..." -> 1.7.24
-containerd_upstream_version() {
-    "$1" --version 2>/dev/null | awk 'NR==1 { v = $3; sub(/[~+].*/, "", v); print v }'
+# packaging/build.sh into the checkout's dist/ (it returns at once when dist/ matches the checkout).
+build_artifacts() {
+    [[ -f $REPO_DIR/packaging/build.sh && -f $REPO_DIR/pyproject.toml ]] ||
+        die "no --deb or --wheel given and $REPO_DIR is not a pyshim checkout to build one from"
+    say "build: packaging/build.sh (log: $LOG_DIR/build.log)"
+    if ! bash "$REPO_DIR/packaging/build.sh" >"$LOG_DIR/build.log" 2>&1; then
+        tail -n 25 "$LOG_DIR/build.log" >&2
+        die "building the artifacts failed (full log: $LOG_DIR/build.log)"
+    fi
+    sed 's/^/  /' "$LOG_DIR/build.log" | grep -E 'build: ' || true
+    DIST_DIR=$REPO_DIR/dist
 }
 
-# ensure_containerd SLOT SUITE: $CONTAINERD_ROOT/SLOT/{root (dpkg -x), bin (uniform symlinks)}
-ensure_containerd() {
-    local slot=$1 suite=$2
-    local dir=$CONTAINERD_ROOT/$slot version=""
-    if [[ -x $dir/bin/containerd && -x $dir/bin/ctr && -x $dir/bin/containerd-shim-runc-v2 ]]; then
-        version=$(containerd_upstream_version "$dir/bin/containerd" || true)
-    fi
-    if [[ $version != "$slot".* ]]; then
-        private_apt_prepare
-        local debversion
-        debversion=$(suite_version containerd "$suite")
-        [[ -n $debversion ]] || die "Debian $suite has no containerd package"
-        say "containerd $slot: installing $suite's containerd $debversion into $dir"
-        local debs=$PRIVATE_APT/debs/containerd-$slot
-        download_debs "$debs" "containerd/$suite"
-        rm -rf "$dir.new"
-        mkdir -p "$dir.new/bin"
-        dpkg -x "$debs"/containerd_*.deb "$dir.new/root"
-        echo "$debversion" >"$dir.new/DEBIAN_VERSION"
-        # Relative links keep the layout uniform across versions. containerd looks for its Go shim
-        # next to its own (resolved) executable, so both sit in the same extracted usr/bin.
-        local b
-        for b in containerd ctr containerd-shim-runc-v2; do
-            [[ -x $dir.new/root/usr/bin/$b ]] || die "$suite's containerd package has no usr/bin/$b"
-            ln -s "../root/usr/bin/$b" "$dir.new/bin/$b"
-        done
-        rm -rf "$dir" "$debs"
-        mv "$dir.new" "$dir"
-        local err
-        if ! err=$("$dir/bin/containerd" --version 2>&1); then
-            # Go binaries with cgo link glibc; one built against a newer glibc cannot use a private
-            # loader either, because the Go shim re-executes /proc/self/exe (which would be the loader).
-            if grep -q 'GLIBC_' <<<"$err"; then
-                die "containerd $slot from $suite needs a newer glibc than this system's" \
-                    "($(getconf GNU_LIBC_VERSION)): $err"
-            fi
-            die "containerd $slot does not run: $err"
-        fi
-        version=$(containerd_upstream_version "$dir/bin/containerd")
-        [[ $version == "$slot".* ]] || die "$suite's containerd is $version, expected $slot.x"
-    fi
-    # all three must run here; print their own version lines
-    "$dir/bin/ctr" --version >/dev/null 2>&1 || die "$dir/bin/ctr does not run"
-    "$dir/bin/containerd-shim-runc-v2" -v >/dev/null 2>&1 || die "$dir/bin/containerd-shim-runc-v2 does not run"
-    CONTAINERD_VERSION[$slot]=$version
-    say "containerd $slot: $dir/bin -> $version (deb $(cat "$dir/DEBIAN_VERSION" 2>/dev/null || echo '?')); containerd, ctr, containerd-shim-runc-v2 run"
+# the one file matching a glob in a directory, or nothing
+only_match() {
+    local matches=()
+    mapfile -t matches < <(compgen -G "$1" || true)
+    ((${#matches[@]} <= 1)) || die "more than one file matches $1: ${matches[*]}"
+    ((${#matches[@]} == 0)) || realpath "${matches[0]}"
 }
 
-ensure_all_containerd() {
-    mkdir -p "$CONTAINERD_ROOT"
-    ensure_containerd 1.6 bookworm
-    ensure_containerd 1.7 trixie
-    ensure_containerd 2 sid
+# True when the package a .deb holds is installed with exactly that version and those files.
+deb_is_installed() {
+    local deb=$1 pkg version
+    pkg=$(dpkg-deb -f "$deb" Package)
+    version=$(dpkg-deb -f "$deb" Version)
+    package_installed "$pkg" && [[ $(dpkg-query -W -f='${Version}' "$pkg") == "$version" ]] &&
+        cmp -s <(dpkg-deb --ctrl-tarfile "$deb" | tar -xO ./md5sums) "/var/lib/dpkg/info/$pkg.md5sums"
+}
+
+# apt-get install of local .debs (their dependencies from the system's sources); --reinstall, because a
+# rebuilt package of the same version is otherwise "already the newest".
+apt_install_debs() {
+    local debs=("$@") install
+    install=(apt-get -q -y --no-install-recommends --reinstall -o Dpkg::Options::=--force-confdef
+        -o Dpkg::Options::=--force-confold install "${debs[@]}")
+    if ! "${install[@]}" >"$LOG_DIR/apt-install-debs.log" 2>&1; then
+        ((SYSTEM_APT_UPDATED)) && { tail -n 25 "$LOG_DIR/apt-install-debs.log" >&2; die "apt-get install ${debs[*]} failed"; }
+        system_apt_update
+        run_logged "$LOG_DIR/apt-install-debs.log" "${install[@]}"
+    fi
 }
 
 # ----------------------------------------------------------------------------------------------------
-# redis for the integration tests: the system suite's redis-server and redis-cli, unpacked, not installed
-# (the package would start a system service). The loopback-after-restore test copies them and the
-# libraries they load into a test image.
+# CRIU on the host: the system's when new enough, else the pyshim-criu package
 
-REDIS_VERSION=""
+CRIU_BIN=""
+CRIU_VERSION=""
 
-# The .debs' library dependencies this system lacks (the others resolve from the system itself).
-redis_missing_library_packages() {
-    apt-cache depends --no-recommends --no-suggests --no-conflicts --no-breaks --no-replaces --no-enhances \
-        redis-server redis-tools |
-        sed -n 's/^ *|\{0,1\}\(Pre\)\{0,1\}Depends: \(lib[^ <]*\)$/\2/p' | sort -u |
-        while read -r p; do package_installed "$p" || echo "$p"; done
-}
-
-# Every library of $1 resolves, from the system or from $REDIS_PREFIX; prints how many objects it loads.
-verify_redis_binary() {
-    local binary=$1 trace
-    # Run as ldd does (the kernel starts the binary's own loader, which only lists what it would load).
-    trace=$(LD_TRACE_LOADED_OBJECTS=1 LD_LIBRARY_PATH="$REDIS_PREFIX/usr/lib/$LIB_TRIPLET" "$binary" 2>&1) || return 1
-    ! grep -q 'not found' <<<"$trace" && grep -c '=>' <<<"$trace"
-}
-
-ensure_redis() {
-    local server=$REDIS_PREFIX/usr/bin/redis-server cli=$REDIS_PREFIX/usr/bin/redis-cli
-    if [[ ! -f $REDIS_PREFIX/DEBIAN_VERSION || ! -x $server || ! -x $cli ]] ||
-        ! verify_redis_binary "$server" >/dev/null || ! verify_redis_binary "$cli" >/dev/null; then
-        local libs tmp
-        mapfile -t libs < <(redis_missing_library_packages)
-        say "redis: unpacking $OS_CODENAME's redis-server, redis-tools${libs[*]:+ and ${libs[*]}} into $REDIS_PREFIX (not installed)"
-        tmp=$(mktemp -d)
-        local download=(apt-get -q -o APT::Sandbox::User=root download redis-server redis-tools "${libs[@]}")
-        if ! (cd "$tmp" && "${download[@]}") >"$LOG_DIR/redis-download.log" 2>&1; then
-            # Old lists can name a version the mirror no longer has: refresh once and retry.
-            ((SYSTEM_APT_UPDATED)) || system_apt_update
-            (cd "$tmp" && run_logged "$LOG_DIR/redis-download.log" "${download[@]}")
-        fi
-        local staging=$REDIS_PREFIX.new deb
-        rm -rf "$staging"
-        mkdir -p "$staging"
-        for deb in "$tmp"/*.deb; do dpkg -x "$deb" "$staging"; done
-        dpkg-deb -f "$tmp"/redis-server_*.deb Version >"$staging/DEBIAN_VERSION"
-        rm -rf "$tmp" "$REDIS_PREFIX"
-        mv "$staging" "$REDIS_PREFIX"
+# Prints the pyshim-criu .deb to install, or nothing when the host's CRIU will do.
+criu_deb_needed() {
+    local deb=$1
+    if package_installed pyshim-criu; then
+        # Keep the package current with the artifacts at hand.
+        [[ -n $deb ]] && ! deb_is_installed "$deb" && echo "$deb"
+        return 0
     fi
-    local nserver ncli
-    nserver=$(verify_redis_binary "$server") || die "$server: a library does not resolve (system + $REDIS_PREFIX)"
-    ncli=$(verify_redis_binary "$cli") || die "$cli: a library does not resolve (system + $REDIS_PREFIX)"
-    REDIS_VERSION=$(cat "$REDIS_PREFIX/DEBIAN_VERSION")
-    say "redis: $REDIS_PREFIX -> redis-server, redis-cli $REDIS_VERSION ($nserver and $ncli libraries resolve)"
+    local system
+    for system in /usr/sbin/criu /usr/bin/criu; do
+        if [[ -x $system ]] && ! is_our_wrapper "$system" && criu_is_good "$system"; then
+            note "criu: the system's $system ($(criu_version_of "$system")) passes 'criu check'; pyshim-criu not needed"
+            return 0
+        fi
+    done
+    [[ -n $deb ]] || die "this host's CRIU is missing or older than $CRIU_MIN_VERSION, and no pyshim-criu .deb is at hand:" \
+        "pass --criu-deb FILE (built by packaging/build.sh) or install criu >= $CRIU_MIN_VERSION"
+    echo "$deb"
+}
+
+# Earlier installers put a wrapper for /opt/pyshim/criu in /usr/local/sbin, ahead of /usr/sbin on PATH;
+# it becomes a link to the installed criu, so whatever named it keeps working and runs the same CRIU.
+retire_legacy_criu_wrapper() {
+    is_our_wrapper "$CRIU_WRAPPER" || return 0
+    [[ -x /usr/sbin/criu ]] || return 0
+    ln -sfn /usr/sbin/criu "$CRIU_WRAPPER"
+    note "criu: $CRIU_WRAPPER (an earlier installer's wrapper) now links to /usr/sbin/criu"
+}
+
+check_criu() {
+    CRIU_BIN=$(command -v criu || true)
+    [[ -n $CRIU_BIN ]] || die "no criu on PATH after installing"
+    CRIU_VERSION=$(criu_version_of "$CRIU_BIN")
+    local check rc=0
+    check=$("$CRIU_BIN" check 2>&1) || rc=$?
+    ((rc == 0)) || die "'$CRIU_BIN check' failed (exit $rc):"$'\n'"$check"
+    local owner
+    owner=$(dpkg -S "$(readlink -f "$CRIU_BIN")" 2>/dev/null | cut -d: -f1 || echo "no package")
+    say "criu: $CRIU_BIN -> $CRIU_VERSION ($owner), criu check: ok ($(tail -n 1 <<<"$check"))"
+    # Informational: which kernel features CRIU misses here (no soft-dirty: no pre-dump).
+    local missing
+    missing=$("$CRIU_BIN" check --all 2>&1 | sed -n 's/^\(Warn\|Error\) *(criu\/cr-check.c:[0-9]*): *//p' | paste -sd ";" || true)
+    [[ -z $missing ]] || note "criu check --all: $missing"
 }
 
 # ----------------------------------------------------------------------------------------------------
-# Python virtualenv with pyshim (editable) and pycriu on its path
+# pyshim
 
-PYTHON_VERSION=""
-VENV_EXTRAS=""
-
-ensure_venv() {
-    local py base want_prefix
-    py=$(command -v python3) || die "no python3 on PATH"
-    # Through pyenv's shim, sys.executable names the real interpreter; the venv is made from that.
-    base=$("$py" -c 'import sys; print(sys.executable)')
-    PYTHON_VERSION=$("$base" -c 'import platform; print(platform.python_version())')
-    "$base" -c "import sys; sys.exit(sys.version_info < tuple(map(int, '$PYTHON_MIN_VERSION'.split('.'))))" ||
-        die "python3 on PATH ($base) is $PYTHON_VERSION; pyshim needs >= $PYTHON_MIN_VERSION"
-    want_prefix=$("$base" -c 'import sys; print(sys.prefix)')
-
-    # Reuse the venv only when it was made from this very interpreter.
-    local have=""
-    if [[ -x $VENV/bin/python ]]; then
-        have=$("$VENV/bin/python" -c 'import sys, platform; print(sys.base_prefix, platform.python_version())' 2>/dev/null || true)
+# Earlier installers linked /usr/local/bin/containerd-shim-pyshim-v2 to their venv's launcher, which would
+# come before the packaged /usr/bin one on containerd's PATH.
+remove_legacy_shim_link() {
+    local target
+    target=$(readlink "$LEGACY_SHIM_LINK" 2>/dev/null || true)
+    if [[ $target == "$VENV"/bin/* ]]; then
+        rm -f "$LEGACY_SHIM_LINK"
+        note "shim: removed $LEGACY_SHIM_LINK (-> $target, an earlier installer's editable venv)"
     fi
-    if [[ $have != "$want_prefix $PYTHON_VERSION" ]]; then
-        say "venv: creating $VENV from $base ($PYTHON_VERSION)"
-        rm -rf "$VENV"
-        run_logged "$LOG_DIR/venv.log" "$base" -m venv "$VENV"
-    fi
-
-    install_pyshim_into_venv
-    add_pycriu_to_venv
-
-    # pycriu's generated messages must load with the venv's protobuf (from PyPI), not Debian's.
-    local check
-    check=$("$VENV/bin/python" -c '
-import google.protobuf, pycriu, pycriu.rpc_pb2, pycriu.images
-print(google.protobuf.__version__, pycriu.__file__)' 2>&1) ||
-        die "pycriu does not import in $VENV:"$'\n'"$check"
-    local pbver=${check%% *}
-    local pyshim_ver
-    pyshim_ver=$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("pyshim"))')
-    say "venv: $VENV -> Python $PYTHON_VERSION, pyshim $pyshim_ver (editable, $REPO_DIR${VENV_EXTRAS:+, [$VENV_EXTRAS]}), protobuf $pbver; import pycriu, pycriu.rpc_pb2, pycriu.images: ok"
 }
 
-# pip runs only when the checkout, its pyproject.toml or the extras changed since the last install.
-install_pyshim_into_venv() {
-    local stamp=$VENV/.pyshim-install pyproject_sum have_extras="" have_repo="" have_sum=""
-    [[ -f $REPO_DIR/pyproject.toml ]] || die "no pyproject.toml in $REPO_DIR"
-    pyproject_sum=$(sha256sum "$REPO_DIR/pyproject.toml" | awk '{print $1}')
-    if [[ -f $stamp ]]; then
-        have_repo=$(sed -n 's/^repo=//p' "$stamp")
-        have_sum=$(sed -n 's/^pyproject=//p' "$stamp")
-        have_extras=$(sed -n 's/^extras=//p' "$stamp")
-    fi
-    local extras=""
-    # --test adds extras; a later plain run keeps whatever extras are already installed.
-    if ((WITH_TEST)) || [[ $have_extras == test,dev ]]; then extras=test,dev; fi
-    VENV_EXTRAS=$extras
-    if [[ $have_repo == "$REPO_DIR" && $have_sum == "$pyproject_sum" && $have_extras == "$extras" ]] &&
-        "$VENV/bin/python" -c 'import importlib.metadata as m; m.version("pyshim")' >/dev/null 2>&1; then
-        return
-    fi
-    local target=$REPO_DIR
-    [[ -z $extras ]] || target="$REPO_DIR[$extras]"
-    say "venv: pip install -e '$target' (log: $LOG_DIR/pip.log)"
-    run_logged "$LOG_DIR/pip.log" "$VENV/bin/python" -m pip install --no-input -e "$target"
-    printf 'repo=%s\npyproject=%s\nextras=%s\n' "$REPO_DIR" "$pyproject_sum" "$extras" >"$stamp"
-}
-
-add_pycriu_to_venv() {
-    local site
-    site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-    echo "$PYCRIU_DIR" | write_if_changed "$site/pyshim-pycriu.pth" &&
-        note "venv: $site/pyshim-pycriu.pth -> $PYCRIU_DIR"
-    return 0
-}
-
-# containerd finds runtime "io.containerd.pyshim.v2" as containerd-shim-pyshim-v2 on PATH.
-# pip's console script pays for site processing (.pth files, the editable-install finder, `re`)
-# on every `start` and `delete`, which sit on containerd's hot path: it is replaced by a launcher
-# that runs the interpreter isolated and without site (-IS) and names its import paths itself.
-# docs/benchmarks.md has the measurement.
-write_shim_launcher() {
-    local launcher=$VENV/bin/containerd-shim-pyshim-v2 site
-    site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-    cat <<LAUNCHER | write_if_changed "$launcher" 0755 && note "shim: launcher $launcher (python -IS)"
-#!$VENV/bin/python -IS
-# containerd-shim-pyshim-v2, written by packaging/install.sh: no site processing on the hot path.
+# pyshim from a wheel, for hosts that take no .deb: the same layout under /usr/local/lib/pyshim.
+install_wheel() {
+    local wheel=$1 site=$WHEEL_PREFIX/site pip_python
+    # pip comes from a throwaway venv of Debian's python3, the interpreter the launcher runs.
+    /usr/bin/python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || install_system_packages python3-venv
+    ensure_pycriu
+    pip_python=$(mktemp -d /tmp/pyshim-pip.XXXXXX)
+    run_logged "$LOG_DIR/wheel.log" /usr/bin/python3 -m venv "$pip_python"
+    rm -rf "$site.new"
+    run_logged "$LOG_DIR/wheel.log" "$pip_python/bin/python" -m pip install --no-input --only-binary=:all: \
+        --target "$site.new" "$wheel"
+    rm -rf "$pip_python" "$site.new/bin" "$site"
+    mkdir -p "$WHEEL_PREFIX/bin"
+    mv "$site.new" "$site"
+    cat <<LAUNCHER | write_if_changed "$WHEEL_PREFIX/bin/containerd-shim-pyshim-v2" 0755 || true
+#!/usr/bin/python3 -IS
+# containerd-shim-pyshim-v2, written by pyshim packaging/install.sh --wheel: no site processing on the hot path.
+# shim.criu.bindings finds pycriu in $PYCRIU_DIR, one of the places it knows.
 import sys
-sys.path[1:1] = ["$REPO_DIR", "$site", "$PYCRIU_DIR"]
+sys.path[1:1] = ["$site"]
 from shim.__main__ import main
 sys.exit(main())
 LAUNCHER
-    if [[ $(readlink "$SHIM_LINK" 2>/dev/null || true) != "$launcher" ]]; then
-        ln -sfn "$launcher" "$SHIM_LINK"
-    fi
-    local state="shim.__main__ importable"
-    "$launcher" -v >/dev/null 2>&1 || state="shim.__main__ not importable yet"
-    say "shim: $SHIM_LINK -> $launcher ($state)"
+    ln -sfn "$WHEEL_PREFIX/bin/containerd-shim-pyshim-v2" "$LEGACY_SHIM_LINK"
+    SHIM_INSTALLED=$LEGACY_SHIM_LINK
+    say "pyshim: $(basename "$wheel") -> $site; $SHIM_INSTALLED"
 }
 
-# ----------------------------------------------------------------------------------------------------
-# /opt/pyshim/env: what the tests read
+SHIM_INSTALLED=$SHIM
 
-write_env_file() {
-    {
-        echo "# written by pyshim packaging/install.sh; shell-sourceable KEY=VALUE lines"
-        echo "PYSHIM_PREFIX=$PREFIX"
-        echo "PYSHIM_VENV=$VENV"
-        echo "PYSHIM_PYTHON=$VENV/bin/python"
-        echo "PYSHIM_PYTHON_VERSION=$PYTHON_VERSION"
-        echo "PYSHIM_CRIU=$CRIU_BIN"
-        echo "PYSHIM_CRIU_VERSION=$CRIU_VERSION"
-        echo "PYSHIM_PYCRIU_DIR=$PYCRIU_DIR"
-        echo "PYSHIM_PYCRIU_VERSION=$PYCRIU_VERSION"
-        echo "PYSHIM_CONTAINERD_1_6=$CONTAINERD_ROOT/1.6/bin"
-        echo "PYSHIM_CONTAINERD_1_6_VERSION=${CONTAINERD_VERSION[1.6]}"
-        echo "PYSHIM_CONTAINERD_1_7=$CONTAINERD_ROOT/1.7/bin"
-        echo "PYSHIM_CONTAINERD_1_7_VERSION=${CONTAINERD_VERSION[1.7]}"
-        echo "PYSHIM_CONTAINERD_2=$CONTAINERD_ROOT/2/bin"
-        echo "PYSHIM_CONTAINERD_2_VERSION=${CONTAINERD_VERSION[2]}"
-        echo "PYSHIM_RUNC=$(command -v runc)"
-        echo "PYSHIM_RUNC_VERSION=$(runc --version | awk 'NR==1{print $3}')"
-        echo "PYSHIM_CRUN=$(command -v crun)"
-        echo "PYSHIM_CRUN_VERSION=$(crun --version | awk 'NR==1{print $3}')"
-        echo "PYSHIM_BUSYBOX=$(command -v busybox || echo /bin/busybox)"
-        echo "PYSHIM_SHIM=$SHIM_LINK"
-        echo "PYSHIM_REDIS=$REDIS_PREFIX"
-        echo "PYSHIM_REDIS_VERSION=$REDIS_VERSION"
-    } | if write_if_changed "$ENV_FILE"; then
-        say "env: wrote $ENV_FILE"
-    else
-        say "env: $ENV_FILE unchanged"
-    fi
+# The installed shim answers -v, and its interpreter imports what it needs from the package's paths only.
+check_shim() {
+    local version
+    version=$("$SHIM_INSTALLED" -v 2>&1) || die "$SHIM_INSTALLED -v failed: $version"
+    local launcher paths check
+    launcher=$(readlink -f "$SHIM_INSTALLED")
+    paths=$(sed -n 's/^sys.path\[1:1\] = //p' "$launcher")
+    [[ -n $paths ]] || die "$launcher does not name its import paths"
+    check=$(cd / && /usr/bin/python3 -IS -c "
+import sys
+sys.path[1:1] = $paths
+import shim, google.protobuf, pyroute2
+from shim.criu import bindings
+bindings.rpc_messages(), bindings.image_codec()
+print(shim.__file__, google.protobuf.__version__, pyroute2.__version__)" 2>&1) ||
+        die "the installed shim's modules do not import with /usr/bin/python3:"$'\n'"$check"
+    say "pyshim: $SHIM_INSTALLED -> $launcher, $(awk '/Version:/ {print $2}' <<<"$version"); shim, protobuf, pyroute2, pycriu import from $(dirname "$(dirname "${check%% *}")") (protobuf $(cut -d' ' -f2 <<<"$check"))"
 }
 
 # ----------------------------------------------------------------------------------------------------
@@ -771,18 +667,40 @@ main() {
     exec 9>>"$PREFIX/.install.lock"
     flock -w 600 9 || die "another install.sh holds $PREFIX/.install.lock"
 
-    install_system_packages
-    ensure_criu
-    ensure_pycriu
-    ensure_all_containerd
-    ensure_redis
-    ensure_venv
-    write_shim_launcher
-    write_env_file
-    say "done in $((SECONDS - START_SECONDS))s$( ((WITH_TEST)) && echo ' (with test extras)')"
+    install_system_packages "${SYSTEM_PACKAGES[@]}"
+    check_runtime_tools
+    if [[ -z $DEB_FILE && -z $WHEEL_FILE ]]; then
+        build_artifacts
+        DEB_FILE=$(only_match "$DIST_DIR/pyshim_*_$DEB_ARCH.deb")
+        [[ -n $DEB_FILE ]] || die "packaging/build.sh left no pyshim_*_$DEB_ARCH.deb in $DIST_DIR"
+    fi
+    if [[ -z $CRIU_DEB_FILE ]]; then
+        local beside=${DIST_DIR:-$(dirname "${DEB_FILE:-$WHEEL_FILE}")}
+        CRIU_DEB_FILE=$(only_match "$beside/pyshim-criu_*_$DEB_ARCH.deb")
+    fi
+
+    local debs=() criu_deb
+    criu_deb=$(criu_deb_needed "$CRIU_DEB_FILE")
+    [[ -z $criu_deb ]] || debs+=("$criu_deb")
+    if [[ -n $DEB_FILE ]]; then
+        [[ $(dpkg-deb -f "$DEB_FILE" Package) == pyshim ]] || die "$DEB_FILE is not a pyshim package"
+        deb_is_installed "$DEB_FILE" || debs+=("$DEB_FILE")
+    fi
+    if ((${#debs[@]})); then
+        say "apt: installing ${debs[*]##*/}"
+        apt_install_debs "${debs[@]}"
+    else
+        say "apt: ${DEB_FILE:+$(basename "$DEB_FILE") and }the host's CRIU already installed"
+    fi
+    [[ -z $WHEEL_FILE ]] || install_wheel "$WHEEL_FILE"
+    retire_legacy_criu_wrapper
+    [[ -n $WHEEL_FILE ]] || remove_legacy_shim_link
+    check_criu
+    check_shim
+    say "done in $((SECONDS - START_SECONDS))s"
 }
 
-# Run only when executed, so the functions can also be sourced for a look at one step.
+# Run only when executed, so the functions can also be sourced (build.sh, install-test.sh).
 if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
     main "$@"
 fi

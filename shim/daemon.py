@@ -13,54 +13,14 @@ import logging
 import os
 import signal
 import socket
-import time
 from collections.abc import Sequence
 
 from shim.cli import ShimArgs
+from shim.shimlog import setup_logging
 
 log = logging.getLogger("shim")
 INHERITED_SOCKET_FD = 3
 SHUTDOWN_GRACE = 3.0
-
-
-class FifoLogHandler(logging.Handler):
-    """Writes log lines to containerd's `log` fifo; never blocks, never fails the shim.
-
-    The fifo is opened read-write so that a containerd that is down (no reader) cannot make
-    writes fail with EPIPE; lines that do not fit while nobody reads are dropped."""
-
-    def __init__(self, path: str) -> None:
-        super().__init__()
-        self.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            os.write(self.fd, (self.format(record) + "\n").encode(errors="replace"))
-        except OSError:
-            pass
-
-
-class LogfmtFormatter(logging.Formatter):
-    """containerd's log line shape: time="..." level=... msg="..."."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        message = record.getMessage()
-        if record.exc_info:
-            message += "\n" + self.formatException(record.exc_info)
-        escaped = message.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-        return f'time="{when}.{int(record.msecs):03d}Z" level={record.levelname.lower()} msg="{escaped}" runtime=pyshim'
-
-
-def setup_logging(bundle: str, debug: bool) -> None:
-    root = logging.getLogger()
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-    try:
-        handler: logging.Handler = FifoLogHandler(os.path.join(bundle, "log"))
-    except OSError:
-        handler = logging.NullHandler()  # started by hand, without containerd's fifo
-    handler.setFormatter(LogfmtFormatter())
-    root.addHandler(handler)
 
 
 def adjust_oom_score(containerd_pid: int | None) -> None:
@@ -100,7 +60,7 @@ def serve(args: ShimArgs, sock: socket.socket, bundle: str, options: bytes = b""
           containerd_pid: int | None = None, origin: str = "", notes: Sequence[str] = ()) -> int:
     """Serve until Shutdown or SIGTERM. origin says how this process came to be (logged); notes are
     warnings from before logging was set up."""
-    setup_logging(bundle, args.debug)
+    setup_logging(bundle, args.debug, args.namespace)
     for note in notes:
         log.warning("%s", note)
     adjust_oom_score(containerd_pid)
@@ -108,8 +68,9 @@ def serve(args: ShimArgs, sock: socket.socket, bundle: str, options: bytes = b""
         join_cgroup(options)
     except Exception as exc:
         log.warning("could not join the shim cgroup: %s", exc)
+    # The Go shim's "starting signal loop" line carries the bundle as `path`; this one does too.
     log.info("pyshim serving namespace %s id %s (pid %d, %s)", args.namespace, args.id, os.getpid(),
-             origin or "forked by start")
+             origin or "forked by start", extra={"fields": {"path": bundle}})
     try:
         asyncio.run(_serve(args, sock))
     except Exception:

@@ -13,8 +13,9 @@ def test_a_shell_and_its_child_as_proc_shows_them():
     shell = subprocess.Popen(["sh", "-c", "sleep 30 & wait"])
     try:
         deadline = time.monotonic() + 5
-        while not (below := proctree.descendants(shell.pid)):
-            assert time.monotonic() < deadline, "the shell's child never appeared"
+        # The child appears as a fork of the shell first and becomes `sleep` at its exec: wait for both.
+        while not ((below := proctree.descendants(shell.pid)) and proctree.cmdline(below[0]) == ["sleep", "30"]):
+            assert time.monotonic() < deadline, f"the shell's child never became sleep: {below}"
             time.sleep(0.01)
         (sleeper,) = below
         assert proctree.parent_of(shell.pid) == os.getpid()

@@ -14,6 +14,7 @@ naming the same root), a sandbox image that is a locally imported one, a private
 a test serves images on loopback, harness/registry.py), CNI dirs that are empty private directories
 (pods use the host network, so CNI is never called), CDI off, and the streaming server on 127.0.0.1 with a port the
 kernel picks. CRI's own root and state live under containerd's, which are private already; NRI stays disabled.
+`runtime_handlers=False` (test_registration.py) leaves the runtime handlers and the default runtime's name out.
 `restrict_oom_score_adj`: CRI gives sandboxes oom_score_adj -998, which only CAP_SYS_RESOURCE may set, and the test
 machines' root lacks it (runc's nsexec: "failed to update /proc/self/oom_score_adj: Permission denied"); restricted,
 CRI never asks for less than containerd's own value.
@@ -82,6 +83,9 @@ class CriSettings:
     cni_conf_dir: Path
     # containerd's registry host configuration (<dir>/<host>/hosts.toml), read at each pull.
     registry_config_dir: Path
+    # False: no runtime handlers and no default_runtime_name, as in a host's minimal config (for a test that
+    # registers pyshim with packaging/containerd/register.sh, which must keep the default runtime itself).
+    runtime_handlers: bool = True
 
 
 def _toml_string(value: str) -> str:
@@ -126,9 +130,10 @@ def _cri_sections(version: int, cri: CriSettings) -> list[str]:
             f"  bin_dir = {_toml_string(str(cri.cni_bin_dir))}",
             f"  conf_dir = {_toml_string(str(cri.cni_conf_dir))}",
             plugin + ".containerd]",
-            '  default_runtime_name = "runc"',
+            *(['  default_runtime_name = "runc"'] if cri.runtime_handlers else []),
             '  snapshotter = "overlayfs"',
-            *_cri_runtimes('plugins."io.containerd.grpc.v1.cri".containerd', cri, sandboxer=False),
+            *(_cri_runtimes('plugins."io.containerd.grpc.v1.cri".containerd', cri, sandboxer=False)
+              if cri.runtime_handlers else []),
         ]
     else:
         images = '[plugins."io.containerd.cri.v1.images"'
@@ -147,9 +152,9 @@ def _cri_sections(version: int, cri: CriSettings) -> list[str]:
             runtime + ".cni]",
             f"  bin_dirs = {_toml_list((str(cri.cni_bin_dir),))}",
             f"  conf_dir = {_toml_string(str(cri.cni_conf_dir))}",
-            runtime + ".containerd]",
-            '  default_runtime_name = "runc"',
-            *_cri_runtimes('plugins."io.containerd.cri.v1.runtime".containerd', cri, sandboxer=True),
+            *((runtime + ".containerd]", '  default_runtime_name = "runc"',
+               *_cri_runtimes('plugins."io.containerd.cri.v1.runtime".containerd', cri, sandboxer=True))
+              if cri.runtime_handlers else ()),
             '[plugins."io.containerd.grpc.v1.cri"]',
             '  stream_server_address = "127.0.0.1"',
             '  stream_server_port = "0"',

@@ -1,6 +1,6 @@
-"""Reading /opt/pyshim/env: where the installer put CRIU, the venv and each containerd version.
+"""Reading /opt/pyshim/env: where the installers put the shim, CRIU, the venv and each containerd.
 
-The installer (packaging/install.sh) writes shell `KEY=VALUE` lines; this module parses them without running a
+packaging/install-test.sh writes shell `KEY=VALUE` lines; this module parses them without running a
 shell and answers "where is containerd X" and "which version did the installer unpack".
 """
 
@@ -51,7 +51,7 @@ class Environment:
         try:
             return Path(self.values[key])
         except KeyError:
-            raise KeyError(f"{key} is missing from {ENV_FILE}; re-run packaging/install.sh") from None
+            raise KeyError(f"{key} is missing from {ENV_FILE}; re-run packaging/install-test.sh") from None
 
     @property
     def venv(self) -> Path:
@@ -60,6 +60,12 @@ class Environment:
     @property
     def python(self) -> Path:
         return self.venv / "bin" / "python"
+
+    @property
+    def shim(self) -> Path:
+        """The shim containerd runs: the installed one (the pyshim .deb's /usr/bin/containerd-shim-pyshim-v2), or
+        a developer's launcher; never one the test venv provides."""
+        return self._path("PYSHIM_SHIM")
 
     @property
     def criu(self) -> Path:
@@ -109,5 +115,5 @@ def unavailable_reason(path: Path = ENV_FILE) -> str | None:
     if os.geteuid() != 0:
         return "integration tests need root (containerd, runc and criu run as root)"
     if not path.is_file():
-        return f"{path} is missing: run packaging/install.sh first"
+        return f"{path} is missing: run packaging/install-test.sh first"
     return None

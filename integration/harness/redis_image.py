@@ -75,7 +75,7 @@ def build_redis_image(cache_dir: Path, redis_prefix: Path, busybox: Path = BUSYB
                       ref: str = REDIS_IMAGE_REF) -> TestImage:
     """The redis test image tarball for these inputs, built now or taken from cache_dir."""
     if not (redis_prefix / "usr" / "bin" / "redis-server").exists():
-        raise FileNotFoundError(f"no redis-server under {redis_prefix}: re-run packaging/install.sh")
+        raise FileNotFoundError(f"no redis-server under {redis_prefix}: re-run packaging/install-test.sh")
     busybox_bytes = busybox.read_bytes()
     available = available_applets(busybox)
     applets = tuple(a for a in APPLETS if a in available)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import IO, Mapping
+from typing import IO, Callable, Mapping, Sequence
 
 from . import commands, logs
 from .supervisor import Supervised, supervise
@@ -21,15 +21,18 @@ def _log_tail(path: Path, lines: int = 30) -> str:
 
 
 class Runc:
-    """`runc --root <root> ...` with the environment (PATH with criu) the tests run it in."""
+    """`runc --root <root> ...` with the environment (PATH with criu) the tests run it in; `wrap` turns each
+    command line into the one to run (e.g. harness.cgroup2_view.wrap: runc in a cgroup v2 view of the host)."""
 
-    def __init__(self, root: Path, env: Mapping[str, str], binary: str = "runc"):
+    def __init__(self, root: Path, env: Mapping[str, str], binary: str = "runc",
+                 wrap: Callable[[Sequence[str]], list[str]] = list):
         self.root = root
         self.env = dict(env)
         self.binary = binary
+        self.wrap = wrap
 
     def argv(self, *args: str) -> list[str]:
-        return [self.binary, "--root", str(self.root), *args]
+        return self.wrap([self.binary, "--root", str(self.root), *args])
 
     def _run(self, *args: str, check: bool = True, timeout: float = commands.DEFAULT_TIMEOUT):
         return commands.run(self.argv(*args), env=self.env, check=check, timeout=timeout)

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from shim.criu import external_unix, images, netlock
+from shim.criu import bindings, external_unix, images, netlock
 from shim.criu.errors import CriuError, CriuMissing
 from shim.criu.log import quote
 from shim.criu.options import CheckpointOptions, as_record
@@ -166,8 +166,7 @@ class Checkpointer:
 
     async def _dump(self, container_id: str, runtime: OciRuntime, options: CheckpointOptions,
                     facts: ContainerFacts, partial: images.PartialImage, work: str, ready: asyncio.Event) -> None:
-        import pycriu.rpc_pb2 as rpc
-
+        rpc = bindings.rpc_messages()
         descriptors = external_descriptors(runtime.state_dir(container_id), facts.pid)
         images.write_private(os.path.join(partial.path, "descriptors.json"), json.dumps(descriptors).encode())
         work_fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -288,10 +287,9 @@ def forget_frozen_freezer(image_dir: str) -> bool:
     path = os.path.join(image_dir, "cgroup.img")
     if not os.path.exists(path):
         return False
-    import pycriu.images
-
+    codec = bindings.image_codec()
     with open(path, "rb") as f:
-        image = pycriu.images.load(f)
+        image = codec.load(f)
     dropped = False
     for entry in image.get("entries") or []:
         for controller in entry.get("controllers") or []:
@@ -303,7 +301,7 @@ def forget_frozen_freezer(image_dir: str) -> bool:
                     dropped = True
     if dropped:
         with open(path, "wb") as f:
-            pycriu.images.dump(image, f)
+            codec.dump(image, f)
     return dropped
 
 

@@ -34,6 +34,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 
+from shim.criu import bindings
 from shim.reaper import Reaper
 
 log = logging.getLogger(__name__)
@@ -99,10 +100,9 @@ def inventory(image_dir: str) -> tuple[str, str] | None:
     path = os.path.join(image_dir, "inventory.img")
     if not os.path.exists(path):
         return None
-    import pycriu.images
-
+    codec = bindings.image_codec()
     with open(path, "rb") as f:
-        entries = pycriu.images.load(f).get("entries") or [{}]
+        entries = codec.load(f).get("entries") or [{}]
     entry = entries[0]
     return INVENTORY_METHODS.get(entry.get("network_lock_method", 0), "iptables"), entry.get("dump_criu_run_id", "")
 

@@ -5,8 +5,9 @@ containerd's API carries only CheckpointOptions, and containerd 1.6/1.7 send eve
 only to runtimes named io.containerd.runc.*. So an option can also be set per container
 (annotations `io.pyshim.checkpoint.<name>` in the OCI config) and per host (the
 `[checkpoint]` table of /etc/pyshim/pyshim.toml). Precedence: request > annotation > host
-file > default. Booleans in a request can only switch an option on: proto3 cannot tell
-"false" from "not said".
+file > default. Booleans in containerd's CheckpointOptions can only switch an option on: proto3
+cannot tell "false" from "not said"; pyshim's own options in the same request (the `pyshim`
+command sends them by name, protos/pyshim/checkpoint/v1) can say either, and come last.
 """
 
 from __future__ import annotations
@@ -164,6 +165,11 @@ def from_request(exit: bool = False, open_tcp: bool = False, external_unix_socke
     if empty_namespaces:
         layer["empty_ns"] = tuple(empty_namespaces)
     return layer
+
+
+def from_extension(values: Mapping[str, str]) -> dict[str, Any]:
+    """pyshim's own options sent in a Checkpoint request (the `pyshim` command), by the annotations' names."""
+    return _layer(values, "request")
 
 
 def resolve(*layers: Mapping[str, Any]) -> CheckpointOptions:

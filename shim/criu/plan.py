@@ -129,10 +129,12 @@ def runtime_restore_args(options: CheckpointOptions) -> list[str]:
     return args
 
 
-def restore_config(options: CheckpointOptions, *, user_config: str | None, action_script: str = "") -> str:
+def restore_config(options: CheckpointOptions, *, user_config: str | None, action_script: str = "",
+                   cgroup_root: str = "") -> str:
     """A CRIU configuration file for restore: the user's own (from org.criu.config or
     runc.conf) followed by what pyshim adds. CRIU reads it after the RPC options, so the
-    lines here win."""
+    lines here win. cgroup_root: the new container's cgroup on cgroup v2 (shim.cgroups.runc_path),
+    where the restored processes go instead of the cgroup they were dumped from."""
     lines = []
     if user_config:
         try:
@@ -150,6 +152,8 @@ def restore_config(options: CheckpointOptions, *, user_config: str | None, actio
         # then restores in its default (soft) mode; said here, it reaches CRIU whatever runc does.
         lines.append(f"manage-cgroups={options.manage_cgroups_mode}")
     lines.append(f"network-lock {network_lock(options)}")
+    if cgroup_root:
+        lines.append(f"cgroup-root :{cgroup_root}")  # ":" names the unified hierarchy (CRIU calls it "")
     if action_script:
         lines.append(f"action-script {action_script}")
     return "\n".join(lines) + "\n"
@@ -195,12 +199,14 @@ def _freezer_cgroup(pid: int) -> str:
             entries = [line.rstrip("\n").split(":", 2) for line in f]
     except OSError:
         return ""
-    for _, controllers, path in entries:
-        if "freezer" in controllers.split(","):
-            return os.path.join("/sys/fs/cgroup/freezer", path.lstrip("/"))
+    # By what /sys/fs/cgroup is, as runc and CRIU decide: a v1 freezer line is still listed where the kernel has v1
+    # hierarchies mounted elsewhere (a cgroup v2 mount namespace on a hybrid host), but it is not runc's freezer.
+    unified = os.path.exists("/sys/fs/cgroup/cgroup.controllers")
     for hierarchy, controllers, path in entries:
-        if hierarchy == "0" and controllers == "" and not os.path.isdir("/sys/fs/cgroup/freezer"):
+        if unified and hierarchy == "0" and controllers == "":
             return os.path.join("/sys/fs/cgroup", path.lstrip("/"))  # cgroup v2: the unified path
+        if not unified and "freezer" in controllers.split(","):
+            return os.path.join("/sys/fs/cgroup/freezer", path.lstrip("/"))
     return ""
 
 

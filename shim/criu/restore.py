@@ -94,7 +94,8 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
     raises_loopback = creates_network_namespace(config)
     images.write_private(criu_config, restore_config(
         options, user_config=user_config,
-        action_script=os.path.join(work, loopback.SCRIPT) if raises_loopback else "").encode())
+        action_script=os.path.join(work, loopback.SCRIPT) if raises_loopback else "",
+        cgroup_root=_v2_cgroup_root(container_id, config)).encode())
     _annotate(bundle, config, criu_config)  # runc hands org.criu.config to CRIU as its config file
     lazy = lazy_request(annotations)
     flags = runtime_restore_args(options)
@@ -146,6 +147,24 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
         daemon.serve_for(options.timeout)
     await netlock.after_restore(runtime.run.reaper, images.read_record(image_path), config)
     return options
+
+
+def _v2_cgroup_root(container_id: str, config: dict) -> str:
+    """On cgroup v2, the new container's cgroup for CRIU's cgroup-root (runc says it to CRIU on v1 only, and the
+    restored processes would go back to the checkpointed container's cgroup, out of reach of a kill --all); else
+    "" (and when it cannot be told, with a warning: the restore goes on as runc alone would do it)."""
+    if not os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+        return ""
+    from shim.cgroups.runc_path import container_cgroup_v2
+
+    try:
+        with open("/proc/self/cgroup") as f:
+            own = next((line.rstrip("\n").split(":", 2)[2] for line in f if line.startswith("0::")), "/")
+        return container_cgroup_v2((config.get("linux") or {}).get("cgroupsPath") or "", own)
+    except (OSError, ValueError) as exc:
+        log.warning("restore of %s: its cgroup v2 path is unknown (%s); CRIU puts the processes back into the "
+                    "cgroup they were checkpointed in", container_id, exc)
+        return ""
 
 
 def lazy_request(annotations: dict) -> CheckpointOptions | None:

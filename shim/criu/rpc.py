@@ -33,15 +33,17 @@ import socket
 from collections.abc import Awaitable, Callable, Mapping
 from typing import NamedTuple
 
-from pycriu import rpc_pb2
 from google.protobuf.message import DecodeError
 
+from shim.criu import bindings
 from shim.criu.errors import CriuFailed, CriuMissing, CriuTimeout
 from shim.criu.log import excerpt, log_excerpt
 from shim.reaper import Exit, Reaper
 from shim.spawn import spawn
 
 log = logging.getLogger(__name__)
+
+rpc_pb2 = bindings.rpc_messages()  # PycriuMissing here: nothing of a task is touched before this module loads
 
 Notify = Callable[[str, int, list[int]], Awaitable[None]]
 

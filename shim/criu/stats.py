@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import os
 
+from shim.criu import bindings
+
 
 def read_stats(image_dir: str, kind: str = "dump") -> dict[str, int]:
     """The counters of stats-<kind> in image_dir (times in microseconds, pages in pages), or {}."""
     path = os.path.join(image_dir, f"stats-{kind}")
     try:
         with open(path, "rb") as f:
-            import pycriu.images
-
-            entries = pycriu.images.load(f).get("entries") or []
+            entries = bindings.image_codec().load(f).get("entries") or []
     except (OSError, ValueError, Exception):  # a missing or unreadable file: no statistics, not a failure
         return {}
     return {key: int(value) for key, value in (entries[0].get(kind) or {}).items()} if entries else {}

@@ -18,7 +18,7 @@ import os
 import struct
 from dataclasses import asdict, dataclass
 
-from shim.criu import images
+from shim.criu import bindings, images
 from shim.criu.options import ANNOTATION_PREFIX, CheckpointOptions
 from shim.errors import FailedPrecondition, InvalidArgument
 
@@ -57,13 +57,12 @@ def established(image_dir: str) -> list[Connection]:
     names = set(os.listdir(image_dir))
     if not any(name.startswith("tcp-stream-") for name in names):
         return []
-    import pycriu.images
-
+    codec = bindings.image_codec()
     entries = []
     for name, wrapped in (("files.img", True), ("inetsk.img", False)):  # CRIU >= 3.15 / older
         if name in names:
             with open(os.path.join(image_dir, name), "rb") as f:
-                loaded = pycriu.images.load(f).get("entries") or []
+                loaded = codec.load(f).get("entries") or []
             entries += [e["isk"] for e in loaded if e.get("type") == "INETSK"] if wrapped else loaded
     return sorted({Connection(_ip(s["family"], s["src_addr"]), s["src_port"], _ip(s["family"], s["dst_addr"]),
                               s["dst_port"])

@@ -156,9 +156,11 @@ def checkpoint_options(request, bundle: str):
     request carries; the image goes to the request's path unless an option names another."""
     import json
 
-    from shim.criu.options import OptionError, from_annotations, from_host_config, from_request, resolve
+    from shim.criu.options import (OptionError, from_annotations, from_extension, from_host_config, from_request,
+                                   resolve)
 
-    layer = {}
+    layer: dict = {}
+    extension: dict[str, str] = {}
     if request.HasField("options") and request.options.type_url:
         if request.options.type_url not in CHECKPOINT_OPTIONS_URLS:
             raise errors.InvalidArgument(f"unsupported checkpoint options type {request.options.type_url!r}")
@@ -170,6 +172,7 @@ def checkpoint_options(request, bundle: str):
                              terminal=o.terminal, file_locks=o.file_locks, empty_namespaces=tuple(o.empty_namespaces),
                              cgroups_mode=o.cgroups_mode, image_path=o.image_path, work_path=o.work_path,
                              parent_path=o.parent_path)
+        extension = _checkpoint_extension(request.options.value)
     try:
         with open(f"{bundle}/config.json", "rb") as f:
             annotations = json.load(f).get("annotations") or {}
@@ -177,6 +180,18 @@ def checkpoint_options(request, bundle: str):
         annotations = {}
     try:
         defaults = {"image_path": request.path} if request.path else {}
-        return resolve(defaults, from_host_config(), from_annotations(annotations), layer)
+        return resolve(defaults, from_host_config(), from_annotations(annotations), layer,
+                       from_extension(extension))
     except OptionError as exc:
         raise errors.InvalidArgument(str(exc)) from None
+
+
+def _checkpoint_extension(value: bytes) -> dict[str, str]:
+    """pyshim's own options riding in the same CheckpointOptions bytes (protos/pyshim/checkpoint/v1): what the
+    `pyshim` command sends beyond containerd's fields, by pyshim's option names."""
+    from shim.api.pyshim.checkpoint.v1 import options_pb2
+
+    try:
+        return dict(options_pb2.CheckpointOptionsExtension.FromString(value).options)
+    except DecodeError as exc:
+        raise errors.InvalidArgument(f"cannot decode pyshim's checkpoint options: {exc}") from None

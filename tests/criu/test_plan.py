@@ -123,6 +123,13 @@ def test_restore_config_carries_the_cgroups_mode_runc_drops(mode):
     assert "manage-cgroups" not in restore_config(CheckpointOptions(), user_config=None)  # CRIU's default
 
 
+def test_restore_config_names_the_new_containers_cgroup_v2_as_cgroup_root():
+    # runc 1.1 gives CRIU cgroup roots on v1 only; ":" is the unified hierarchy (CRIU's controller "")
+    text = restore_config(CheckpointOptions(), user_config=None, cgroup_root="/k8s.io/c1")
+    assert "cgroup-root :/k8s.io/c1" in text.splitlines()
+    assert "cgroup-root" not in restore_config(CheckpointOptions(), user_config=None)
+
+
 def test_request_annotation_and_host_precedence():
     host = {"tcp_established": True, "manage_cgroups_mode": "soft", "engine": "runc"}
     annotations = from_annotations({"io.pyshim.checkpoint.manage-cgroups-mode": "full",

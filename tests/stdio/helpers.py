@@ -34,14 +34,16 @@ def fifos(tmp_path, *names):
     return paths
 
 
-async def read_to_eof(path: str) -> bytes:
+async def read_to_eof(path: str, chunks: list[bytes] | None = None) -> bytes:
     """Read a fifo as the client does, in a thread, until every writer is gone. Opened without
-    blocking: if the shim's writer is already gone, that is end of file rather than a hang."""
+    blocking: if the shim's writer is already gone, that is end of file rather than a hang.
+    `chunks`, when given, receives what is read as it comes (for a test that waits on it)."""
+    chunks = [] if chunks is None else chunks
+
     def read() -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         try:
             os.set_blocking(fd, True)
-            chunks = []
             while chunk := os.read(fd, 65536):
                 chunks.append(chunk)
             return b"".join(chunks)

@@ -22,20 +22,31 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from shim.api.containerd.types import mount_pb2 as containerd_dot_types_dot_mount__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n0containerd/services/snapshots/v1/snapshots.proto\x12 containerd.services.snapshots.v1\x1a\x1c\x63ontainerd/types/mount.proto\"1\n\rMountsRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"9\n\x0eMountsResponse\x12\'\n\x06mounts\x18\x01 \x03(\x0b\x32\x17.containerd.types.Mount2x\n\tSnapshots\x12k\n\x06Mounts\x12/.containerd.services.snapshots.v1.MountsRequest\x1a\x30.containerd.services.snapshots.v1.MountsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n0containerd/services/snapshots/v1/snapshots.proto\x12 containerd.services.snapshots.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1c\x63ontainerd/types/mount.proto\"1\n\rMountsRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"9\n\x0eMountsResponse\x12\'\n\x06mounts\x18\x01 \x03(\x0b\x32\x17.containerd.types.Mount\"\xcf\x01\n\x16PrepareSnapshotRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0e\n\x06parent\x18\x03 \x01(\t\x12T\n\x06labels\x18\x04 \x03(\x0b\x32\x44.containerd.services.snapshots.v1.PrepareSnapshotRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"B\n\x17PrepareSnapshotResponse\x12\'\n\x06mounts\x18\x01 \x03(\x0b\x32\x17.containerd.types.Mount\"9\n\x15RemoveSnapshotRequest\x12\x13\n\x0bsnapshotter\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t2\xd3\x02\n\tSnapshots\x12~\n\x07Prepare\x12\x38.containerd.services.snapshots.v1.PrepareSnapshotRequest\x1a\x39.containerd.services.snapshots.v1.PrepareSnapshotResponse\x12k\n\x06Mounts\x12/.containerd.services.snapshots.v1.MountsRequest\x1a\x30.containerd.services.snapshots.v1.MountsResponse\x12Y\n\x06Remove\x12\x37.containerd.services.snapshots.v1.RemoveSnapshotRequest\x1a\x16.google.protobuf.Emptyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'containerd.services.snapshots.v1.snapshots_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MOUNTSREQUEST']._serialized_start=116
-  _globals['_MOUNTSREQUEST']._serialized_end=165
-  _globals['_MOUNTSRESPONSE']._serialized_start=167
-  _globals['_MOUNTSRESPONSE']._serialized_end=224
-  _globals['_SNAPSHOTS']._serialized_start=226
-  _globals['_SNAPSHOTS']._serialized_end=346
+  _globals['_PREPARESNAPSHOTREQUEST_LABELSENTRY']._loaded_options = None
+  _globals['_PREPARESNAPSHOTREQUEST_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_MOUNTSREQUEST']._serialized_start=145
+  _globals['_MOUNTSREQUEST']._serialized_end=194
+  _globals['_MOUNTSRESPONSE']._serialized_start=196
+  _globals['_MOUNTSRESPONSE']._serialized_end=253
+  _globals['_PREPARESNAPSHOTREQUEST']._serialized_start=256
+  _globals['_PREPARESNAPSHOTREQUEST']._serialized_end=463
+  _globals['_PREPARESNAPSHOTREQUEST_LABELSENTRY']._serialized_start=418
+  _globals['_PREPARESNAPSHOTREQUEST_LABELSENTRY']._serialized_end=463
+  _globals['_PREPARESNAPSHOTRESPONSE']._serialized_start=465
+  _globals['_PREPARESNAPSHOTRESPONSE']._serialized_end=531
+  _globals['_REMOVESNAPSHOTREQUEST']._serialized_start=533
+  _globals['_REMOVESNAPSHOTREQUEST']._serialized_end=590
+  _globals['_SNAPSHOTS']._serialized_start=593
+  _globals['_SNAPSHOTS']._serialized_end=932
 # @@protoc_insertion_point(module_scope)

@@ -23,29 +23,42 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
+from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from shim.api.containerd.types import task_pb2 as containerd_dot_types_dot_task__pb2
 from shim.api.containerd.types import descriptor_pb2 as containerd_dot_types_dot_descriptor__pb2
 from shim.api.containerd.types import mount_pb2 as containerd_dot_types_dot_mount__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(containerd/services/tasks/v1/tasks.proto\x12\x1c\x63ontainerd.services.tasks.v1\x1a\x19google/protobuf/any.proto\x1a!containerd/types/descriptor.proto\x1a\x1c\x63ontainerd/types/mount.proto\"\x82\x02\n\x11\x43reateTaskRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\'\n\x06rootfs\x18\x03 \x03(\x0b\x32\x17.containerd.types.Mount\x12\r\n\x05stdin\x18\x04 \x01(\t\x12\x0e\n\x06stdout\x18\x05 \x01(\t\x12\x0e\n\x06stderr\x18\x06 \x01(\t\x12\x10\n\x08terminal\x18\x07 \x01(\x08\x12\x30\n\ncheckpoint\x18\x08 \x01(\x0b\x32\x1c.containerd.types.Descriptor\x12%\n\x07options\x18\t \x01(\x0b\x32\x14.google.protobuf.Any\x12\x14\n\x0cruntime_path\x18\n \x01(\t\"7\n\x12\x43reateTaskResponse\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\r\"5\n\x0cStartRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\"\x1c\n\rStartResponse\x12\x0b\n\x03pid\x18\x01 \x01(\r\"o\n\x15\x43heckpointTaskRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x19\n\x11parent_checkpoint\x18\x02 \x01(\t\x12%\n\x07options\x18\x03 \x01(\x0b\x32\x14.google.protobuf.Any\"K\n\x16\x43heckpointTaskResponse\x12\x31\n\x0b\x64\x65scriptors\x18\x01 \x03(\x0b\x32\x1c.containerd.types.Descriptor2\xcf\x02\n\x05Tasks\x12k\n\x06\x43reate\x12/.containerd.services.tasks.v1.CreateTaskRequest\x1a\x30.containerd.services.tasks.v1.CreateTaskResponse\x12`\n\x05Start\x12*.containerd.services.tasks.v1.StartRequest\x1a+.containerd.services.tasks.v1.StartResponse\x12w\n\nCheckpoint\x12\x33.containerd.services.tasks.v1.CheckpointTaskRequest\x1a\x34.containerd.services.tasks.v1.CheckpointTaskResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(containerd/services/tasks/v1/tasks.proto\x12\x1c\x63ontainerd.services.tasks.v1\x1a\x19google/protobuf/any.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1b\x63ontainerd/types/task.proto\x1a!containerd/types/descriptor.proto\x1a\x1c\x63ontainerd/types/mount.proto\"\x82\x02\n\x11\x43reateTaskRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\'\n\x06rootfs\x18\x03 \x03(\x0b\x32\x17.containerd.types.Mount\x12\r\n\x05stdin\x18\x04 \x01(\t\x12\x0e\n\x06stdout\x18\x05 \x01(\t\x12\x0e\n\x06stderr\x18\x06 \x01(\t\x12\x10\n\x08terminal\x18\x07 \x01(\x08\x12\x30\n\ncheckpoint\x18\x08 \x01(\x0b\x32\x1c.containerd.types.Descriptor\x12%\n\x07options\x18\t \x01(\x0b\x32\x14.google.protobuf.Any\x12\x14\n\x0cruntime_path\x18\n \x01(\t\"7\n\x12\x43reateTaskResponse\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\r\"5\n\x0cStartRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\"\x1c\n\rStartResponse\x12\x0b\n\x03pid\x18\x01 \x01(\r\"o\n\x15\x43heckpointTaskRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x19\n\x11parent_checkpoint\x18\x02 \x01(\t\x12%\n\x07options\x18\x03 \x01(\x0b\x32\x14.google.protobuf.Any\"K\n\x16\x43heckpointTaskResponse\x12\x31\n\x0b\x64\x65scriptors\x18\x01 \x03(\x0b\x32\x1c.containerd.types.Descriptor\"3\n\nGetRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\"<\n\x0bGetResponse\x12-\n\x07process\x18\x01 \x01(\x0b\x32\x1c.containerd.v1.types.Process\")\n\x11\x44\x65leteTaskRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\"m\n\x0e\x44\x65leteResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12\x13\n\x0b\x65xit_status\x18\x03 \x01(\r\x12-\n\texited_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Q\n\x0bKillRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0e\n\x06signal\x18\x03 \x01(\r\x12\x0b\n\x03\x61ll\x18\x04 \x01(\x08\x32\xdf\x04\n\x05Tasks\x12k\n\x06\x43reate\x12/.containerd.services.tasks.v1.CreateTaskRequest\x1a\x30.containerd.services.tasks.v1.CreateTaskResponse\x12`\n\x05Start\x12*.containerd.services.tasks.v1.StartRequest\x1a+.containerd.services.tasks.v1.StartResponse\x12w\n\nCheckpoint\x12\x33.containerd.services.tasks.v1.CheckpointTaskRequest\x1a\x34.containerd.services.tasks.v1.CheckpointTaskResponse\x12Z\n\x03Get\x12(.containerd.services.tasks.v1.GetRequest\x1a).containerd.services.tasks.v1.GetResponse\x12g\n\x06\x44\x65lete\x12/.containerd.services.tasks.v1.DeleteTaskRequest\x1a,.containerd.services.tasks.v1.DeleteResponse\x12I\n\x04Kill\x12).containerd.services.tasks.v1.KillRequest\x1a\x16.google.protobuf.Emptyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'containerd.services.tasks.v1.tasks_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CREATETASKREQUEST']._serialized_start=167
-  _globals['_CREATETASKREQUEST']._serialized_end=425
-  _globals['_CREATETASKRESPONSE']._serialized_start=427
-  _globals['_CREATETASKRESPONSE']._serialized_end=482
-  _globals['_STARTREQUEST']._serialized_start=484
-  _globals['_STARTREQUEST']._serialized_end=537
-  _globals['_STARTRESPONSE']._serialized_start=539
-  _globals['_STARTRESPONSE']._serialized_end=567
-  _globals['_CHECKPOINTTASKREQUEST']._serialized_start=569
-  _globals['_CHECKPOINTTASKREQUEST']._serialized_end=680
-  _globals['_CHECKPOINTTASKRESPONSE']._serialized_start=682
-  _globals['_CHECKPOINTTASKRESPONSE']._serialized_end=757
-  _globals['_TASKS']._serialized_start=760
-  _globals['_TASKS']._serialized_end=1095
+  _globals['_CREATETASKREQUEST']._serialized_start=258
+  _globals['_CREATETASKREQUEST']._serialized_end=516
+  _globals['_CREATETASKRESPONSE']._serialized_start=518
+  _globals['_CREATETASKRESPONSE']._serialized_end=573
+  _globals['_STARTREQUEST']._serialized_start=575
+  _globals['_STARTREQUEST']._serialized_end=628
+  _globals['_STARTRESPONSE']._serialized_start=630
+  _globals['_STARTRESPONSE']._serialized_end=658
+  _globals['_CHECKPOINTTASKREQUEST']._serialized_start=660
+  _globals['_CHECKPOINTTASKREQUEST']._serialized_end=771
+  _globals['_CHECKPOINTTASKRESPONSE']._serialized_start=773
+  _globals['_CHECKPOINTTASKRESPONSE']._serialized_end=848
+  _globals['_GETREQUEST']._serialized_start=850
+  _globals['_GETREQUEST']._serialized_end=901
+  _globals['_GETRESPONSE']._serialized_start=903
+  _globals['_GETRESPONSE']._serialized_end=963
+  _globals['_DELETETASKREQUEST']._serialized_start=965
+  _globals['_DELETETASKREQUEST']._serialized_end=1006
+  _globals['_DELETERESPONSE']._serialized_start=1008
+  _globals['_DELETERESPONSE']._serialized_end=1117
+  _globals['_KILLREQUEST']._serialized_start=1119
+  _globals['_KILLREQUEST']._serialized_end=1200
+  _globals['_TASKS']._serialized_start=1203
+  _globals['_TASKS']._serialized_end=1810
 # @@protoc_insertion_point(module_scope)
