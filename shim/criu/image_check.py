@@ -25,18 +25,21 @@ class ImageDamaged(ValueError):
 
 def check(image_dir: str) -> None:
     """Raise ImageDamaged when the images in image_dir cannot be restored: inventory.img missing or unreadable,
-    pstree.img missing, unreadable or empty, a pagemap unreadable or listing more pages than its pages file holds."""
-    from pycriu.images import pb
+    pstree.img missing, unreadable or empty, a pagemap unreadable or listing more pages than its pages file holds.
+    Raises shim.errors.Unavailable when pycriu (its message definitions) cannot be loaded."""
+    from shim.criu import bindings
 
-    _entries(image_dir, "inventory.img", [pb.inventory_entry], at_least=1)
-    _entries(image_dir, "pstree.img", [pb.pstree_entry], at_least=1)
+    codec = bindings.image_codec()
+    pb, magic = codec.pb, codec.magic
+    _entries(image_dir, "inventory.img", [pb.inventory_entry], magic, at_least=1)
+    _entries(image_dir, "pstree.img", [pb.pstree_entry], magic, at_least=1)
     for name in sorted(os.listdir(image_dir)):
         if name.startswith("pagemap-") and name.endswith(".img") and not name.startswith("pagemap-shmem"):
-            _check_pages(image_dir, name, pb)
+            _check_pages(image_dir, name, pb, magic)
 
 
-def _check_pages(image_dir: str, pagemap: str, pb) -> None:
-    head, *entries = _entries(image_dir, pagemap, [pb.pagemap_head, pb.pagemap_entry], at_least=1)
+def _check_pages(image_dir: str, pagemap: str, pb, magic) -> None:
+    head, *entries = _entries(image_dir, pagemap, [pb.pagemap_head, pb.pagemap_entry], magic, at_least=1)
     wanted = sum(_pages(entry) for entry in entries)
     if not wanted:
         return
@@ -61,7 +64,7 @@ def _pages(entry) -> int:
     return entry.nr_pages if entry.HasField("nr_pages") else entry.compat_nr_pages
 
 
-def _entries(image_dir: str, name: str, kinds: list, *, at_least: int) -> list:
+def _entries(image_dir: str, name: str, kinds: list, magic, *, at_least: int) -> list:
     """The entries of a protobuf image: magic(s), then [u32 size][message] until the end. The first entry is of
     kinds[0], every other of kinds[-1]. Truncated framing or an unparsable message is damage."""
     path = os.path.join(image_dir, name)
@@ -72,7 +75,7 @@ def _entries(image_dir: str, name: str, kinds: list, *, at_least: int) -> list:
         raise ImageDamaged(f"{name} is missing") from None
     except OSError as exc:
         raise ImageDamaged(f"{name} cannot be read: {exc.strerror or exc}") from None
-    offset = _skip_magic(data, name)
+    offset = _skip_magic(data, name, magic)
     entries = []
     while offset < len(data):
         if offset + 4 > len(data):
@@ -94,10 +97,8 @@ def _entries(image_dir: str, name: str, kinds: list, *, at_least: int) -> list:
     return entries
 
 
-def _skip_magic(data: bytes, name: str) -> int:
+def _skip_magic(data: bytes, name: str, magic) -> int:
     """Past the image's magic numbers (a common or service magic, then the image's own)."""
-    from pycriu.images import magic
-
     if len(data) < 4:
         raise ImageDamaged(f"{name} is truncated ({len(data)} bytes)")
     (first,) = struct.unpack_from("<I", data, 0)

@@ -25,7 +25,7 @@ from shim.criu.log import quote
 from shim.criu.options import CheckpointOptions, OptionError, from_annotations, from_host_config, from_record, resolve
 from shim.criu.plan import CRIU_CONFIG_ANNOTATION, DEFAULT_RUNC_CRIU_CONFIG, restore_config, runtime_restore_args
 from shim.criu.tcp import refuse_lost_connections
-from shim.errors import InvalidArgument, ShimError
+from shim.errors import InvalidArgument, ShimError, Unavailable
 from shim.layout import write_atomically
 from shim.oci.runner import RuntimeFailed
 from shim.oci.runtime import OciRuntime, is_gone
@@ -76,6 +76,9 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
     except image_check.ImageDamaged as exc:
         raise InvalidArgument(f"restore of {container_id}: checkpoint {image_path} is damaged: {exc}. Nothing was "
                               "restored; restore from an intact copy or checkpoint again") from None
+    except Unavailable as exc:  # no pycriu here: runc's restore does not need it
+        log.warning("restore of %s: the images in %s were not checked before the restore: %s", container_id,
+                    image_path, exc)
     options, config = restore_options(bundle, image_path)
     if options.manage_cgroups_mode in ("full", "strict"):
         from shim.criu.checkpoint import forget_frozen_freezer

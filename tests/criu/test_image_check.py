@@ -8,20 +8,28 @@ import pytest
 
 from shim.criu.image_check import PAGE_SIZE, PE_LAZY, PE_PARENT, PE_PRESENT, ImageDamaged, check
 
-pycriu_images = pytest.importorskip("pycriu.images", reason="pycriu is installed by packaging/install.sh")
+
+
+def codec():
+    from shim.criu import bindings
+    from shim.errors import Unavailable
+
+    try:
+        return bindings.image_codec()
+    except Unavailable as exc:
+        pytest.skip(f"pycriu is installed by packaging/install.sh: {exc}")
 
 
 def write(path, magic, entries):
     with open(path, "wb") as f:
-        pycriu_images.dump({"magic": magic, "entries": entries}, f)
+        codec().dump({"magic": magic, "entries": entries}, f)
 
 
 def image(tmp_path, pages=(3, 2), *, pages_file_pages=None, flags=PE_PRESENT):
     """A minimal image of one process: inventory, pstree, pagemap-1 listing `pages` runs, pages-1 holding them."""
     write(tmp_path / "inventory.img", "INVENTORY", [{"img_version": 2, "fdinfo_per_id": True}])
     write(tmp_path / "pstree.img", "PSTREE", [{"pid": 1, "ppid": 0, "pgid": 1, "sid": 1, "threads": [1]}])
-    from pycriu.images import pb
-
+    pb = codec().pb
     write(tmp_path / "pagemap-1.img", "PAGEMAP", [{"pages_id": 1}])
     with open(tmp_path / "pagemap-1.img", "ab") as f:  # pycriu's dict form spells flags as names: encode directly
         for index, count in enumerate(pages):
