@@ -77,20 +77,33 @@ async def run(reaper: Reaper, argv: Sequence[str], *, input: bytes | None = None
 
 
 async def wait_or_kill(waiting, pid: int, timeout: float | None) -> Exit:
-    """Await an exit; past the timeout, SIGKILL the process (ours, by pid) and report TimeoutError."""
+    """Await an exit; past the timeout, SIGKILL the process (ours, by pid) and report TimeoutError. Cancelled
+    (the call that ran it was cancelled: its caller went away, or the task was killed mid-restore), the process
+    is killed too, and reaped, rather than left running for nobody."""
     task = asyncio.ensure_future(waiting)
-    done, _ = await asyncio.wait({task}, timeout=timeout)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        await asyncio.shield(_kill_tree_and_wait(pid, task))
+        raise
     if task in done:
         return task.result()
-    kill_tree(pid)
-    await task
+    await _kill_tree_and_wait(pid, task)
     raise TimeoutError(f"pid {pid} did not finish within {timeout}s and was killed with what it started")
+
+
+KILLED_GONE = 10.0  # seconds for killed processes to be gone (a big one takes a while to release its memory)
 
 
 def kill_tree(pid: int) -> None:
     """SIGKILL a process we started and everything it started (a hung `runc restore` leaves
     CRIU and the half-restored tree behind otherwise). Pidfds are taken first, so a pid reused
     meanwhile is never signalled."""
+    for pidfd in _signal_tree(pid):
+        os.close(pidfd)
+
+
+def _signal_tree(pid: int) -> list[int]:
     pidfds = []
     for target in [pid, *descendants(pid)]:
         try:
@@ -102,7 +115,24 @@ def kill_tree(pid: int) -> None:
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        finally:
+    return pidfds
+
+
+async def _kill_tree_and_wait(pid: int, exited: asyncio.Future) -> None:
+    """kill_tree, then wait until every killed process is gone (a pidfd turns readable when its process exits),
+    not only the one we reap: what runs after (removing a restore's cgroups) needs them out of their cgroups."""
+    pidfds = _signal_tree(pid)
+    loop = asyncio.get_running_loop()
+    try:
+        gone = []
+        for pidfd in pidfds:
+            future = loop.create_future()
+            loop.add_reader(pidfd, lambda f=future: f.done() or f.set_result(None))
+            gone.append(future)
+        await asyncio.wait([*gone, exited], timeout=KILLED_GONE, return_when=asyncio.ALL_COMPLETED)
+    finally:
+        for pidfd in pidfds:
+            loop.remove_reader(pidfd)
             os.close(pidfd)
 
 

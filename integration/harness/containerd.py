@@ -146,8 +146,10 @@ class Containerd:
         assert self._process is not None
         return self._process.main_pid
 
-    def restart(self, timeout: float = START_TIMEOUT, while_down: Callable[[], object] | None = None) -> None:
-        """Stop the containerd process only (SIGTERM by pid; shims and their tasks keep running), start it again.
+    def restart(self, timeout: float = START_TIMEOUT, while_down: Callable[[], object] | None = None,
+                kill: bool = False) -> None:
+        """Stop the containerd process only (SIGTERM by pid, or SIGKILL with kill; shims and their tasks keep
+        running), start it again.
 
         Same root, state, sockets and config: the new process reloads the shims' bundles and reconnects to them.
         while_down, if given, runs between the two (containerd stopped, shims running).
@@ -155,7 +157,10 @@ class Containerd:
         """
         assert self._process is not None, "restart() before start()"
         old = self._process
-        old.stop_main(STOP_TIMEOUT)
+        if kill:
+            old.signal_main(signal.SIGKILL)
+        else:
+            old.stop_main(STOP_TIMEOUT)
         if old.main_exit_code() is None:
             try:
                 old.wait_main(STOP_TIMEOUT)

@@ -6,7 +6,9 @@ Modules:
   check().
 - errors: CriuError, CriuFailed, CriuMissing, CriuTimeout: what was asked, what CRIU said,
   the log lines that explain it.
-- log: log_excerpt(): the Error/Warn lines and the tail of a CRIU log, bounded in size.
+- log: quote() / log_excerpt(): the lines of a CRIU log that say why it failed (the last errors before FAILED,
+  known-harmless ones left out), one way for every error to quote them.
+- image_check: images a restore would hang or fail obscurely on (truncated pages, no inventory, a bad pstree).
 - options: checkpoint options (runc's and pyshim's) and where each comes from.
 - plan: from (container, options) to criu_opts or OCI runtime arguments; pure functions.
 - images: image directories written aside, private, committed whole.

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 from shim.criu import bindings, external_unix, images, netlock
 from shim.criu.errors import CriuError, CriuMissing
-from shim.criu.log import log_excerpt
+from shim.criu.log import quote
 from shim.criu.options import CheckpointOptions, as_record
 from shim.criu.plan import ContainerFacts, dump_request, facts_from_bundle, runtime_checkpoint_args
 from shim.criu.rpc import CriuRpc
@@ -322,9 +322,4 @@ def _copy(source: str, destination: str) -> str | None:
 
 
 def _runtime_failure(error: RuntimeFailed, kept_log: str | None) -> str:
-    text = f"{error}; the task was left as it was"
-    if kept_log:
-        lines = log_excerpt(kept_log)
-        if lines:
-            text += f". From the CRIU log {kept_log}: " + " | ".join(lines)
-    return text
+    return f"{error}; the task was left as it was" + quote(kept_log)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from shim.criu.log import format_quote, is_harmless
 from shim.errors import ShimError, Unavailable
 
 
@@ -31,8 +32,7 @@ class CriuError(ShimError):
     def __str__(self) -> str:
         text = f"criu {self.action} {self._what()}"
         if self.log_lines:
-            source = f"log {self.log_path}" if self.log_path else "output"
-            text += f". From the CRIU {source}: " + " | ".join(self.log_lines)
+            text += format_quote(self.log_lines, source=f"CRIU log {self.log_path}" if self.log_path else "CRIU output")
         elif self.log_path:
             text += f" (CRIU log {self.log_path} has nothing to quote)"
         return text
@@ -63,9 +63,9 @@ class CriuFailed(CriuError):
             parts.append(self.reason)
         if self.cr_errno:
             parts.append(f"errno {self.cr_errno} ({os.strerror(self.cr_errno)})")
-        if self.cr_errmsg:
-            # CRIU's cr_errmsg is the FIRST error it logged, which may be incidental (an rlimit it
-            # could not raise) rather than the cause: say which it is.
+        if self.cr_errmsg and not is_harmless(self.cr_errmsg):
+            # CRIU's cr_errmsg is the FIRST error it logged, often incidental (an rlimit it could not raise, left
+            # out then) rather than the cause, which the quoted log lines give: say which it is.
             parts.append(f"first error logged: {self.cr_errmsg.strip()}")
         if self.exit_status is not None:
             parts.append(f"criu exited with status {self.exit_status}")

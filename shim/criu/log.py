@@ -1,80 +1,109 @@
-"""The part of a CRIU log worth quoting to a user.
+"""The lines of a CRIU log that say why it failed, and the one way pyshim quotes them in an error.
 
-A CRIU log at log level 4 runs to thousands of lines (megabytes for a big container), and the
-line that explains a failure is rarely the last one: CRIU logs the cause ("Error (criu/...)")
-and then pages of cleanup. An excerpt is therefore every Error/Warn line plus the last few
-lines, in file order, without repeats, each line and the whole bounded so that the result
-fits in an error message sent to containerd.
+A CRIU log at log level 4 runs to thousands of lines (and without end when CRIU loops: a restore from truncated
+pages logs tens of MB a second), and the line that explains a failure is rarely the first error or the last line.
+Every run logs errors that are not causes (`rlimit: Can't setup RLIMIT_NOFILE` when CRIU runs in a user namespace
+or under a limit it cannot raise), CRIU logs the cause and then cleanup errors, and ends with "Dumping FAILED." or
+"Restoring FAILED.". The quoted lines are therefore the last error lines before that mark (or the end), harmless ones
+left out; a log without any (CRIU killed, or hung and killed) is quoted by its last lines: where CRIU stopped.
 """
 
 from __future__ import annotations
 
 import os
 from collections import deque
+from collections.abc import Iterable
 
 # CRIU prefixes its own messages with the level: "(00.012345) Error (criu/cr-dump.c:2093): ...",
 # "(00.000812) Warn  (criu/kerndat.c:...): ...". BUG_ON() is logged through pr_err too.
-_FLAGS = (b"Error (", b"Warn ", b"BUG")
+_FLAGS = (b"Error (", b"Warn  (", b"BUG")
+# Errors and warnings CRIU logs on runs that go on to succeed: never the cause of a failure.
+HARMLESS = (
+    "rlimit: Can't setup RLIMIT_NOFILE",  # CRIU cannot raise its own fd limit (a user namespace, a hard limit)
+    "cpu: fpu:",  # the CPU's register sets, listed at start
+    "Set CLONE_PARENT | CLONE_NEWPID but it might cause restore problem",  # every restore into a pid namespace
+)
+_FAILED = (b"Dumping FAILED", b"Restoring FAILED", b"Pre-dumping FAILED", b"FAILED.")
+MAX_CAUSES = 4  # error lines quoted: the cause and what CRIU said right after it
+TAIL = 3  # lines quoted from where a log without errors stops
 MAX_LINE = 400  # characters kept of one line: paths and errnos fit, hex dumps do not
-MAX_FLAGGED = 20  # Error/Warn lines kept: the first ones are the causes, the rest follow from them
+HEAD_BYTES = 32 << 20  # of a huge log, the start and the end are read: the cause is near one of them
+TAIL_BYTES = 4 << 20
 
 
-def log_excerpt(path: str | os.PathLike, max_lines: int = 10, max_chars: int = 4000) -> list[str]:
-    """Error/Warn lines and the last max_lines lines of the log at path, in file order.
+def quote(path: str | os.PathLike | None, *, source: str = "CRIU log") -> str:
+    """". From the CRIU log <path>: <line> | <line>" for an error message, or "" when the log has nothing."""
+    return format_quote(log_excerpt(path) if path else [], source=f"{source} {path}" if path else source)
 
-    A log that does not exist (CRIU failed before opening it) gives an empty list; reading is
-    streamed, so a huge log costs time, not memory."""
+
+def format_quote(lines: list[str], *, source: str) -> str:
+    return f". From the {source}: " + " | ".join(lines) if lines else ""
+
+
+def log_excerpt(path: str | os.PathLike) -> list[str]:
+    """The lines to quote from the log at path (see excerpt); [] when it does not exist (CRIU failed before
+    opening it). A log of more than HEAD_BYTES + TAIL_BYTES is read at both ends only."""
     try:
         handle = open(path, "rb")
     except OSError:
         return []
     with handle:
-        return excerpt(handle, max_lines=max_lines, max_chars=max_chars)
+        size = os.fstat(handle.fileno()).st_size
+        if size <= HEAD_BYTES + TAIL_BYTES:
+            return excerpt(handle)
+        head = handle.read(HEAD_BYTES).splitlines()[:-1]  # the last line is cut
+        handle.seek(size - TAIL_BYTES)
+        tail = handle.read(TAIL_BYTES).splitlines()[1:]  # the first line is cut
+        return excerpt([*head, *tail])
 
 
-def excerpt(lines, max_lines: int = 10, max_chars: int = 4000) -> list[str]:
-    """The excerpt of any iterable of (bytes) lines; see log_excerpt."""
-    flagged: list[tuple[int, bytes]] = []
-    tail: deque[tuple[int, bytes]] = deque(maxlen=max_lines)
-    for number, line in enumerate(lines):
-        line = line.rstrip(b"\r\n")
-        if not line.strip():
+def excerpt(lines: Iterable[bytes]) -> list[str]:
+    """The last MAX_CAUSES error or warning lines before CRIU's FAILED line (or the end), harmless ones left out,
+    the first with the line before it, and the last line when CRIU stopped without saying it failed (killed);
+    without any error, the last TAIL lines. Each line once (the same failure logged per task or per retry differs only
+    in its timestamp), in file order, clipped to MAX_LINE characters."""
+    # Each cause with the line logged just before it when that is not an error itself: CRIU often says what it
+    # was at there ("No inventory.img image", then "Unexpected EOF on (empty-image)").
+    causes: deque[tuple[str | None, str]] = deque(maxlen=MAX_CAUSES)
+    tail: deque[str] = deque(maxlen=TAIL * 4)  # repeats are dropped after: a looping CRIU logs the same few lines
+    before: str | None = None
+    failed = False  # CRIU said it failed; a log without that mark ends where CRIU was killed
+    for raw in lines:
+        raw = raw.rstrip(b"\r\n")
+        if not raw.strip():
             continue
-        if len(flagged) < MAX_FLAGGED and any(flag in line for flag in _FLAGS):
-            flagged.append((number, line))
-        tail.append((number, line))
-    chosen = dict(flagged)
-    chosen.update(tail)
-    result: list[str] = []
+        if any(mark in raw for mark in _FAILED):
+            failed = True
+            break
+        text = raw.decode("utf-8", "replace").replace("\t", " ")
+        tail.append(text)
+        flagged = any(flag in raw for flag in _FLAGS)
+        if flagged and not is_harmless(text):
+            causes.append((before, text))
+        before = None if flagged else text
+    if not causes:
+        return _distinct(list(tail))[-TAIL:]
+    chosen = [text for _, text in causes]
+    context = causes[0][0]
+    where = [] if failed or tail[-1] == chosen[-1] else [tail[-1]]  # the line CRIU was killed after
+    return _distinct(([context] if context else []) + chosen + where)
+
+
+def is_harmless(text: str) -> bool:
+    """Whether a CRIU message (a log line, or cr_errmsg) is one logged on runs that succeed too."""
+    return any(pattern in text for pattern in HARMLESS)
+
+
+def _distinct(lines: list[str]) -> list[str]:
+    """The lines without repeats (compared without CRIU's timestamp), the last of each kept, clipped."""
     seen: set[str] = set()
-    for number in sorted(chosen):
-        text = _clip(chosen[number].decode("utf-8", "replace").replace("\t", " "))
-        # The same failure is often logged once per task or per retry: quote it once.
+    kept: list[str] = []
+    for text in reversed(lines):
         key = _without_timestamp(text)
         if key not in seen:
             seen.add(key)
-            result.append(text)
-    return _bound(result, max_chars)
-
-
-def _bound(lines: list[str], max_chars: int) -> list[str]:
-    """Drop lines from the middle until the rest fits: the first errors are the causes and the
-    last lines say where CRIU stopped, so both ends are worth more than what lies between."""
-    if sum(map(len, lines)) <= max_chars:
-        return lines
-    head, tail = lines[: len(lines) // 2], lines[len(lines) // 2:]
-    while head or tail:
-        if sum(map(len, head)) + sum(map(len, tail)) + 3 <= max_chars:
-            break
-        if len(head) >= len(tail):
-            head.pop()
-        else:
-            tail.pop(0)
-    return head + ["..."] + tail
-
-
-def _clip(text: str) -> str:
-    return text if len(text) <= MAX_LINE else text[:MAX_LINE - 3] + "..."
+            kept.append(text if len(text) <= MAX_LINE else text[:MAX_LINE - 3] + "...")
+    return kept[::-1]
 
 
 def _without_timestamp(text: str) -> str:

@@ -19,21 +19,23 @@ import signal
 import tempfile
 
 from shim import unmount
-from shim.criu import images, loopback, netlock
-from shim.criu.log import log_excerpt
+from shim.cgroups import made as made_cgroups
+from shim.criu import image_check, images, loopback, netlock
+from shim.criu.log import quote
 from shim.criu.options import CheckpointOptions, OptionError, from_annotations, from_host_config, from_record, resolve
 from shim.criu.plan import CRIU_CONFIG_ANNOTATION, DEFAULT_RUNC_CRIU_CONFIG, restore_config, runtime_restore_args
 from shim.criu.tcp import refuse_lost_connections
-from shim.errors import InvalidArgument, ShimError
+from shim.errors import InvalidArgument, ShimError, Unavailable
 from shim.layout import write_atomically
 from shim.oci.runner import RuntimeFailed
-from shim.oci.runtime import OciRuntime
+from shim.oci.runtime import OciRuntime, is_gone
 from shim.proctree import children_of, cmdline, parent_of
 from shim.reaper import Reaper
 from shim.spawn import spawn
 
 log = logging.getLogger(__name__)
 LAZY_PAGES_LOG = "criu-lazy-pages.log"  # in the bundle: the daemon outlives the restore's work dir
+KEPT_LOG_BYTES = 16 << 20  # of a failed restore's log kept in the bundle
 LAZY_PAGES_READY = 10.0  # seconds for `criu lazy-pages` to listen before the restore gives up
 _serving: set[asyncio.Task] = set()  # lazy-pages daemons still serving restored containers
 
@@ -47,8 +49,10 @@ def restore_options(bundle: str, image_path: str) -> tuple[CheckpointOptions, di
     container's annotations (a restore-time choice such as tcp-close wins)."""
     config = _config(bundle)
     record = images.read_record(image_path) or {}
+    # How long CRIU may take is this host's say (or the restoring container's), not what the checkpoint was given.
+    taken_with = {name: value for name, value in (record.get("options") or {}).items() if name != "timeout"}
     try:
-        options = resolve(from_host_config(), from_record(record.get("options") or {}),
+        options = resolve(from_host_config(), from_record(taken_with),
                           from_annotations(config.get("annotations") or {}))
     except OptionError as exc:
         raise InvalidArgument(f"restore from {image_path}: {exc}") from None
@@ -67,6 +71,14 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
                   stdio, pid_file: str, console_socket: str = "", no_pivot: bool = False) -> CheckpointOptions:
     if not os.path.isdir(image_path):
         raise InvalidArgument(f"checkpoint {image_path} does not exist")
+    try:
+        await asyncio.to_thread(image_check.check, image_path)
+    except image_check.ImageDamaged as exc:
+        raise InvalidArgument(f"restore of {container_id}: checkpoint {image_path} is damaged: {exc}. Nothing was "
+                              "restored; restore from an intact copy or checkpoint again") from None
+    except Unavailable as exc:  # no pycriu here: runc's restore does not need it
+        log.warning("restore of %s: the images in %s were not checked before the restore: %s", container_id,
+                    image_path, exc)
     options, config = restore_options(bundle, image_path)
     if options.manage_cgroups_mode in ("full", "strict"):
         from shim.criu.checkpoint import forget_frozen_freezer
@@ -91,6 +103,8 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
     lazy = lazy_request(annotations)
     flags = runtime_restore_args(options)
     watched_lock = await netlock.before_restore(runtime.run.reaper, image_path, config)
+    cgroups_path = (config.get("linux") or {}).get("cgroupsPath") or ""
+    cgroups_before = {path for path in made_cgroups.directories(cgroups_path) if path.is_dir()}
     daemon = hook = None
     try:
         if raises_loopback:
@@ -104,19 +118,22 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
                                     work_path=work, stdio=stdio, console_socket=console_socket, no_pivot=no_pivot,
                                     flags=flags, timeout=options.timeout)
         await (restoring if daemon is None else daemon.guard(restoring, container_id))
-    except RuntimeFailed as exc:
+    except (RuntimeFailed, asyncio.CancelledError) as exc:
+        # Cancelled: the task was killed mid-restore, or containerd's connection closed; runc and CRIU were killed
+        # with the call (shim.spawn.wait_or_kill), and what they left goes as after a failure.
         if daemon is not None:
             await daemon.stop()
         kept = _keep_log(work, bundle)
-        await _clean_failed_restore(runtime, container_id)
+        await _clean_failed_restore(runtime, container_id, cgroups_path, cgroups_before)
         await netlock.after_failed_restore(runtime.run.reaper, watched_lock)  # CRIU locked and did not unlock
+        if isinstance(exc, asyncio.CancelledError):
+            log.warning("restore of %s from %s stopped before it ended; runc and CRIU were killed and what they "
+                        "left removed%s", container_id, image_path, quote(kept))
+            raise
         message = f"restore of {container_id} from {image_path} failed: {exc}"
         if daemon is not None and daemon.failed:
             message += f". {daemon.failed}"
-        lines = log_excerpt(kept) if kept else []
-        if lines:
-            message += f". From the CRIU log {kept}: " + " | ".join(lines)
-        raise RestoreFailed(message) from exc
+        raise RestoreFailed(message + quote(kept)) from exc
     except BaseException:
         if daemon is not None:
             await daemon.stop()
@@ -206,9 +223,7 @@ class LazyPages:
         if said != b"\0":
             await daemon.stop()
             why = "exited" if said == b"" else f"was not ready within {LAZY_PAGES_READY:g}s"
-            lines = log_excerpt(log_file)
-            raise RestoreFailed(f"criu lazy-pages {why}" + (f". From its log {log_file}: " + " | ".join(lines)
-                                                              if lines else ""))
+            raise RestoreFailed(f"criu lazy-pages {why}" + quote(log_file, source="criu lazy-pages log"))
         log.info("criu lazy-pages (pid %d) serves %s%s", pid, image_path,
                  f" from the page server {page_server[0]}:{page_server[1]}" if page_server else "")
         return daemon
@@ -224,9 +239,8 @@ class LazyPages:
             restore.cancel()
             raise
         if restore not in done and self.exited.result().status != 0:
-            lines = log_excerpt(self.log_file)
             self.failed = (f"criu lazy-pages exited with {self.exited.result().status} during the restore"
-                           + (f"; from its log {self.log_file}: " + " | ".join(lines) if lines else ""))
+                           + quote(self.log_file, source="criu lazy-pages log"))
             log.warning("%s: %s; killing the restore's CRIU", container_id, self.failed)
             _kill_restoring_criu(container_id)
         await restore
@@ -296,20 +310,67 @@ async def _read_once(fd: int) -> bytes:
     return os.read(fd, 1)
 
 
-async def _clean_failed_restore(runtime: OciRuntime, container_id: str) -> None:
-    """Unmount runc's private bind of the rootfs before runc removes its state: removing a
-    still-mounted criu-root deletes the container's files through it."""
+async def _clean_failed_restore(runtime: OciRuntime, container_id: str, cgroups_path: str,
+                                cgroups_before: set) -> None:
+    """Undo what a failed or killed `runc restore` left (its processes were killed with it): runc's private bind
+    of the rootfs, unmounted before runc removes its state (removing a still-mounted criu-root deletes the
+    container's files through it), runc's state, and the cgroups it made, which runc killed before writing its
+    state does not know."""
     unmount.unmount_all(os.path.join(runtime.state_dir(container_id), "criu-root"))
     try:
         await runtime.delete(container_id, force=True)
     except RuntimeFailed as exc:
-        log.warning("cleaning up the failed restore of %s: %s", container_id, exc)
+        if not is_gone(exc):
+            log.warning("cleaning up the failed restore of %s: %s", container_id, exc)
+    _remove_unfinished_state(runtime.state_dir(container_id))
+    left = made_cgroups.remove_made(cgroups_path, cgroups_before)
+    if left:
+        log.warning("the failed restore of %s left cgroups still in use: %s", container_id,
+                    ", ".join(map(str, left)))
+
+
+def _remove_unfinished_state(state: str) -> None:
+    """runc's state dir for the id when `runc delete` could not remove it because runc was killed before writing
+    state.json: its files, and empty directories only (rmdir), so nothing is removed through a mount. A state
+    with state.json is runc's to remove (runc delete said why it did not)."""
+    try:
+        entries = os.listdir(state)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        log.warning("cannot read %s left by a failed restore: %s", state, exc)
+        return
+    if "state.json" in entries:
+        return
+    for name in entries:
+        path = os.path.join(state, name)
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                os.rmdir(path)
+            else:
+                os.unlink(path)
+        except OSError as exc:
+            log.warning("cannot remove %s left by a failed restore: %s", path, exc)
+    with contextlib.suppress(OSError):
+        os.rmdir(state)
 
 
 def _keep_log(work: str, bundle: str) -> str | None:
+    """The restore's log kept in the bundle, its two ends only when it is huge: a CRIU that looped until the
+    timeout (a damaged image the checks did not catch) logs tens of MB a second."""
     source, kept = os.path.join(work, "restore.log"), os.path.join(bundle, "criu-restore.log")
     try:
-        shutil.copyfile(source, kept)
+        with open(source, "rb") as log:
+            size = os.fstat(log.fileno()).st_size
+            fd = os.open(kept, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb") as copy:
+                if size <= KEPT_LOG_BYTES:
+                    shutil.copyfileobj(log, copy)
+                else:
+                    copy.write(log.read(KEPT_LOG_BYTES // 2))
+                    copy.write(f"\n[pyshim: {size - KEPT_LOG_BYTES} bytes of this {size}-byte log left out]\n".encode())
+                    log.seek(size - KEPT_LOG_BYTES // 2)
+                    shutil.copyfileobj(log, copy)
         return kept
     except OSError:
         return None

@@ -9,7 +9,7 @@ import logging
 import os
 
 from shim import mounts
-from shim.errors import NotFound
+from shim.errors import FailedPrecondition, NotFound
 from shim.layout import INIT_PID_FILE
 from shim.oci.runner import RuntimeFailed
 from shim.oci.runtime import OciRuntime, is_gone
@@ -34,6 +34,8 @@ class InitProcess(Process):
         self.checkpoint_work = ""
         self.lazy_dump: asyncio.Future | None = None  # a lazy dump serving its pages, until it ends
         self.network_lock = None  # CRIU's lock a checkpoint with exit left, removed by delete()
+        self._restoring: asyncio.Task | None = None  # the restore Start runs, while it runs
+        self._restore_stopped = False
 
     @property
     def rootfs(self) -> str:
@@ -93,13 +95,31 @@ class InitProcess(Process):
     async def _restore(self) -> None:
         from shim.criu.restore import restore
 
-        await restore(container_id=self.id, bundle=self.bundle, image_path=self.checkpoint,
-                      work_path=self.checkpoint_work, runtime=self.runtime, stdio=self.io.runtime_stdio,
-                      pid_file=self.pid_file, console_socket=self.io.console_socket, no_pivot=self.no_pivot)
+        self._restoring = asyncio.ensure_future(restore(
+            container_id=self.id, bundle=self.bundle, image_path=self.checkpoint, work_path=self.checkpoint_work,
+            runtime=self.runtime, stdio=self.io.runtime_stdio, pid_file=self.pid_file,
+            console_socket=self.io.console_socket, no_pivot=self.no_pivot))
+        try:
+            await self._restoring
+        except asyncio.CancelledError:
+            if not self._restore_stopped:
+                raise
+            raise FailedPrecondition(f"restore of {self.id} stopped: the task was killed while it was being "
+                                     "restored") from None
+        finally:
+            self._restoring = None
         if self.stdio.terminal:
             await self.io.receive_console(timeout=10)
         self.io.close_after_start()
         self.pid = self._read_pid()
+
+    async def stop_restore(self) -> None:
+        """End the restore Start is running, if one is (the task was killed before it was restored): runc and CRIU
+        are killed and what they left removed before this returns."""
+        if self._restoring is not None and not self._restoring.done():
+            self._restore_stopped = True
+            self._restoring.cancel()
+            await asyncio.gather(self._restoring, return_exceptions=True)
 
     async def checkpoint_to(self, checkpointer, options):
         """Dump this container (running or paused); see shim.criu.checkpoint."""

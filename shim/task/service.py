@@ -34,6 +34,7 @@ from shim.process.init import InitProcess
 from shim.process.state import State
 from shim.reaper import Exit, Reaper
 from shim.task import convert
+from shim.task.checkpoint_pauses import CheckpointPauses
 from shim.task.convert import rpc
 from shim.task.exits import ExitRouter
 from shim.ttrpc import Code, TtrpcError
@@ -65,6 +66,7 @@ class TaskService:
         self.containers: dict[str, Container] = {}
         self.exits = ExitRouter()
         self._background: set[asyncio.Task] = set()
+        self.checkpoint_pauses = CheckpointPauses(self._resume_abandoned)
         reaper.add_listener(self._on_exit)
 
     # -- helpers -------------------------------------------------------------------------
@@ -155,11 +157,13 @@ class TaskService:
     async def Delete(self, request: api.DeleteRequest, context) -> api.DeleteResponse:
         container = self._container(request.id)
         process = container.process(request.exec_id)
+        self.checkpoint_pauses.called(request.id)
         await process.delete()
         if request.exec_id:
             del container.execs[request.exec_id]
         else:
             self.containers.pop(request.id, None)
+            self.checkpoint_pauses.resumed(request.id)
             watch = self._oom_watches.pop(request.id, None)
             if watch is not None:
                 watch.cancel()
@@ -188,6 +192,7 @@ class TaskService:
     @rpc
     async def State(self, request: api.StateRequest, context) -> api.StateResponse:
         container = self._container(request.id)
+        self.checkpoint_pauses.called(request.id)
         process = container.process(request.exec_id)
         return api.StateResponse(
             id=process.id, bundle=container.bundle, pid=process.pid, status=convert.status(process.state),
@@ -198,24 +203,46 @@ class TaskService:
     @rpc
     async def Pause(self, request: api.PauseRequest, context) -> Empty:
         container = self._container(request.id)
+        was_running = container.init.state is State.RUNNING
         await container.init.pause()
+        self.checkpoint_pauses.paused(container.id, getattr(context, "disconnected", None), was_running=was_running)
         self._publish("/tasks/paused", events.TaskPaused(container_id=container.id))
         return EMPTY
 
     @rpc
     async def Resume(self, request: api.ResumeRequest, context) -> Empty:
         container = self._container(request.id)
+        self.checkpoint_pauses.called(request.id)
         await container.init.resume()
+        self.checkpoint_pauses.resumed(request.id)
         self._publish("/tasks/resumed", events.TaskResumed(container_id=container.id))
         return EMPTY
+
+    async def _resume_abandoned(self, container_id: str, why: str) -> None:
+        """Resume a task paused for a checkpoint whose caller will never send the Resume (see
+        shim.task.checkpoint_pauses), if it is still paused."""
+        container = self.containers.get(container_id)
+        if container is None or container.init.state is not State.PAUSED:
+            return
+        try:
+            await container.init.resume()
+        except Exception as exc:  # noqa: BLE001 - logged: no caller is left to tell
+            log.error("task %s stays paused: containerd paused it for a checkpoint and %s, and resuming it "
+                      "failed: %s", container_id, why, exc)
+            return
+        log.warning("resumed task %s: containerd paused it for a checkpoint and %s; it runs again, as before "
+                    "the checkpoint began", container_id, why)
+        self._publish("/tasks/resumed", events.TaskResumed(container_id=container_id))
 
     @rpc
     async def Kill(self, request: api.KillRequest, context) -> Empty:
         container = self._container(request.id)
         process = container.process(request.exec_id)
+        self.checkpoint_pauses.called(request.id)
         if isinstance(process, InitProcess) and process.state is State.RESTORE_PENDING:
-            # Nothing runs yet (the restore happens at Start, or failed): the signal ends the task
-            # as it would have ended its process, so a caller waiting for the exit gets one.
+            # Nothing runs yet (the restore happens at Start, failed, or is running: it is stopped): the signal
+            # ends the task as it would have ended its process, so a caller waiting for the exit gets one.
+            await process.stop_restore()
             container.init_exited = True
             self._process_exited(Exit(0, 128 + request.signal, time.time()), container, process)
         elif isinstance(process, InitProcess):
@@ -265,7 +292,18 @@ class TaskService:
             raise TtrpcError(Code.UNIMPLEMENTED, "this shim was started without checkpoint support")
         if self._checkpointer is None:
             self._checkpointer = self._make_checkpointer()
-        result = await container.init.checkpoint_to(self._checkpointer, options)
+        self.checkpoint_pauses.checkpoint_started(container.id, getattr(context, "disconnected", None))
+        dump = asyncio.ensure_future(container.init.checkpoint_to(self._checkpointer, options))
+        try:
+            result = await asyncio.shield(dump)
+        except asyncio.CancelledError:
+            # The call's connection closed (containerd died): the dump still runs to its end (bounded by its
+            # timeout), nobody takes its result. Cut short, CRIU or a checkpoint worker would go on restoring the
+            # task's frozen state behind a resume; ended, the task is resumed after it if containerd paused it.
+            await asyncio.gather(dump, return_exceptions=True)
+            raise
+        finally:
+            self.checkpoint_pauses.checkpoint_ended(container.id)
         if result.completion is None:
             self._checkpointed(container, result)
         else:  # a lazy dump: ready to serve its pages; the event follows when they have been served

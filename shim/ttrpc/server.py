@@ -33,6 +33,9 @@ class CallContext:
     method: str
     metadata: dict[str, list[str]]
     deadline: float | None  # loop time, or None without a timeout
+    # Done when the call's connection has closed: one future per connection, so it also tells calls from the
+    # same peer (containerd keeps one connection to a shim) from another's.
+    disconnected: asyncio.Future | None = None
 
     def first(self, key: str, default: str = "") -> str:
         values = self.metadata.get(key)
@@ -100,6 +103,7 @@ class _ServerConnection(asyncio.Protocol):
         self.protocol = ServerProtocol(**({"max_payload": server.max_payload} if server.max_payload else {}))
         self.transport: asyncio.Transport | None = None
         self.calls: set[asyncio.Task] = set()
+        self.disconnected: asyncio.Future = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -114,6 +118,8 @@ class _ServerConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server._connections.discard(self)
+        if not self.disconnected.done():
+            self.disconnected.set_result(None)
         for task in self.calls:
             task.cancel()
 
@@ -167,7 +173,7 @@ class _ServerConnection(asyncio.Protocol):
             metadata.setdefault(kv.key, []).append(kv.value)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + request.timeout_nano / 1e9 if request.timeout_nano > 0 else None
-        context = CallContext(request.service, request.method, metadata, deadline)
+        context = CallContext(request.service, request.method, metadata, deadline, self.disconnected)
         scope = asyncio.timeout_at(deadline)
         try:
             async with scope:

@@ -61,7 +61,8 @@ def test_refused_notification_aborts_and_leaves_the_tree_running(tmp_path, refus
     assert after in "RS"  # running again, not left stopped
     assert target_pid not in [e.pid for e in exits]  # and not killed
     assert (err.pid, err.exit_status) in [(e.pid, e.status) for e in exits] and err.exit_status != 0
-    assert "Dumping FAILED" in str(err)  # quoted from dump.log
+    # quoted from dump.log: CRIU's errors before "Dumping FAILED", not the rlimit error every run logs
+    assert "Error (" in str(err) and "RLIMIT_NOFILE" not in str(err)
 
 
 def test_timeout_in_a_frozen_moment_kills_criu_and_releases_the_tree(tmp_path):
@@ -95,7 +96,8 @@ def test_timeout_in_a_frozen_moment_kills_criu_and_releases_the_tree(tmp_path):
     assert after in "RS" and target_pid not in [e.pid for e in exits]
     text = str(err)
     assert "timed out after 1s while in the 'post-dump' notification handler; criu was killed" in text
-    assert "Running post-dump scripts" in text  # the log tail says where CRIU was
+    last = (tmp_path / "images" / "dump.log").read_text().strip().splitlines()[-1]
+    assert last.replace("\t", " ").strip()[-30:] in text  # the log's last line says where CRIU was killed
 
 
 def test_dump_of_a_missing_pid_quotes_the_log(tmp_path):

@@ -208,3 +208,61 @@ def test_killing_a_task_whose_restore_never_ran_ends_it(tmp_path):
     waited, deleted, topics = run(scenario, tmp_path)
     assert waited.exit_status == 137 and deleted.exit_status == 137
     assert topics == ["/tasks/create", "/tasks/exit", "/tasks/delete"]
+
+
+class CallerContext:
+    """What the ttrpc server gives a handler: here only the call's connection."""
+
+    def __init__(self, disconnected):
+        self.disconnected = disconnected
+
+
+class BlockingCheckpointer:
+    """Dumps nothing, and not before it is let go."""
+
+    def __init__(self):
+        self.started = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def checkpoint(self, *, container_id, bundle, pid, options, runtime, paused):
+        self.started.set()
+        await self.go.wait()
+
+        class Result:
+            image_path, stats, completion, network_lock = options.image_path, {}, None, None
+
+        return Result()
+
+
+def test_a_task_paused_for_a_checkpoint_whose_connection_closed_is_resumed(tmp_path):
+    """containerd's client: Pause, Checkpoint, (Resume never comes: containerd died). The task runs again once the
+    checkpoint, left to finish, is over; a task the user paused on that connection stays paused."""
+    async def scenario(h):
+        checkpointer = BlockingCheckpointer()
+        h.service._make_checkpointer = lambda: checkpointer
+        connection = CallerContext(asyncio.get_running_loop().create_future())
+        for id in ("c1", "user"):
+            await h.create(id, ["sleep", "100"])
+            await h.call("Start", api.StartRequest(id=id))
+        await h.service.Pause(api.PauseRequest(id="user"), connection)  # ctr task pause
+        await h.service.State(api.StateRequest(id="user"), connection)
+        await h.service.Pause(api.PauseRequest(id="c1"), connection)  # ctr task checkpoint
+        checkpoint = asyncio.ensure_future(h.service.Checkpoint(
+            api.CheckpointTaskRequest(id="c1", path=str(tmp_path / "image")), connection))
+        await checkpointer.started.wait()
+        connection.disconnected.set_result(None)  # the server cancels the connection's calls
+        checkpoint.cancel()
+        await h.settle()
+        during = (await h.call("State", api.StateRequest(id="c1"))).status  # the dump runs to its end first
+        checkpointer.go.set()
+        await asyncio.gather(checkpoint, return_exceptions=True)
+        await h.settle()
+        states = [during] + [(await h.call("State", api.StateRequest(id=id))).status for id in ("c1", "user")]
+        for id in ("c1", "user"):
+            await h.call("Kill", api.KillRequest(id=id, signal=9, all=True))
+        await h.settle()
+        return states, h.publisher.topics()
+
+    states, topics = run(scenario, tmp_path)
+    assert states == [types.PAUSED, types.RUNNING, types.PAUSED]
+    assert topics.count("/tasks/resumed") == 1

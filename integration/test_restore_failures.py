@@ -1,0 +1,263 @@
+"""Restores from damaged checkpoints, and restores that run out of time, under pyshim on containerd 2.x.
+
+One small checkpoint (a shell counting in a variable) is taken with `ctr task checkpoint --exit --image-path`; copies
+of it are damaged as a disk or a copy damages them, and each copy is restored into a new container through the
+runtime option CriuImagePath (what `ctr containers restore` and nerdctl reach through Create's checkpoint too: one
+restore path in the shim):
+
+- pages-*.img truncated to half: CRIU 4.2.1's restorer re-reads the missing pages for ever (logging tens of MB a
+  second) and `runc restore` waits with it: under the Go shim the restore never returns (issue 12: stopped at 100 s,
+  a `runc restore`, two CRIU processes, the criu-root mount, runc's state and a half-restored process left). pyshim
+  checks the images first and fails at once, naming the file;
+- inventory.img deleted, pstree.img truncated: CRIU fails with protobuf read errors; pyshim names the file first;
+- an intact checkpoint restored with a timeout shorter than the restore (annotation io.pyshim.checkpoint.timeout):
+  runc and CRIU are killed mid-restore, and pyshim removes what they left;
+- `ctr containers restore --live` of a checkpoint in the content store whose criu tar was damaged there (pages-*.img
+  cut to half in the blob, rewritten in place: containerd does not check a blob's digest when it reads it).
+
+After each: Start failed within seconds with an error naming the cause, and nothing is left: no process whose command
+line names the id, no mount naming it, no runc state, no cgroup; then the same id is reused by a new container,
+which runs and is checkpointed.
+
+A restore can also lose its caller while CRIU runs (a workload of ~150 MB, so that it runs long enough): the task is
+killed and deleted (`ctr task rm -f`), or containerd is killed (SIGKILL) and started again. Either way pyshim kills
+runc and CRIU with the call and removes what they left, and the id is reusable.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from harness.containerd import PYSHIM, Containerd
+from harness.image import TestImage
+from harness.tasks import remove, task_status, wait_status
+
+LOOP = "i=0; while :; do i=$((i+1)); sleep 0.1; done"
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def damage_pages(images: Path) -> None:
+    for pages in images.glob("pages-*.img"):
+        os.truncate(pages, pages.stat().st_size // 2)
+
+
+def damage_inventory(images: Path) -> None:
+    (images / "inventory.img").unlink()
+
+
+def damage_pstree(images: Path) -> None:
+    pstree = images / "pstree.img"
+    pstree.write_bytes(pstree.read_bytes()[:12])
+
+
+# damage -> (what the error must say, annotations of the restoring container)
+CASES = {
+    "pages": (damage_pages, "is damaged: pages-1.img holds", ()),
+    "inventory": (damage_inventory, "is damaged: inventory.img is missing", ()),
+    "pstree": (damage_pstree, "is damaged: pstree.img is truncated", ()),
+    "timeout": (None, "did not finish within 0.1s and was killed",
+                ("--annotation", "io.pyshim.checkpoint.timeout=0.1")),
+}
+
+
+def left_of(containerd: Containerd, container_id: str, shim: int | None = None) -> list[str]:
+    """What names container_id on the host: processes (runc, criu, the restored tree through its cgroup) but the
+    task's shim, mounts (criu-root; the rootfs but while the task exists), runc's state dir, cgroup directories."""
+    rootfs = str(containerd.bundle(container_id) / "rootfs") if shim else None
+    left = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                argv = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace").split("\0")
+                cgroups = Path(f"/proc/{entry}/cgroup").read_text()
+            except OSError:
+                continue
+            if int(entry) != shim and (container_id in argv or f"/{container_id}\n" in cgroups):
+                left.append(f"process {entry}: {' '.join(argv)[:60]} ... {' '.join(argv[-4:])}")
+    left += [f"mount {line.split()[1]}" for line in Path("/proc/self/mounts").read_text().splitlines()
+             if container_id in line.split()[1] and line.split()[1] != rootfs]
+    state = containerd.runc_root / containerd.namespace / container_id
+    if state.exists():
+        left.append(f"runc state {state}")
+    left += [f"cgroup {path}" for path in CGROUP_ROOT.glob(f"*/{containerd.namespace}/{container_id}")]
+    return left
+
+
+def restore_from(containerd: Containerd, test_image: TestImage, images: Path, container_id: str,
+                 annotations: tuple[str, ...]):
+    config = containerd.tmp / f"restore-{container_id}.toml"
+    config.write_text(f'BinaryName = "runc"\nRoot = "{containerd.runc_root}"\nCriuImagePath = "{images}"\n')
+    containerd.ctr("containers", "create", "--runtime", PYSHIM, "--runtime-config-path", str(config), *annotations,
+                   test_image.ref, container_id, "--", "sh", "-c", LOOP)
+    started = time.monotonic()
+    result = containerd.ctr("task", "start", "-d", "--fifo-dir", str(containerd.fifo_dir), container_id,
+                            check=False, timeout=60)
+    return result, time.monotonic() - started
+
+
+@pytest.mark.parametrize("containerd_version", ["2"], indirect=True)
+def test_damaged_or_slow_restores_fail_fast_and_leave_nothing(containerd: Containerd, test_image: TestImage):
+    checkpoint = containerd.tmp / "checkpoint"
+    original = containerd.new_id("orig")
+    containerd.run(original, test_image, "sh", "-c", LOOP, runtime=PYSHIM)
+    containerd.ctr("task", "checkpoint", "--exit", "--image-path", str(checkpoint), original)
+    assert wait_status(containerd, original, "STOPPED") == "STOPPED"
+    remove(containerd, original)
+
+    outcomes = {}
+    for case, (damage, expected, annotations) in CASES.items():
+        images = containerd.tmp / f"images-{case}"
+        shutil.copytree(checkpoint, images)
+        if damage is not None:
+            damage(images)
+        container_id = containerd.new_id(f"rest-{case}")
+        result, elapsed = restore_from(containerd, test_image, images, container_id, annotations)
+        error = result.stderr
+        time.sleep(0.5)  # what a cleanup still running would remove meanwhile
+        left = left_of(containerd, container_id, shim=containerd.shim_pid(container_id))
+        rootfs_intact = (containerd.bundle(container_id) / "rootfs" / "bin" / "sh").exists()  # never emptied
+        remove(containerd, container_id)
+        left += [f"after delete: {what}" for what in left_of(containerd, container_id)]
+        # The id is free for a new container, which runs and can be checkpointed.
+        containerd.run(container_id, test_image, "sh", "-c", LOOP, runtime=PYSHIM)
+        again = containerd.ctr("task", "checkpoint", "--image-path", str(containerd.tmp / f"again-{case}"),
+                               container_id, check=False)
+        status = task_status(containerd, container_id)
+        remove(containerd, container_id)
+        outcomes[case] = {"failed": result.returncode != 0, "cause named": expected in error, "rootfs": rootfs_intact,
+                          "fast": elapsed < 10, "left": left, "reused and checkpointed": (again.returncode, status)}
+        print(f"{case}: {elapsed:.1f}s: {error.strip()}")
+        if again.returncode:
+            print(f"{case}: checkpoint of the reused id: {again.stderr.strip()}")
+
+    expected_outcome = {"failed": True, "cause named": True, "rootfs": True, "fast": True, "left": [],
+                        "reused and checkpointed": (0, "RUNNING")}
+    assert outcomes == {case: expected_outcome for case in CASES}
+
+
+def damage_criu_tar(blob: Path) -> None:
+    """Rewrite a checkpoint's criu tar blob with its pages files cut to half, padded to its old size."""
+    original = blob.read_bytes()
+    damaged = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(original)) as source, tarfile.open(fileobj=damaged, mode="w") as target:
+        for member in source.getmembers():
+            data = source.extractfile(member).read() if member.isfile() else None
+            if os.path.basename(member.name).startswith("pages-"):
+                data = data[:len(data) // 2]
+                member.size = len(data)
+            target.addfile(member, io.BytesIO(data) if data is not None else None)
+    blob.write_bytes(damaged.getvalue().ljust(len(original), b"\0"))
+
+
+@pytest.mark.parametrize("containerd_version", ["2"], indirect=True)
+def test_live_restore_from_damaged_content_fails_fast(containerd: Containerd, test_image: TestImage):
+    original = containerd.new_id("orig")
+    containerd.run(original, test_image, "sh", "-c", LOOP, runtime=PYSHIM)
+    ref = f"localhost/pyshim-test/checkpoint/{original}:damaged"
+    containerd.ctr("containers", "checkpoint", "--task", original, ref)
+    remove(containerd, original)
+    target = next(line.split()[2] for line in containerd.ctr("images", "ls").stdout.splitlines()
+                  if line.split() and line.split()[0] == ref)
+    index = json.loads(containerd.ctr("content", "get", target).stdout)
+    criu = next(m["digest"] for m in index["manifests"] if m["mediaType"].endswith("criu.checkpoint.criu.tar"))
+    damage_criu_tar(containerd.root / "io.containerd.content.v1.content" / "blobs" / "sha256" / criu.split(":")[1])
+
+    container_id = containerd.new_id("live")
+    started = time.monotonic()
+    result = containerd.ctr("containers", "restore", "--live", container_id, ref, check=False, timeout=60)
+    elapsed = time.monotonic() - started
+    left = left_of(containerd, container_id, shim=containerd.shim_pid(container_id))
+    remove(containerd, container_id)
+    left += left_of(containerd, container_id)
+    print(f"{elapsed:.1f}s: {result.stderr.strip()}")
+    assert result.returncode != 0 and "is damaged: pages-1.img holds" in result.stderr
+    assert elapsed < 10 and left == []
+
+
+BIG = ("x=$(head -c 150000000 /dev/zero | tr '\\0' a); "
+       "i=0; while :; do i=$((i+1)); printf '%08d\\n' $i 1<> /tmp/count; sleep 0.1; done")
+
+
+def reading(directory: Path) -> bool:
+    """Whether some process has a file open under directory (CRIU reading the images)."""
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{entry}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{entry}/fd/{fd}").startswith(str(directory) + "/"):
+                    return True
+            except OSError:
+                pass
+    return False
+
+
+@pytest.mark.parametrize("containerd_version", ["2"], indirect=True)
+def test_a_restore_whose_caller_goes_away_leaves_nothing(containerd: Containerd, test_image: TestImage):
+    checkpoint = containerd.tmp / "big"
+    original = containerd.new_id("big")
+    containerd.run(original, test_image, "sh", "-c", BIG, runtime=PYSHIM)
+    time.sleep(2)  # the 150 MB are written
+    containerd.ctr("task", "checkpoint", "--exit", "--image-path", str(checkpoint), original)
+    assert wait_status(containerd, original, "STOPPED") == "STOPPED"
+    remove(containerd, original)
+
+    outcomes = {}
+    for case in ("task killed", "containerd killed"):
+        container_id = containerd.new_id("rest-big")
+        config = containerd.tmp / f"restore-{container_id}.toml"
+        config.write_text(f'BinaryName = "runc"\nRoot = "{containerd.runc_root}"\nCriuImagePath = "{checkpoint}"\n')
+        containerd.ctr("containers", "create", "--runtime", PYSHIM, "--runtime-config-path", str(config),
+                       test_image.ref, container_id, "--", "sh", "-c", BIG)
+        start = subprocess.Popen(containerd.ctr_argv() + ["task", "start", "-d", "--fifo-dir",
+                                                          str(containerd.fifo_dir), container_id],
+                                 env=containerd.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 20
+            while not reading(checkpoint) and start.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.005)
+            interrupted = start.poll() is None
+            if case == "task killed":
+                containerd.ctr("task", "kill", "-s", "SIGKILL", container_id, check=False)
+            else:
+                containerd.restart(kill=True)
+        finally:
+            start.kill()
+            start.wait()
+        if case == "containerd killed":
+            # containerd 2.x finds the task not yet restored and ends its shim as leaked (Pids fails on a task
+            # created from a checkpoint): wait for that, then look. The rootfs is unmounted by then.
+            wait_status(containerd, container_id, "ABSENT", timeout=10)
+            rootfs_intact = None
+        else:
+            rootfs_intact = (containerd.bundle(container_id) / "rootfs" / "bin" / "sh").exists()
+        # What is still there once cleanups had their time (a shim ended as leaked retries its last events to the
+        # killed containerd for a few seconds before it exits).
+        deadline = time.monotonic() + 15
+        while (during := left_of(containerd, container_id, shim=containerd.shim_pid(container_id))) and \
+                time.monotonic() < deadline:
+            time.sleep(0.2)
+        remove(containerd, container_id)
+        deadline = time.monotonic() + 15
+        while (after := left_of(containerd, container_id)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        containerd.run(container_id, test_image, "sh", "-c", LOOP, runtime=PYSHIM)
+        again = containerd.ctr("task", "checkpoint", "--image-path", str(containerd.tmp / f"again-{container_id}"),
+                               container_id, check=False)
+        status = task_status(containerd, container_id)
+        remove(containerd, container_id)
+        outcomes[case] = {"interrupted": interrupted, "left": during + after, "rootfs": rootfs_intact,
+                          "reused and checkpointed": (again.returncode, status)}
+    print(outcomes)
+    expected = {"interrupted": True, "left": [], "rootfs": True, "reused and checkpointed": (0, "RUNNING")}
+    assert outcomes == {"task killed": expected, "containerd killed": {**expected, "rootfs": None}}
