@@ -19,6 +19,27 @@ import socket
 from shim.criu import offload
 
 log = logging.getLogger(__name__)
+# CRIU's version, asked once by the fork server's checkpoint spare before it forks any worker (prefetch()):
+# every server's first checkpoint would otherwise start a `criu swrk` only to ask it (tens of ms).
+PREFETCHED_VERSION: list | None = None
+
+
+def prefetch() -> None:
+    """In the checkpoint spare, before any fork: ask CRIU its version once (a failure is left for the
+    checkpoints to report)."""
+    global PREFETCHED_VERSION
+    from shim.criu.rpc import CriuRpc
+    from shim.reaper import Reaper
+
+    async def ask() -> list:
+        reaper = Reaper()
+        reaper.install(asyncio.get_running_loop())
+        return list(await CriuRpc(reaper).version())
+
+    try:
+        PREFETCHED_VERSION = asyncio.run(ask())
+    except Exception as exc:  # noqa: BLE001 - CRIU missing or broken: each checkpoint says so
+        log.debug("CRIU version not prefetched: %s", exc)
 
 
 def main(fd: int) -> int:
@@ -119,9 +140,10 @@ async def _checkpoint(job: dict, paused: dict, writer) -> tuple[dict, list]:
     runtime = OciRuntime(config, Runner(reaper, log_path=config.log))
     options = CheckpointOptions(**from_record(job["options"]), extra=dict(job.get("extra") or {})).validate()
     checkpointer = Checkpointer(reaper)
-    if job.get("criu_version"):
-        # The server learnt it from an earlier worker: no `criu swrk` just to ask the version again.
-        checkpointer._version = CriuVersion(*job["criu_version"])
+    known = job.get("criu_version") or PREFETCHED_VERSION
+    if known:
+        # The server learnt it from an earlier worker, or the spare asked: no `criu swrk` just for the version.
+        checkpointer._version = CriuVersion(*known)
     result = await checkpointer.checkpoint(container_id=job["container_id"], bundle=job["bundle"], pid=int(job["pid"]),
                                            options=options, runtime=runtime, paused=lambda: paused["value"])
     if result.completion is not None:  # a lazy dump: its page server is ready

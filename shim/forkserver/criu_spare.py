@@ -35,6 +35,12 @@ def main(sock, close_all_but, mark) -> None:
                 __import__(name)
             except ImportError:
                 pass  # no pycriu: each checkpoint reports it
+        try:
+            from shim.criu.worker import prefetch
+
+            prefetch()
+        except ImportError:
+            pass
         gc.collect()
         gc.freeze()
         signal.signal(signal.SIGCHLD, _reap)
