@@ -8,7 +8,7 @@ every cycle, and what the shim and the host hold checked flat.
 - Exit + restore cycles: each cycle increments the counter, checkpoints with --exit, removes the task and container,
   and restores the image into a new container (runtime options file with CriuImagePath); the restored redis must
   answer with the digest taken before the checkpoint. Each restore has its own shim server: its RSS is sampled.
-- Throughout: the host's mount count, its iptables rules, and pyshim's per-containerd processes (fork server and
+- Throughout: the mounts under the test containerd's directories, CRIU's lock rules and tables on the host, and pyshim's per-containerd processes (fork server and
   checkpoint spare: RSS and descriptors) are sampled; at the end they must be where they were after the first cycle
   (RSS: within 1 MiB, median of the last 10 samples against the first 10), and no CRIU or worker process is left.
 
@@ -35,11 +35,12 @@ if __name__ == "__main__":  # run as a script: the harness and the shim package 
 
 import pytest
 
-from harness import processes
+from harness import mounts, processes
 from harness.containerd import PYSHIM, Containerd
 from harness.image import TestImage
 from harness.redis_image import build_redis_image
 from harness.tasks import remove, task_status, wait_status
+from shim.criu import netlock
 
 LEAVE_RUNNING = 100
 EXIT_RESTORE = 30
@@ -101,16 +102,20 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def mount_count() -> int:
-    return len(Path("/proc/self/mountinfo").read_text().splitlines())
+def mount_count(c: Containerd) -> int:
+    """Mounts under this containerd's private directories (root, state, bundles): other containerds on the host
+    mount and unmount their own meanwhile."""
+    return len(mounts.mounts_under(c.tmp))
 
 
 def rule_count() -> int:
-    lines = []
+    """CRIU's network-lock rules and tables on the host (iptables, ip6tables, nftables): a lock a checkpoint forgot.
+    Other rules are other tests' (the host is shared)."""
+    count = 0
     for tool in ("iptables-save", "ip6tables-save"):
-        out = subprocess.run([tool], capture_output=True, text=True, timeout=30).stdout
-        lines += [line for line in out.splitlines() if line.startswith("-A") or line.startswith(":")]
-    return len(lines)
+        count += len(netlock.iptables_lines(subprocess.run([tool], capture_output=True, text=True, timeout=30).stdout))
+    ruleset = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, timeout=30).stdout
+    return count + sum(1 for family, name in netlock.nft_tables(ruleset) if netlock.is_criu_table(family, name))
 
 
 def per_containerd(containerd_pid: int) -> list[int]:
@@ -137,7 +142,7 @@ def sample_host(c: Containerd, s: Samples) -> None:
     pids = per_containerd(c.pid)
     s.per_containerd_rss.append(sum(rss_kib(p) for p in pids))
     s.per_containerd_fds.append(sum(fd_count(p) for p in pids))
-    s.mounts.append(mount_count())
+    s.mounts.append(mount_count(c))
     s.rules.append(rule_count())
 
 
@@ -251,7 +256,8 @@ def report(s: Samples) -> str:
         row("restored shim server RSS (MiB)", s.restored_rss, "", 1024),
         row("fork server + spares RSS (MiB)", s.per_containerd_rss, "", 1024),
         row("fork server + spares fds", s.per_containerd_fds),
-        row("host mounts", s.mounts), row("host iptables lines", s.rules), ""])
+        row("mounts under the containerd's directories", s.mounts),
+        row("CRIU lock rules and tables on the host", s.rules), ""])
 
 
 @pytest.fixture(scope="module")
