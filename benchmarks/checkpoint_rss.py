@@ -130,16 +130,16 @@ def render(marker: str, heading: str, command: str, host: list[str], bench: Benc
             else "in a checkpoint worker (the default)")
     lines = [f"<!-- BEGIN {marker} -->", f"## {heading}", "", "Command (as root, in the repository):", "",
              f"    {command}", "", *host, f"- pyshim checkpoints {mode}", "",
-             f"{rounds} rounds per shim after one uncounted warm-up round, alternating which shim goes first; each round "
-             f"a fresh tiny container (`sleep`), {bench.checkpoints} leave-running checkpoints through "
+             f"{rounds} rounds per shim after one uncounted warm-up round, alternating which shim goes first; "
+             f"each round a fresh tiny container (`sleep`), {bench.checkpoints} leave-running checkpoints through "
              "`ctr task checkpoint --image-path D --work-path W`. Medians; the ratio is pyshim / Go.", "",
              "| | pyshim | Go | ratio |", "|---|---|---|---|",
              f"| server RSS, idle (MiB) | {median(py['idle']) / 1024:.1f} | {median(go['idle']) / 1024:.1f} | "
              f"{ratio(median(py['idle']), median(go['idle']))} |",
              f"| server RSS after {bench.checkpoints} checkpoints (MiB) | {median(py['after']) / 1024:.1f} | "
              f"{median(go['after']) / 1024:.1f} | **{ratio(median(py['after']), median(go['after']))}** |",
-             f"| first checkpoint of a server (ms) | {median(py['first']) * 1000:.1f} | {median(go['first']) * 1000:.1f} "
-             f"| **{ratio(median(py['first']), median(go['first']))}** |",
+             f"| first checkpoint of a server (ms) | {median(py['first']) * 1000:.1f} | "
+             f"{median(go['first']) * 1000:.1f} | **{ratio(median(py['first']), median(go['first']))}** |",
              f"| later checkpoints (ms) | {median(py['later']) * 1000:.1f} | {median(go['later']) * 1000:.1f} | "
              f"{ratio(median(py['later']), median(go['later']))} |", ""]
     if forkserver_rows:

@@ -8,9 +8,10 @@ every cycle, and what the shim and the host hold checked flat.
 - Exit + restore cycles: each cycle increments the counter, checkpoints with --exit, removes the task and container,
   and restores the image into a new container (runtime options file with CriuImagePath); the restored redis must
   answer with the digest taken before the checkpoint. Each restore has its own shim server: its RSS is sampled.
-- Throughout: the mounts under the test containerd's directories, CRIU's lock rules and tables on the host, and pyshim's per-containerd processes (fork server and
-  checkpoint spare: RSS and descriptors) are sampled; at the end they must be where they were after the first cycle
-  (RSS: within 1 MiB, median of the last 10 samples against the first 10), and no CRIU or worker process is left.
+- Throughout: the mounts under the test containerd's directories, CRIU's lock rules and tables on the host, and
+  pyshim's per-containerd processes (fork server and its spares: RSS and descriptors) are sampled; at the end they
+  must be where they were after the first cycle (RSS: within 1 MiB, median of the last 10 samples against the first
+  10), and no CRIU or worker process is left.
 
 CI (`pytest integration/test_soak.py`) runs 100 leave-running and 30 exit+restore cycles (about 2 to 3 minutes on
 2 cores). The same soak, longer and with its figures printed as Markdown, runs as a script:
