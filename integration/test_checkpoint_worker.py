@@ -138,11 +138,12 @@ def test_a_worker_killed_mid_dump_fails_the_checkpoint_and_leaves_the_task_runni
                                 container_id], env=containerd.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
         try:
-            # The worker (comm pyshim-ckpt) once its CRIU runs: a process of its session other than itself.
+            # The worker (comm pyshim-ckpt) once its CRIU (a process of its session other than itself) is writing
+            # the hog's pages into the partial image: the task is frozen then.
             worker = wait_for(lambda: next((int(e) for e in os.listdir("/proc") if e.isdigit()
                                             and comm(int(e)) == "pyshim-ckpt" and _session_members(int(e))), None),
                               "a checkpoint worker running CRIU")
-            time.sleep(0.3)  # CRIU has the task frozen by now: it dumps 300 MiB
+            wait_for(lambda: _pages_written(images) > 16 * MiB, "CRIU writing pages", timeout=30)
             session = _session_members(worker)
             # CRIU stopped where it is: it can neither finish nor notice its worker's death and resume the task
             # itself; only the server killing the worker's session and resuming the task ends this.
@@ -166,6 +167,17 @@ def test_a_worker_killed_mid_dump_fails_the_checkpoint_and_leaves_the_task_runni
         wait_counter(path, lambda v: v >= (now or 0) + 3)  # counting, so not frozen
     finally:
         remove(containerd, container_id)
+
+
+def _pages_written(images: Path) -> int:
+    """Bytes of pages in the partial image a dump into images is writing (shim/criu/images.py)."""
+    total = 0
+    for path in images.parent.glob(f".{images.name}.pyshim-partial-*/pages-*.img"):
+        try:
+            total += path.stat().st_size
+        except OSError:
+            pass
+    return total
 
 
 def _rss_of_child(init: int) -> int:

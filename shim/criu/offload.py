@@ -242,27 +242,25 @@ class OffloadedCheckpointer:
         return worker
 
     async def _through_fork_server(self) -> Worker | None:
-        """A worker forked from the fork server's checkpoint spare, or None when there is none to ask."""
-        from shim.forkserver import wire
+        """The worker the fork server's checkpoint spare keeps waiting, or None when there is none to ask."""
+        from shim.forkserver import criu_spare, wire
 
         if not self.containerd_pid or not wire.enabled():
             return None
         start = wire.process_start_time(self.containerd_pid)
         if start is None:
             return None
-        digest = wire.source_digest()
-        path = wire.socket_path(wire.run_dir(), wire.server_key(digest, self.containerd_pid, start))
+        # The key names this code and this containerd: a spare found there runs what this server runs.
+        path = criu_spare.socket_path(wire.run_dir(),
+                                      wire.server_key(wire.source_digest(), self.containerd_pid, start))
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
             await asyncio.get_running_loop().sock_connect(sock, path)
             if not wire.trusted_uid(wire.peer_credentials(sock)[1]):
                 raise OSError(f"{path} is served by another user")
-            frame = wire.encode([("kind", b"criu-worker"), ("digest", digest.encode()),
-                                 ("containerd_pid", str(self.containerd_pid).encode())])
-            await asyncio.get_running_loop().sock_sendall(sock, frame)
             reader, writer = await asyncio.open_unix_connection(sock=sock)
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
             sock.close()
             log.debug("no checkpoint worker from the fork server (%s): starting one", exc)
             return None
@@ -270,7 +268,7 @@ class OffloadedCheckpointer:
             pid = await _hello(reader)
         except (OSError, ValueError, TimeoutError) as exc:
             writer.close()
-            log.info("the fork server gave no checkpoint worker (%s): starting one", exc)
+            log.info("the fork server's checkpoint spare gave no worker (%s): starting one", exc)
             return None
         return Worker(reader, writer, pid, "forked by the fork server's checkpoint spare", None)
 

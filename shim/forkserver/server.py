@@ -208,9 +208,6 @@ class ForkServer:
             fields, fds = wire.recv_frame(conn, max_fds=wire.MAX_FDS)
         except (OSError, ValueError):
             return
-        if wire.first(fields, "kind", b"shim") == b"criu-worker":
-            self._hand_to_criu_spare(conn, fields, fds)
-            return
         try:
             request = Request.parse(fields, fds)
             if request.digest != self.digest:
@@ -284,24 +281,6 @@ class ForkServer:
         self.spare = ours
         self.poller.register(ours.fileno(), select.POLLIN)
 
-    def _hand_to_criu_spare(self, conn, fields, fds) -> None:
-        """A shim server asks for a checkpoint worker: the checkpoint spare forks one that takes the connection
-        over. Any refusal is only the connection closed: the server then starts a worker itself."""
-        for fd in fds:
-            os.close(fd)
-        try:
-            if wire.first(fields, "digest").decode() != self.digest or \
-                    int(wire.first(fields, "containerd_pid")) != self.containerd_pid:
-                return  # another code or containerd: its worker would not be the server's code
-        except (ValueError, UnicodeError):
-            return
-        if self.criu_spare is None:
-            return
-        try:
-            wire.send_frame(self.criu_spare, wire.encode([("job", b"checkpoint")]), [conn.fileno()])
-        except OSError:
-            self._drop_criu_spare()
-
     def _make_criu_spare(self) -> None:
         import socket
 
@@ -319,7 +298,8 @@ class ForkServer:
                 self.listener.detach()  # see _handle
                 ours.detach()
                 if os.fork() == 0:
-                    criu_spare.main(theirs, _close_all_but, _mark_as)
+                    criu_spare.main(theirs, criu_spare.socket_path(self.directory, self.key), _close_all_but,
+                                    _mark_as)
             finally:
                 os._exit(0)
         theirs.close()
@@ -328,7 +308,15 @@ class ForkServer:
         self.poller.register(ours.fileno(), select.POLLIN)
 
     def _drop_criu_spare(self) -> None:
+        """Forget the checkpoint spare (it exits on EOF) and remove its socket: a dead spare's socket would only
+        refuse connections."""
+        from shim.forkserver import criu_spare
+
         spare, self.criu_spare = self.criu_spare, None
+        try:
+            os.unlink(criu_spare.socket_path(self.directory, self.key))
+        except OSError:
+            pass
         if spare is not None:
             try:
                 self.poller.unregister(spare.fileno())
