@@ -34,7 +34,7 @@ def socket_path(directory: str, key: str) -> str:
 
 def main(sock, path: str, close_all_but, mark) -> None:
     """The spare's life: never returns. close_all_but and mark come from the fork server (its helpers)."""
-    listener = None
+    listener, inode = None, 0
     try:
         os.setsid()
         for signum in (signal.SIGTERM, signal.SIGHUP):
@@ -56,13 +56,14 @@ def main(sock, path: str, close_all_but, mark) -> None:
         gc.collect()
         gc.freeze()
         listener = _listen(path)
+        inode = os.stat(path).st_ino  # ours to remove at the end only while it is still this socket
         _serve(sock, listener)
     except BaseException:
         pass
     finally:
         if listener is not None:
             try:
-                if os.stat(path).st_ino == os.fstat(listener.fileno()).st_ino:
+                if os.stat(path).st_ino == inode:
                     os.unlink(path)
             except OSError:
                 pass
