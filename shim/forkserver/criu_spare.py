@@ -122,12 +122,12 @@ def _serve(sock, listener) -> None:
 
 
 def _fork_waiting(sock, listener, taken_r: int, taken_w: int) -> int:
+    spare = os.getpid()  # taken before the fork: the spare may be gone before the child runs at all
     pid = os.fork()
     if pid:
         return pid
     code = 1
     try:
-        spare = os.getppid()
         # Waiting, it must not outlive the spare (nothing would ever end its accept()); working, it must.
         _parent_death_signal(signal.SIGKILL)
         if os.getppid() != spare:
