@@ -662,12 +662,29 @@ def test_unsupported_option_value_is_an_invalid_argument_naming_it(containerd: C
             assert lab.task(plain)[1] == "RUNNING" and still_counting(plain_data)
 
 
-def criu_child(shim: int) -> int | None:
-    """The CRIU the shim runs (its child through the criu wrapper's exec, named criu or its loader)."""
-    for pid in processes.children_of(shim):
-        if any("criu" in arg for arg in processes.cmdline(pid)[:4]):
-            return pid
+def criu_child(shim: int, bundle: Path) -> tuple[int, int] | None:
+    """(CRIU, its parent) for a checkpoint of the container in bundle: CRIU (named criu or its loader, through the
+    criu wrapper's exec) is a child of the checkpoint worker (comm pyshim-ckpt, working in the bundle; see
+    docs/forkserver.md), or of the shim itself when it checkpoints in its own process."""
+    parents = [shim] + [int(e) for e in os.listdir("/proc") if e.isdigit() and _comm(int(e)) == "pyshim-ckpt"
+                        and _cwd(int(e)) == str(bundle)]
+    for parent in parents:
+        for pid in processes.children_of(parent):
+            if any("criu" in arg for arg in processes.cmdline(pid)[:4]):
+                return pid, parent
     return None
+
+
+def _comm(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    return ""
+
+
+def _cwd(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return os.readlink(f"/proc/{pid}/cwd")
+    return ""
 
 
 def test_criu_killed_mid_dump_leaves_the_task_running(lab: Lab):
@@ -686,10 +703,10 @@ def test_criu_killed_mid_dump_leaves_the_task_running(lab: Lab):
     # written page could land in the init's cure (seen once in CI: "16417 is going to execute the syscall 15", then
     # the init died); no shim can bring such a process back.
     try:
-        criu = wait_until(lambda: (pid := criu_child(shim)) and sum(
+        criu, parent = wait_until(lambda: (found := criu_child(shim, lab.bundle(original))) and sum(
             p.stat().st_size for part in partial_images(images) for p in part.glob("pages-*.img")) > 64 << 20
-            and pid, "CRIU writing dd's pages", timeout=30)
-        processes.kill_child_of(shim, criu)  # only while it is still our shim's child
+            and found, "CRIU writing dd's pages", timeout=30)
+        processes.kill_child_of(parent, criu)  # only while it is still its parent's child
         _, error = dumping.communicate(timeout=60)
     finally:
         if dumping.poll() is None:

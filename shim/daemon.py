@@ -72,7 +72,7 @@ def serve(args: ShimArgs, sock: socket.socket, bundle: str, options: bytes = b""
     log.info("pyshim serving namespace %s id %s (pid %d, %s)", args.namespace, args.id, os.getpid(),
              origin or "forked by start", extra={"fields": {"path": bundle}})
     try:
-        asyncio.run(_serve(args, sock))
+        asyncio.run(_serve(args, sock, containerd_pid))
     except Exception:
         log.exception("shim failed")
         return 1
@@ -85,7 +85,7 @@ def serve_inherited(args: ShimArgs) -> int:
     return serve(args, sock, os.getcwd(), origin="socket inherited as fd 3")
 
 
-async def _serve(args: ShimArgs, sock: socket.socket) -> None:
+async def _serve(args: ShimArgs, sock: socket.socket, containerd_pid: int | None = None) -> None:
     from shim.api.containerd.task.v2 import shim_pb2 as v2
     from shim.api.containerd.task.v3 import shim_pb2 as v3
     from shim.events import Publisher
@@ -107,7 +107,7 @@ async def _serve(args: ShimArgs, sock: socket.socket) -> None:
 
     service = TaskService(namespace=args.namespace, reaper=reaper, publisher=publisher, io_factory=io_factory,
                           stats=_stats_reader(), oom_watcher=_oom_watcher,
-                          checkpointer=lambda: _checkpointer(reaper), on_shutdown=stop.set)
+                          checkpointer=lambda: _checkpointer(reaper, containerd_pid), on_shutdown=stop.set)
     server = Server()
     server.register(v2.DESCRIPTOR.services_by_name["Task"], service)
     server.register(v3.DESCRIPTOR.services_by_name["Task"], service)
@@ -126,11 +126,17 @@ async def _serve(args: ShimArgs, sock: socket.socket) -> None:
             pass
 
 
-def _checkpointer(reaper):
-    # Imported on the first checkpoint: CRIU's messages (pycriu) cost ~70 ms of start-up.
-    from shim.criu.checkpoint import Checkpointer
+def _checkpointer(reaper, containerd_pid: int | None):
+    """Checkpoints run in a worker process (shim/criu/offload.py): the server never imports CRIU's code, so
+    it stays at its idle RSS. PYSHIM_CHECKPOINT_WORKER=0 runs them in the server, as before (imported on the
+    first checkpoint)."""
+    if os.environ.get("PYSHIM_CHECKPOINT_WORKER", "1").lower() in ("0", "off", "false", "no"):
+        from shim.criu.checkpoint import Checkpointer
 
-    return Checkpointer(reaper)
+        return Checkpointer(reaper)
+    from shim.criu.offload import OffloadedCheckpointer
+
+    return OffloadedCheckpointer(reaper, containerd_pid=containerd_pid)
 
 
 def _oom_watcher(pid: int):

@@ -13,6 +13,8 @@ command sends them by name, protos/pyshim/checkpoint/v1) can say either, and com
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,6 +25,9 @@ HOST_CONFIG = "/etc/pyshim/pyshim.toml"
 CGROUP_MODES = ("", "soft", "full", "strict", "ignore")
 ENGINES = ("criu", "runc")
 NETWORK_LOCKS = ("", "iptables", "nftables", "skip")
+# Kernel filesystems: nothing of a checkpoint belongs there, and a write into them can change the host.
+KERNEL_FILESYSTEMS = ("/proc", "/sys", "/dev")
+MAX_TIMEOUT = 7 * 24 * 3600.0  # a week: anything longer is a typo, and asyncio's timers want finite seconds
 
 
 class OptionError(ValueError):
@@ -73,16 +78,18 @@ class CheckpointOptions:
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise OptionError(f"page-server {self.page_server!r}: expected ADDRESS:PORT")
         for name in ("image_path", "work_path"):
-            value = getattr(self, name)
-            if value and not value.startswith("/"):
-                raise OptionError(f"{name.replace('_', '-')} {value!r} must be an absolute path")
+            if getattr(self, name):
+                check_path(name.replace("_", "-"), getattr(self, name))
+        if "\0" in self.parent_path:
+            raise OptionError(f"parent-path {self.parent_path!r} contains a NUL byte")
         if self.parent_path.startswith("/"):
             raise OptionError(f"parent-path {self.parent_path!r} must be relative to the image directory "
                               "(as runc requires)")
         if self.pre_dump and not self.leave_running:
             raise OptionError("pre-dump leaves the task running; it cannot be combined with exit")
-        if self.timeout <= 0:
-            raise OptionError(f"timeout {self.timeout}: must be positive")
+        if not math.isfinite(self.timeout) or not 0 < self.timeout <= MAX_TIMEOUT:
+            raise OptionError(f"timeout {self.timeout}: must be a number of seconds above 0 and at most "
+                              f"{MAX_TIMEOUT:g}")
         return self
 
     @property
@@ -91,6 +98,47 @@ class CheckpointOptions:
             return None
         host, _, port = self.page_server.rpartition(":")
         return host.strip("[]"), int(port)
+
+
+def check_path(what: str, path: str, *, final_link_ok: bool = False) -> None:
+    """Refuse an image or work path that would put a checkpoint somewhere the caller cannot have meant: not
+    absolute, with `..` components (their meaning depends on symbolic links on the way), through a symbolic link
+    as its last component (the dump would land where the link points; final_link_ok for paths only read), or in
+    /proc, /sys or /dev once every symbolic link on the way is resolved. Symbolic links among the parents are
+    followed (a directory moved to another disk is common); what they lead to is checked."""
+    if "\0" in path:
+        raise OptionError(f"{what} {path!r} contains a NUL byte")
+    if not path.startswith("/"):
+        raise OptionError(f"{what} {path!r} must be an absolute path")
+    if ".." in path.split("/"):
+        raise OptionError(f"{what} {path!r} must not contain '..': give the directory's own absolute path")
+    if not final_link_ok and os.path.islink(path):
+        raise OptionError(f"{what} {path} is a symbolic link (to {os.readlink(path)!r}); refusing to follow it: "
+                          "give the real directory")
+    # Both as written (/proc/self/cwd/... resolves to wherever the shim runs) and with every link resolved.
+    resolved = os.path.realpath(path)
+    for candidate in (os.path.normpath(path), resolved):
+        root = _kernel_filesystem(candidate)
+        if root:
+            shown = path if candidate == os.path.normpath(path) else f"{path} (that is {resolved})"
+            raise OptionError(f"{what} {shown} is in {root}, a kernel filesystem: checkpoints go to a "
+                              "directory on a real filesystem")
+    if resolved == "/":
+        raise OptionError(f"{what} {path!r} is the root directory: give a directory of its own")
+
+
+def _kernel_filesystem(path: str) -> str:
+    """The kernel filesystem path is in ("" if none); /dev/shm, a tmpfs for anyone's files, is not one."""
+    if path == "/dev/shm" or path.startswith("/dev/shm/"):
+        return ""
+    return next((root for root in KERNEL_FILESYSTEMS if path == root or path.startswith(root + "/")), "")
+
+
+def check_restore_paths(image_path: str, work_path: str) -> None:
+    """A restore's paths: the image is only read (a symbolic link to it is fine), the work directory is written."""
+    check_path("checkpoint image path", image_path, final_link_ok=True)
+    if work_path:
+        check_path("checkpoint work path", work_path)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(CheckpointOptions) if f.name != "extra"}
@@ -123,6 +171,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
 def _layer(values: Mapping[str, Any], source: str) -> dict[str, Any]:
     layer = {}
     for key, value in values.items():
+        if not isinstance(key, str):
+            raise OptionError(f"{source}: option name {key!r} is not a string")
         name = key.replace("-", "_")
         if name not in FIELDS:
             raise OptionError(f"{source}: unknown checkpoint option {key!r}")
@@ -131,6 +181,9 @@ def _layer(values: Mapping[str, Any], source: str) -> dict[str, Any]:
 
 
 def from_annotations(annotations: Mapping[str, str]) -> dict[str, Any]:
+    if not isinstance(annotations, Mapping):
+        raise OptionError(f"annotation: the OCI config's annotations are a {type(annotations).__name__}, "
+                          "not a map of strings")
     return _layer({k[len(ANNOTATION_PREFIX):]: v for k, v in annotations.items() if k.startswith(ANNOTATION_PREFIX)},
                   "annotation")
 

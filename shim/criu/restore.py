@@ -22,7 +22,8 @@ from shim import unmount
 from shim.cgroups import made as made_cgroups
 from shim.criu import image_check, images, loopback, netlock
 from shim.criu.log import quote
-from shim.criu.options import CheckpointOptions, OptionError, from_annotations, from_host_config, from_record, resolve
+from shim.criu.options import (CheckpointOptions, OptionError, check_restore_paths, from_annotations, from_host_config,
+                               from_record, resolve)
 from shim.criu.plan import CRIU_CONFIG_ANNOTATION, DEFAULT_RUNC_CRIU_CONFIG, restore_config, runtime_restore_args
 from shim.criu.tcp import refuse_lost_connections
 from shim.errors import InvalidArgument, ShimError, Unavailable
@@ -69,6 +70,10 @@ def creates_network_namespace(config: dict) -> bool:
 
 async def restore(*, container_id: str, bundle: str, image_path: str, work_path: str, runtime: OciRuntime,
                   stdio, pid_file: str, console_socket: str = "", no_pivot: bool = False) -> CheckpointOptions:
+    try:
+        check_restore_paths(image_path, work_path)
+    except OptionError as exc:
+        raise InvalidArgument(f"restore of {container_id}: {exc}") from None
     if not os.path.isdir(image_path):
         raise InvalidArgument(f"checkpoint {image_path} does not exist")
     try:

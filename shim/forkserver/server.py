@@ -76,6 +76,7 @@ class ForkServer:
         self.lock_fd = lock_fd
         self.listener = None
         self.spare = None  # our end of the socketpair to the spare, or None
+        self.criu_spare = None  # our end of the socketpair to the checkpoint spare (criu_spare.py), or None
         self.poller = select.poll()
         self.pidfd = -1
         self.socket_ino = 0
@@ -141,7 +142,7 @@ class ForkServer:
     def run(self) -> str:
         self.poller.register(self.listener.fileno(), select.POLLIN)
         self.poller.register(self.pidfd, select.POLLIN)
-        last_request = next_check = spare_at = time.monotonic()
+        last_request = next_check = spare_at = criu_spare_at = time.monotonic()
         while True:
             now = time.monotonic()
             deadline = min(last_request + self.idle_timeout, next_check, spare_at if self.spare is None else now + 3600)
@@ -154,6 +155,9 @@ class ForkServer:
                 elif self.spare is not None and fd == self.spare.fileno():
                     self._take_spare().close()  # it died unused (EOF): try again later, not in a loop
                     spare_at = time.monotonic() + SPARE_RETRY
+                elif self.criu_spare is not None and fd == self.criu_spare.fileno():
+                    self._drop_criu_spare()  # it died: made again later, not in a loop
+                    criu_spare_at = time.monotonic() + SPARE_RETRY
             _reap()
             now = time.monotonic()
             if self.spare is None and now >= spare_at:
@@ -161,6 +165,12 @@ class ForkServer:
                     self._make_spare()
                 except OSError:
                     spare_at = now + SPARE_RETRY
+            # The checkpoint spare only once a shim spare is ready: `start` comes first.
+            if self.criu_spare is None and self.spare is not None and now >= criu_spare_at:
+                try:
+                    self._make_criu_spare()
+                except OSError:
+                    criu_spare_at = now + SPARE_RETRY
             if now >= last_request + self.idle_timeout:
                 return "idle"
             if now >= next_check:
@@ -271,6 +281,49 @@ class ForkServer:
         self.spare = ours
         self.poller.register(ours.fileno(), select.POLLIN)
 
+    def _make_criu_spare(self) -> None:
+        import socket
+
+        from shim.forkserver import criu_spare
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            intermediate = os.fork()
+        except OSError:
+            ours.close()
+            theirs.close()
+            raise
+        if intermediate == 0:
+            try:
+                self.listener.detach()  # see _handle
+                ours.detach()
+                if os.fork() == 0:
+                    criu_spare.main(theirs, criu_spare.socket_path(self.directory, self.key), _close_all_but,
+                                    _mark_as)
+            finally:
+                os._exit(0)
+        theirs.close()
+        _wait(intermediate)
+        self.criu_spare = ours
+        self.poller.register(ours.fileno(), select.POLLIN)
+
+    def _drop_criu_spare(self) -> None:
+        """Forget the checkpoint spare (it exits on EOF) and remove its socket: a dead spare's socket would only
+        refuse connections."""
+        from shim.forkserver import criu_spare
+
+        spare, self.criu_spare = self.criu_spare, None
+        try:
+            os.unlink(criu_spare.socket_path(self.directory, self.key))
+        except OSError:
+            pass
+        if spare is not None:
+            try:
+                self.poller.unregister(spare.fileno())
+            except (KeyError, ValueError):
+                pass
+            spare.close()
+
     def _take_spare(self):
         """Our socket to the spare, no longer ours to poll (the caller hands it a job, or closes it)."""
         spare, self.spare = self.spare, None
@@ -285,6 +338,7 @@ class ForkServer:
         """Remove our socket and lock file (only if they are still ours), release everything."""
         if self.spare is not None:
             self._take_spare().close()  # the spare sees EOF and exits
+        self._drop_criu_spare()  # and so does the checkpoint spare
         if self.listener is not None:
             try:
                 if os.stat(self.socket_path).st_ino == self.socket_ino:
@@ -371,6 +425,11 @@ def _spare_main(sock, server_pid: int) -> None:
 
 def _mark_as_spare() -> None:
     """`forkserver` becomes `forkserver-spare` in our command line (ps, and tools that look for the server)."""
+    _mark_as(SPARE_TOKEN)
+
+
+def _mark_as(token: str) -> None:
+    """`forkserver` becomes token in our command line."""
     from shim.forkserver import proctitle
 
     try:
@@ -378,7 +437,7 @@ def _mark_as_spare() -> None:
             argv = f.read().split(b"\0")[:-1]
         with open("/proc/self/environ", "rb") as f:
             env = f.read().split(b"\0")[:-1]
-        proctitle.set_cmdline_environ([SPARE_TOKEN.encode() if a == b"forkserver" else a for a in argv], env)
+        proctitle.set_cmdline_environ([token.encode() if a == b"forkserver" else a for a in argv], env)
     except OSError:
         pass
 

@@ -1,0 +1,168 @@
+"""The checkpoint worker: one container's checkpoint, done in a process of its own for a shim server
+(shim.criu.offload has the server's side and the conversation).
+
+The worker is forked from the fork server's checkpoint spare (shim.forkserver.criu_spare), which has this
+path imported already, or started by the server as a fresh interpreter. It becomes what the server is
+for CRIU (the server's environment, cgroups, its bundle as cwd, its log fifo), runs
+shim.criu.checkpoint.Checkpointer with a reaper of its own (CRIU and runc are the worker's children),
+answers, waits for what the dump left to do (removing a stopped task's runtime state), and exits.
+It calls setsid first: its session is what the server kills if it dies mid-dump.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+
+from shim.criu import offload
+
+log = logging.getLogger(__name__)
+# CRIU's version, asked once by the fork server's checkpoint spare before it forks any worker (prefetch()):
+# every server's first checkpoint would otherwise start a `criu swrk` only to ask it (tens of ms).
+PREFETCHED_VERSION: list | None = None
+
+
+def prefetch() -> None:
+    """In the checkpoint spare, before any fork: ask CRIU its version once (a failure is left for the
+    checkpoints to report)."""
+    global PREFETCHED_VERSION
+    from shim.criu.rpc import CriuRpc
+    from shim.reaper import Reaper
+
+    async def ask() -> list:
+        reaper = Reaper()
+        reaper.install(asyncio.get_running_loop())
+        return list(await CriuRpc(reaper).version())
+
+    try:
+        PREFETCHED_VERSION = asyncio.run(ask())
+    except Exception as exc:  # noqa: BLE001 - CRIU missing or broken: each checkpoint says so
+        log.debug("CRIU version not prefetched: %s", exc)
+
+
+def main(fd: int) -> int:
+    """Serve one job on the connected socket fd; the exit status (0: answered, whatever the answer)."""
+    conn = socket.socket(fileno=fd)
+    if os.getsid(0) != os.getpid():
+        os.setsid()
+    try:
+        return asyncio.run(_serve(conn))
+    except Exception:  # noqa: BLE001 - the server sees EOF and reports a dead worker
+        log.exception("checkpoint worker failed")
+        return 1
+
+
+async def _serve(conn: socket.socket) -> int:
+    reader, writer = await asyncio.open_unix_connection(sock=conn)
+    writer.write(offload.encode({"hello": os.getpid(), "protocol": offload.PROTOCOL}))
+    message = await offload.read_message(reader)
+    if message is None or "job" not in message:
+        return 1
+    job = message["job"]
+    if job.get("protocol") != offload.PROTOCOL:
+        writer.write(offload.encode({"error": {"kind": "Unavailable", "message": (
+            f"the checkpoint worker speaks protocol {offload.PROTOCOL}, the shim server {job.get('protocol')}: "
+            "pyshim was upgraded under a running shim; restart the container's shim to checkpoint it")}}))
+        await writer.drain()
+        return 1
+    _become_server(job)
+    paused = {"value": bool(job["paused"])}
+    listening = asyncio.ensure_future(_listen(reader, paused))
+    try:
+        result, cleanups = await _checkpoint(job, paused, writer)
+        writer.write(offload.encode({"result": result}))
+        await writer.drain()
+    except Exception as exc:  # noqa: BLE001 - every failure is the server's to report
+        writer.write(offload.encode({"error": _error(exc)}))
+        await writer.drain()
+        return 0
+    finally:
+        listening.cancel()
+    if cleanups:
+        await asyncio.gather(*cleanups, return_exceptions=True)
+    writer.close()
+    return 0
+
+
+def _become_server(job: dict) -> None:
+    """The server's environment, umask, cwd, log and cgroups: CRIU and runc run as if the server ran them."""
+    os.environ.clear()
+    os.environ.update({str(k): str(v) for k, v in job["env"].items()})
+    os.umask(int(job["umask"]))
+    os.chdir(job["bundle"])
+    from shim.daemon import setup_logging
+
+    setup_logging(job["bundle"], bool(job["debug"]))
+    server_pid = int(job["server_pid"])
+    if os.getppid() != server_pid:  # an exec'd worker is the server's child, in its cgroups already
+        from shim.cgroups.procs import join_like
+
+        try:
+            for note in join_like(server_pid, os.getpid()):
+                log.warning("checkpoint worker: %s", note)
+        except Exception as exc:  # noqa: BLE001 - placement is best effort, as the server's own
+            log.warning("checkpoint worker: cgroups of the shim server not joined: %s", exc)
+    try:
+        from shim.forkserver import proctitle
+
+        proctitle.set_comm(b"pyshim-ckpt")
+    except OSError:
+        pass
+
+
+async def _listen(reader: asyncio.StreamReader, paused: dict) -> None:
+    """The server's updates of the task's paused state, until it goes away."""
+    while True:
+        try:
+            message = await offload.read_message(reader)
+        except ValueError:
+            return
+        if message is None:
+            return
+        if "paused" in message:
+            paused["value"] = bool(message["paused"])
+
+
+async def _checkpoint(job: dict, paused: dict, writer) -> tuple[dict, list]:
+    from shim.criu.checkpoint import Checkpointer
+    from shim.criu.options import CheckpointOptions, from_record
+    from shim.criu.rpc import CriuVersion
+    from shim.oci.commands import RuntimeConfig
+    from shim.oci.runner import Runner
+    from shim.oci.runtime import OciRuntime
+    from shim.reaper import Reaper
+
+    reaper = Reaper()
+    reaper.install(asyncio.get_running_loop())
+    config = RuntimeConfig(**job["runtime"])
+    runtime = OciRuntime(config, Runner(reaper, log_path=config.log))
+    options = CheckpointOptions(**from_record(job["options"]), extra=dict(job.get("extra") or {})).validate()
+    checkpointer = Checkpointer(reaper)
+    known = job.get("criu_version") or PREFETCHED_VERSION
+    if known:
+        # The server learnt it from an earlier worker, or the spare asked: no `criu swrk` just for the version.
+        checkpointer._version = CriuVersion(*known)
+    result = await checkpointer.checkpoint(container_id=job["container_id"], bundle=job["bundle"], pid=int(job["pid"]),
+                                           options=options, runtime=runtime, paused=lambda: paused["value"])
+    if result.completion is not None:  # a lazy dump: its page server is ready
+        writer.write(offload.encode({"ready": _record(result, checkpointer)}))
+        await writer.drain()
+        result = await result.completion
+    return _record(result, checkpointer), list(checkpointer._cleanups)
+
+
+def _record(result, checkpointer) -> dict:
+    return {"image_path": result.image_path, "engine": result.engine, "stats": dict(result.stats),
+            "stopped": result.stopped, "network_lock": result.network_lock.as_record() if result.network_lock else None,
+            "criu_version": list(checkpointer._version) if checkpointer._version else None}
+
+
+def _error(exc: BaseException) -> dict:
+    """An exception as the server raises it again: its kind (shim.errors) and its message."""
+    from shim import errors
+
+    kind = next((cls.__name__ for cls in type(exc).__mro__ if cls.__name__ in offload.KINDS), "ShimError")
+    message = str(exc) if isinstance(exc, errors.ShimError) else f"checkpoint failed: {type(exc).__name__}: {exc}"
+    return {"kind": kind, "message": message}

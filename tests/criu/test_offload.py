@@ -1,0 +1,103 @@
+"""The conversation between a shim server and its checkpoint worker (shim.criu.offload, shim.criu.worker): framing,
+errors raised again as their kind, and a worker that dies before answering."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from shim import errors
+from shim.criu import offload, worker
+from shim.criu.checkpoint import CheckpointFailed
+
+from .helpers import run
+
+
+def stream(data: bytes, eof: bool = True) -> asyncio.StreamReader:
+    reader = asyncio.StreamReader()
+    reader.feed_data(data)
+    if eof:
+        reader.feed_eof()
+    return reader
+
+
+def test_messages_round_trip_and_eof_is_none():
+    async def scenario():
+        reader = stream(offload.encode({"hello": 7, "protocol": offload.PROTOCOL}) + offload.encode({"x": [1]}))
+        return [await offload.read_message(reader) for _ in range(3)]
+
+    assert run(scenario()) == [{"hello": 7, "protocol": offload.PROTOCOL}, {"x": [1]}, None]
+
+
+@pytest.mark.parametrize("data, message", [
+    ((offload.MAX_MESSAGE + 1).to_bytes(4, "big"), "exceeds"),
+    ((10).to_bytes(4, "big") + b"{}", "mid-message"),
+    (b"\x00\x00", "mid-message"),
+    ((2).to_bytes(4, "big") + b"[]", "not an object"),
+])
+def test_malformed_messages_are_errors(data, message):
+    async def scenario():
+        return await offload.read_message(stream(data))
+
+    with pytest.raises(ValueError, match=message):
+        run(scenario())
+
+
+def test_a_worker_error_keeps_its_kind():
+    assert worker._error(errors.InvalidArgument("bad path")) == {"kind": "InvalidArgument", "message": "bad path"}
+    assert worker._error(CheckpointFailed("criu said no")) == {"kind": "ShimError", "message": "criu said no"}
+    unexpected = worker._error(KeyError("x"))
+    assert unexpected["kind"] == "ShimError" and "KeyError" in unexpected["message"]
+
+
+class FakeRuntime:
+    def __init__(self):
+        self.calls = []
+
+    async def pause(self, container_id):
+        self.calls.append(("pause", container_id))
+
+    async def resume(self, container_id):
+        self.calls.append(("resume", container_id))
+
+
+def test_a_worker_that_dies_fails_the_checkpoint_kills_its_session_and_resumes_the_task():
+    # A stand-in worker: a session of its own with a child (as CRIU would be), killed without answering.
+    victim = subprocess.Popen([sys.executable, "-c", "import os, time; os.setsid(); os.fork(); time.sleep(60)"])
+    try:
+        async def scenario():
+            await asyncio.sleep(0.3)  # setsid and fork done
+            members = offload.session_members(victim.pid)
+            ours, theirs = socket.socketpair()
+            reader, writer = await asyncio.open_unix_connection(sock=ours)
+            gone = offload.Worker(reader, writer, victim.pid, "a test's stand-in", None)
+            theirs.close()  # EOF: it "died"
+            runtime = FakeRuntime()
+            checkpointer = offload.OffloadedCheckpointer(reaper=None)
+            with pytest.raises(offload.WorkerGone) as caught:
+                await checkpointer._answer(gone, "c1", runtime, lambda: False)
+            gone.close()
+            return members, runtime.calls, str(caught.value)
+
+        members, calls, message = run(scenario())
+        assert len(members) == 1
+        assert victim.wait(timeout=5) == -9
+        assert calls == [("resume", "c1")]
+        assert f"checkpoint worker pid {victim.pid}" in message and "left running" in message
+        for pid in members:
+            assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+            try:
+                # Killed, it was re-parented to us if an earlier test made this process a subreaper: reap it, or
+                # a later reaper test would see its exit.
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()
