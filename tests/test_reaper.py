@@ -31,7 +31,9 @@ def test_exit_before_wait_is_not_lost():
 
     pid, result, seen = run(scenario())
     assert (result.pid, result.status) == (pid, 7)
-    assert [e.pid for e in seen] == [pid]
+    # Listeners see it exactly once. Only this child's exits count: when other tests made pytest a child subreaper,
+    # the fork servers' spares they ended can be re-parented here and exit during this test.
+    assert [e.pid for e in seen if e.pid == pid] == [pid]
 
 
 def test_signalled_child_reports_128_plus_signal():
