@@ -94,7 +94,8 @@ def _become_server(job: dict) -> None:
     os.chdir(job["bundle"])
     from shim.daemon import setup_logging
 
-    setup_logging(job["bundle"], bool(job["debug"]))
+    # The server's lines carry containerd's namespace; containerd gives it to every shim as NAMESPACE.
+    setup_logging(job["bundle"], bool(job["debug"]), str(job["env"].get("NAMESPACE", "")))
     server_pid = int(job["server_pid"])
     if os.getppid() != server_pid:  # an exec'd worker is the server's child, in its cgroups already
         from shim.cgroups.procs import join_like
