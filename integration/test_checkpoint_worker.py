@@ -143,15 +143,14 @@ def test_a_worker_killed_mid_dump_fails_the_checkpoint_and_leaves_the_task_runni
             worker = wait_for(lambda: next((int(e) for e in os.listdir("/proc") if e.isdigit()
                                             and comm(int(e)) == "pyshim-ckpt" and _session_members(int(e))), None),
                               "a checkpoint worker running CRIU")
-            wait_for(lambda: _pages_written(images) > 16 * MiB, "CRIU writing pages", timeout=30)
+            # Who to stop is read before the pages are waited for: CRIU writes 300 MiB in a fraction of a second on
+            # an idle machine, and a scan of /proc between the two let a dump finish first (seen in a CI run).
             session = _session_members(worker)
+            wait_for(lambda: _pages_written(images) > 1 * MiB, "CRIU writing pages", timeout=30)
             # CRIU stopped where it is: it can neither finish nor notice its worker's death and resume the task
             # itself; only the server killing the worker's session and resuming the task ends this.
-            for pid in session:
-                try:
-                    os.kill(pid, signal.SIGSTOP)
-                except ProcessLookupError:
-                    pass
+            _stop(session)  # the known ones at once, then any that came since
+            _stop(set(_session_members(worker)) - set(session))
             os.kill(worker, signal.SIGKILL)
             _, stderr = ctr.communicate(timeout=60)
         finally:
@@ -189,6 +188,14 @@ def _rss_of_child(init: int) -> int:
         except (OSError, AssertionError):
             pass
     return best
+
+
+def _stop(pids) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            pass
 
 
 def _session_members(sid: int) -> list[int]:
