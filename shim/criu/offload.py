@@ -144,9 +144,10 @@ class Worker:
 class OffloadedCheckpointer:
     """The server's checkpointer: the interface of shim.criu.checkpoint.Checkpointer, run by a worker."""
 
-    def __init__(self, reaper: Reaper, *, containerd_pid: int | None = None) -> None:
+    def __init__(self, reaper: Reaper, *, containerd_pid: int | None = None, namespace: str = "") -> None:
         self.reaper = reaper
         self.containerd_pid = containerd_pid
+        self.namespace = namespace  # the worker's log lines carry it, as the server's do
         self._criu_version: list | None = None  # told by the first worker, given to the next ones
         self._pending: set[asyncio.Task] = set()
 
@@ -161,6 +162,7 @@ class OffloadedCheckpointer:
             "runtime": {"binary": runtime.config.binary, "root": runtime.config.root, "log": runtime.config.log,
                         "systemd_cgroup": bool(runtime.config.systemd_cgroup)},
             "paused": is_paused(), "env": dict(os.environ), "server_pid": os.getpid(), "umask": _umask(),
+            "namespace": self.namespace,
             "debug": logging.getLogger().isEnabledFor(logging.DEBUG), "criu_version": self._criu_version,
         }
         watching = asyncio.ensure_future(_forward_paused(worker, is_paused, job["paused"]))

@@ -92,9 +92,9 @@ def _become_server(job: dict) -> None:
     os.environ.update({str(k): str(v) for k, v in job["env"].items()})
     os.umask(int(job["umask"]))
     os.chdir(job["bundle"])
-    from shim.daemon import setup_logging
+    from shim.shimlog import setup_logging
 
-    setup_logging(job["bundle"], bool(job["debug"]))
+    setup_logging(job["bundle"], bool(job["debug"]), str(job.get("namespace") or ""))
     server_pid = int(job["server_pid"])
     if os.getppid() != server_pid:  # an exec'd worker is the server's child, in its cgroups already
         from shim.cgroups.procs import join_like
