@@ -6,7 +6,8 @@ path imported already, or started by the server as a fresh interpreter. It becom
 for CRIU (the server's environment, cgroups, its bundle as cwd, its log fifo), runs
 shim.criu.checkpoint.Checkpointer with a reaper of its own (CRIU and runc are the worker's children),
 answers, waits for what the dump left to do (removing a stopped task's runtime state), and exits.
-It calls setsid first: its session is what the server kills if it dies mid-dump.
+It calls setsid first (a waiting worker before it takes a connection, with its event loop made: prepare()):
+its session is what the server kills if it dies mid-dump.
 """
 
 from __future__ import annotations
@@ -42,13 +43,23 @@ def prefetch() -> None:
         log.debug("CRIU version not prefetched: %s", exc)
 
 
-def main(fd: int) -> int:
-    """Serve one job on the connected socket fd; the exit status (0: answered, whatever the answer)."""
-    conn = socket.socket(fileno=fd)
+def prepare() -> asyncio.Runner:
+    """What a worker needs before its job, done by a waiting worker before it takes a connection (off the
+    checkpoint's path): a session of its own and an event loop."""
     if os.getsid(0) != os.getpid():
         os.setsid()
+    runner = asyncio.Runner()
+    runner.get_loop()
+    return runner
+
+
+def main(fd: int, runner: asyncio.Runner | None = None) -> int:
+    """Serve one job on the connected socket fd; the exit status (0: answered, whatever the answer).
+    runner: from prepare(), when the worker made it while it waited."""
+    conn = socket.socket(fileno=fd)
     try:
-        return asyncio.run(_serve(conn))
+        with runner or prepare() as running:
+            return running.run(_serve(conn))
     except Exception:  # noqa: BLE001 - the server sees EOF and reports a dead worker
         log.exception("checkpoint worker failed")
         return 1
