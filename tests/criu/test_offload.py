@@ -4,6 +4,7 @@ errors raised again as their kind, and a worker that dies before answering."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -101,3 +102,45 @@ def test_a_worker_that_dies_fails_the_checkpoint_kills_its_session_and_resumes_t
         if victim.poll() is None:
             victim.kill()
             victim.wait()
+
+
+def test_a_started_worker_takes_the_servers_place_and_answers_a_job_it_cannot_do(tmp_path):
+    # A real worker, started the way a server starts one (offload.EXEC_CODE, the socket as fd 3), given a job whose
+    # bundle has no config.json: it must set itself up as the server (environment, cwd, logging with the server's
+    # namespace) and answer with the failure, not die on the way (a worker that died showed only as EOF).
+    from shim.criu.options import CheckpointOptions, as_record
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    ours, theirs = socket.socketpair()
+
+    def as_fd_3():
+        os.dup2(theirs.fileno(), offload.WORKER_FD)
+
+    child = subprocess.Popen([sys.executable, "-IS", "-c", offload.EXEC_CODE, json.dumps(sys.path)],
+                             preexec_fn=as_fd_3, pass_fds=(offload.WORKER_FD,), stderr=subprocess.PIPE)
+    theirs.close()
+    job = {"protocol": offload.PROTOCOL, "container_id": "c1", "bundle": str(bundle), "pid": os.getpid(),
+           "options": as_record(CheckpointOptions(image_path=str(tmp_path / "images"))), "extra": {},
+           "runtime": {"binary": "runc", "root": str(tmp_path / "root"), "log": "", "systemd_cgroup": False},
+           "paused": False, "env": {"PATH": os.environ.get("PATH", "")}, "server_pid": os.getpid(), "umask": 0o022,
+           "namespace": "ns1", "debug": True, "criu_version": [4, 2, 1, ""]}
+    try:
+        async def scenario():
+            reader, writer = await asyncio.open_unix_connection(sock=ours)
+            hello = await offload._hello(reader)
+            writer.write(offload.encode({"job": job}))
+            answer = await asyncio.wait_for(offload.read_message(reader), 10)
+            writer.close()
+            return hello, answer
+
+        hello, answer = run(scenario())
+        assert hello == child.pid
+        assert answer is not None, f"the worker died: {child.communicate(timeout=10)[1].decode()[-2000:]}"
+        assert "config.json" in answer["error"]["message"]
+        assert child.wait(timeout=10) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        ours.close()
