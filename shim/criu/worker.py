@@ -71,6 +71,8 @@ async def _serve(conn: socket.socket) -> int:
     message = await offload.read_message(reader)
     if message is None or "job" not in message:
         return 1
+    if _closed(conn):  # the server gave up waiting for the hello and started another worker: not ours to do
+        return 1
     job = message["job"]
     if job.get("protocol") != offload.PROTOCOL:
         writer.write(offload.encode({"error": {"kind": "Unavailable", "message": (
@@ -95,6 +97,16 @@ async def _serve(conn: socket.socket) -> int:
         await asyncio.gather(*cleanups, return_exceptions=True)
     writer.close()
     return 0
+
+
+def _closed(conn: socket.socket) -> bool:
+    """Whether the server has closed the connection (EOF waiting behind what was read)."""
+    try:
+        return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 def _become_server(job: dict) -> None:

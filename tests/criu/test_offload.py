@@ -144,3 +144,18 @@ def test_a_started_worker_takes_the_servers_place_and_answers_a_job_it_cannot_do
             child.kill()
             child.wait()
         ours.close()
+
+
+def test_a_worker_sees_whether_the_server_closed_behind_the_job():
+    # The server sends the job with the connection and closes it when the hello does not come in time: the worker
+    # must then leave the job to the worker started instead.
+    ours, theirs = socket.socketpair()
+    try:
+        assert not worker._closed(theirs)
+        ours.sendall(b"x")
+        assert not worker._closed(theirs)
+        assert theirs.recv(1) == b"x"
+        ours.close()
+        assert worker._closed(theirs)
+    finally:
+        theirs.close()
