@@ -107,7 +107,8 @@ async def _serve(args: ShimArgs, sock: socket.socket, containerd_pid: int | None
 
     service = TaskService(namespace=args.namespace, reaper=reaper, publisher=publisher, io_factory=io_factory,
                           stats=_stats_reader(), oom_watcher=_oom_watcher,
-                          checkpointer=lambda: _checkpointer(reaper, containerd_pid), on_shutdown=stop.set)
+                          checkpointer=lambda: _checkpointer(reaper, containerd_pid, args.namespace),
+                          on_shutdown=stop.set)
     server = Server()
     server.register(v2.DESCRIPTOR.services_by_name["Task"], service)
     server.register(v3.DESCRIPTOR.services_by_name["Task"], service)
@@ -126,7 +127,7 @@ async def _serve(args: ShimArgs, sock: socket.socket, containerd_pid: int | None
             pass
 
 
-def _checkpointer(reaper, containerd_pid: int | None):
+def _checkpointer(reaper, containerd_pid: int | None, namespace: str = ""):
     """Checkpoints run in a worker process (shim/criu/offload.py): the server never imports CRIU's code, so
     it stays at its idle RSS. PYSHIM_CHECKPOINT_WORKER=0 runs them in the server, as before (imported on the
     first checkpoint)."""
@@ -136,7 +137,7 @@ def _checkpointer(reaper, containerd_pid: int | None):
         return Checkpointer(reaper)
     from shim.criu.offload import OffloadedCheckpointer
 
-    return OffloadedCheckpointer(reaper, containerd_pid=containerd_pid)
+    return OffloadedCheckpointer(reaper, containerd_pid=containerd_pid, namespace=namespace)
 
 
 def _oom_watcher(pid: int):

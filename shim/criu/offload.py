@@ -144,16 +144,16 @@ class Worker:
 class OffloadedCheckpointer:
     """The server's checkpointer: the interface of shim.criu.checkpoint.Checkpointer, run by a worker."""
 
-    def __init__(self, reaper: Reaper, *, containerd_pid: int | None = None) -> None:
+    def __init__(self, reaper: Reaper, *, containerd_pid: int | None = None, namespace: str = "") -> None:
         self.reaper = reaper
         self.containerd_pid = containerd_pid
+        self.namespace = namespace  # the worker's log lines carry it, as the server's do
         self._criu_version: list | None = None  # told by the first worker, given to the next ones
         self._pending: set[asyncio.Task] = set()
 
     async def checkpoint(self, *, container_id: str, bundle: str, pid: int, options, runtime, paused):
         from shim.criu.options import as_record
 
-        worker = await self._connect()
         is_paused = paused if callable(paused) else (lambda: paused)
         job = {
             "protocol": PROTOCOL, "container_id": container_id, "bundle": bundle, "pid": pid,
@@ -161,11 +161,14 @@ class OffloadedCheckpointer:
             "runtime": {"binary": runtime.config.binary, "root": runtime.config.root, "log": runtime.config.log,
                         "systemd_cgroup": bool(runtime.config.systemd_cgroup)},
             "paused": is_paused(), "env": dict(os.environ), "server_pid": os.getpid(), "umask": _umask(),
+            "namespace": self.namespace,
             "debug": logging.getLogger().isEnabledFor(logging.DEBUG), "criu_version": self._criu_version,
         }
+        worker, sent = await self._connect(job)
         watching = asyncio.ensure_future(_forward_paused(worker, is_paused, job["paused"]))
         try:
-            worker.send({"job": job})
+            if not sent:
+                worker.send({"job": job})
             message = await self._answer(worker, container_id, runtime, is_paused)
         except BaseException:
             watching.cancel()
@@ -235,14 +238,21 @@ class OffloadedCheckpointer:
         log.error("checkpoint worker of %s (pid %d) died; its session was killed and the task left %s",
                   container_id, worker.pid, "paused" if is_paused() else "running")
 
-    async def _connect(self) -> Worker:
-        worker = await self._through_fork_server()
-        if worker is None:
-            worker = await self._exec_worker()
-        return worker
+    async def _connect(self, job: dict) -> tuple[Worker, bool]:
+        """A worker that said hello, and whether it has the job already."""
+        worker = await self._through_fork_server(job)
+        if worker is not None:
+            return worker, True
+        return await self._exec_worker(), False
 
-    async def _through_fork_server(self) -> Worker | None:
-        """The worker the fork server's checkpoint spare keeps waiting, or None when there is none to ask."""
+    async def _through_fork_server(self, job: dict) -> Worker | None:
+        """The worker the fork server's checkpoint spare keeps waiting, or None when there is none to ask.
+
+        The job goes with the connection, before the worker's hello is read: the worker, running the same code
+        (the socket's key says so), reads it right after its hello instead of waiting for the server to wake up
+        and send it (one hand-over less on the checkpoint's path). A worker whose hello does not come is closed
+        on: it refuses a job whose connection is already closed (shim.criu.worker), so the worker started instead
+        is the only one that dumps."""
         from shim.forkserver import criu_spare, wire
 
         if not self.containerd_pid or not wire.enabled():
@@ -260,6 +270,7 @@ class OffloadedCheckpointer:
             if not wire.trusted_uid(wire.peer_credentials(sock)[1]):
                 raise OSError(f"{path} is served by another user")
             reader, writer = await asyncio.open_unix_connection(sock=sock)
+            writer.write(encode({"job": job}))
         except OSError as exc:
             sock.close()
             log.debug("no checkpoint worker from the fork server (%s): starting one", exc)

@@ -6,7 +6,8 @@ path imported already, or started by the server as a fresh interpreter. It becom
 for CRIU (the server's environment, cgroups, its bundle as cwd, its log fifo), runs
 shim.criu.checkpoint.Checkpointer with a reaper of its own (CRIU and runc are the worker's children),
 answers, waits for what the dump left to do (removing a stopped task's runtime state), and exits.
-It calls setsid first: its session is what the server kills if it dies mid-dump.
+It calls setsid first (a waiting worker before it takes a connection, with its event loop made: prepare()):
+its session is what the server kills if it dies mid-dump.
 """
 
 from __future__ import annotations
@@ -42,13 +43,23 @@ def prefetch() -> None:
         log.debug("CRIU version not prefetched: %s", exc)
 
 
-def main(fd: int) -> int:
-    """Serve one job on the connected socket fd; the exit status (0: answered, whatever the answer)."""
-    conn = socket.socket(fileno=fd)
+def prepare() -> asyncio.Runner:
+    """What a worker needs before its job, done by a waiting worker before it takes a connection (off the
+    checkpoint's path): a session of its own and an event loop."""
     if os.getsid(0) != os.getpid():
         os.setsid()
+    runner = asyncio.Runner()
+    runner.get_loop()
+    return runner
+
+
+def main(fd: int, runner: asyncio.Runner | None = None) -> int:
+    """Serve one job on the connected socket fd; the exit status (0: answered, whatever the answer).
+    runner: from prepare(), when the worker made it while it waited."""
+    conn = socket.socket(fileno=fd)
     try:
-        return asyncio.run(_serve(conn))
+        with runner or prepare() as running:
+            return running.run(_serve(conn))
     except Exception:  # noqa: BLE001 - the server sees EOF and reports a dead worker
         log.exception("checkpoint worker failed")
         return 1
@@ -59,6 +70,8 @@ async def _serve(conn: socket.socket) -> int:
     writer.write(offload.encode({"hello": os.getpid(), "protocol": offload.PROTOCOL}))
     message = await offload.read_message(reader)
     if message is None or "job" not in message:
+        return 1
+    if _closed(conn):  # the server gave up waiting for the hello and started another worker: not ours to do
         return 1
     job = message["job"]
     if job.get("protocol") != offload.PROTOCOL:
@@ -86,16 +99,25 @@ async def _serve(conn: socket.socket) -> int:
     return 0
 
 
+def _closed(conn: socket.socket) -> bool:
+    """Whether the server has closed the connection (EOF waiting behind what was read)."""
+    try:
+        return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
 def _become_server(job: dict) -> None:
     """The server's environment, umask, cwd, log and cgroups: CRIU and runc run as if the server ran them."""
     os.environ.clear()
     os.environ.update({str(k): str(v) for k, v in job["env"].items()})
     os.umask(int(job["umask"]))
     os.chdir(job["bundle"])
-    from shim.daemon import setup_logging
+    from shim.shimlog import setup_logging
 
-    # The server's lines carry containerd's namespace; containerd gives it to every shim as NAMESPACE.
-    setup_logging(job["bundle"], bool(job["debug"]), str(job["env"].get("NAMESPACE", "")))
+    setup_logging(job["bundle"], bool(job["debug"]), str(job.get("namespace") or ""))
     server_pid = int(job["server_pid"])
     if os.getppid() != server_pid:  # an exec'd worker is the server's child, in its cgroups already
         from shim.cgroups.procs import join_like

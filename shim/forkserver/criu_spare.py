@@ -24,7 +24,8 @@ from shim.forkserver import wire
 
 TOKEN = "forkserver-criu"  # in its command line instead of "forkserver"
 # What a checkpoint imports (the restore path is the server's: restores run there).
-PRELOAD = ("shim.criu.checkpoint", "shim.criu.worker", "pycriu.images", "shim.oci.runtime", "shim.cgroups.procs")
+PRELOAD = ("shim.criu.checkpoint", "shim.criu.worker", "pycriu.images", "shim.oci.runtime", "shim.cgroups.procs",
+           "concurrent.futures.thread")  # asyncio.to_thread's executor (the scan for external unix sockets)
 RETRY = 1.0  # seconds before forking a waiting worker again after one died unused, or a fork failed
 
 
@@ -135,6 +136,9 @@ def _fork_waiting(sock, listener, taken_r: int, taken_w: int) -> int:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         sock.close()
         os.close(taken_r)
+        from shim.criu.worker import main as worker_main, prepare
+
+        runner = prepare()  # its session and event loop, made now rather than on the checkpoint's path
         while True:
             conn, _ = listener.accept()
             if wire.trusted_uid(wire.peer_credentials(conn)[1]):
@@ -144,9 +148,7 @@ def _fork_waiting(sock, listener, taken_r: int, taken_w: int) -> int:
         listener.close()
         os.write(taken_w, b"1")
         os.close(taken_w)
-        from shim.criu.worker import main as worker_main
-
-        code = worker_main(conn.detach())
+        code = worker_main(conn.detach(), runner)
     finally:
         os._exit(code)
 
