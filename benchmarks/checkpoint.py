@@ -42,16 +42,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import lifecycle  # benchmarks/: the shims, interleaving, timing, host description, section writing
-from lifecycle import GO, PY, SHIMS, Shim, in_turn, median, p90, timed
-
 from harness.containerd import GO_SHIM_SOCKET_DIR, Containerd, remove_go_shim_socket_dir  # noqa: E402
 from harness.environment import CONTAINERD_VERSIONS, Environment, load_environment, unavailable_reason  # noqa: E402
 from harness.image import TestImage, build_test_image  # noqa: E402
+from lifecycle import GO, PY, SHIMS, Shim, in_turn, median, p90, timed
 
 MIB = 1 << 20
 TARGETS = {"checkpoint tiny": 0.8, "checkpoint large": 1.0, "restore": 0.9}

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import lifecycle
-
 from harness.containerd import Containerd  # noqa: E402
 from harness.environment import load_environment, unavailable_reason  # noqa: E402
 from harness.image import build_test_image  # noqa: E402

@@ -36,9 +36,9 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[0:0] = [str(REPO / "integration"), str(REPO)]
@@ -724,7 +724,7 @@ def render(marker: str, heading: str, command: str, host: list[str], bench: Benc
               f"- load average before / after: {load[0]} / {load[1]}; other containerd daemons running meanwhile: "
               f"{others}", ""]
     life_py, life_go = lifecycle[PY], lifecycle[GO]
-    lines += [f"### 1. Lifecycle: `ctr run --rm <runtime flags> IMAGE ID true`",
+    lines += ["### 1. Lifecycle: `ctr run --rm <runtime flags> IMAGE ID true`",
               "",
               f"{bench.runs} runs per shim after one uncounted warm-up round, alternating which shim goes first. "
               "Milliseconds; the delta is pyshim minus Go.",
@@ -760,7 +760,7 @@ def render(marker: str, heading: str, command: str, host: list[str], bench: Benc
               timing_row("`start` + ready", [a + b for a, b in zip(sd_py.start, sd_py.ready)],
                          [a + b for a, b in zip(sd_go.start, sd_go.ready)]),
               timing_row("`delete`", sd_py.delete, sd_go.delete),
-              timing_row(f"`ctr run -d ... sleep` (container + task create + start)", create[PY], create[GO]),
+              timing_row("`ctr run -d ... sleep` (container + task create + start)", create[PY], create[GO]),
               "",
               f"Server RSS without a container: pyshim {mib(median(sd_py.server_rss))} MiB, "
               f"Go {mib(median(sd_go.server_rss))} MiB (medians). Longest `delete`: pyshim "

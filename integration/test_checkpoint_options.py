@@ -55,12 +55,12 @@ from pathlib import Path
 import grpc
 import pycriu.images
 import pytest
-
 from harness import commands, lockhold, mounts, processes
 from harness.containerd import PYSHIM, RUNC_V2, Containerd
 from harness.grpc_client import ContainerdClient
 from harness.image import TestImage
 from harness.runc import Runc
+
 from shim.api.containerd.runc.options import oci_pb2
 
 ANNOTATION = "io.pyshim.checkpoint."
@@ -94,7 +94,7 @@ class Lab:
         self.containers: list[str] = []
         self.paths: list[Path] = []
 
-    def __enter__(self) -> "Lab":
+    def __enter__(self) -> Lab:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -22,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
 from harness import processes
 from harness.containerd import PYSHIM, Containerd
 from harness.image import TestImage

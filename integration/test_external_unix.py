@@ -29,10 +29,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from harness import ids, unixpeer
 from harness.containerd import PYSHIM, Containerd
 from harness.image import TestImage
+
 from shim.netns import named
 from shim.netns.enter import socket_in
 from shim.netns.refs import path_of

@@ -27,7 +27,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from harness.containerd import PYSHIM, Containerd
 from harness.image import TestImage
 from harness.tasks import task_status, wait_status

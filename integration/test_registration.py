@@ -44,8 +44,16 @@ from harness.grpc_client import ContainerdClient
 from harness.image import TestImage, build_pause_image
 from harness.registry import Registry
 from harness.waiting import wait_until
-from test_cri import (archive_members, checkpoint_counter, counter_path, read_counter, remove_pod, run_pod, runs_under,
-                      start_counter)
+from test_cri import (
+    archive_members,
+    checkpoint_counter,
+    counter_path,
+    read_counter,
+    remove_pod,
+    run_pod,
+    runs_under,
+    start_counter,
+)
 
 from shim.api.containerd.runc.options import oci_pb2
 

@@ -12,6 +12,7 @@ class Recorder:
 
     async def Forward(self, request, context):
         from google.protobuf.empty_pb2 import Empty
+
         from shim.ttrpc import TtrpcError
         if self.fail_first:
             self.fail_first -= 1

@@ -15,9 +15,9 @@ import os
 import platform
 import subprocess
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 IMAGE_REF = "localhost/pyshim-test/busybox:latest"
 BUSYBOX = Path("/bin/busybox")

@@ -32,8 +32,8 @@ import socket
 from dataclasses import dataclass
 
 from shim.errors import FailedPrecondition
-from shim.proctree import children_by_parent
 from shim.netns.enter import run_in
+from shim.proctree import children_by_parent
 
 TYPES = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "datagram", socket.SOCK_SEQPACKET: "seqpacket"}
 # The TCP states unix_diag reports for unix sockets.

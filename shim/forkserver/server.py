@@ -376,7 +376,7 @@ class Request:
         self.listener_fd = -1
 
     @classmethod
-    def parse(cls, fields: list[tuple[str, bytes]], fds: list[int]) -> "Request":
+    def parse(cls, fields: list[tuple[str, bytes]], fds: list[int]) -> Request:
         if len(fds) != 1:
             raise wire.ProtocolError(f"expected the listening socket, got {len(fds)} descriptors")
         r = cls()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from shim.oci import commands
 from shim.oci.commands import RuntimeConfig
-from shim.oci.runner import RuntimeFailed, Runner
+from shim.oci.runner import Runner, RuntimeFailed
 from shim.spawn import Completed
 
 Stdio = tuple[int | None, int | None, int | None]

@@ -156,8 +156,7 @@ def checkpoint_options(request, bundle: str):
     request carries; the image goes to the request's path unless an option names another."""
     import json
 
-    from shim.criu.options import (OptionError, from_annotations, from_extension, from_host_config, from_request,
-                                   resolve)
+    from shim.criu.options import OptionError, from_annotations, from_extension, from_host_config, from_request, resolve
 
     layer: dict = {}
     extension: dict[str, str] = {}

@@ -70,7 +70,7 @@ class ContainerdClient:
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> "ContainerdClient":
+    def __enter__(self) -> ContainerdClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -210,7 +210,7 @@ class ContainerdClient:
         data = bytearray()
         for chunk in call(content.ReadContentRequest(digest=digest), metadata=self.metadata, timeout=self.timeout):
             if chunk.offset != len(data):
-                raise IOError(f"content {digest}: chunk at offset {chunk.offset}, expected {len(data)}")
+                raise OSError(f"content {digest}: chunk at offset {chunk.offset}, expected {len(data)}")
             data += chunk.data
         return bytes(data)
 
@@ -235,7 +235,7 @@ class ContainerdClient:
         for last in call(requests(), metadata=self.metadata, timeout=self.timeout):
             pass
         if last is None or last.action != content.COMMIT or last.digest != digest:
-            raise IOError(f"content write {ref}: not committed as {digest} (last reply: {last})")
+            raise OSError(f"content write {ref}: not committed as {digest} (last reply: {last})")
         return Blob(media_type, digest, len(data))
 
     def write_file(self, path: str, media_type: str, ref: str, labels: dict[str, str] | None = None,
@@ -267,7 +267,7 @@ class ContainerdClient:
         for last in call(requests(), metadata=self.metadata, timeout=max(self.timeout, total / (20 << 20))):
             pass
         if last is None or last.action != content.COMMIT or last.digest != digest:
-            raise IOError(f"content write {ref}: not committed as {digest} (last reply: {last})")
+            raise OSError(f"content write {ref}: not committed as {digest} (last reply: {last})")
         return Blob(media_type, digest, total)
 
     def read_to_file(self, digest: str, path: str, progress=None) -> int:
@@ -280,7 +280,7 @@ class ContainerdClient:
         with os.fdopen(fd, "wb") as f:
             for chunk in call(content.ReadContentRequest(digest=digest), metadata=self.metadata, timeout=None):
                 if chunk.offset != written:
-                    raise IOError(f"content {digest}: chunk at offset {chunk.offset}, expected {written}")
+                    raise OSError(f"content {digest}: chunk at offset {chunk.offset}, expected {written}")
                 f.write(chunk.data)
                 written += len(chunk.data)
                 if progress is not None:

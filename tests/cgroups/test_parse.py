@@ -1,3 +1,5 @@
+import pytest
+
 from shim.cgroups.parse import (
     UINT32_MAX,
     UINT64_MAX,
@@ -17,8 +19,6 @@ from shim.cgroups.parse import (
     parse_uint,
     parse_uint_list,
 )
-
-import pytest
 
 
 def test_single_values():

@@ -1,7 +1,6 @@
 import pytest
 
 from shim.cgroups import CgroupNotFound, join
-
 from tests.cgroups.fake import v1_tree, v2_tree, write_tree
 
 

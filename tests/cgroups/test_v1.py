@@ -1,6 +1,5 @@
 from shim.cgroups.locate import V1Cgroup, find_cgroup
 from shim.cgroups.v1 import MEMORY_STAT_FIELDS, v1_metrics
-
 from tests.cgroups.fake import PID, v1_tree
 
 
