@@ -715,7 +715,8 @@ def verdict(value: float, target: float = TARGET_RATIO) -> str:
 
 
 def render(marker: str, heading: str, command: str, host: list[str], bench: Benchmark,
-           lifecycle: dict, cleanups: dict, origins: Counter, start_delete: dict, create: dict, memory: dict, memory_notes: list[str],
+           lifecycle: dict, cleanups: dict, origins: Counter, start_delete: dict, create: dict, memory: dict,
+           memory_notes: list[str],
            breakdown: dict, load: tuple[str, str], others: int) -> str:
     lines = [f"<!-- BEGIN {marker} -->", f"## {heading}", "", "Command (as root, in the repository):", "",
              f"    {command}", ""]
@@ -757,8 +758,8 @@ def render(marker: str, heading: str, command: str, host: list[str], bench: Benc
               "|---|---|---|---|---|---|",
               timing_row("`start` (until exit, address printed)", sd_py.start, sd_go.start),
               timing_row("start exited -> server answers", sd_py.ready, sd_go.ready),
-              timing_row("`start` + ready", [a + b for a, b in zip(sd_py.start, sd_py.ready)],
-                         [a + b for a, b in zip(sd_go.start, sd_go.ready)]),
+              timing_row("`start` + ready", [a + b for a, b in zip(sd_py.start, sd_py.ready, strict=True)],
+                         [a + b for a, b in zip(sd_go.start, sd_go.ready, strict=True)]),
               timing_row("`delete`", sd_py.delete, sd_go.delete),
               timing_row("`ctr run -d ... sleep` (container + task create + start)", create[PY], create[GO]),
               "",

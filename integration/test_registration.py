@@ -517,7 +517,7 @@ def test_ctr_checkpoints_in_override_mode(containerd_version: str, environment: 
         for runtime in (RUNC_V2, PYSHIM):
             container_id = instance.new_id("reg")
             instance.run(container_id, test_image, "sh", "-c", COUNTER, runtime=runtime)
-            shim_pid = wait_until(lambda: instance.shim_pid(container_id), what=f"the shim of {container_id}")
+            shim_pid = wait_until(lambda cid=container_id: instance.shim_pid(cid), what=f"the shim of {container_id}")
             before = checkpoint_twice_in_one_second(instance, container_id, instance.tmp / f"images-{runtime}")
             outcomes[runtime] = {
                 "pyshim serves it": is_pyshim(shim_pid),

@@ -231,9 +231,9 @@ class ContainerdClient:
         call = self.channel.stream_stream("/containerd.services.content.v1.Content/Write",
                                           request_serializer=content.WriteContentRequest.SerializeToString,
                                           response_deserializer=content.WriteContentResponse.FromString)
-        last = None
-        for last in call(requests(), metadata=self.metadata, timeout=self.timeout):
-            pass
+        last = None  # the server's final reply
+        for reply in call(requests(), metadata=self.metadata, timeout=self.timeout):
+            last = reply
         if last is None or last.action != content.COMMIT or last.digest != digest:
             raise OSError(f"content write {ref}: not committed as {digest} (last reply: {last})")
         return Blob(media_type, digest, len(data))
@@ -263,9 +263,9 @@ class ContainerdClient:
         call = self.channel.stream_stream("/containerd.services.content.v1.Content/Write",
                                           request_serializer=content.WriteContentRequest.SerializeToString,
                                           response_deserializer=content.WriteContentResponse.FromString)
-        last = None
-        for last in call(requests(), metadata=self.metadata, timeout=max(self.timeout, total / (20 << 20))):
-            pass
+        last = None  # the server's final reply
+        for reply in call(requests(), metadata=self.metadata, timeout=max(self.timeout, total / (20 << 20))):
+            last = reply
         if last is None or last.action != content.COMMIT or last.digest != digest:
             raise OSError(f"content write {ref}: not committed as {digest} (last reply: {last})")
         return Blob(media_type, digest, total)
