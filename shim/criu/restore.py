@@ -314,7 +314,7 @@ async def _read_once(fd: int) -> bytes:
     """One read of a non-blocking pipe, waiting until it is readable (b"" at EOF)."""
     loop = asyncio.get_running_loop()
     readable = loop.create_future()
-    loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
+    loop.add_reader(fd, lambda: None if readable.done() else readable.set_result(None))
     try:
         await readable
     finally:

@@ -110,7 +110,7 @@ def mounts(rootfs) -> list[Mount]:
     return [Mount(m.type, m.source, tuple(m.options)) for m in rootfs]
 
 
-def status(state: State) -> int:
+def status(state: State) -> task_pb2.Status:
     return STATUS.get(state.status, task_pb2.UNKNOWN)
 
 
