@@ -16,7 +16,8 @@ from shim.tool.store import Store
 def _summary(path: str) -> dict:
     """Name, container, image, when and size of a checkpoint in the store, from its config.dump (directories) or
     the archive's size alone (archives are not unpacked to be listed)."""
-    entry = {"name": os.path.basename(path), "path": path, "kind": "directory" if os.path.isdir(path) else "archive"}
+    entry: dict[str, str | int] = {"name": os.path.basename(path), "path": path,
+                                   "kind": "directory" if os.path.isdir(path) else "archive"}
     if os.path.isdir(path):
         try:
             with open(os.path.join(path, archive.CONFIG_DUMP)) as f:
