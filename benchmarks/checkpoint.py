@@ -42,16 +42,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import lifecycle  # benchmarks/: the shims, interleaving, timing, host description, section writing
-from lifecycle import GO, PY, SHIMS, Shim, in_turn, median, p90, timed
-
 from harness.containerd import GO_SHIM_SOCKET_DIR, Containerd, remove_go_shim_socket_dir  # noqa: E402
 from harness.environment import CONTAINERD_VERSIONS, Environment, load_environment, unavailable_reason  # noqa: E402
 from harness.image import TestImage, build_test_image  # noqa: E402
+from lifecycle import GO, PY, SHIMS, Shim, in_turn, median, p90, timed
 
 MIB = 1 << 20
 TARGETS = {"checkpoint tiny": 0.8, "checkpoint large": 1.0, "restore": 0.9}
@@ -408,7 +407,8 @@ class CheckpointBenchmark:
             pid = self.api.start(target)
             t2 = time.perf_counter()
         except Exception as exc:  # noqa: BLE001 - grpc.RpcError and friends: recorded, the round is dropped
-            raise RoundFailed(f"restore through the Tasks API: {getattr(exc, 'details', lambda: exc)()}") from None
+            details = getattr(exc, "details", None)  # grpc.RpcError's message; any other error says itself
+            raise RoundFailed(f"restore through the Tasks API: {details() if callable(details) else exc}") from None
         status, _ = self.api.get(target)
         if status != "RUNNING":
             raise RoundFailed(f"restored task is {status}")
@@ -617,8 +617,8 @@ def render(marker: str, heading: str, command: str, host: list[str], extra_host:
         lines.append(f"| {workload.name} | {median(py.source_rss_kib) / 1024:.1f} / "
                      f"{median(go.source_rss_kib) / 1024:.1f} | {ms(median(py.toml_restores))} "
                      f"({ms(p90(py.toml_restores))}) | {len(py.toml_restores)} |")
-    lines += ["", "The TOML path is ctr's own `task start` (ctr start-up, snapshot mounts, Create, Start) and has no Go "
-                  "shim counterpart through ctr; it is shown for pyshim alone.", ""]
+    lines += ["", "The TOML path is ctr's own `task start` (ctr start-up, snapshot mounts, Create, Start) and has "
+                  "no Go shim counterpart through ctr; it is shown for pyshim alone.", ""]
     if floors:
         lines += ["pyshim's CRIU action script (named in the CRIU configuration pyshim writes for a restore that makes "
                   "a network namespace; CRIU runs it at every action; at setup-namespaces it has the shim raise `lo`), "
@@ -657,7 +657,7 @@ def gap_table(workloads: list[Workload], results: dict[str, dict[Shim, Samples]]
              "| workload | checkpoint 1st / 2nd / --exit | of which outside CRIU | of which CRIU run | restore | "
              "of which Create | of which Start |", "|---|---|---|---|---|---|---|"]
     for workload in workloads:
-        def per_kind(metric: Callable[[Dump], float]) -> str:
+        def per_kind(metric: Callable[[Dump], float], workload: Workload = workload) -> str:
             return " / ".join(gap(lambda s, k=kind: [metric(d) for d in s.dumps[k]], workload) for kind in CHECKPOINTS)
         lines.append(f"| {workload.name} | {per_kind(lambda d: d.seconds)} | "
                      f"{per_kind(lambda d: d.seconds - d.log.total)} | {per_kind(lambda d: d.log.total)} | "
@@ -757,7 +757,8 @@ def run(version: str, env: Environment, image: TestImage, args: argparse.Namespa
     marker = f"checkpoint containerd={server_version} date={today}"
     heading = f"containerd {server_version} (`--containerd {version}`), {today}"
     criu = subprocess.run([str(env.criu), "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-    extra = [f"- CRIU: {criu.strip()} (`{env.criu}`); images dir: `{args.images_dir}` on {filesystem_of(args.images_dir)}",
+    extra = [f"- CRIU: {criu.strip()} (`{env.criu}`); images dir: `{args.images_dir}` on "
+             f"{filesystem_of(args.images_dir)}",
              f"- pyshim binary: `{shutil.which(PY.binary_name, path=c.env['PATH'])}`; Go shim: "
              f"`{shutil.which(GO.binary_name, path=c.env['PATH'])}`; pyshim's checkpoint engine: its default "
              "(`criu`, its own CRIU RPC client); the Go shim runs `runc checkpoint` / `runc restore`",
@@ -769,7 +770,8 @@ def run(version: str, env: Environment, image: TestImage, args: argparse.Namespa
     section = render(marker, heading, command, lifecycle.describe_host(env), extra, workloads, results, bench, floors,
                      args.warmup)
     if notes:
-        section = section.replace(f"<!-- END {marker} -->", "Teardown: " + "; ".join(notes) + f"\n\n<!-- END {marker} -->")
+        end = f"<!-- END {marker} -->"
+        section = section.replace(end, "Teardown: " + "; ".join(notes) + f"\n\n{end}")
     return marker, section
 
 

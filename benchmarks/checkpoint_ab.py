@@ -1,5 +1,5 @@
-"""pyshim's checkpoint in a worker against pyshim's checkpoint in the server, at the same time: a benchmark script, not a
-test.
+"""pyshim's checkpoint in a worker against pyshim's checkpoint in the server, at the same time: a benchmark script,
+not a test.
 
 Two private containerds (2.x) run side by side, one with pyshim's default (checkpoints in a worker process,
 shim/criu/offload.py) and one with PYSHIM_CHECKPOINT_WORKER=0 (checkpoints in the server process); each runs a tiny
@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import lifecycle
-
 from harness.containerd import Containerd  # noqa: E402
 from harness.environment import load_environment, unavailable_reason  # noqa: E402
 from harness.image import build_test_image  # noqa: E402

@@ -26,12 +26,11 @@ import time
 from pathlib import Path
 
 import lifecycle  # benchmarks/: shims, interleaving, timing, host description, section writing
-from lifecycle import GO, PY, SHIMS, in_turn, median, memory_kib, ratio
-
 from harness import processes  # noqa: E402
-from harness.containerd import Containerd, remove_go_shim_socket_dir, GO_SHIM_SOCKET_DIR  # noqa: E402
+from harness.containerd import GO_SHIM_SOCKET_DIR, Containerd, remove_go_shim_socket_dir  # noqa: E402
 from harness.environment import CONTAINERD_VERSIONS, load_environment, unavailable_reason  # noqa: E402
 from harness.image import build_test_image  # noqa: E402
+from lifecycle import GO, PY, SHIMS, in_turn, median, memory_kib, ratio
 
 CTR_TIMEOUT = 120.0
 SETTLE = 0.5  # seconds after `ctr run -d` before the idle RSS: the server has answered its last call by then

@@ -36,9 +36,9 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[0:0] = [str(REPO / "integration"), str(REPO)]
@@ -715,7 +715,8 @@ def verdict(value: float, target: float = TARGET_RATIO) -> str:
 
 
 def render(marker: str, heading: str, command: str, host: list[str], bench: Benchmark,
-           lifecycle: dict, cleanups: dict, origins: Counter, start_delete: dict, create: dict, memory: dict, memory_notes: list[str],
+           lifecycle: dict, cleanups: dict, origins: Counter, start_delete: dict, create: dict, memory: dict,
+           memory_notes: list[str],
            breakdown: dict, load: tuple[str, str], others: int) -> str:
     lines = [f"<!-- BEGIN {marker} -->", f"## {heading}", "", "Command (as root, in the repository):", "",
              f"    {command}", ""]
@@ -724,7 +725,7 @@ def render(marker: str, heading: str, command: str, host: list[str], bench: Benc
               f"- load average before / after: {load[0]} / {load[1]}; other containerd daemons running meanwhile: "
               f"{others}", ""]
     life_py, life_go = lifecycle[PY], lifecycle[GO]
-    lines += [f"### 1. Lifecycle: `ctr run --rm <runtime flags> IMAGE ID true`",
+    lines += ["### 1. Lifecycle: `ctr run --rm <runtime flags> IMAGE ID true`",
               "",
               f"{bench.runs} runs per shim after one uncounted warm-up round, alternating which shim goes first. "
               "Milliseconds; the delta is pyshim minus Go.",
@@ -757,10 +758,10 @@ def render(marker: str, heading: str, command: str, host: list[str], bench: Benc
               "|---|---|---|---|---|---|",
               timing_row("`start` (until exit, address printed)", sd_py.start, sd_go.start),
               timing_row("start exited -> server answers", sd_py.ready, sd_go.ready),
-              timing_row("`start` + ready", [a + b for a, b in zip(sd_py.start, sd_py.ready)],
-                         [a + b for a, b in zip(sd_go.start, sd_go.ready)]),
+              timing_row("`start` + ready", [a + b for a, b in zip(sd_py.start, sd_py.ready, strict=True)],
+                         [a + b for a, b in zip(sd_go.start, sd_go.ready, strict=True)]),
               timing_row("`delete`", sd_py.delete, sd_go.delete),
-              timing_row(f"`ctr run -d ... sleep` (container + task create + start)", create[PY], create[GO]),
+              timing_row("`ctr run -d ... sleep` (container + task create + start)", create[PY], create[GO]),
               "",
               f"Server RSS without a container: pyshim {mib(median(sd_py.server_rss))} MiB, "
               f"Go {mib(median(sd_go.server_rss))} MiB (medians). Longest `delete`: pyshim "

@@ -16,7 +16,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from harness import cgroup2_view, leftovers
 from harness.containerd import GO_SHIM_SOCKET_DIR, Containerd, remove_go_shim_socket_dir, stop_all
 from harness.environment import CONTAINERD_VERSIONS, Environment, load_environment, unavailable_reason

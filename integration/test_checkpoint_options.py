@@ -55,12 +55,12 @@ from pathlib import Path
 import grpc
 import pycriu.images
 import pytest
-
 from harness import commands, lockhold, mounts, processes
 from harness.containerd import PYSHIM, RUNC_V2, Containerd
 from harness.grpc_client import ContainerdClient
 from harness.image import TestImage
 from harness.runc import Runc
+
 from shim.api.containerd.runc.options import oci_pb2
 
 ANNOTATION = "io.pyshim.checkpoint."
@@ -71,7 +71,7 @@ POLL = 0.02
 HELPER_DIR = "/opt/lockhold"
 
 
-# --- containers, counters, checkpoints ---------------------------------------------------------------------------
+# --- containers, counters, checkpoints --------------------------------------------------------------------------------
 
 def wait_until(predicate, what: str, timeout: float = WAIT):
     deadline = time.monotonic() + timeout
@@ -94,7 +94,7 @@ class Lab:
         self.containers: list[str] = []
         self.paths: list[Path] = []
 
-    def __enter__(self) -> "Lab":
+    def __enter__(self) -> Lab:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -266,7 +266,7 @@ def lockhold_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return lockhold.build_lockhold(tmp_path_factory.mktemp("lockhold"))
 
 
-# --- leave-running --------------------------------------------------------------------------------------------------
+# --- leave-running ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("containerd_version", ["1.6", "2"], ids=lambda v: f"containerd-{v}")
 def test_leave_running_keeps_the_task_running_and_exit_stops_it(containerd: Containerd, test_image: TestImage):
@@ -295,7 +295,7 @@ def test_leave_running_keeps_the_task_running_and_exit_stops_it(containerd: Cont
         assert record(ended)["options"]["leave_running"] is False and (ended / "inventory.img").is_file()
 
 
-# --- file-locks -----------------------------------------------------------------------------------------------------
+# --- file-locks -------------------------------------------------------------------------------------------------------
 
 def host_can_lock(path: Path) -> bool:
     """Whether a process on the host gets the flock now (released again at once)."""
@@ -474,7 +474,7 @@ def test_manage_cgroups_mode(lab: Lab, mode: str):
     assert (int(limit_file.read_text().strip()) == limit) is (mode == "full"), limit_file.read_text()
 
 
-# --- auto-dedup ---------------------------------------------------------------------------------------------------------
+# --- auto-dedup -------------------------------------------------------------------------------------------------------
 
 def pages_sizes(images: Path) -> tuple[int, int]:
     """(apparent, allocated) bytes of the image's pages files."""
@@ -500,7 +500,7 @@ def test_auto_dedup_restore_punches_what_it_read_out_of_the_image(lab: Lab):
     assert pages_sizes(images)[1] <= 0.05 * apparent  # ...with the restored pages punched out
 
 
-# --- page-server: pages sent to another "host" --------------------------------------------------------------------------
+# --- page-server: pages sent to another "host" ------------------------------------------------------------------------
 
 @contextlib.contextmanager
 def network_host(tag: str) -> Iterator[tuple[str, str, str]]:
@@ -561,7 +561,7 @@ def test_page_server_in_another_host_then_restore_there(lab: Lab):
     assert resumes(data, checkpointed)
 
 
-# --- lazy pages -----------------------------------------------------------------------------------------------------------
+# --- lazy pages -------------------------------------------------------------------------------------------------------
 
 def test_lazy_restore_served_by_the_lazy_pages_daemon(lab: Lab):
     images = lab.path("lazy")
@@ -622,7 +622,7 @@ def test_lazy_dump_serving_its_own_pages_fails_and_the_task_runs_on(lab: Lab):
     assert not [point for point in mounts.mounts_under(lab.containerd.tmp) if ".criu.cgyard." in point]
 
 
-# --- pre-dump and parent-path --------------------------------------------------------------------------------------------
+# --- pre-dump and parent-path -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("containerd_version", ["1.6", "2"], ids=lambda v: f"containerd-{v}")
 @pytest.mark.parametrize("option", [{"pre-dump": "true"}, {"parent-path": "../base"}], ids=["pre-dump", "parent-path"])
@@ -639,7 +639,7 @@ def test_incremental_checkpoints_refused_for_lack_of_soft_dirty(containerd: Cont
         assert not images.exists() and not partial_images(images)
 
 
-# --- failure injection -----------------------------------------------------------------------------------------------------
+# --- failure injection ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("containerd_version", ["1.6", "2"], ids=lambda v: f"containerd-{v}")
 def test_unsupported_option_value_is_an_invalid_argument_naming_it(containerd: Containerd, test_image: TestImage):
@@ -748,7 +748,7 @@ def test_unwritable_image_dir_is_refused_clearly_and_the_task_runs_on(lab: Lab):
         commands.run(["umount", str(read_only)], check=False)
 
 
-# --- interchange ---------------------------------------------------------------------------------------------------------
+# --- interchange ------------------------------------------------------------------------------------------------------
 
 def test_pyshim_image_restores_with_plain_runc(lab: Lab):
     images = lab.path("to-runc")

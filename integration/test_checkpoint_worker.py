@@ -22,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
 from harness import processes
 from harness.containerd import PYSHIM, Containerd
 from harness.image import TestImage
@@ -224,7 +223,7 @@ def test_eight_containers_checkpointed_and_restored_in_parallel(containerd: Cont
             return before, read_counter(path)
 
         with ThreadPoolExecutor(8) as pool:
-            caught = dict(zip(originals, pool.map(checkpoint, originals)))
+            caught = dict(zip(originals, pool.map(checkpoint, originals), strict=True))
         for container_id in originals:
             assert (containerd.tmp / f"img-{container_id}" / "pyshim-checkpoint.json").is_file(), container_id
             remove(containerd, container_id)
@@ -240,7 +239,7 @@ def test_eight_containers_checkpointed_and_restored_in_parallel(containerd: Cont
             return new, task_status(containerd, new), resumed(counter(containerd, new), caught[container_id])
 
         with ThreadPoolExecutor(8) as pool:
-            results = dict(zip(originals, pool.map(restore, originals)))
+            results = dict(zip(originals, pool.map(restore, originals), strict=True))
         outcomes = {original: (status, ok) for original, (_, status, ok) in results.items()}
         assert outcomes == {original: ("RUNNING", True) for original in originals}
     finally:

@@ -191,8 +191,8 @@ def test_pod_lifecycle_under_pyshim_and_the_go_shim(cri_containerd: Containerd, 
             status, _ = cri.pod_sandbox_status(sandbox_id)
             shim_gone = wait_until(lambda: not processes.is_running(shim), what="the pod's shim to exit")
             cri.remove_pod_sandbox(sandbox_id)
-            outcome["pod stopped and removed"] = (POD_STATES[status.state], shim_gone,
-                                                  (rpc_error(cri.pod_sandbox_status, sandbox_id) or ("still there",))[0])
+            status_error = (rpc_error(cri.pod_sandbox_status, sandbox_id) or ("still there",))[0]
+            outcome["pod stopped and removed"] = (POD_STATES[status.state], shim_gone, status_error)
             return outcome
         finally:
             remove_pod(cri, sandbox_id)

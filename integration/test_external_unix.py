@@ -29,10 +29,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from harness import ids, unixpeer
 from harness.containerd import PYSHIM, Containerd
 from harness.image import TestImage
+
 from shim.netns import named
 from shim.netns.enter import socket_in
 from shim.netns.refs import path_of
@@ -187,9 +187,12 @@ def test_without_ext_unix_sk_the_preflight_names_both_sockets(containerd: Contai
         refused = checkpoint(containerd, container_id, images)
         assert refused.returncode != 0
         error = refused.stderr
-        assert f"checkpoint of {container_id}: 2 unix socket(s) of the container are connected to peers outside" in error
-        assert f"pid {pid} (unixpeer) fd 3: datagram socket {dgram} connected to {peers.dgram_path} (peer inode " in error
-        assert f"pid {pid} (unixpeer) fd 4: stream socket {stream} connected to {peers.stream_path} (peer inode " in error
+        assert (f"checkpoint of {container_id}: 2 unix socket(s) of the container are connected to peers outside"
+                in error)
+        assert (f"pid {pid} (unixpeer) fd 3: datagram socket {dgram} connected to {peers.dgram_path} (peer inode "
+                in error)
+        assert (f"pid {pid} (unixpeer) fd 4: stream socket {stream} connected to {peers.stream_path} (peer inode "
+                in error)
         assert "io.pyshim.checkpoint.ext-unix-sk=true" in error
         # before touching the task: running, nothing written, the same connections work
         assert (task_status(containerd, container_id), images.exists()) == ("RUNNING", False)

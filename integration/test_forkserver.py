@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 from harness import processes
 from harness.containerd import PYSHIM, Containerd
 from harness.environment import Environment
 from harness.image import TestImage
 from harness.waiting import wait_until
+
 from shim.forkserver import wire
 
 WAIT = 20.0

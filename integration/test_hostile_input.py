@@ -27,7 +27,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from harness.containerd import PYSHIM, Containerd
 from harness.image import TestImage
 from harness.tasks import task_status, wait_status
@@ -89,12 +88,12 @@ HOSTILE_ANNOTATIONS = [
 
 
 def test_hostile_annotation_values_are_refused_by_name(containerd: Containerd, test_image: TestImage):
-    for annotations, expected in HOSTILE_ANNOTATIONS:
-        container_id = run_sleeper(containerd, test_image, annotations)
+    for hostile, expected in HOSTILE_ANNOTATIONS:
+        container_id = run_sleeper(containerd, test_image, hostile)
         try:
             # No --image-path: containerd's own temp dir is the lowest layer, so image-path annotations apply.
             error = refused_checkpoint(containerd, container_id)
-            assert expected in error, f"{annotations}: {error}"
+            assert expected in error, f"{hostile}: {error}"
         finally:
             remove(containerd, container_id)
     assert not Path("/tmp/pwned").exists()

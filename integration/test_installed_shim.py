@@ -16,13 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
-
+from conftest import track_containerd
 from harness import processes
 from harness.containerd import PYSHIM, Containerd
 from harness.environment import Environment
 from harness.image import TestImage
-
-from conftest import track_containerd
 
 REPO = Path(__file__).resolve().parent.parent
 COUNTER = "i=0; while :; do i=$((i+1)); printf '%08d\\n' $i 1<> /tmp/count; sleep 0.1; done"

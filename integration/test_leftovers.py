@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from harness.leftovers import Made, Snapshot, left_behind, link_names, rule_lines
 
-IP_O_LINK = """1: lo: <LOOPBACK,UP,LOWER_UP> mtu 65536 qdisc noqueue state UNKNOWN mode DEFAULT group default qlen 1000\\    link/loopback 00:00:00:00:00:00 brd 00:00:00:00:00:00
-2: eth0@if9: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 qdisc noqueue state UP mode DEFAULT group default \\    link/ether 02:42:ac:11:00:02 brd ff:ff:ff:ff:ff:ff link-netnsid 0
-7: psab12cdh@if6: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 qdisc noqueue state UP mode DEFAULT group default \\    link/ether 5e:1c:3a:00:11:22 brd ff:ff:ff:ff:ff:ff link-netns pyshim-it-ab12cd-ps
-"""
+# `ip -o link` output: one line a link, its second line folded in after a backslash.
+IP_O_LINK = (
+    "1: lo: <LOOPBACK,UP,LOWER_UP> mtu 65536 qdisc noqueue state UNKNOWN mode DEFAULT group default qlen 1000"
+    "\\    link/loopback 00:00:00:00:00:00 brd 00:00:00:00:00:00\n"
+    "2: eth0@if9: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 qdisc noqueue state UP mode DEFAULT group default "
+    "\\    link/ether 02:42:ac:11:00:02 brd ff:ff:ff:ff:ff:ff link-netnsid 0\n"
+    "7: psab12cdh@if6: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 qdisc noqueue state UP mode DEFAULT group default "
+    "\\    link/ether 5e:1c:3a:00:11:22 brd ff:ff:ff:ff:ff:ff link-netns pyshim-it-ab12cd-ps\n"
+)
 
 
 def test_the_names_ip_command_lines_make():

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from harness.containerd import PYSHIM, RUNC_V2, RUNTIMES, Containerd
 from harness.environment import Environment
 from harness.image import TestImage

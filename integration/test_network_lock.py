@@ -33,13 +33,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from harness.containerd import PYSHIM, Containerd
+from harness.grpc_client import ContainerdClient
 from harness.image import TestImage
 from harness.netns_hosts import Host, Hosts, criu_locks
-from harness.grpc_client import ContainerdClient
-from shim.api.containerd.runc.options import oci_pb2
 from test_tcp_restore import OPTION, PORT, annotations, echo, no_echo, remove, restore, start_server, status
+
+from shim.api.containerd.runc.options import oci_pb2
 
 METHODS = ("iptables", "nftables", "skip", "")  # "": the default
 

@@ -28,12 +28,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 from harness import mounts, processes
 from harness.containerd import PYSHIM, RUNC_V2, Containerd
 from harness.events import EventStream
 from harness.image import TestImage
 from harness.waiting import wait_until
+
 from shim.api.containerd.task.v2 import shim_pb2 as task_v2
 from shim.api.containerd.task.v3 import shim_pb2 as task_v3
 from shim.events import NAMESPACE_KEY

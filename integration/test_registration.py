@@ -44,8 +44,16 @@ from harness.grpc_client import ContainerdClient
 from harness.image import TestImage, build_pause_image
 from harness.registry import Registry
 from harness.waiting import wait_until
-from test_cri import (archive_members, checkpoint_counter, counter_path, read_counter, remove_pod, run_pod, runs_under,
-                      start_counter)
+from test_cri import (
+    archive_members,
+    checkpoint_counter,
+    counter_path,
+    read_counter,
+    remove_pod,
+    run_pod,
+    runs_under,
+    start_counter,
+)
 
 from shim.api.containerd.runc.options import oci_pb2
 
@@ -509,7 +517,7 @@ def test_ctr_checkpoints_in_override_mode(containerd_version: str, environment: 
         for runtime in (RUNC_V2, PYSHIM):
             container_id = instance.new_id("reg")
             instance.run(container_id, test_image, "sh", "-c", COUNTER, runtime=runtime)
-            shim_pid = wait_until(lambda: instance.shim_pid(container_id), what=f"the shim of {container_id}")
+            shim_pid = wait_until(lambda cid=container_id: instance.shim_pid(cid), what=f"the shim of {container_id}")
             before = checkpoint_twice_in_one_second(instance, container_id, instance.tmp / f"images-{runtime}")
             outcomes[runtime] = {
                 "pyshim serves it": is_pyshim(shim_pid),

@@ -114,13 +114,13 @@ def test_damaged_or_slow_restores_fail_fast_and_leave_nothing(containerd: Contai
     remove(containerd, original)
 
     outcomes = {}
-    for case, (damage, expected, annotations) in CASES.items():
+    for case, (damage, expected, case_annotations) in CASES.items():
         images = containerd.tmp / f"images-{case}"
         shutil.copytree(checkpoint, images)
         if damage is not None:
             damage(images)
         container_id = containerd.new_id(f"rest-{case}")
-        result, elapsed = restore_from(containerd, test_image, images, container_id, annotations)
+        result, elapsed = restore_from(containerd, test_image, images, container_id, case_annotations)
         error = result.stderr
         time.sleep(0.5)  # what a cleanup still running would remove meanwhile
         left = left_of(containerd, container_id, shim=containerd.shim_pid(container_id))

@@ -16,7 +16,8 @@ from harness.containerd import Containerd
 from harness.image import TestImage
 
 # Written aside and renamed: a dump between the truncation and the write would leave an empty file.
-COUNTER_SCRIPT = "i=0; while true; do i=$((i+1)); echo $i > /tmp/counter.new; mv /tmp/counter.new /tmp/counter; sleep 0.05; done"
+COUNTER_SCRIPT = ("i=0; while true; do i=$((i+1)); echo $i > /tmp/counter.new; mv /tmp/counter.new /tmp/counter; "
+                  "sleep 0.05; done")
 SENTINEL = "sentinel"
 
 

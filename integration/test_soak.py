@@ -35,12 +35,12 @@ if __name__ == "__main__":  # run as a script: the harness and the shim package 
     sys.path[0:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
 import pytest
-
 from harness import mounts, processes
 from harness.containerd import PYSHIM, Containerd
 from harness.image import TestImage
 from harness.redis_image import build_redis_image
 from harness.tasks import remove, task_status, wait_status
+
 from shim.criu import netlock
 
 LEAVE_RUNNING = 100

@@ -24,9 +24,9 @@ import re
 import shlex
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 from harness import commands, ids
 from harness.containerd import PYSHIM, RUNC_V2, Containerd

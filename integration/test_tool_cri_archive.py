@@ -22,7 +22,6 @@ from harness.cri import CriClient, container_config, pod_config
 from harness.image import TestImage, build_pause_image
 from harness.tasks import remove, task_status
 from harness.waiting import wait_until
-
 from test_tool_migrate import checkpointctl_path, first_write, pyshim, read_counter, runtime_config
 
 COUNTER = ("echo written-before-checkpoint > /root/marker; "

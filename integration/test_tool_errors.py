@@ -17,7 +17,6 @@ import pytest
 from harness.containerd import PYSHIM, RUNC_V2, Containerd
 from harness.image import TestImage
 from harness.tasks import remove, wait_status
-
 from test_tool_migrate import COUNTER, pyshim, runtime_config, tool_command, wait_counter_above
 
 WORKTREE = Path(__file__).resolve().parents[1]

@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO))
 from harness.containerd import PYSHIM, Containerd  # noqa: E402
 from harness.environment import load_environment  # noqa: E402
 from harness.image import build_test_image  # noqa: E402
+
 from shim.criu.stats import summary  # noqa: E402
 
 # Rewritten in place at a fixed width in the image's /tmp/count (integration/harness/image.py): the restore goes into

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs pyshim's whole test suite the way CI does: the generated-code freshness check, the unit
+# Runs pyshim's whole test suite the way CI does: the generated-code freshness check, ruff and mypy, the unit
 # tests (tests/, unprivileged-capable, seconds) against this checkout, and the integration tests
 # (integration/, real containerd 1.6/1.7/2.x, runc, crun and CRIU; root) against the INSTALLED shim
 # (PYSHIM_SHIM in /opt/pyshim/env: the pyshim .deb's /usr/bin/containerd-shim-pyshim-v2).
@@ -14,4 +14,8 @@ cd "$repo"
 export PYTHONDONTWRITEBYTECODE=1
 echo "run-tests: unit tests import $repo/shim; containerd runs $PYSHIM_SHIM -> $(readlink -f "$PYSHIM_SHIM")"
 "$PYSHIM_PYTHON" protos/generate.py --check
+# Lint and type check (pyproject.toml configures both; the dev extra installs them): any finding fails the run.
+"$PYSHIM_PYTHON" -m ruff check --no-cache
+"$PYSHIM_PYTHON" -m mypy --no-incremental
+echo "run-tests: ruff and mypy: no findings"
 exec "$PYSHIM_PYTHON" -m pytest -p no:cacheprovider "$@" tests integration

@@ -17,7 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.version:
         from shim import __version__
 
-        sys.stdout.write(f"containerd-shim-pyshim-v2:\n  Version:  {__version__}\n  Runtime:  io.containerd.pyshim.v2\n")
+        sys.stdout.write(f"containerd-shim-pyshim-v2:\n  Version:  {__version__}\n"
+                         "  Runtime:  io.containerd.pyshim.v2\n")
         return 0
     if args.info:
         from shim.info import print_info

@@ -7,7 +7,9 @@ left, or until SIGTERM.
 
 from __future__ import annotations
 
-import shim.notls  # noqa: F401, I001  # first: asyncio without ssl (see shim/notls.py)
+import shim.notls  # noqa: F401  # first: asyncio without ssl (see shim/notls.py)
+
+# isort: split
 import asyncio
 import logging
 import os

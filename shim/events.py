@@ -42,7 +42,8 @@ def timestamp(seconds: float) -> Timestamp:
 
 class Publisher:
     def __init__(self, address: str, namespace: str, *,
-                 connect: Callable[[str], Awaitable[Client]] = Client.connect, retry_delay: float = RETRY_DELAY) -> None:
+                 connect: Callable[[str], Awaitable[Client]] = Client.connect,
+                 retry_delay: float = RETRY_DELAY) -> None:
         self.address = address
         self.namespace = namespace
         self._connect = connect

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 try:  # the built-in implementation loads faster than OpenSSL's through hashlib
-    from _sha256 import sha256
+    from _sha256 import sha256  # type: ignore[import-not-found]  # CPython's private module: typeshed has no stub
 except ImportError:  # pragma: no cover
     from hashlib import sha256
 

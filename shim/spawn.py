@@ -118,6 +118,11 @@ def _signal_tree(pid: int) -> list[int]:
     return pidfds
 
 
+def _set_once(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 async def _kill_tree_and_wait(pid: int, exited: asyncio.Future) -> None:
     """kill_tree, then wait until every killed process is gone (a pidfd turns readable when its process exits),
     not only the one we reap: what runs after (removing a restore's cgroups) needs them out of their cgroups."""
@@ -127,7 +132,7 @@ async def _kill_tree_and_wait(pid: int, exited: asyncio.Future) -> None:
         gone = []
         for pidfd in pidfds:
             future = loop.create_future()
-            loop.add_reader(pidfd, lambda f=future: f.done() or f.set_result(None))
+            loop.add_reader(pidfd, _set_once, future)
             gone.append(future)
         await asyncio.wait([*gone, exited], timeout=KILLED_GONE, return_when=asyncio.ALL_COMPLETED)
     finally:

@@ -1,4 +1,5 @@
 import asyncio
+import itertools
 
 from shim.api.containerd.events.task_pb2 import TaskExit, TaskStart
 from shim.events import EVENTS_SERVICE, NAMESPACE_KEY, Publisher
@@ -12,6 +13,7 @@ class Recorder:
 
     async def Forward(self, request, context):
         from google.protobuf.empty_pb2 import Empty
+
         from shim.ttrpc import TtrpcError
         if self.fail_first:
             self.fail_first -= 1
@@ -106,7 +108,7 @@ def test_a_failing_event_is_retried_on_the_go_schedule_then_dropped():
         publisher.publish("/tasks/exit", TaskExit(container_id="c", exit_status=42))
         publisher.publish("/tasks/delete", TaskExit(container_id="d"))
         await publisher.close(timeout=5)
-        gaps = [round((b - a) / 0.02) for a, b in zip(attempts, attempts[1:])]
+        gaps = [round((b - a) / 0.02) for a, b in itertools.pairwise(attempts)]
         return [env.topic for _, env in recorder.received], gaps
 
     # Five failures: the sixth try (the fifth retry) delivers it; the retries came 1..5 delays apart.

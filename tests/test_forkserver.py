@@ -303,8 +303,9 @@ def installed(tmp_path):
     paths = [str(src)] + [p for p in sys.path if p and "site-packages" in p or "dist-packages" in p]
     launcher = tmp_path / "bin" / "containerd-shim-pyshim-v2"
     launcher.parent.mkdir()
+    driver = str(tmp_path / "driver.py")
     launcher.write_text(f"#!{sys.executable} -IS\nimport sys\nsys.path[1:1] = {paths!r}\n"
-                        f"if sys.argv[1:2] == ['drive']:\n    exec(compile(open({str(tmp_path / 'driver.py')!r}).read(), "
+                        f"if sys.argv[1:2] == ['drive']:\n    exec(compile(open({driver!r}).read(), "
                         "'driver', 'exec'))\nelse:\n    from shim.__main__ import main\n    sys.exit(main())\n")
     launcher.chmod(0o755)
     (tmp_path / "driver.py").write_text(DRIVER)

@@ -23,7 +23,8 @@ def fields_of(line: str) -> dict[str, str]:
     return {key: value for key, value in LOGFMT.findall(line)}
 
 
-def record(message: str, level: int = logging.INFO, created: float = 1_796_391_799.906534, **extra) -> logging.LogRecord:
+def record(message: str, level: int = logging.INFO, created: float = 1_796_391_799.906534,
+           **extra) -> logging.LogRecord:
     item = logging.LogRecord("shim", level, __file__, 1, message, (), None)
     item.created = created
     for key, value in extra.items():

@@ -16,18 +16,19 @@ its parent's cpus and mems), which on a real v2 host would not exist at all, and
 
 The namespace is made by `unshare --mount` with propagation left as it is; the v1 cgroups are joined, then
 /sys/fs/cgroup is made a slave (so the cgroup2 mount on it never propagates back) and cgroup2 is mounted there. It
-ends with its last process; no mount of its own is left on the host. `share()` makes a directory (a test containerd's temp dir) a shared mount first, so
-that what containerd and the shims mount below it inside the namespace (the bundles' rootfs) is seen on the host
-too, where the tests read containers' files; `unshare_dir()` undoes it. Cgroups runc makes there are in the host's
-unified hierarchy (/sys/fs/cgroup/unified/<namespace>/<id>), where harness.cgroups removes them.
+ends with its last process; no mount of its own is left on the host. `share()` makes a directory (a test
+containerd's temp dir) a shared mount first, so that what containerd and the shims mount below it inside the
+namespace (the bundles' rootfs) is seen on the host too, where the tests read containers' files; `unshare_dir()`
+undoes it. Cgroups runc makes there are in the host's unified hierarchy (/sys/fs/cgroup/unified/<namespace>/<id>),
+where harness.cgroups removes them.
 """
 
 from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from . import commands, mounts
 

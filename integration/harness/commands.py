@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import subprocess
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 DEFAULT_TIMEOUT = 30.0
 

@@ -22,8 +22,8 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from . import cgroup2_view, cgroups, commands, ids, logs, mounts, processes
 from .config import ContainerdPaths, CriSettings, render_config
@@ -45,7 +45,7 @@ CRI_NAMESPACE = "k8s.io"
 SYSTEM_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 
 # Every instance not yet stopped (created ones too: they own a temp dir).
-_live: set["Containerd"] = set()
+_live: set[Containerd] = set()
 
 
 class Containerd:
@@ -101,7 +101,7 @@ class Containerd:
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
-    def __enter__(self) -> "Containerd":
+    def __enter__(self) -> Containerd:
         self.start()
         return self
 

@@ -52,7 +52,7 @@ class CriClient:
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> "CriClient":
+    def __enter__(self) -> CriClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

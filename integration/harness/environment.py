@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 # PYSHIM_ENV_FILE points the suite at another installation (e.g. a worktree's own launcher and venv).
 ENV_FILE = Path(os.environ.get("PYSHIM_ENV_FILE") or "/opt/pyshim/env")

@@ -11,7 +11,7 @@ import subprocess
 import threading
 import time
 import uuid
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 
 class EventStream:
@@ -28,7 +28,7 @@ class EventStream:
         self._process: subprocess.Popen | None = None
         self._reader: threading.Thread | None = None
 
-    def __enter__(self) -> "EventStream":
+    def __enter__(self) -> EventStream:
         self.start()
         return self
 

@@ -15,9 +15,9 @@ import os
 import platform
 import subprocess
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 IMAGE_REF = "localhost/pyshim-test/busybox:latest"
 BUSYBOX = Path("/bin/busybox")
@@ -117,7 +117,8 @@ def rootfs_entries(busybox: bytes, applets: tuple[str, ...] = APPLETS) -> list[t
     return entries
 
 
-def image_blobs(layer: bytes, ref: str, command: tuple[str, ...] = DEFAULT_COMMAND) -> tuple[dict[str, bytes], bytes, str]:
+def image_blobs(layer: bytes, ref: str,
+                command: tuple[str, ...] = DEFAULT_COMMAND) -> tuple[dict[str, bytes], bytes, str]:
     """Config, manifest and index for one layer: (blobs by digest, index.json bytes, manifest digest)."""
     arch = _GO_ARCH.get(platform.machine(), platform.machine())
     config = _json_bytes({

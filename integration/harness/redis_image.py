@@ -15,8 +15,18 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-from .image import (APPLETS, BUSYBOX, TestImage, available_applets, cached_layout, digest, manifest_digest,
-                    rootfs_entries, tar_bytes, tar_entry)
+from .image import (
+    APPLETS,
+    BUSYBOX,
+    TestImage,
+    available_applets,
+    cached_layout,
+    digest,
+    manifest_digest,
+    rootfs_entries,
+    tar_bytes,
+    tar_entry,
+)
 
 REDIS_IMAGE_REF = "localhost/pyshim-test/redis:latest"
 BINARIES = ("redis-server", "redis-cli")

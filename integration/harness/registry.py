@@ -98,7 +98,7 @@ class Registry:
         self.server.server_close()
         self.thread.join(timeout=5)
 
-    def __enter__(self) -> "Registry":
+    def __enter__(self) -> Registry:
         return self
 
     def __exit__(self, *exc: object) -> None:

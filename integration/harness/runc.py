@@ -7,8 +7,9 @@ is where the actual reason is.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Callable, Mapping, Sequence
+from typing import IO
 
 from . import commands, logs
 from .supervisor import Supervised, supervise

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from pathlib import Path
 
 from shim.cgroups import inotify
@@ -45,7 +45,7 @@ class OomKillCounter:
         return new
 
 
-def watch_oom(cgroup: Cgroup, *, poll_interval: float | None = None) -> AsyncIterator[int]:
+def watch_oom(cgroup: Cgroup, *, poll_interval: float | None = None) -> AsyncGenerator[int, None]:
     """OOM events of `cgroup` as they happen. On v2 only kills count, and inotify is used
     unless `poll_interval` (seconds) is given. Raises CgroupNotFound, on the call or the
     first iteration, if the cgroup has no memory controller files."""
@@ -62,14 +62,14 @@ def watch_oom(cgroup: Cgroup, *, poll_interval: float | None = None) -> AsyncIte
 async def _readable(fd: int) -> None:
     loop = asyncio.get_running_loop()
     ready = loop.create_future()
-    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+    loop.add_reader(fd, lambda: None if ready.done() else ready.set_result(None))
     try:
         await ready
     finally:
         loop.remove_reader(fd)
 
 
-async def _watch_v1(path: Path) -> AsyncIterator[int]:
+async def _watch_v1(path: Path) -> AsyncGenerator[int, None]:
     efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
     try:
         try:
@@ -104,7 +104,7 @@ def _read_events(path: Path) -> dict[str, int] | None:
     return read_parsed(path / "memory.events", parse_flat_keyed)
 
 
-async def _watch_v2(path: Path) -> AsyncIterator[int]:
+async def _watch_v2(path: Path) -> AsyncGenerator[int, None]:
     fd = inotify.init()
     try:
         try:
@@ -134,7 +134,7 @@ async def _watch_v2(path: Path) -> AsyncIterator[int]:
         os.close(fd)
 
 
-async def _poll_v2(path: Path, interval: float) -> AsyncIterator[int]:
+async def _poll_v2(path: Path, interval: float) -> AsyncGenerator[int, None]:
     counter = OomKillCounter()
     first = _read_events(path)
     if first is None:

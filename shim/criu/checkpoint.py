@@ -19,7 +19,7 @@ from shim.criu.errors import CriuError, CriuMissing
 from shim.criu.log import quote
 from shim.criu.options import CheckpointOptions, as_record
 from shim.criu.plan import ContainerFacts, dump_request, facts_from_bundle, runtime_checkpoint_args
-from shim.criu.rpc import CriuRpc
+from shim.criu.rpc import CriuRpc, CriuVersion
 from shim.criu.stats import read_stats, summary
 from shim.criu.tcp import network_record
 from shim.errors import FailedPrecondition, InvalidArgument, ShimError, Unavailable
@@ -54,7 +54,7 @@ class Checkpointer:
     def __init__(self, reaper: Reaper, *, criu: str = "criu") -> None:
         self.rpc = CriuRpc(reaper, criu=criu)
         self._cleanups: set[asyncio.Task] = set()
-        self._version = None
+        self._version: CriuVersion | None = None
 
     async def preflight(self, options: CheckpointOptions) -> None:
         """Refuse, before touching the task, what this CRIU or kernel cannot do."""

@@ -32,10 +32,11 @@ import socket
 from dataclasses import dataclass
 
 from shim.errors import FailedPrecondition
-from shim.proctree import children_by_parent
 from shim.netns.enter import run_in
+from shim.proctree import children_by_parent
 
-TYPES = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "datagram", socket.SOCK_SEQPACKET: "seqpacket"}
+TYPES: dict[int, str] = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "datagram",
+                         socket.SOCK_SEQPACKET: "seqpacket"}
 # The TCP states unix_diag reports for unix sockets.
 ESTABLISHED, CLOSE, LISTEN = 1, 7, 10
 # sock_diag: match any cookie when looking a socket up by inode (INET_DIAG_NOCOOKIE, twice).
@@ -106,7 +107,7 @@ def process_tree(init_pid: int) -> list[int]:
 
 def socket_fds(pid: int) -> dict[int, int]:
     """fd -> socket inode for every socket pid holds (vanished processes hold none)."""
-    found = {}
+    found: dict[int, int] = {}
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
     except OSError:

@@ -76,7 +76,7 @@ def _entries(image_dir: str, name: str, kinds: list, magic, *, at_least: int) ->
     except OSError as exc:
         raise ImageDamaged(f"{name} cannot be read: {exc.strerror or exc}") from None
     offset = _skip_magic(data, name, magic)
-    entries = []
+    entries: list = []  # protobuf messages of the kinds given
     while offset < len(data):
         if offset + 4 > len(data):
             raise ImageDamaged(f"{name} is truncated: {len(data) - offset} stray bytes after entry {len(entries)}")

@@ -181,7 +181,8 @@ def _jumps_to_chain(words: list[str]) -> bool:
 
 def iptables_jumps(save: str) -> dict[str, int]:
     """How many jumps to CRIU's chain each chain of the filter table has."""
-    table, counts = "", {}
+    table = ""
+    counts: dict[str, int] = {}
     for line in save.splitlines():
         if line.startswith("*"):
             table = line[1:].strip()

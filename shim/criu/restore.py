@@ -22,8 +22,15 @@ from shim import unmount
 from shim.cgroups import made as made_cgroups
 from shim.criu import image_check, images, loopback, netlock
 from shim.criu.log import quote
-from shim.criu.options import (CheckpointOptions, OptionError, check_restore_paths, from_annotations, from_host_config,
-                               from_record, resolve)
+from shim.criu.options import (
+    CheckpointOptions,
+    OptionError,
+    check_restore_paths,
+    from_annotations,
+    from_host_config,
+    from_record,
+    resolve,
+)
 from shim.criu.plan import CRIU_CONFIG_ANNOTATION, DEFAULT_RUNC_CRIU_CONFIG, restore_config, runtime_restore_args
 from shim.criu.tcp import refuse_lost_connections
 from shim.errors import InvalidArgument, ShimError, Unavailable
@@ -307,7 +314,7 @@ async def _read_once(fd: int) -> bytes:
     """One read of a non-blocking pipe, waiting until it is readable (b"" at EOF)."""
     loop = asyncio.get_running_loop()
     readable = loop.create_future()
-    loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
+    loop.add_reader(fd, lambda: None if readable.done() else readable.set_result(None))
     try:
         await readable
     finally:

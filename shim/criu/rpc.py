@@ -31,7 +31,7 @@ import os
 import signal
 import socket
 from collections.abc import Awaitable, Callable, Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeAlias
 
 from google.protobuf.message import DecodeError
 
@@ -44,6 +44,10 @@ from shim.spawn import spawn
 log = logging.getLogger(__name__)
 
 rpc_pb2 = bindings.rpc_messages()  # PycriuMissing here: nothing of a task is touched before this module loads
+# Its messages, in annotations: pycriu has no type information, so to mypy they are Any.
+CriuReq: TypeAlias = Any  # rpc_pb2.criu_req
+CriuResp: TypeAlias = Any  # rpc_pb2.criu_resp
+CriuOpts: TypeAlias = Any  # rpc_pb2.criu_opts
 
 Notify = Callable[[str, int, list[int]], Awaitable[None]]
 
@@ -95,8 +99,8 @@ class CriuRpc:
         self.timeout = timeout
         self.env = env
 
-    async def call(self, req: rpc_pb2.criu_req, *, notify: Notify | None = None, timeout: float | None = None,
-                   pass_fds: Mapping[int, int] | None = None, check: bool = True) -> rpc_pb2.criu_resp:
+    async def call(self, req: CriuReq, *, notify: Notify | None = None, timeout: float | None = None,
+                   pass_fds: Mapping[int, int] | None = None, check: bool = True) -> CriuResp:
         """Send req, answer its notifications through notify, return CRIU's final response.
 
         With check (the default) a final response with success=false raises CriuFailed; without
@@ -134,7 +138,7 @@ class CriuRpc:
         resp = await self.call(req, timeout=timeout)
         return {name: bool(getattr(resp.features, name)) for name, wanted in asked.items() if wanted}
 
-    async def check(self, opts: rpc_pb2.criu_opts | None = None, *, timeout: float = QUERY_TIMEOUT) -> None:
+    async def check(self, opts: CriuOpts | None = None, *, timeout: float = QUERY_TIMEOUT) -> None:
         """CRIU's basic `criu check` (not --all); raises CriuFailed with its log when it fails.
         opts may name a log file (log_file, images_dir_fd or work_dir_fd); without one CRIU
         logs to its stderr, which the error quotes."""
@@ -144,9 +148,9 @@ class CriuRpc:
         await self.call(req, timeout=timeout)
 
 
-async def run_criu(reaper: Reaper, req: rpc_pb2.criu_req, *, notify: Notify | None = None,
+async def run_criu(reaper: Reaper, req: CriuReq, *, notify: Notify | None = None,
                    timeout: float = DEFAULT_TIMEOUT, criu: str = "criu", pass_fds: Mapping[int, int] | None = None,
-                   env: Mapping[str, str] | None = None, check: bool = True) -> rpc_pb2.criu_resp:
+                   env: Mapping[str, str] | None = None, check: bool = True) -> CriuResp:
     """One-shot form of CriuRpc(reaper, criu=..., env=...).call(req, ...)."""
     return await CriuRpc(reaper, criu=criu, env=env).call(req, notify=notify, timeout=timeout,
                                                          pass_fds=pass_fds, check=check)
@@ -155,7 +159,7 @@ async def run_criu(reaper: Reaper, req: rpc_pb2.criu_req, *, notify: Notify | No
 class _Call:
     """The state of one call: CRIU's pid, its exit, the deadline, where its log is."""
 
-    def __init__(self, rpc: CriuRpc, req: rpc_pb2.criu_req, timeout: float) -> None:
+    def __init__(self, rpc: CriuRpc, req: CriuReq, timeout: float) -> None:
         self.rpc = rpc
         self.action = action_name(req.type)
         self.timeout = timeout
@@ -218,7 +222,7 @@ class _Call:
             if not limit.expired():
                 raise
             self._kill()
-            await self.exited
+            await self._exit()
             raise CriuTimeout(self.action, self.timeout, waiting_for=self.waiting_for, **self._log()) from None
         sock.close()  # CRIU exits after its final answer; a keep_open CRIU would wait for another request
         if resp is None:
@@ -265,12 +269,18 @@ class _Call:
     async def _wait_exit(self, deadline: float) -> Exit:
         """CRIU's exit, waiting no later than the deadline; past it CRIU is killed."""
         remaining = deadline - asyncio.get_running_loop().time()
-        done, _ = await asyncio.wait({self.exited}, timeout=max(remaining, 0))
+        exited = self._exit()
+        done, _ = await asyncio.wait({exited}, timeout=max(remaining, 0))
         if not done:
             log.warning("criu %s (pid %d) had not exited by its deadline; killing it", self.action, self.pid)
             self.late = f"; criu had not exited {self.timeout:g}s after the start and was killed"
             self._kill()
-        return await self.exited
+        return await exited
+
+    def _exit(self) -> asyncio.Future[Exit]:
+        """CRIU's exit, as the reaper tells it (run() subscribes before it talks to CRIU)."""
+        assert self.exited is not None, "run() waits for CRIU's exit from its start"
+        return self.exited
 
     def _kill(self) -> None:
         try:
@@ -315,7 +325,7 @@ async def _receive(sock: socket.socket) -> tuple[bytes, list[int]] | None:
             await _readable(loop, sock.fileno())
         except ConnectionResetError:
             return None
-    fds = []
+    fds: list[int] = []
     for level, kind, blob in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             got = array.array("i")
@@ -331,7 +341,7 @@ async def _receive(sock: socket.socket) -> tuple[bytes, list[int]] | None:
 
 async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
     ready = loop.create_future()
-    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+    loop.add_reader(fd, lambda: None if ready.done() else ready.set_result(None))
     try:
         await ready
     finally:
@@ -353,7 +363,7 @@ def _close_all(fds: list[int]) -> None:
             pass
 
 
-def _log_path(req: rpc_pb2.criu_req) -> str | None:
+def _log_path(req: CriuReq) -> str | None:
     """Where CRIU will write its log for req: log_file (default criu.log) in the work dir, which
     is work_dir_fd, else the images dir. None when CRIU logs to stderr or there is no dir.
     A config_file (runc.conf) can move the log elsewhere; then only cr_errmsg and CRIU's output

@@ -58,7 +58,7 @@ def established(image_dir: str) -> list[Connection]:
     if not any(name.startswith("tcp-stream-") for name in names):
         return []
     codec = bindings.image_codec()
-    entries = []
+    entries: list[dict] = []  # CRIU's inet socket entries, as pycriu decodes them
     for name, wrapped in (("files.img", True), ("inetsk.img", False)):  # CRIU >= 3.15 / older
         if name in names:
             with open(os.path.join(image_dir, name), "rb") as f:

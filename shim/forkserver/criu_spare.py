@@ -132,7 +132,7 @@ def _fork_waiting(sock, listener, taken_r: int, taken_w: int) -> int:
         # Waiting, it must not outlive the spare (nothing would ever end its accept()); working, it must.
         _parent_death_signal(signal.SIGKILL)
         if os.getppid() != spare:
-            return
+            return  # type: ignore[return-value]  # never returns: the finally below exits (code 1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         sock.close()
         os.close(taken_r)
@@ -162,7 +162,7 @@ def _parent_death_signal(signum: int) -> None:
 
 
 def _reap() -> list[int]:
-    reaped = []
+    reaped: list[int] = []
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)

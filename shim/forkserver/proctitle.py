@@ -25,9 +25,9 @@ _keep: list[ctypes.Array] = []  # the buffers the kernel now points at live as l
 
 
 class _MmMap(ctypes.Structure):  # struct prctl_mm_map (linux/prctl.h)
-    _fields_ = [(name, ctypes.c_uint64) for name in (
+    _fields_ = [*((name, ctypes.c_uint64) for name in (
         "start_code", "end_code", "start_data", "end_data", "start_brk", "brk", "start_stack",
-        "arg_start", "arg_end", "env_start", "env_end")] + [
+        "arg_start", "arg_end", "env_start", "env_end")),
         ("auxv", ctypes.c_void_p), ("auxv_size", ctypes.c_uint32), ("exe_fd", ctypes.c_uint32)]
 
 

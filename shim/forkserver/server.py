@@ -29,6 +29,10 @@ import time
 
 from shim.forkserver import wire
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing, which the fork server does not need
+if TYPE_CHECKING:
+    import socket
+
 IDLE_TIMEOUT = 600.0  # seconds without a request, then exit
 CHECK_INTERVAL = 5.0  # how often the code on disk is compared with what was imported
 REQUEST_TIMEOUT = 2.0  # reading a request; waiting for `start`'s "go"
@@ -77,9 +81,9 @@ class ForkServer:
         self.socket_path = wire.socket_path(directory, self.key)
         self.lock_path = wire.lock_path(directory, self.key)
         self.lock_fd = lock_fd
-        self.listener = None
-        self.spare = None  # our end of the socketpair to the spare, or None
-        self.criu_spare = None  # our end of the socketpair to the checkpoint spare (criu_spare.py), or None
+        self.listener: socket.socket | None = None  # listen() makes it, before anything else runs
+        self.spare: socket.socket | None = None  # our end of the socketpair to the spare, or None
+        self.criu_spare: socket.socket | None = None  # ours to the checkpoint spare (criu_spare.py), or None
         self.poller = select.poll()
         self.pidfd = -1
         self.socket_ino = 0
@@ -142,8 +146,13 @@ class ForkServer:
 
     # --- the loop ----------------------------------------------------------------------------------------------
 
+    def _listening(self) -> socket.socket:
+        if self.listener is None:
+            raise RuntimeError("the fork server is not listening: listen() first")
+        return self.listener
+
     def run(self) -> str:
-        self.poller.register(self.listener.fileno(), select.POLLIN)
+        self.poller.register(self._listening().fileno(), select.POLLIN)
         self.poller.register(self.pidfd, select.POLLIN)
         last_request = next_check = spare_at = criu_spare_at = time.monotonic()
         while True:
@@ -152,7 +161,7 @@ class ForkServer:
             for fd, _ in self.poller.poll(max(0.0, deadline - now) * 1000):
                 if fd == self.pidfd:
                     return "containerd exited"
-                if fd == self.listener.fileno():
+                if fd == self._listening().fileno():
                     self._accept_all()
                     last_request = time.monotonic()
                 elif self.spare is not None and fd == self.spare.fileno():
@@ -189,7 +198,7 @@ class ForkServer:
     def _accept_all(self) -> None:
         while True:
             try:
-                conn, _ = self.listener.accept()
+                conn, _ = self._listening().accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -249,7 +258,7 @@ class ForkServer:
             try:
                 # This copy of the server's socket object must never close a descriptor number that the
                 # shim server may by then use for something else: the descriptor itself is closed below.
-                self.listener.detach()
+                self._listening().detach()
                 intermediate = os.getpid()
                 if os.fork() == 0:
                     _become_shim(conn, request, peer_pid, server_pid, intermediate)
@@ -273,7 +282,7 @@ class ForkServer:
             raise
         if intermediate == 0:
             try:
-                self.listener.detach()  # see _handle
+                self._listening().detach()  # see _handle
                 ours.detach()
                 if os.fork() == 0:
                     _spare_main(theirs, server_pid)
@@ -298,7 +307,7 @@ class ForkServer:
             raise
         if intermediate == 0:
             try:
-                self.listener.detach()  # see _handle
+                self._listening().detach()  # see _handle
                 ours.detach()
                 if os.fork() == 0:
                     criu_spare.main(theirs, criu_spare.socket_path(self.directory, self.key), _close_all_but,
@@ -327,14 +336,15 @@ class ForkServer:
                 pass
             spare.close()
 
-    def _take_spare(self):
-        """Our socket to the spare, no longer ours to poll (the caller hands it a job, or closes it)."""
+    def _take_spare(self) -> socket.socket:
+        """Our socket to the spare, no longer ours to poll (the caller hands it a job, or closes it). Only called
+        when there is one."""
         spare, self.spare = self.spare, None
-        if spare is not None:
-            try:
-                self.poller.unregister(spare.fileno())
-            except (KeyError, ValueError):
-                pass
+        assert spare is not None, "a spare is taken only when there is one"
+        try:
+            self.poller.unregister(spare.fileno())
+        except (KeyError, ValueError):
+            pass
         return spare
 
     def close(self) -> None:
@@ -379,7 +389,7 @@ class Request:
         self.listener_fd = -1
 
     @classmethod
-    def parse(cls, fields: list[tuple[str, bytes]], fds: list[int]) -> "Request":
+    def parse(cls, fields: list[tuple[str, bytes]], fds: list[int]) -> Request:
         if len(fds) != 1:
             raise wire.ProtocolError(f"expected the listening socket, got {len(fds)} descriptors")
         r = cls()

@@ -53,12 +53,12 @@ def source_digest(root: str | None = None) -> str:
     h = sha256()
     for item in (sys.executable, sys.version):
         h.update(item.encode(errors="surrogateescape") + b"\0")
-    for entry in LAUNCH_PATH:
+    for path_entry in LAUNCH_PATH:
         try:
-            mtime = os.stat(entry or ".").st_mtime_ns
+            mtime = os.stat(path_entry or ".").st_mtime_ns
         except OSError:
             mtime = 0
-        h.update(f"{entry}\0{mtime}\0".encode(errors="surrogateescape"))
+        h.update(f"{path_entry}\0{mtime}\0".encode(errors="surrogateescape"))
     stack = [root or shim_root()]
     while stack:
         directory = stack.pop()

@@ -13,7 +13,7 @@ def add_route(destination: str, *, gateway: str | None = None, ifname: str | Non
         raise ValueError(f"route to {destination}: give a gateway, a link, or both")
 
     def work(ipr) -> None:
-        spec = {"dst": destination}
+        spec: dict[str, str | int] = {"dst": destination}
         if gateway is not None:
             spec["gateway"] = gateway
         if ifname is not None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from shim.oci import commands
 from shim.oci.commands import RuntimeConfig
-from shim.oci.runner import RuntimeFailed, Runner
+from shim.oci.runner import Runner, RuntimeFailed
 from shim.spawn import Completed
 
 Stdio = tuple[int | None, int | None, int | None]
@@ -85,7 +85,7 @@ class OciRuntime:
         await self.run(commands.checkpoint(self.config, id, flags), timeout=timeout)
 
     async def restore(self, id: str, *, bundle: str, pid_file: str, image_path: str, work_path: str, stdio: Stdio,
-                      console_socket: str = "", no_pivot: bool = False, flags: list[str] = (),
+                      console_socket: str = "", no_pivot: bool = False, flags: list[str] | tuple[str, ...] = (),
                       timeout: float) -> None:
         await self.run(commands.restore(self.config, id, bundle=bundle, pid_file=pid_file, image_path=image_path,
                                         work_path=work_path, console_socket=console_socket, no_pivot=no_pivot,

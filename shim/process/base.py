@@ -1,12 +1,18 @@
-"""What the init process and exec processes share: identity, stdio, exit, waiting."""
+"""What the init process and exec processes share: identity, stdio, exit, waiting, and the operations the task
+service calls on either without knowing which it holds (kill, delete)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from shim.process.state import State, check
+
+if TYPE_CHECKING:
+    from shim.stdio.process_io import ProcessIO
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,7 +23,7 @@ class Stdio:
     terminal: bool = False
 
 
-class Process:
+class Process(ABC):
     ALLOWED: dict[str, set[State]] = {}
     kind = "process"
 
@@ -28,7 +34,7 @@ class Process:
         self.state = State.CREATED
         self.exit_status = 0
         self.exited_at: float | None = None
-        self.io = None  # shim.stdio.ProcessIO once created
+        self.io: ProcessIO | None = None  # once created
         self._exited = asyncio.Event()
 
     def check(self, operation: str) -> None:
@@ -48,6 +54,14 @@ class Process:
         if self.io is not None and self.stdio.terminal:
             self.io.process_exited()
         self._exited.set()
+
+    @abstractmethod
+    async def kill(self, signal: int, all: bool = False) -> None:
+        """Send the signal (to every process of the container too, with `all`, where that means something)."""
+
+    @abstractmethod
+    async def delete(self) -> None:
+        """Release what the process holds (its IO, its runtime state); its state becomes DELETED."""
 
     async def wait(self) -> None:
         await self._exited.wait()

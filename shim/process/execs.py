@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from shim.errors import NotFound
 from shim.oci.runtime import OciRuntime
 from shim.process.base import Process, Stdio
 from shim.process.state import EXEC_ALLOWED, State
+
+if TYPE_CHECKING:
+    from shim.stdio.process_io import ProcessIO
 
 
 class ExecProcess(Process):
@@ -26,7 +30,7 @@ class ExecProcess(Process):
     def pid_file(self) -> str:
         return os.path.join(self.bundle, f"{self.id}.pid")
 
-    async def start(self, io) -> int:
+    async def start(self, io: ProcessIO) -> int:
         self.check("start")
         self.io = io
         await self.runtime.exec(self.container_id, self.spec, pid_file=self.pid_file, stdio=io.runtime_stdio,
@@ -39,7 +43,8 @@ class ExecProcess(Process):
         self.state = State.RUNNING
         return self.pid
 
-    async def kill(self, signal: int) -> None:
+    async def kill(self, signal: int, all: bool = False) -> None:
+        """`all` changes nothing: an exec is one process (the Go shim ignores it for execs too)."""
         self.check("kill")
         if not self.pid:
             raise NotFound(f"exec {self.id} has not started")

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+from typing import TYPE_CHECKING
 
 from shim import mounts
 from shim.errors import FailedPrecondition, NotFound
@@ -15,6 +16,12 @@ from shim.oci.runner import RuntimeFailed
 from shim.oci.runtime import OciRuntime, is_gone
 from shim.process.base import Process, Stdio
 from shim.process.state import INIT_ALLOWED, State
+
+if TYPE_CHECKING:
+    from shim.criu.netlock import Lock
+    from shim.criu.options import CheckpointOptions
+    from shim.process.checkpointer import Checkpointer, CheckpointOutcome
+    from shim.stdio.process_io import ProcessIO
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +40,7 @@ class InitProcess(Process):
         self.checkpoint = ""  # the image a pending restore comes from
         self.checkpoint_work = ""
         self.lazy_dump: asyncio.Future | None = None  # a lazy dump serving its pages, until it ends
-        self.network_lock = None  # CRIU's lock a checkpoint with exit left, removed by delete()
+        self.network_lock: Lock | None = None  # CRIU's lock a checkpoint with exit left, removed by delete()
         self._restoring: asyncio.Task | None = None  # the restore Start runs, while it runs
         self._restore_stopped = False
 
@@ -45,7 +52,8 @@ class InitProcess(Process):
     def pid_file(self) -> str:
         return os.path.join(self.bundle, INIT_PID_FILE)
 
-    async def create(self, rootfs: list[mounts.Mount], io, checkpoint: str = "", checkpoint_work: str = "") -> None:
+    async def create(self, rootfs: list[mounts.Mount], io: ProcessIO, checkpoint: str = "",
+                     checkpoint_work: str = "") -> None:
         """Mount the rootfs and create the container; with a checkpoint, only record it:
         Start restores it."""
         os.makedirs(self.rootfs, mode=0o711, exist_ok=True)
@@ -95,10 +103,12 @@ class InitProcess(Process):
     async def _restore(self) -> None:
         from shim.criu.restore import restore
 
+        io = self.io
+        assert io is not None, "create() sets the IO before it records a pending restore"
         self._restoring = asyncio.ensure_future(restore(
             container_id=self.id, bundle=self.bundle, image_path=self.checkpoint, work_path=self.checkpoint_work,
-            runtime=self.runtime, stdio=self.io.runtime_stdio, pid_file=self.pid_file,
-            console_socket=self.io.console_socket, no_pivot=self.no_pivot))
+            runtime=self.runtime, stdio=io.runtime_stdio, pid_file=self.pid_file,
+            console_socket=io.console_socket, no_pivot=self.no_pivot))
         try:
             await self._restoring
         except asyncio.CancelledError:
@@ -109,8 +119,8 @@ class InitProcess(Process):
         finally:
             self._restoring = None
         if self.stdio.terminal:
-            await self.io.receive_console(timeout=10)
-        self.io.close_after_start()
+            await io.receive_console(timeout=10)
+        io.close_after_start()
         self.pid = self._read_pid()
 
     async def stop_restore(self) -> None:
@@ -121,14 +131,14 @@ class InitProcess(Process):
             self._restoring.cancel()
             await asyncio.gather(self._restoring, return_exceptions=True)
 
-    async def checkpoint_to(self, checkpointer, options):
+    async def checkpoint_to(self, checkpointer: Checkpointer, options: CheckpointOptions) -> CheckpointOutcome:
         """Dump this container (running or paused); see shim.criu.checkpoint."""
         self.check("checkpoint")
         result = await checkpointer.checkpoint(container_id=self.id, bundle=self.bundle, pid=self.pid,
                                                options=options, runtime=self.runtime,
                                                paused=lambda: self.state is State.PAUSED)
-        self.network_lock = getattr(result, "network_lock", None)
-        self.lazy_dump = getattr(result, "completion", None)
+        self.network_lock = result.network_lock
+        self.lazy_dump = result.completion
         return result
 
     async def kill(self, signal: int, all: bool = False) -> None:

@@ -74,7 +74,7 @@ class Logger:
     async def _await_ready(self, ready: Fd, target: Target, timeout: float, exits) -> None:
         loop = asyncio.get_running_loop()
         readable = loop.create_future()
-        loop.add_reader(ready.fd, lambda: readable.done() or readable.set_result(None))
+        loop.add_reader(ready.fd, lambda: None if readable.done() else readable.set_result(None))
         try:
             await asyncio.wait_for(readable, timeout)
         except TimeoutError:

@@ -241,8 +241,11 @@ class ProcessIO:
         if self._stdin is not None:
             ours, _ = self._runtime_pipe(0, "stdin", uid, gid)
             stdin_fd = self._stdin
-            self._stdin_pump = Pump("client -> stdin", stdin_fd.fd, ours.fd,
-                                    on_done=lambda: (stdin_fd.close(), ours.close()))
+            def stdin_done() -> None:
+                stdin_fd.close()
+                ours.close()
+
+            self._stdin_pump = Pump("client -> stdin", stdin_fd.fd, ours.fd, on_done=stdin_done)
             self._stdin_pump.start()
 
     def _runtime_pipe(self, index: int, name: str, uid: int, gid: int, nonblocking: bool = True) -> tuple[Fd, Fd]:
@@ -253,7 +256,11 @@ class ProcessIO:
 
     def _copy_output(self, index: int, name: str, sink: _Sink, uid: int, gid: int) -> None:
         ours, _ = self._runtime_pipe(index, name, uid, gid)
-        pump = Pump(f"{name} -> client", ours.fd, sink.acquire(), on_done=lambda: (ours.close(), sink.release()))
+        def done() -> None:
+            ours.close()
+            sink.release()
+
+        pump = Pump(f"{name} -> client", ours.fd, sink.acquire(), on_done=done)
         self._outputs.append(pump)
         pump.start()
 

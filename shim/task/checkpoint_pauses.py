@@ -15,8 +15,9 @@ it paused, sends no Pause of its own, so a State (or any other call) comes betwe
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(eq=False)
@@ -29,7 +30,7 @@ class _Pause:
 class CheckpointPauses:
     """Per task: the pause of the checkpoint in progress, until its Resume. resume(id, why) resumes a task."""
 
-    def __init__(self, resume: Callable[[str, str], Awaitable[None]]) -> None:
+    def __init__(self, resume: Callable[[str, str], Coroutine[Any, Any, None]]) -> None:
         self._resume = resume
         self._pauses: dict[str, _Pause] = {}
         self._resuming: set[asyncio.Task] = set()

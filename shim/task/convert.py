@@ -110,7 +110,7 @@ def mounts(rootfs) -> list[Mount]:
     return [Mount(m.type, m.source, tuple(m.options)) for m in rootfs]
 
 
-def status(state: State) -> int:
+def status(state: State) -> task_pb2.Status:
     return STATUS.get(state.status, task_pb2.UNKNOWN)
 
 
@@ -156,8 +156,7 @@ def checkpoint_options(request, bundle: str):
     request carries; the image goes to the request's path unless an option names another."""
     import json
 
-    from shim.criu.options import (OptionError, from_annotations, from_extension, from_host_config, from_request,
-                                   resolve)
+    from shim.criu.options import OptionError, from_annotations, from_extension, from_host_config, from_request, resolve
 
     layer: dict = {}
     extension: dict[str, str] = {}

@@ -13,7 +13,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from google.protobuf.empty_pb2 import Empty
 
@@ -36,22 +37,28 @@ from shim.reaper import Exit, Reaper
 from shim.task import convert
 from shim.task.checkpoint_pauses import CheckpointPauses
 from shim.task.convert import rpc
-from shim.task.exits import ExitRouter
+from shim.task.exits import ExitRouter, StartWindow
 from shim.ttrpc import Code, TtrpcError
+
+if TYPE_CHECKING:
+    from google.protobuf import any_pb2
+
+    from shim.process.checkpointer import Checkpointer
+    from shim.stdio.process_io import ProcessIO
 
 log = logging.getLogger(__name__)
 EMPTY = Empty()
 
 # Creates a process's stdio: (stdio, container id, uid, gid) -> ProcessIO
-IOFactory = Callable[[Stdio, str, int, int], Awaitable[object]]
+IOFactory = Callable[[Stdio, str, int, int], Awaitable["ProcessIO"]]
 # OOM events of the cgroup of a pid: yields how many happened since the last yield.
-OomWatcher = Callable[[int], AsyncIterator[int]]
+OomWatcher = Callable[[int], AsyncGenerator[int, None]]
 
 
 class TaskService:
     def __init__(self, *, namespace: str, reaper: Reaper, publisher: Publisher, io_factory: IOFactory,
-                 stats: Callable[[int], object] | None = None, oom_watcher: OomWatcher | None = None,
-                 checkpointer: Callable[[], object] | None = None,
+                 stats: Callable[[int], any_pb2.Any] | None = None, oom_watcher: OomWatcher | None = None,
+                 checkpointer: Callable[[], Checkpointer] | None = None,
                  on_shutdown: Callable[[], None] = lambda: None) -> None:
         self.namespace = namespace
         self.reaper = reaper
@@ -60,7 +67,7 @@ class TaskService:
         self.stats = stats
         self.oom_watcher = oom_watcher
         self._make_checkpointer = checkpointer  # -> shim.criu.checkpoint.Checkpointer, made on first use
-        self._checkpointer = None
+        self._checkpointer: Checkpointer | None = None
         self._oom_watches: dict[str, asyncio.Task] = {}
         self.on_shutdown = on_shutdown
         self.containers: dict[str, Container] = {}
@@ -96,7 +103,7 @@ class TaskService:
             raise InvalidArgument("Create needs an id and a bundle")
         options = convert.runtime_options(request.options if request.HasField("options") else None)
         write_settings(os.path.join(request.bundle, RUNTIME_FILE), {
-            "binary": options.binary_name, "root": options.root, "systemd_cgroup": int(options.systemd_cgroup)})
+            "binary": options.binary_name, "root": options.root, "systemd_cgroup": str(int(options.systemd_cgroup))})
         runtime = self._runtime(request.bundle, options)
         stdio = Stdio(request.stdin, request.stdout, request.stderr, request.terminal)
         init = InitProcess(request.id, request.bundle, stdio, runtime=runtime, no_pivot=options.no_pivot_root,
@@ -137,8 +144,8 @@ class TaskService:
             if isinstance(process, ExecProcess):
                 io = await self.io_factory(process.stdio, container.id, *container.io_owner)
                 pid = await process.start(io)
-            else:
-                pid = await process.start()
+            else:  # no exec id: the init
+                pid = await container.init.start()
         except BaseException:
             if request.exec_id:
                 await container.exec_count_changed(-1)
@@ -245,10 +252,8 @@ class TaskService:
             await process.stop_restore()
             container.init_exited = True
             self._process_exited(Exit(0, 128 + request.signal, time.time()), container, process)
-        elif isinstance(process, InitProcess):
-            await process.kill(request.signal, all=request.all)
         else:
-            await process.kill(request.signal)
+            await process.kill(request.signal, all=request.all)
         return EMPTY
 
     @rpc
@@ -355,13 +360,13 @@ class TaskService:
     def _watch_oom(self, container: Container) -> None:
         if self.oom_watcher is None or not container.init.pid:
             return
-        task = asyncio.get_running_loop().create_task(self._publish_ooms(container))
+        task = asyncio.get_running_loop().create_task(self._publish_ooms(container, self.oom_watcher))
         self._oom_watches[container.id] = task
         task.add_done_callback(lambda _: self._oom_watches.pop(container.id, None))
 
-    async def _publish_ooms(self, container: Container) -> None:
+    async def _publish_ooms(self, container: Container, watcher: OomWatcher) -> None:
         try:
-            async with contextlib.aclosing(self.oom_watcher(container.init.pid)) as ooms:
+            async with contextlib.aclosing(watcher(container.init.pid)) as ooms:
                 async for count in ooms:
                     for _ in range(count):
                         self._publish("/tasks/oom", events.TaskOOM(container_id=container.id))
@@ -370,9 +375,11 @@ class TaskService:
 
     # -- exits -----------------------------------------------------------------------------
 
-    def _handle_started(self, window, container: Container, process: Process | None) -> None:
-        for exit in window.started(container, process):
-            self._dispatch_exit(exit, container, process)
+    def _handle_started(self, window: StartWindow, container: Container, process: Process | None) -> None:
+        exits = window.started(container, process)  # none without a process
+        if process is not None:
+            for exit in exits:
+                self._dispatch_exit(exit, container, process)
 
     def _on_exit(self, exit: Exit) -> None:
         for container, process in self.exits.route(exit):

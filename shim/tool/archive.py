@@ -24,7 +24,7 @@ import sys
 import tarfile
 import time
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from shim.tool import tarsafe
 from shim.tool.errors import ToolError, from_os
@@ -128,9 +128,11 @@ def write(directory: str, target: str, *, progress: Progress | None = None) -> i
     try:
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "wb") as raw:
-            counted = _Counting(raw, progress)
+            # _Counting has what tarfile's stream mode and the compressors use of a binary file: write, flush.
+            counted = cast(BinaryIO, _Counting(raw, progress))
+            stream: BinaryIO
             if compression == "gzip":
-                stream = gzip.GzipFile(fileobj=counted, mode="wb", compresslevel=6, mtime=0)
+                stream = cast(BinaryIO, gzip.GzipFile(fileobj=counted, mode="wb", compresslevel=6, mtime=0))
             elif compression == "zstd":
                 stream = _zstd().ZstdCompressor(level=3).stream_writer(counted, closefd=False)
             else:
@@ -179,7 +181,7 @@ def _open_stream(path: str) -> BinaryIO:
     magic = raw.read(4)
     raw.seek(0)
     if magic.startswith(GZIP_MAGIC):
-        return gzip.GzipFile(fileobj=raw, mode="rb")
+        return cast(BinaryIO, gzip.GzipFile(fileobj=raw, mode="rb"))  # a binary file, as tarfile reads one
     if magic == ZSTD_MAGIC:
         return _zstd().ZstdDecompressor().stream_reader(raw, closefd=True)
     return raw

@@ -149,15 +149,15 @@ def _complete(staging: str, client: ContainerdClient, record, task, chosen: dict
             os.chmod(os.path.join(staging, name), 0o600)
     spec = json.loads(record.spec.value) if record.spec.value else {}
     _write_json(os.path.join(staging, archive.SPEC_DUMP), spec)
-    created = record.created_at.ToDatetime(tzinfo=datetime.timezone.utc) if record.HasField("created_at") else None
+    created = record.created_at.ToDatetime(tzinfo=datetime.UTC) if record.HasField("created_at") else None
     _write_json(os.path.join(staging, archive.CONFIG_DUMP), {
         "id": record.id,
         "name": record.id,
         "rootfsImageName": record.image,
         "rootfsImageRef": record.image,
         "runtime": os.path.basename(pyshim_record.get("runtime") or "runc"),
-        "createdTime": (created or datetime.datetime.now(datetime.timezone.utc)).isoformat().replace("+00:00", "Z"),
-        "checkpointedTime": datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z"),
+        "createdTime": (created or datetime.datetime.now(datetime.UTC)).isoformat().replace("+00:00", "Z"),
+        "checkpointedTime": datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z"),
         "containerdRuntime": record.runtime.name,
         "namespace": client.namespace,
         "snapshotter": record.snapshotter,

@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TypeAlias, TypeVar
 
 import grpc
 from google.protobuf.any_pb2 import Any
@@ -40,6 +41,10 @@ MEDIA_CHECKPOINT_CONFIG = "application/vnd.containerd.container.checkpoint.confi
 # The type URL containerd's typeurl package gives an OCI runtime spec (a container record's `spec`).
 SPEC_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Spec"
 CHUNK = 1 << 20
+_Reply = TypeVar("_Reply", bound=Message)
+# The records, for annotations inside ContainerdClient (whose containers() and images() hide the modules' names).
+ContainerRecord: TypeAlias = containers.Container
+ImageRecord: TypeAlias = images.Image
 
 
 def pack(message: Message) -> Any:
@@ -63,20 +68,20 @@ class ContainerdClient:
         self.channel = grpc.insecure_channel(f"unix://{address}")
         self.namespace = namespace
         self.namespace_metadata = (("containerd-namespace", namespace),)
-        self.metadata = self.namespace_metadata
+        self.metadata: tuple[tuple[str, str], ...] = self.namespace_metadata  # and a lease's, inside lease()
         self.timeout = timeout
         self.lease_prefix = lease_prefix
 
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> "ContainerdClient":
+    def __enter__(self) -> ContainerdClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _unary(self, method: str, request: Message, reply: type[Message], timeout: float | None = None) -> Message:
+    def _unary(self, method: str, request: Message, reply: type[_Reply], timeout: float | None = None) -> _Reply:
         call = self.channel.unary_unary(method, request_serializer=type(request).SerializeToString,
                                         response_deserializer=reply.FromString)
         return call(request, metadata=self.metadata, timeout=timeout or self.timeout)
@@ -104,16 +109,16 @@ class ContainerdClient:
 
     # --- containers and snapshots ----------------------------------------------------------------------------
 
-    def container(self, container_id: str) -> containers.Container:
+    def container(self, container_id: str) -> ContainerRecord:
         return self._unary("/containerd.services.containers.v1.Containers/Get",
                            containers.GetContainerRequest(id=container_id), containers.GetContainerResponse).container
 
-    def containers(self, *filters: str) -> list[containers.Container]:
+    def containers(self, *filters: str) -> list[ContainerRecord]:
         return list(self._unary("/containerd.services.containers.v1.Containers/List",
                                 containers.ListContainersRequest(filters=list(filters)),
                                 containers.ListContainersResponse).containers)
 
-    def create_container(self, record: containers.Container) -> containers.Container:
+    def create_container(self, record: ContainerRecord) -> ContainerRecord:
         return self._unary("/containerd.services.containers.v1.Containers/Create",
                            containers.CreateContainerRequest(container=record),
                            containers.CreateContainerResponse).container
@@ -152,7 +157,7 @@ class ContainerdClient:
 
     # --- images ----------------------------------------------------------------------------------------------
 
-    def image(self, name: str) -> images.Image:
+    def image(self, name: str) -> ImageRecord:
         return self._unary("/containerd.services.images.v1.Images/Get", images.GetImageRequest(name=name),
                            images.GetImageResponse).image
 
@@ -210,7 +215,7 @@ class ContainerdClient:
         data = bytearray()
         for chunk in call(content.ReadContentRequest(digest=digest), metadata=self.metadata, timeout=self.timeout):
             if chunk.offset != len(data):
-                raise IOError(f"content {digest}: chunk at offset {chunk.offset}, expected {len(data)}")
+                raise OSError(f"content {digest}: chunk at offset {chunk.offset}, expected {len(data)}")
             data += chunk.data
         return bytes(data)
 
@@ -231,11 +236,11 @@ class ContainerdClient:
         call = self.channel.stream_stream("/containerd.services.content.v1.Content/Write",
                                           request_serializer=content.WriteContentRequest.SerializeToString,
                                           response_deserializer=content.WriteContentResponse.FromString)
-        last = None
-        for last in call(requests(), metadata=self.metadata, timeout=self.timeout):
-            pass
+        last = None  # the server's final reply
+        for reply in call(requests(), metadata=self.metadata, timeout=self.timeout):
+            last = reply
         if last is None or last.action != content.COMMIT or last.digest != digest:
-            raise IOError(f"content write {ref}: not committed as {digest} (last reply: {last})")
+            raise OSError(f"content write {ref}: not committed as {digest} (last reply: {last})")
         return Blob(media_type, digest, len(data))
 
     def write_file(self, path: str, media_type: str, ref: str, labels: dict[str, str] | None = None,
@@ -263,11 +268,11 @@ class ContainerdClient:
         call = self.channel.stream_stream("/containerd.services.content.v1.Content/Write",
                                           request_serializer=content.WriteContentRequest.SerializeToString,
                                           response_deserializer=content.WriteContentResponse.FromString)
-        last = None
-        for last in call(requests(), metadata=self.metadata, timeout=max(self.timeout, total / (20 << 20))):
-            pass
+        last = None  # the server's final reply
+        for reply in call(requests(), metadata=self.metadata, timeout=max(self.timeout, total / (20 << 20))):
+            last = reply
         if last is None or last.action != content.COMMIT or last.digest != digest:
-            raise IOError(f"content write {ref}: not committed as {digest} (last reply: {last})")
+            raise OSError(f"content write {ref}: not committed as {digest} (last reply: {last})")
         return Blob(media_type, digest, total)
 
     def read_to_file(self, digest: str, path: str, progress=None) -> int:
@@ -280,14 +285,14 @@ class ContainerdClient:
         with os.fdopen(fd, "wb") as f:
             for chunk in call(content.ReadContentRequest(digest=digest), metadata=self.metadata, timeout=None):
                 if chunk.offset != written:
-                    raise IOError(f"content {digest}: chunk at offset {chunk.offset}, expected {written}")
+                    raise OSError(f"content {digest}: chunk at offset {chunk.offset}, expected {written}")
                 f.write(chunk.data)
                 written += len(chunk.data)
                 if progress is not None:
                     progress.add(len(chunk.data))
         return written
 
-    def images(self, *filters: str) -> list[images.Image]:
+    def images(self, *filters: str) -> list[ImageRecord]:
         return list(self._unary("/containerd.services.images.v1.Images/List",
                                 images.ListImagesRequest(filters=list(filters)), images.ListImagesResponse).images)
 
@@ -295,7 +300,7 @@ class ContainerdClient:
         self._unary("/containerd.services.images.v1.Images/Delete", images.DeleteImageRequest(name=name, sync=True),
                     Empty)
 
-    def create_image(self, name: str, target: Blob, labels: dict[str, str] | None = None) -> images.Image:
+    def create_image(self, name: str, target: Blob, labels: dict[str, str] | None = None) -> ImageRecord:
         record = images.Image(name=name, target=target.descriptor(), labels=labels or {})
         return self._unary("/containerd.services.images.v1.Images/Create", images.CreateImageRequest(image=record),
                            images.CreateImageResponse).image

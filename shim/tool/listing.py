@@ -16,7 +16,8 @@ from shim.tool.store import Store
 def _summary(path: str) -> dict:
     """Name, container, image, when and size of a checkpoint in the store, from its config.dump (directories) or
     the archive's size alone (archives are not unpacked to be listed)."""
-    entry = {"name": os.path.basename(path), "path": path, "kind": "directory" if os.path.isdir(path) else "archive"}
+    entry: dict[str, str | int] = {"name": os.path.basename(path), "path": path,
+                                   "kind": "directory" if os.path.isdir(path) else "archive"}
     if os.path.isdir(path):
         try:
             with open(os.path.join(path, archive.CONFIG_DUMP)) as f:
@@ -58,7 +59,7 @@ def list_store(args) -> int:
               archive.human_size(e["size"])) for e in entries]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
     return 0
 
 

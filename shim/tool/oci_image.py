@@ -37,7 +37,7 @@ def create(client: ContainerdClient, staging: str, name: str, *, container_id: s
         with client.lease():
             layer = client.write_file(layer_path, MEDIA_LAYER, ref=f"pyshim-checkpoint-layer-{os.getpid()}",
                                       labels={})
-            now = datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+            now = datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
             config = {"created": now, "architecture": _arch(), "os": "linux",
                       "rootfs": {"type": "layers", "diff_ids": [layer.digest]}, "config": {},
                       "history": [{"created": now, "created_by": f"pyshim checkpoint create {container_id}"}]}

@@ -22,7 +22,7 @@ class Store:
     root: str
 
     @classmethod
-    def default(cls, given: str | None = None) -> "Store":
+    def default(cls, given: str | None = None) -> Store:
         return cls(os.path.abspath(given or os.environ.get(ENV) or DEFAULT))
 
     def ensure(self) -> None:

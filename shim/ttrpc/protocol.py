@@ -14,7 +14,14 @@ from google.protobuf.message import DecodeError
 from shim.api.ttrpc.request_pb2 import KeyValue, Request, Response
 from shim.api.ttrpc.status_pb2 import Status
 from shim.ttrpc.framing import (
-    MAX_PAYLOAD, Flags, Frame, FrameReader, FrameTooLarge, FrameType, OversizedFrame, encode_frame,
+    MAX_PAYLOAD,
+    Flags,
+    Frame,
+    FrameReader,
+    FrameTooLarge,
+    FrameType,
+    OversizedFrame,
+    encode_frame,
 )
 from shim.ttrpc.status import Code, TtrpcError
 

@@ -13,6 +13,7 @@ import os
 import socket
 import struct
 from dataclasses import dataclass, field
+from typing import cast
 
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
@@ -106,13 +107,14 @@ class _ServerConnection(asyncio.Protocol):
         self.disconnected: asyncio.Future = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        stream = cast(asyncio.Transport, transport)  # a unix stream server's transports are read-write Transports
+        self.transport = stream
         allowed = self.server.allowed_peer
         if allowed is not None:
             pid, uid, gid = peer_credentials(transport.get_extra_info("socket"))
             if (uid, gid) != allowed:
                 log.warning("refused ttrpc peer pid %d: uid %d gid %d, want %d %d", pid, uid, gid, *allowed)
-                transport.abort()
+                stream.abort()
                 return
         self.server._connections.add(self)
 

@@ -104,7 +104,8 @@ V2_FILES = {
         "usage_usec 2000\nuser_usec 1500\nsystem_usec 500\ncore_sched.force_idle_usec 0\n"
         "nr_periods 7\nnr_throttled 3\nthrottled_usec 900\nnr_bursts 1\nburst_usec 10\n"
     ),
-    "cpu.pressure": "some avg10=1.50 avg60=0.25 avg300=0.00 total=12345\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=7\n",
+    "cpu.pressure": "some avg10=1.50 avg60=0.25 avg300=0.00 total=12345\n"
+                    "full avg10=0.00 avg60=0.00 avg300=0.00 total=7\n",
     "memory.stat": (
         "anon 8192\nfile 4096\nkernel 1024\nkernel_stack 16384\npagetables 0\nsec_pagetables 0\n"
         "percpu 0\nsock 0\nvmalloc 0\nshmem 0\nzswap 0\nzswapped 0\nfile_mapped 1024\n"
@@ -123,8 +124,10 @@ V2_FILES = {
     "memory.swap.current": "0\n",
     "memory.swap.max": "1048576\n",
     "memory.events": "low 0\nhigh 0\nmax 2\noom 1\noom_kill 1\noom_group_kill 0\n",
-    "memory.pressure": "some avg10=0.00 avg60=0.00 avg300=0.00 total=0\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n",
-    "io.stat": "8:0 rbytes=4096 wbytes=8192 rios=1 wios=2 dbytes=0 dios=0\n254:0 rbytes=1 wbytes=0 rios=1 wios=0 dbytes=0 dios=0\n",
+    "memory.pressure": "some avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
+                       "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n",
+    "io.stat": "8:0 rbytes=4096 wbytes=8192 rios=1 wios=2 dbytes=0 dios=0\n"
+               "254:0 rbytes=1 wbytes=0 rios=1 wios=0 dbytes=0 dios=0\n",
     "io.pressure": "some avg10=0.00 avg60=0.00 avg300=0.00 total=55\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=44\n",
     "hugetlb.2MB.current": "2097152\n",
     "hugetlb.2MB.max": "max\n",

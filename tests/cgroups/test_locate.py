@@ -1,7 +1,6 @@
 import pytest
 
 from shim.cgroups.locate import CgroupNotFound, Mode, V1Cgroup, V2Cgroup, detect_mode, find_cgroup
-
 from tests.cgroups.fake import CONTAINER, PID, fake_proc, v1_tree, v2_tree, write_tree
 
 

@@ -7,7 +7,6 @@ import pytest
 from shim.api.containerd.cgroups.v1 import metrics_pb2 as v1_pb
 from shim.api.containerd.cgroups.v2 import metrics_pb2 as v2_pb
 from shim.cgroups import V1_TYPE_URL, V2_TYPE_URL, CgroupNotFound, V2Cgroup, collect, metrics_for_pid
-
 from tests.cgroups.fake import PID, v1_tree, v2_tree
 
 

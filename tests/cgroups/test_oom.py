@@ -33,7 +33,8 @@ def test_counter_baseline():
 
 
 def test_parse_inotify_events():
-    raw = struct.pack("iIII", 1, IN_MODIFY, 0, 0) + struct.pack("iIII", 2, IN_IGNORED, 0, 16) + b"name\0".ljust(16, b"\0")
+    raw = (struct.pack("iIII", 1, IN_MODIFY, 0, 0)
+           + struct.pack("iIII", 2, IN_IGNORED, 0, 16) + b"name\0".ljust(16, b"\0"))
     assert parse_events(raw) == [Event(1, IN_MODIFY, ""), Event(2, IN_IGNORED, "name")]
     assert parse_events(raw[:10]) == []
 

@@ -1,3 +1,5 @@
+import pytest
+
 from shim.cgroups.parse import (
     UINT32_MAX,
     UINT64_MAX,
@@ -17,8 +19,6 @@ from shim.cgroups.parse import (
     parse_uint,
     parse_uint_list,
 )
-
-import pytest
 
 
 def test_single_values():
@@ -65,7 +65,8 @@ def test_pressure():
 
 def test_blkio_lines():
     text = "8:0 Read 4096\n8:0 Write 8192\n8:16 Total 1\nTotal 12288\n"
-    assert parse_blkio(text) == [BlkioLine(8, 0, "Read", 4096), BlkioLine(8, 0, "Write", 8192), BlkioLine(8, 16, "Total", 1)]
+    assert parse_blkio(text) == [BlkioLine(8, 0, "Read", 4096), BlkioLine(8, 0, "Write", 8192),
+                                 BlkioLine(8, 16, "Total", 1)]
     # sectors_recursive and time_recursive have no op column
     assert parse_blkio("8:0 1024\n") == [BlkioLine(8, 0, "", 1024)]
     assert parse_blkio("Total 0\n") == []

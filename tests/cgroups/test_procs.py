@@ -1,7 +1,6 @@
 import pytest
 
 from shim.cgroups import CgroupNotFound, join
-
 from tests.cgroups.fake import v1_tree, v2_tree, write_tree
 
 
@@ -38,8 +37,8 @@ def test_join_like_moves_into_the_source_cgroups_hierarchy_by_hierarchy(tmp_path
     from shim.cgroups.procs import join_like
 
     base = tmp_path / "sys"
-    for hierarchy, path in (("memory", "system.slice/containerd.service"), ("pids", "system.slice/containerd.service"),
-                            ("systemd", "system.slice/containerd.service"), ("unified", "system.slice/containerd.service"),
+    service = "system.slice/containerd.service"
+    for hierarchy, path in (("memory", service), ("pids", service), ("systemd", service), ("unified", service),
                             ("cpu,cpuacct", "")):
         write_tree(base / hierarchy / path, {"cgroup.procs": ""})
     decoy = tmp_path / "criu-yard" / "memory"  # another mount of the memory hierarchy

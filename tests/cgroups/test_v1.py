@@ -1,6 +1,5 @@
 from shim.cgroups.locate import V1Cgroup, find_cgroup
 from shim.cgroups.v1 import MEMORY_STAT_FIELDS, v1_metrics
-
 from tests.cgroups.fake import PID, v1_tree
 
 
@@ -30,7 +29,8 @@ def test_memory(tmp_path):
     assert memory.hierarchical_memory_limit == 104857600
     assert memory.hierarchical_swap_limit == 209715200
     assert memory.total_rss == 8192 and memory.total_inactive_file == 2048
-    assert (memory.usage.usage, memory.usage.max, memory.usage.limit, memory.usage.failcnt) == (12288, 65536, 104857600, 4)
+    usage = memory.usage
+    assert (usage.usage, usage.max, usage.limit, usage.failcnt) == (12288, 65536, 104857600, 4)
     assert (memory.swap.usage, memory.swap.limit) == (12288, 209715200)
     assert (memory.kernel.usage, memory.kernel.limit) == (512, 9223372036854771712)
     assert memory.HasField("kernel_tcp")  # absent files: entry present with zeros
@@ -72,7 +72,8 @@ def test_blkio_prefers_recursive_files(tmp_path):
 
 def test_hugetlb(tmp_path):
     hugetlb = metrics(tmp_path).hugetlb
-    assert [(h.pagesize, h.usage, h.max, h.failcnt) for h in hugetlb] == [("2MB", 2097152, 4194304, 1), ("1GB", 0, 0, 0)]
+    assert [(h.pagesize, h.usage, h.max, h.failcnt) for h in hugetlb] == [("2MB", 2097152, 4194304, 1),
+                                                                          ("1GB", 0, 0, 0)]
 
 
 def test_missing_controllers_and_files_are_skipped(tmp_path):

@@ -1,7 +1,6 @@
 from shim.cgroups.locate import V2Cgroup, find_cgroup
 from shim.cgroups.parse import UINT32_MAX, UINT64_MAX
 from shim.cgroups.v2 import MEMORY_STAT_FIELDS, v2_metrics
-
 from tests.cgroups.fake import PID, v2_tree
 
 

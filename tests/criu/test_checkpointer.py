@@ -9,7 +9,7 @@ import pycriu.images
 import pytest
 
 from shim.criu import checkpoint
-from shim.criu.checkpoint import CheckpointFailed, Checkpointer, forget_frozen_freezer
+from shim.criu.checkpoint import Checkpointer, CheckpointFailed, forget_frozen_freezer
 from shim.criu.plan import ContainerFacts
 from shim.errors import FailedPrecondition, InvalidArgument
 from shim.reaper import Reaper

@@ -9,7 +9,6 @@ import pytest
 from shim.criu.image_check import PAGE_SIZE, PE_LAZY, PE_PARENT, PE_PRESENT, ImageDamaged, check
 
 
-
 def codec():
     from shim.criu import bindings
     from shim.errors import Unavailable

@@ -35,7 +35,8 @@ def test_only_the_restoring_containers_annotations_ask_for_it(monkeypatch):
     assert lazy_request({"io.pyshim.checkpoint.lazy-pages": "false"}) is None
     local = lazy_request({"io.pyshim.checkpoint.lazy-pages": "true"})
     assert local is not None and local.page_server_address is None
-    remote = lazy_request({"io.pyshim.checkpoint.lazy-pages": "true", "io.pyshim.checkpoint.page-server": "10.0.0.2:27"})
+    remote = lazy_request({"io.pyshim.checkpoint.lazy-pages": "true",
+                           "io.pyshim.checkpoint.page-server": "10.0.0.2:27"})
     assert remote.page_server_address == ("10.0.0.2", 27)
 
 

@@ -11,7 +11,7 @@ import pycriu.images
 import pytest
 
 from shim.criu import checkpoint, netlock
-from shim.criu.checkpoint import CheckpointFailed, Checkpointer
+from shim.criu.checkpoint import Checkpointer, CheckpointFailed
 from shim.criu.netlock import Lock
 from shim.criu.options import CheckpointOptions
 from shim.criu.plan import ContainerFacts

@@ -6,7 +6,11 @@ import pytest
 
 from shim.criu.options import CheckpointOptions, OptionError, from_annotations, from_request, resolve
 from shim.criu.plan import (
-    ContainerFacts, dump_request, restore_config, runtime_checkpoint_args, runtime_restore_args,
+    ContainerFacts,
+    dump_request,
+    restore_config,
+    runtime_checkpoint_args,
+    runtime_restore_args,
 )
 
 FACTS = ContainerFacts(rootfs="/run/b/rootfs", pid=4242)

@@ -13,7 +13,12 @@ import pytest
 from shim.criu.images import RECORD
 from shim.criu.options import CheckpointOptions
 from shim.criu.tcp import (
-    Connection, established, network_namespace_path, network_record, refuse_lost_connections, unrestorable,
+    Connection,
+    established,
+    network_namespace_path,
+    network_record,
+    refuse_lost_connections,
+    unrestorable,
 )
 from shim.errors import FailedPrecondition
 

@@ -8,7 +8,7 @@ import pytest
 
 from shim.stdio import ProcessIO, StdioConfig, StdioError
 from shim.stdio.console import window_size
-from tests.stdio.helpers import fifos, reaping, read_to_eof, run
+from tests.stdio.helpers import fifos, read_to_eof, reaping, run
 
 IDS = {"container_id": "c1", "namespace": "default"}
 

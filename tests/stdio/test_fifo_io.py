@@ -7,7 +7,7 @@ import stat
 import pytest
 
 from shim.stdio import ProcessIO, StdioConfig, StdioError
-from tests.stdio.helpers import fifos, reaping, read_to_eof, run, run_child, write_and_close
+from tests.stdio.helpers import fifos, read_to_eof, reaping, run, run_child, write_and_close
 
 ME = {"uid": os.getuid(), "gid": os.getgid()}
 IDS = {"container_id": "c1", "namespace": "default"}

@@ -13,10 +13,13 @@ LOCK = Lock("nftables", "c639771c-6ce9-4760-99b2-972a7ba41aad", "/var/run/netns/
 
 @dataclass
 class Result:
+    """A checkpoint's outcome as shim.process.checkpointer.CheckpointOutcome has it."""
+
     image_path: str = "/images"
     stats: dict = None
     stopped: bool = True
     network_lock: Lock | None = None
+    completion: None = None  # not a lazy dump
 
 
 class FakeCheckpointer:

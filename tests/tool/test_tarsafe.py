@@ -39,7 +39,8 @@ def extract_all(tar: tarfile.TarFile, destination, data: bool, use_filters: bool
 @pytest.mark.parametrize("use_filters", WAYS)
 def test_plain_files_and_inner_links_are_extracted(tmp_path, use_filters):
     tar = archive((entry("dir", tarfile.DIRTYPE, mode=0o755), None), (entry("dir/file"), b"content"),
-                  (entry("dir/link", tarfile.SYMTYPE, "file"), None), (entry("hard", tarfile.LNKTYPE, "dir/file"), None))
+                  (entry("dir/link", tarfile.SYMTYPE, "file"), None),
+                  (entry("hard", tarfile.LNKTYPE, "dir/file"), None))
     extract_all(tar, tmp_path, data=True, use_filters=use_filters)
     assert (tmp_path / "dir/file").read_bytes() == b"content"
     assert os.readlink(tmp_path / "dir/link") == "file"

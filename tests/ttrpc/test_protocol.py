@@ -1,7 +1,12 @@
 from shim.api.ttrpc.request_pb2 import Request, Response
 from shim.ttrpc.framing import HEADER, FrameReader, FrameType, encode_frame
 from shim.ttrpc.protocol import (
-    ClientProtocol, ProtocolViolation, RequestReceived, ResponseFailed, ResponseReceived, ServerProtocol,
+    ClientProtocol,
+    ProtocolViolation,
+    RequestReceived,
+    ResponseFailed,
+    ResponseReceived,
+    ServerProtocol,
     StreamRejected,
 )
 from shim.ttrpc.status import Code
