@@ -58,7 +58,7 @@ def test_a_full_disk_fails_the_checkpoint_with_the_cause_and_leaves_the_task_run
                 "failed": result.returncode != 0,
                 "says no space": "No space left on device" in result.stderr,
                 "status": task_status(containerd, container_id),
-                "counting": wait_counter(path, lambda v: v > before + 3) > before,
+                "counting": wait_counter(path, lambda v, floor=before: v > floor + 3) > before,
                 "left in the file system": sorted(str(p.relative_to(small_tmpfs)) for p in small_tmpfs.rglob("*")),
             }
             print(f"{runtime}: {outcomes[runtime]} ({result.stderr.strip()[:300]})")

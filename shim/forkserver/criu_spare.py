@@ -136,7 +136,8 @@ def _fork_waiting(sock, listener, taken_r: int, taken_w: int) -> int:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         sock.close()
         os.close(taken_r)
-        from shim.criu.worker import main as worker_main, prepare
+        from shim.criu.worker import main as worker_main
+        from shim.criu.worker import prepare
 
         runner = prepare()  # its session and event loop, made now rather than on the checkpoint's path
         while True:
