@@ -256,8 +256,20 @@ DRIVER = textwrap.dedent("""
         out["cwd"] = os.readlink(f"/proc/{pid}/cwd")
         out["ppid_is_server"] = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]) == server
         out["fds"] = sorted(os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd"))
-        server_fds = [os.readlink(f"/proc/{server}/fd/{fd}") for fd in os.listdir(f"/proc/{server}/fd")]
-        out["server_sockets"] = [fd for fd in server_fds if fd.startswith("socket:")]
+
+        def server_sockets():
+            fds = []
+            for fd in os.listdir(f"/proc/{server}/fd"):
+                try:
+                    fds.append(os.readlink(f"/proc/{server}/fd/{fd}"))
+                except OSError:  # closed meanwhile
+                    pass
+            return [fd for fd in fds if fd.startswith("socket:")]
+
+        # The fork server holds what a hand-over passed it (the bound listener, the connection) until its spare has
+        # them: wait until it has let go, bounded; a fork server that kept them shares them for good.
+        wait_for(lambda: not set(server_sockets()) & set(out["fds"]), 5)
+        out["server_sockets"] = server_sockets()
 
         async def talk():
             from shim.api.containerd.task.v2 import shim_pb2 as task
