@@ -32,6 +32,7 @@ from shim.forkserver import wire
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing, which the fork server does not need
 if TYPE_CHECKING:
     import socket
+    from collections.abc import Callable
 
 IDLE_TIMEOUT = 600.0  # seconds without a request, then exit
 CHECK_INTERVAL = 5.0  # how often the code on disk is compared with what was imported
@@ -270,33 +271,19 @@ class ForkServer:
         _wait(intermediate)
 
     def _make_spare(self) -> None:
-        import socket
-
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         server_pid = os.getpid()
-        try:
-            intermediate = os.fork()
-        except OSError:
-            ours.close()
-            theirs.close()
-            raise
-        if intermediate == 0:
-            try:
-                self._listening().detach()  # see _handle
-                ours.detach()
-                if os.fork() == 0:
-                    _spare_main(theirs, server_pid)
-            finally:
-                os._exit(0)
-        theirs.close()
-        _wait(intermediate)
-        self.spare = ours
-        self.poller.register(ours.fileno(), select.POLLIN)
+        self.spare = self._fork_detached(lambda theirs: _spare_main(theirs, server_pid))
 
     def _make_criu_spare(self) -> None:
-        import socket
-
         from shim.forkserver import criu_spare
+
+        path = criu_spare.socket_path(self.directory, self.key)
+        self.criu_spare = self._fork_detached(lambda theirs: criu_spare.main(theirs, path, _close_all_but, _mark_as))
+
+    def _fork_detached(self, child_main: Callable[[socket.socket], object]) -> socket.socket:
+        """Double-fork a detached process that runs child_main on its end of a new socketpair (it never returns
+        here: the intermediate exits); our end, watched by the poller, tells when the process is gone."""
+        import socket
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -310,14 +297,13 @@ class ForkServer:
                 self._listening().detach()  # see _handle
                 ours.detach()
                 if os.fork() == 0:
-                    criu_spare.main(theirs, criu_spare.socket_path(self.directory, self.key), _close_all_but,
-                                    _mark_as)
+                    child_main(theirs)
             finally:
                 os._exit(0)
         theirs.close()
         _wait(intermediate)
-        self.criu_spare = ours
         self.poller.register(ours.fileno(), select.POLLIN)
+        return ours
 
     def _drop_criu_spare(self) -> None:
         """Forget the checkpoint spare (it exits on EOF) and remove its socket: a dead spare's socket would only
