@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 from shim.criu import bindings, external_unix, images, netlock
 from shim.criu.errors import CriuError, CriuMissing
-from shim.criu.log import quote
+from shim.criu.log import keep, quote
 from shim.criu.options import CheckpointOptions, as_record
 from shim.criu.plan import ContainerFacts, dump_request, facts_from_bundle, runtime_checkpoint_args
 from shim.criu.rpc import CriuRpc, CriuVersion
@@ -113,7 +113,7 @@ class Checkpointer:
                 await self._dump(container_id, runtime, options, facts, partial, work, ready)
             # With a work directory CRIU writes its log and statistics there: keep both with the image.
             for name in ("dump.log", "stats-dump"):
-                _copy(os.path.join(work, name), os.path.join(partial.path, name))
+                keep(os.path.join(work, name), os.path.join(partial.path, name))
             forget_frozen_freezer(partial.path)
             stats = read_stats(partial.path)
             network = network_record(partial.path, external_netns=facts.external_namespaces.get("network"),
@@ -127,7 +127,7 @@ class Checkpointer:
             })
         except BaseException as exc:
             partial.discard()
-            kept = _copy(os.path.join(work, "dump.log"), os.path.join(bundle, "criu-dump.log"))
+            kept = keep(os.path.join(work, "dump.log"), os.path.join(bundle, "criu-dump.log"))
             # A dead CRIU leaves the cgroup thawed whatever it found: a paused task (containerd
             # pauses every task it checkpoints) must stay paused for the Resume that follows.
             # Asked now, not at the start: a lazy dump fails after containerd's Resume.
@@ -310,15 +310,6 @@ async def _destroy(runtime: OciRuntime, container_id: str) -> None:
         await runtime.delete(container_id, force=True)
     except RuntimeFailed as exc:
         log.warning("removing %s's runtime state after its checkpoint failed: %s", container_id, exc)
-
-
-def _copy(source: str, destination: str) -> str | None:
-    try:
-        shutil.copyfile(source, destination)
-        os.chmod(destination, 0o600)
-        return destination
-    except OSError:
-        return None
 
 
 def _runtime_failure(error: RuntimeFailed, kept_log: str | None) -> str:

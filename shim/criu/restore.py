@@ -21,7 +21,7 @@ import tempfile
 from shim import unmount
 from shim.cgroups import made as made_cgroups
 from shim.criu import image_check, images, loopback, netlock
-from shim.criu.log import quote
+from shim.criu.log import keep, quote
 from shim.criu.options import (
     CheckpointOptions,
     OptionError,
@@ -34,6 +34,7 @@ from shim.criu.options import (
 from shim.criu.plan import CRIU_CONFIG_ANNOTATION, DEFAULT_RUNC_CRIU_CONFIG, restore_config, runtime_restore_args
 from shim.criu.tcp import refuse_lost_connections
 from shim.errors import InvalidArgument, ShimError, Unavailable
+from shim.fdwait import readable
 from shim.layout import write_atomically
 from shim.oci.runner import RuntimeFailed
 from shim.oci.runtime import OciRuntime, is_gone
@@ -135,7 +136,8 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
         # with the call (shim.spawn.wait_or_kill), and what they left goes as after a failure.
         if daemon is not None:
             await daemon.stop()
-        kept = _keep_log(work, bundle)
+        kept = keep(os.path.join(work, "restore.log"), os.path.join(bundle, "criu-restore.log"),
+                    max_bytes=KEPT_LOG_BYTES)
         await _clean_failed_restore(runtime, container_id, cgroups_path, cgroups_before)
         await netlock.after_failed_restore(runtime.run.reaper, watched_lock)  # CRIU locked and did not unlock
         if isinstance(exc, asyncio.CancelledError):
@@ -312,13 +314,7 @@ def _kill_restoring_criu(container_id: str) -> None:
 
 async def _read_once(fd: int) -> bytes:
     """One read of a non-blocking pipe, waiting until it is readable (b"" at EOF)."""
-    loop = asyncio.get_running_loop()
-    readable = loop.create_future()
-    loop.add_reader(fd, lambda: None if readable.done() else readable.set_result(None))
-    try:
-        await readable
-    finally:
-        loop.remove_reader(fd)
+    await readable(fd)
     return os.read(fd, 1)
 
 
@@ -365,27 +361,6 @@ def _remove_unfinished_state(state: str) -> None:
             log.warning("cannot remove %s left by a failed restore: %s", path, exc)
     with contextlib.suppress(OSError):
         os.rmdir(state)
-
-
-def _keep_log(work: str, bundle: str) -> str | None:
-    """The restore's log kept in the bundle, its two ends only when it is huge: a CRIU that looped until the
-    timeout (a damaged image the checks did not catch) logs tens of MB a second."""
-    source, kept = os.path.join(work, "restore.log"), os.path.join(bundle, "criu-restore.log")
-    try:
-        with open(source, "rb") as log:
-            size = os.fstat(log.fileno()).st_size
-            fd = os.open(kept, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "wb") as copy:
-                if size <= KEPT_LOG_BYTES:
-                    shutil.copyfileobj(log, copy)
-                else:
-                    copy.write(log.read(KEPT_LOG_BYTES // 2))
-                    copy.write(f"\n[pyshim: {size - KEPT_LOG_BYTES} bytes of this {size}-byte log left out]\n".encode())
-                    log.seek(size - KEPT_LOG_BYTES // 2)
-                    shutil.copyfileobj(log, copy)
-        return kept
-    except OSError:
-        return None
 
 
 def _config(bundle: str) -> dict:
