@@ -105,7 +105,7 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
     work = work_path or tempfile.mkdtemp(prefix="criu-restore-", dir=bundle)
     images.private_dir(work)
     annotations = config.get("annotations") or {}
-    user_config = annotations.get(CRIU_CONFIG_ANNOTATION, DEFAULT_RUNC_CRIU_CONFIG) or None
+    user_config = read_user_criu_config(annotations.get(CRIU_CONFIG_ANNOTATION, DEFAULT_RUNC_CRIU_CONFIG))
     criu_config = os.path.join(work, "pyshim-criu.conf")
     raises_loopback = creates_network_namespace(config)
     images.write_private(criu_config, restore_config(
@@ -164,6 +164,18 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
         daemon.serve_for(options.timeout)
     await netlock.after_restore(runtime.run.reaper, images.read_record(image_path), config)
     return options
+
+
+def read_user_criu_config(path: str) -> str:
+    """The text of the CRIU configuration file the container names (org.criu.config; "" for none) or runc's
+    default one; "" when it does not exist, which CRIU ignores too."""
+    if not path:
+        return ""
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
 
 
 def _v2_cgroup_root(container_id: str, config: dict) -> str:
