@@ -55,7 +55,7 @@ def nft_tables(namespace: str | None) -> list[tuple[str, str]]:
     (pyroute2) where nft is not installed."""
     if shutil.which("nft"):
         return netlock.nft_tables(_run_in(namespace, ["nft", "list", "tables"]))
-    return netlock._nft_list(refs.path_of(namespace) if namespace else "/proc/self/ns/net")
+    return netlock.nft_list(refs.path_of(namespace) if namespace else "/proc/self/ns/net")
 
 
 def criu_locks(namespace: str | None) -> list[str]:

@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import tempfile
+from collections.abc import Callable
 
 from shim import unmount
 from shim.cgroups import made as made_cgroups
@@ -115,7 +116,8 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
     _annotate(bundle, config, criu_config)  # runc hands org.criu.config to CRIU as its config file
     lazy = lazy_request(annotations)
     flags = runtime_restore_args(options)
-    watched_lock = await netlock.before_restore(runtime.run.reaper, image_path, config)
+    firewall = netlock.NamespaceFirewall(runtime.run.reaper)
+    watched_lock = await netlock.before_restore(firewall, image_path, config)
     cgroups_path = (config.get("linux") or {}).get("cgroupsPath") or ""
     cgroups_before = {path for path in made_cgroups.directories(cgroups_path) if path.is_dir()}
     daemon = hook = None
@@ -139,7 +141,7 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
         kept = keep(os.path.join(work, "restore.log"), os.path.join(bundle, "criu-restore.log"),
                     max_bytes=KEPT_LOG_BYTES)
         await _clean_failed_restore(runtime, container_id, cgroups_path, cgroups_before)
-        await netlock.after_failed_restore(runtime.run.reaper, watched_lock)  # CRIU locked and did not unlock
+        await netlock.after_failed_restore(firewall, watched_lock)  # CRIU locked and did not unlock
         if isinstance(exc, asyncio.CancelledError):
             log.warning("restore of %s from %s stopped before it ended; runc and CRIU were killed and what they "
                         "left removed%s", container_id, image_path, quote(kept))
@@ -162,7 +164,7 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
             shutil.rmtree(work, ignore_errors=True)
     if daemon is not None:
         daemon.serve_for(options.timeout)
-    await netlock.after_restore(runtime.run.reaper, images.read_record(image_path), config)
+    await netlock.after_restore(firewall, images.read_record(image_path), config)
     return options
 
 
@@ -254,10 +256,12 @@ class LazyPages:
                  f" from the page server {page_server[0]}:{page_server[1]}" if page_server else "")
         return daemon
 
-    async def guard(self, restoring, container_id: str) -> None:
+    async def guard(self, restoring, container_id: str,
+                    stop_restore: Callable[[str], object] | None = None) -> None:
         """Await the restore; if the daemon fails first, nobody will serve the page faults the
         restored processes are already blocked in, and CRIU would wait for them until the
-        restore's timeout: kill the restore's CRIU so that runc fails now."""
+        restore's timeout: stop the restore now (stop_restore(container_id); by default
+        kill_restoring_criu, so that runc fails)."""
         restore = asyncio.ensure_future(restoring)
         try:
             done, _ = await asyncio.wait({restore, self.exited}, return_when=asyncio.FIRST_COMPLETED)
@@ -268,7 +272,7 @@ class LazyPages:
             self.failed = (f"criu lazy-pages exited with {self.exited.result().status} during the restore"
                            + quote(self.log_file, source="criu lazy-pages log"))
             log.warning("%s: %s; killing the restore's CRIU", container_id, self.failed)
-            _kill_restoring_criu(container_id)
+            (stop_restore or kill_restoring_criu)(container_id)
         await restore
 
     def serve_for(self, timeout: float) -> asyncio.Task:
@@ -304,7 +308,7 @@ class LazyPages:
         self.exits.close()
 
 
-def _kill_restoring_criu(container_id: str) -> None:
+def kill_restoring_criu(container_id: str) -> None:
     """SIGKILL the CRIU of our `runc restore ... <container_id>` (runc then fails and says so)."""
     for runc in children_of(os.getpid()):
         argv = cmdline(runc)
