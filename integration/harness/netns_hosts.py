@@ -126,6 +126,15 @@ class Hosts:
         self.servers.pop(host.name, None)
         return rules
 
+    def __enter__(self) -> Hosts:
+        return self
+
+    def __exit__(self, kind: object, error: object, traceback: object) -> None:
+        """Every host removed; a test that ended well fails if anything was left behind in them."""
+        left = self.close()
+        if kind is None:
+            assert not left, f"left behind: {left}"
+
     def close(self) -> list[str]:
         """Remove every host; what was left behind, each as a note (empty when everything was tidy)."""
         notes = []
