@@ -143,9 +143,10 @@ def go_shim_socket_paths(containerd_address: str, namespace: str, group: str) ->
 
 def is_fork_server(pid: int) -> bool:
     """pyshim's fork server (shim/forkserver): `<shim binary> forkserver <containerd pid> ...`, launched by a
-    `start` that found none, or its spare (`forkserver-spare`). Neither is a shim server of any container."""
+    `start` that found none, its spare (`forkserver-spare`) or its checkpoint spare (`forkserver-criu`). None is a
+    shim server of any container."""
     argv = processes.cmdline(pid)
-    for token in ("forkserver", "forkserver-spare"):  # the server, and the spare it forks in advance
+    for token in ("forkserver", "forkserver-spare", "forkserver-criu"):
         if token in argv and any(Path(a).name in PYSHIM_BINARIES for a in argv[:argv.index(token)]):
             return True
     return False
