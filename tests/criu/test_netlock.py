@@ -10,12 +10,12 @@ from pathlib import Path
 import pycriu.images
 import pytest
 
+from shim.children.reaper import Reaper
 from shim.criu import netlock
 from shim.criu.checkpoint import Checkpointer, CheckpointFailed
 from shim.criu.errors import CriuTimeout
 from shim.criu.netlock import Lock
 from shim.criu.options import CheckpointOptions
-from shim.reaper import Reaper
 
 from .helpers import FailingFirewall, FakeDumper, FakeFirewall, run
 
