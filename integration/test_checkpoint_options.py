@@ -689,7 +689,7 @@ def test_criu_killed_mid_dump_leaves_the_task_running(lab: Lab):
     try:
         criu, parent = wait_until(lambda: (found := criu_child(shim, lab.bundle(original))) and sum(
             p.stat().st_size for part in partial_images(images) for p in part.glob("pages-*.img")) > 64 << 20
-            and found, 30, "CRIU writing dd's pages")
+            and found, 30, "CRIU writing dd's pages", poll=0.02)
         processes.kill_child_of(parent, criu)  # only while it is still its parent's child
         _, error = dumping.communicate(timeout=60)
     finally:

@@ -127,11 +127,11 @@ def test_a_worker_killed_mid_dump_fails_the_checkpoint_and_leaves_the_task_runni
             # the hog's pages into the partial image: the task is frozen then.
             worker = wait_until(lambda: next((int(e) for e in os.listdir("/proc") if e.isdigit()
                                               and comm(int(e)) == "pyshim-ckpt" and _session_members(int(e))), None),
-                                WAIT, "a checkpoint worker running CRIU")
+                                WAIT, "a checkpoint worker running CRIU", poll=0.02)
             # Who to stop is read before the pages are waited for: CRIU writes 300 MiB in a fraction of a second on
             # an idle machine, and a scan of /proc between the two let a dump finish first (seen in a CI run).
             session = _session_members(worker)
-            wait_until(lambda: _pages_written(images) > 1 * MiB, 30, "CRIU writing pages")
+            wait_until(lambda: _pages_written(images) > 1 * MiB, 30, "CRIU writing pages", poll=0.02)
             # CRIU stopped where it is: it can neither finish nor notice its worker's death and resume the task
             # itself; only the server killing the worker's session and resuming the task ends this.
             _stop(session)  # the known ones at once, then any that came since
