@@ -51,13 +51,13 @@ async def null_io(stdio, container_id, uid, gid):
 
 class Harness:
     def __init__(self, tmp_path, **seams):
-        """seams: the service's injected parts (checkpointer, restorer, background), fakes of their Protocols."""
+        """seams: the service's injected parts (io_factory, checkpointer, restorer, background), fakes of theirs."""
         self.tmp = tmp_path
         self.publisher = RecordingPublisher()
         self.reaper = Reaper()
         self.reaper.install(asyncio.get_running_loop())  # subreaper: the fake "containers" re-parent here
-        self.service = TaskService(namespace="ns", reaper=self.reaper, publisher=self.publisher, io_factory=null_io,
-                                   **seams)
+        self.service = TaskService(namespace="ns", reaper=self.reaper, publisher=self.publisher,
+                                   **{"io_factory": null_io, **seams})
 
     def options(self):
         return pack(Options(binary_name=FAKE_RUNTIME, root=str(self.tmp / "root")))
@@ -377,3 +377,27 @@ def test_a_lazy_checkpoint_s_event_is_owned_by_the_server_s_background_tasks(tmp
                          checkpointer=checkpointer)
         assert ("/tasks/checkpointed" in topics) is finish
         assert ("lazy checkpoint of c1" in caplog.text) is not finish
+
+
+def test_an_exec_s_io_is_opened_through_the_factory_with_its_own_stdio_and_the_container_s_owner(tmp_path):
+    opened = []
+
+    async def recording_io(stdio, container_id, uid, gid):
+        opened.append((stdio.stdout, stdio.stderr, container_id, uid, gid))
+        return NullIO()
+
+    async def scenario(h):
+        options = pack(Options(binary_name=FAKE_RUNTIME, root=str(h.tmp / "root"), io_uid=1234, io_gid=5678))
+        await h.call("Create", api.CreateTaskRequest(id="c6", bundle=h.bundle("c6", ["sleep", "30"]), options=options,
+                                                     stdout="/run/init-out"))
+        await h.call("Start", api.StartRequest(id="c6"))
+        spec = pack(events.TaskIO())
+        spec.value = json.dumps({"args": ["sleep", "30"]}).encode()
+        await h.call("Exec", api.ExecProcessRequest(id="c6", exec_id="e6", spec=spec, stdout="/run/exec-out",
+                                                    stderr="/run/exec-err"))
+        assert len(opened) == 1, "an exec's IO is opened when it starts, not when it is added"
+        await h.call("Start", api.StartRequest(id="c6", exec_id="e6"))
+        await h.call("Kill", api.KillRequest(id="c6", signal=9, all=True))
+
+    run(scenario, tmp_path, io_factory=recording_io)
+    assert opened == [("/run/init-out", "", "c6", 1234, 5678), ("/run/exec-out", "/run/exec-err", "c6", 1234, 5678)]
