@@ -24,8 +24,8 @@ class BackgroundTasks:
     def spawn(self, work: Coroutine[Any, Any, T], what: str) -> asyncio.Task[T]:
         """Run `work` in the background; `what` names it in the log (its failure, or its cancellation at close)."""
         task = asyncio.get_running_loop().create_task(work)
-        if self._closed:  # late work after close: not waited for, but never left unowned
-            log.warning("background task started after shutdown began: %s", what)
+        if self._closed:  # started after close() returned: nobody waits for it any more
+            log.warning("background task started after shutdown: %s", what)
         self._running[task] = what
         task.add_done_callback(self._done)
         return task
@@ -43,13 +43,13 @@ class BackgroundTasks:
     async def close(self, grace: float) -> None:
         """Wait up to `grace` seconds for the running tasks (and what they start meanwhile), then cancel the rest,
         logging what was cut short."""
-        self._closed = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         while self._running and (left := deadline - loop.time()) > 0:
             await asyncio.wait(set(self._running), timeout=left)
         if not self._running:
             log.debug("background tasks: all finished")
+            self._closed = True
             return
         log.warning("shutting down: cancelling %d background task(s) still running after %gs: %s",
                     len(self._running), grace, ", ".join(self.running))
@@ -57,3 +57,4 @@ class BackgroundTasks:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+        self._closed = True
