@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from shim.background import BackgroundTasks
+from shim.bundle.config import Bundle
 from shim.children.reaper import Reaper
 from shim.criu import bindings, external_unix, images, netlock
 from shim.criu.errors import CriuError, CriuMissing
@@ -57,7 +59,7 @@ class DumpJob:
     dump writes (the image, aside until it is whole, and CRIU's work directory)."""
 
     container_id: str
-    bundle: str
+    bundle: Bundle
     pid: int
     options: CheckpointOptions
     runtime: OciRuntime
@@ -84,7 +86,7 @@ class Dumper(Protocol):
         """Refuse, before touching the task, what this CRIU or kernel cannot do."""
         ...
 
-    async def facts(self, container_id: str, bundle: str, pid: int, options: CheckpointOptions) -> ContainerFacts:
+    async def facts(self, container_id: str, bundle: Bundle, pid: int, options: CheckpointOptions) -> ContainerFacts:
         """What the dump is told about the container."""
         ...
 
@@ -123,7 +125,7 @@ class CriuDumper:
             raise FailedPrecondition("lazy-pages needs userfaultfd (CONFIG_USERFAULTFD), which this kernel or "
                                      "CRIU lacks: checkpoint without lazy-pages")
 
-    async def facts(self, container_id: str, bundle: str, pid: int, options: CheckpointOptions) -> ContainerFacts:
+    async def facts(self, container_id: str, bundle: Bundle, pid: int, options: CheckpointOptions) -> ContainerFacts:
         facts = facts_from_bundle(bundle, pid)
         if options.pre_dump:  # a pre-dump takes memory only, never sockets
             return facts
@@ -148,18 +150,18 @@ class CriuDumper:
 
 
 class Checkpointer:
-    def __init__(self, reaper: Reaper, *, criu: str = "criu", dumper: Dumper | None = None,
+    def __init__(self, reaper: Reaper, background: BackgroundTasks, *, criu: str = "criu", dumper: Dumper | None = None,
                  firewall: netlock.Firewall | None = None) -> None:
         self.dumper = dumper or CriuDumper(CriuRpc(reaper, criu=criu))
         self.firewall = firewall or netlock.NamespaceFirewall(reaper)
-        self._cleanups: set[asyncio.Task] = set()
+        self.background = background
 
-    async def checkpoint(self, *, container_id: str, bundle: str, pid: int, options: CheckpointOptions,
+    async def checkpoint(self, *, container_id: str, bundle: Bundle, pid: int, options: CheckpointOptions,
                          runtime: OciRuntime, paused: bool | Callable[[], bool]) -> CheckpointResult:
         await self.dumper.preflight(options)
         facts = await self.dumper.facts(container_id, bundle, pid, options)
         own_work = not options.work_path
-        work = options.work_path or tempfile.mkdtemp(prefix="criu-work-", dir=bundle)
+        work = options.work_path or tempfile.mkdtemp(prefix="criu-work-", dir=bundle.path)
         try:
             _usable(images.private_dir, work, "work path")
             partial = _usable(images.prepare, options.image_path, "image path")
@@ -197,7 +199,7 @@ class Checkpointer:
             })
         except BaseException as exc:
             partial.discard()
-            kept = keep(job.dump_log, os.path.join(job.bundle, "criu-dump.log"))
+            kept = keep(job.dump_log, job.bundle.file("criu-dump.log"))
             # A dead CRIU leaves the cgroup thawed whatever it found: a paused task (containerd
             # pauses every task it checkpoints) must stay paused for the Resume that follows.
             # Asked now, not at the start: a lazy dump fails after containerd's Resume.
@@ -218,8 +220,8 @@ class Checkpointer:
         if stopped and options.engine != "runc":
             # What `runc checkpoint` does after a dump that stops the task; the caller need not wait
             # for it (Delete's `runc delete` would do it too).
-            self._cleanups.add(task := asyncio.ensure_future(_destroy(job.runtime, job.container_id)))
-            task.add_done_callback(self._cleanups.discard)
+            self.background.spawn(_destroy(job.runtime, job.container_id),
+                                  f"runtime state of checkpointed {job.container_id}")
         log.info("checkpointed %s into %s (%s engine): %s", job.container_id, options.image_path, options.engine,
                  summary(stats) or "no statistics")
         return CheckpointResult(options.image_path, options.engine, stats, stopped,
@@ -229,7 +231,7 @@ class Checkpointer:
         """A CRIU killed (or dead) mid-dump leaves its network lock, and the task running behind it cut off:
         remove it. A CRIU that failed on its own has unlocked already (its log says so)."""
         try:
-            lock = netlock.after_dump(job.options, config=netlock.read_config(job.bundle), pid=job.pid,
+            lock = netlock.after_dump(job.options, config=job.bundle.config, pid=job.pid,
                                       log_text=netlock.read_text(job.dump_log))
         except Exception as exc:  # noqa: BLE001 - the dump's own error is what the caller must see
             log.warning("could not tell whether the failed dump left CRIU's network lock: %s", exc)
@@ -253,10 +255,10 @@ async def until_ready(finishing: asyncio.Future, ready: asyncio.Event | None, *,
     return CheckpointResult(image_path, "criu", {}, stopped=False, completion=finishing)
 
 
-def _lock_kept(options: CheckpointOptions, bundle: str, pid: int, image_dir: str) -> netlock.Lock | None:
+def _lock_kept(options: CheckpointOptions, bundle: Bundle, pid: int, image_dir: str) -> netlock.Lock | None:
     """The network lock a dump that ended the task leaves for its restore, in a namespace that outlives the task
     (given by path): a private namespace goes with the task, and a dump that leaves it running unlocks."""
-    config = netlock.read_config(bundle)
+    config = bundle.config
     if options.leave_running or options.pre_dump or not netlock.is_external(config):
         return None
     try:

@@ -8,6 +8,8 @@ from pathlib import Path
 import pycriu.images
 import pytest
 
+from shim.background import BackgroundTasks
+from shim.bundle.config import Bundle
 from shim.children.reaper import Reaper
 from shim.criu import checkpoint
 from shim.criu.checkpoint import Checkpointer, CheckpointFailed, forget_frozen_freezer
@@ -75,19 +77,19 @@ def test_a_failed_dump_leaves_the_freezer_as_the_task_was(tmp_path, paused, left
     async def dump_killed(job):
         raise CriuFailed("dump", exit_status=137)
 
-    checkpointer = Checkpointer(Reaper(), firewall=FakeFirewall(), dumper=FakeDumper(
+    checkpointer = Checkpointer(Reaper(), BackgroundTasks(), firewall=FakeFirewall(), dumper=FakeDumper(
         dump_killed, ContainerFacts(rootfs="/", pid=1, freezer_cgroup=str(freezer))))
     options = checkpoint.CheckpointOptions(image_path=str(tmp_path / "image")).validate()
 
     with pytest.raises(CheckpointFailed, match="status 137"):
-        run(checkpointer.checkpoint(container_id="c", bundle=str(bundle), pid=1, options=options,
+        run(checkpointer.checkpoint(container_id="c", bundle=Bundle(str(bundle), {}), pid=1, options=options,
                                     runtime=FakeRuntime(), paused=paused))
     assert (freezer / "freezer.state").read_text() == left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "freezer"]  # no image, no partial one
 
 
 def fake_checkpointer(dump) -> Checkpointer:
-    return Checkpointer(Reaper(), dumper=FakeDumper(dump), firewall=FakeFirewall())
+    return Checkpointer(Reaper(), BackgroundTasks(), dumper=FakeDumper(dump), firewall=FakeFirewall())
 
 
 async def _never_dumps(job):
@@ -112,7 +114,7 @@ def test_an_unusable_image_path_is_refused_before_the_dump_leaving_nothing(tmp_p
     checkpointer = fake_checkpointer(_never_dumps)
     options = checkpoint.CheckpointOptions(image_path=str(tmp_path / where)).validate()
     with pytest.raises(error, match=message) as refused:
-        run(checkpointer.checkpoint(container_id="c", bundle=str(bundle), pid=1, options=options,
+        run(checkpointer.checkpoint(container_id="c", bundle=Bundle(str(bundle), {}), pid=1, options=options,
                                     runtime=FakeRuntime(), paused=False))
     assert str(tmp_path / where) in str(refused.value)
     assert list(bundle.iterdir()) == []  # its own work dir removed too
@@ -130,8 +132,8 @@ def test_the_error_names_the_kept_dump_log_not_the_removed_work_dir(tmp_path):
 
     options = checkpoint.CheckpointOptions(image_path=str(tmp_path / "image")).validate()
     with pytest.raises(CheckpointFailed) as failed:
-        run(fake_checkpointer(dump_fails).checkpoint(container_id="c", bundle=str(bundle), pid=1, options=options,
-                                                     runtime=FakeRuntime(), paused=False))
+        run(fake_checkpointer(dump_fails).checkpoint(container_id="c", bundle=Bundle(str(bundle), {}), pid=1,
+                                                     options=options, runtime=FakeRuntime(), paused=False))
     message = str(failed.value)
     assert message.startswith("checkpoint of c failed; the task was left as it was. criu dump failed: errno 9")
     assert message.endswith(f". From the CRIU log {bundle}/criu-dump.log: {cause}")

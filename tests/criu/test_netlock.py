@@ -10,6 +10,8 @@ from pathlib import Path
 import pycriu.images
 import pytest
 
+from shim.background import BackgroundTasks
+from shim.bundle.config import Bundle
 from shim.children.reaper import Reaper
 from shim.criu import netlock
 from shim.criu.checkpoint import Checkpointer, CheckpointFailed
@@ -307,7 +309,7 @@ class FakeRuntime:
 
 
 def checkpointer(dump, firewall: FakeFirewall) -> Checkpointer:
-    return Checkpointer(Reaper(), dumper=FakeDumper(dump), firewall=firewall)
+    return Checkpointer(Reaper(), BackgroundTasks(), dumper=FakeDumper(dump), firewall=firewall)
 
 
 def a_bundle(tmp_path, namespace: str | None) -> Path:
@@ -331,7 +333,8 @@ def test_a_killed_dump_s_lock_is_removed_a_failed_one_unlocked_itself(tmp_path, 
     options = CheckpointOptions(image_path=str(tmp_path / "image"), tcp_established=True).validate()
     with pytest.raises(CheckpointFailed, match="killed"):
         run(checkpointer(dump, firewall).checkpoint(
-            container_id="c", bundle=str(bundle), pid=1, options=options, runtime=FakeRuntime(), paused=False))
+            container_id="c", bundle=Bundle.read(str(bundle)), pid=1, options=options, runtime=FakeRuntime(),
+            paused=False))
     if removed:  # the dump's jumps, and the chain nothing else jumps to
         assert firewall.restored == [(tool, "*filter\n-D INPUT -j CRIU\n-D OUTPUT -j CRIU\n-F CRIU\n-X CRIU\nCOMMIT\n")
                                      for tool in ("iptables-restore", "ip6tables-restore")]
@@ -351,7 +354,7 @@ def test_a_killed_dump_in_a_private_namespace_is_released_in_the_task_s(tmp_path
     options = CheckpointOptions(image_path=str(tmp_path / "image"), network_lock="nftables").validate()
     with pytest.raises(CheckpointFailed):
         run(checkpointer(dump, firewall).checkpoint(
-            container_id="c", bundle=str(bundle), pid=os.getpid(), options=options, runtime=FakeRuntime(),
+            container_id="c", bundle=Bundle.read(str(bundle)), pid=os.getpid(), options=options, runtime=FakeRuntime(),
             paused=False))
     assert firewall.deleted == [f"CRIU-{RUN_ID[:21]}"]
     assert set(firewall.namespaces) == {os.stat(f"/proc/{os.getpid()}/ns/net").st_ino}  # the task's own
@@ -370,7 +373,7 @@ def test_a_checkpoint_with_exit_records_its_lock_and_hands_it_to_delete_unless_k
     options = CheckpointOptions(image_path=str(tmp_path / "image"), tcp_established=True, leave_running=False,
                                 network_lock="nftables", keep_network_lock=keep).validate()
     result = run(checkpointer(dump, firewall).checkpoint(
-        container_id="c", bundle=str(bundle), pid=1, options=options, runtime=FakeRuntime(), paused=False))
+        container_id="c", bundle=Bundle.read(str(bundle)), pid=1, options=options, runtime=FakeRuntime(), paused=False))
     lock = Lock("nftables", RUN_ID, path, inode)
     assert result.network_lock == (None if keep else lock)
     saved = json.loads((tmp_path / "image" / "pyshim-checkpoint.json").read_text())
@@ -392,7 +395,8 @@ def test_a_checkpoint_that_leaves_the_task_running_or_its_namespace_private_hand
         options = CheckpointOptions(image_path=str(tmp_path / f"image-{leave_running}"), tcp_established=True,
                                     leave_running=leave_running).validate()
         result = run(checkpointer(dump, namespace_firewall()).checkpoint(
-            container_id="c", bundle=str(bundle), pid=1, options=options, runtime=FakeRuntime(), paused=False))
+            container_id="c", bundle=Bundle.read(str(bundle)), pid=1, options=options, runtime=FakeRuntime(),
+            paused=False))
         assert result.network_lock is None
 
 
