@@ -276,12 +276,6 @@ class NamespaceFirewall:
         await asyncio.to_thread(nft_delete, f"/proc/self/fd/{fd}", names)
 
 
-def firewall_of(runner: Firewall | Reaper) -> Firewall:
-    """A Reaper stands for the namespace's own tools run through it (NamespaceFirewall): what the process layer
-    hands release_logged."""
-    return NamespaceFirewall(runner) if isinstance(runner, Reaper) else runner
-
-
 def nft_list(namespace: str) -> list[tuple[str, str]]:
     """(family, name) of every nftables table in the namespace at path."""
     from pyroute2.nftables.main import NFTables
@@ -383,11 +377,10 @@ async def release(firewall: Firewall, lock: Lock, *, before: Held | None = None)
         os.close(fd)
 
 
-async def release_logged(firewall: Firewall | Reaper, lock: Lock, why: str, *,
-                         before: Held | None = None) -> list[str]:
+async def release_logged(firewall: Firewall, lock: Lock, why: str, *, before: Held | None = None) -> list[str]:
     """release(), logged, never raising: a lock that cannot be removed is reported, not fatal."""
     try:
-        removed = await release(firewall_of(firewall), lock, before=before)
+        removed = await release(firewall, lock, before=before)
     except Exception as exc:  # noqa: BLE001 - the caller's work must go on
         log.warning("CRIU's %s network lock in %s could not be removed (%s): %s", lock.method, lock.namespace, why,
                     exc)
