@@ -11,7 +11,7 @@ import asyncio
 import fcntl
 import os
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 
 from shim.children.proctree import descendants
@@ -76,7 +76,7 @@ async def run(reaper: Reaper, argv: Sequence[str], *, input: bytes | None = None
             os.close(fd)
 
 
-async def wait_or_kill(waiting, pid: int, timeout: float | None) -> Exit:
+async def wait_or_kill(waiting: Awaitable[Exit], pid: int, timeout: float | None) -> Exit:
     """Await an exit; past the timeout, SIGKILL the process (ours, by pid) and report TimeoutError. Cancelled
     (the call that ran it was cancelled: its caller went away, or the task was killed mid-restore), the process
     is killed too, and reaped, rather than left running for nobody."""
