@@ -23,7 +23,7 @@ import select
 import signal
 
 from shim.background import BackgroundTasks
-from shim.children.reaper import Exit, Reaper, Subscription
+from shim.children.reaper import Reaper
 from shim.children.spawn import spawn
 from shim.stdio.errors import StdioError
 from shim.stdio.fds import Fd, plain_pipe
@@ -72,7 +72,7 @@ class Logger:
             ready_r.close()
             ready_w.close()
 
-    async def _await_ready(self, ready: Fd, target: Target, timeout: float, exits: Subscription) -> None:
+    async def _await_ready(self, ready: Fd, target: Target, timeout: float, exits) -> None:
         loop = asyncio.get_running_loop()
         readable = loop.create_future()
         loop.add_reader(ready.fd, lambda: None if readable.done() else readable.set_result(None))
@@ -106,7 +106,7 @@ class Logger:
         self._signal(signal.SIGTERM)
         self._background.spawn(self._reap(exits), f"logger {self.path} (pid {self.pid}) after SIGTERM")
 
-    async def _reap(self, exits: Subscription) -> None:
+    async def _reap(self, exits) -> None:
         try:
             exit = await _collect(exits, self.pid, TERM_TIMEOUT)
             if exit is None:
@@ -132,7 +132,7 @@ class Logger:
             pass
 
 
-async def _collect(exits: Subscription, pid: int, timeout: float) -> Exit | None:
+async def _collect(exits, pid: int, timeout: float):
     try:
         return await asyncio.wait_for(exits.wait(pid), timeout)
     except TimeoutError:
