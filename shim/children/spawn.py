@@ -11,11 +11,15 @@ import asyncio
 import fcntl
 import os
 import signal
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from shim.children.proctree import descendants
 from shim.children.reaper import Exit, Reaper
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable
 
 # Python ignores SIGPIPE and SIGXFSZ; ignored signals survive exec, and runc would hand them on
 # to the container's processes. Children start with every signal at its default, as under Go.
