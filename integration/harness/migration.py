@@ -81,13 +81,26 @@ class TwoHosts:
     tool: Path | None
     work: Path  # the test's directory for reports and stores
 
+    @property
+    def source_store(self) -> Path:
+        return self.work / "source-store"
+
+    @property
+    def destination_store(self) -> Path:
+        """Where the destination's receiver keeps its work (DEST's store=): a test may mount a small tmpfs there."""
+        return self.work / "destination-store"
+
     def dest_url(self) -> str:
-        return self.sshd.destination(self.destination.address, self.destination.namespace)
+        """DEST: the destination containerd through the sshd, its work in destination_store, the restored task's
+        runc state under the destination containerd's own runc root."""
+        url = self.sshd.destination(self.destination.address, self.destination.namespace)
+        return (f"{url}&store={self.destination_store}"
+                f"&runtime-config={self.destination.pyshim_config()}")
 
     def migrate_argv(self, container_id: str, *flags: str, report: Path | None = None) -> list[str]:
         options = [flag for option in self.sshd.ssh_options() for flag in ("--ssh-option", option)]
         return [*tool_argv(self.tool), "--address", self.source.address, "--namespace", self.source.namespace,
-                "migrate", container_id, self.dest_url(), *flags, *options,
+                "--store", str(self.source_store), "migrate", container_id, self.dest_url(), *flags, *options,
                 *(["--report-json", str(report)] if report else [])]
 
     def start_migrate(self, container_id: str, *flags: str, report: Path | None = None) -> subprocess.Popen:
@@ -149,3 +162,25 @@ def processes_naming(text: str) -> list[str]:
 def added(before: dict[str, list[str]], after: dict[str, list[str]]) -> dict[str, list[str]]:
     """What after holds that before did not, per kind (kinds with nothing new left out)."""
     return {kind: new for kind, items in after.items() if (new := sorted(set(items) - set(before.get(kind, []))))}
+
+
+def descendants_named(roots: list[int], name: str) -> list[int]:
+    """Running processes called name (argv[0]'s base name) below any of roots, found through /proc's parent links."""
+    wanted = set(roots)
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        argv = processes.cmdline(pid)
+        if not argv or argv[0].rsplit("/", 1)[-1] != name or not processes.is_running(pid):
+            continue
+        ancestor: int | None = pid
+        for _ in range(64):  # bounded walk up the tree
+            ancestor = processes.parent_pid(ancestor) if ancestor else None
+            if ancestor is None or ancestor <= 1:
+                break
+            if ancestor in wanted:
+                found.append(pid)
+                break
+    return sorted(found)
