@@ -28,24 +28,16 @@ from pathlib import Path
 import pytest
 from harness import memfill, processes
 from harness.containerd import PYSHIM
-from harness.environment import Environment
 from harness.image import TestImage
-from harness.migration import TwoHosts, added, descendants_named, mode_skip_reason
+from harness.migration import TwoHosts, added, descendants_named
 from harness.migration_lab import CONTAINER_ADDRESS
 from harness.tasks import remove, task_status
 from harness.waiting import wait_until
-from test_migrate_network import two_hosts  # noqa: F401 - the fixture
+from test_migrate_network import memfill_image, offered_mode, two_hosts  # noqa: F401 - the fixtures
 
 PORT = 7001
 MIB = 256
 SMALL_DISK_MIB = 32
-
-
-@pytest.fixture(scope="module")
-def memfill_image(environment: Environment, tmp_path_factory: pytest.TempPathFactory) -> TestImage:
-    if reason := memfill.unavailable_reason():
-        pytest.skip(reason)
-    return memfill.build_memfill_image(tmp_path_factory.mktemp("memfill"), busybox=environment.busybox)
 
 
 class Workload:
@@ -106,9 +98,7 @@ class Workload:
 
 
 @pytest.fixture
-def workload(two_hosts: TwoHosts, memfill_image: TestImage):  # noqa: F811 - the imported fixture
-    if reason := mode_skip_reason(two_hosts.tool, "stop-copy"):
-        pytest.skip(reason)
+def workload(offered_mode: str, two_hosts: TwoHosts, memfill_image: TestImage):  # noqa: F811 - imported fixtures
     made = Workload(two_hosts, memfill_image)
     try:
         yield made
@@ -153,7 +143,7 @@ def wait_for_transfer(hosts: TwoHosts, process: subprocess.Popen, at_least: int 
 
 # --- the destination containerd is down --------------------------------------------------------------------
 
-def test_destination_containerd_down(two_hosts: TwoHosts, workload: Workload):  # noqa: F811
+def test_destination_containerd_down(offered_mode: str, two_hosts: TwoHosts, workload: Workload):  # noqa: F811
     outcome = {}
 
     def while_down() -> None:
@@ -171,9 +161,8 @@ def test_destination_containerd_down(two_hosts: TwoHosts, workload: Workload):  
 
 @pytest.mark.parametrize("mode", ["stop-copy", "stream"])
 @pytest.mark.parametrize("cut", ["sshd-session", "ssh-client"])
-def test_transport_cut_mid_transfer(two_hosts: TwoHosts, workload: Workload, mode: str, cut: str):  # noqa: F811
-    if reason := mode_skip_reason(two_hosts.tool, mode):
-        pytest.skip(reason)
+def test_transport_cut_mid_transfer(offered_mode: str, two_hosts: TwoHosts, workload: Workload,  # noqa: F811
+                                    mode: str, cut: str):
 
     def cut_transport(process: subprocess.Popen) -> str:
         held = wait_for_transfer(two_hosts, process)
@@ -195,7 +184,7 @@ def test_transport_cut_mid_transfer(two_hosts: TwoHosts, workload: Workload, mod
 
 # --- the destination's disk is full --------------------------------------------------------------------------
 
-def test_destination_disk_full(two_hosts: TwoHosts, workload: Workload):  # noqa: F811
+def test_destination_disk_full(offered_mode: str, two_hosts: TwoHosts, workload: Workload):  # noqa: F811
     store = two_hosts.destination_store
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={SMALL_DISK_MIB}m,mode=0700", "pyshim-lab-full",
                     str(store)], check=True, timeout=20)
@@ -230,7 +219,7 @@ def kill_first_criu(roots: Callable[[], list[int]], process: subprocess.Popen, t
 
 
 @pytest.mark.parametrize("side", ["source", "destination"])
-def test_criu_killed(two_hosts: TwoHosts, workload: Workload, side: str):  # noqa: F811
+def test_criu_killed(offered_mode: str, two_hosts: TwoHosts, workload: Workload, side: str):  # noqa: F811
     if side == "source":
         roots = two_hosts.source.adopted
     else:

@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 
 import pytest
+from harness import memfill
 from harness import sshd as sshd_module
 from harness.containerd import PYSHIM, Containerd
 from harness.environment import Environment
@@ -71,6 +72,18 @@ def two_hosts(request, environment: Environment, test_image: TestImage, containe
     assert not left, f"left behind by the lab: {left}"
 
 
+@pytest.fixture
+def offered_mode(request: pytest.FixtureRequest, environment: Environment) -> str:
+    """The test's mode (its `mode` parameter, else stop-copy), skipped with the reason before any host is set up
+    when the command under test does not offer it."""
+    callspec = getattr(request.node, "callspec", None)
+    mode = callspec.params.get("mode", "stop-copy") if callspec else "stop-copy"
+    if reason := mode_skip_reason(environment.tool, mode):
+        print(f"SKIP --{mode}: {reason}")
+        pytest.skip(reason)
+    return mode
+
+
 def start_server(hosts: TwoHosts, image: TestImage, netns: str) -> str:
     container_id = hosts.source.new_id("web")
     hosts.source.run(container_id, image, *SERVER, runtime=PYSHIM, extra=["--with-ns", f"network:{netns}"])
@@ -104,11 +117,9 @@ def echo_bulk(sock, size: int = 64 * 1024) -> bool:
 
 
 @pytest.mark.parametrize("mode", ["stop-copy", "stream", "post-copy"])
-def test_one_tcp_connection_survives_the_move_and_the_address_is_served_from_b(two_hosts: TwoHosts,
+def test_one_tcp_connection_survives_the_move_and_the_address_is_served_from_b(offered_mode: str,
+                                                                               two_hosts: TwoHosts,
                                                                                test_image: TestImage, mode: str):
-    if reason := mode_skip_reason(two_hosts.tool, mode):
-        print(f"SKIP --{mode}: {reason}")
-        pytest.skip(reason)
     lab = two_hosts.lab
     on_a = lab.container_netns(lab.a)
     on_b = lab.container_netns(lab.b)
@@ -144,9 +155,7 @@ def test_one_tcp_connection_survives_the_move_and_the_address_is_served_from_b(t
 
 
 def test_a_destination_namespace_without_the_address_is_refused_and_tcp_close_moves_anyway(
-        two_hosts: TwoHosts, test_image: TestImage):
-    if reason := mode_skip_reason(two_hosts.tool, "stop-copy"):
-        pytest.skip(reason)
+        offered_mode: str, two_hosts: TwoHosts, test_image: TestImage):
     lab = two_hosts.lab
     on_a = lab.container_netns(lab.a)
     on_b = lab.container_netns(lab.b, OTHER_ADDRESS)  # B's namespace cannot take 10.125.0.10
@@ -206,3 +215,38 @@ def test_the_lab_routes_the_address_to_whichever_host_serves_it(two_hosts: TwoHo
     finally:
         remove(two_hosts.source, on_source)
         remove(two_hosts.destination, on_destination)
+
+
+@pytest.fixture(scope="module")
+def memfill_image(environment: Environment, tmp_path_factory: pytest.TempPathFactory) -> TestImage:
+    if reason := memfill.unavailable_reason():
+        pytest.skip(reason)
+    return memfill.build_memfill_image(tmp_path_factory.mktemp("memfill"), busybox=environment.busybox)
+
+
+@pytest.mark.parametrize("mode", ["stop-copy", "stream", "post-copy"])
+def test_256_mib_of_a_known_pattern_arrive_intact(offered_mode: str, two_hosts: TwoHosts, memfill_image: TestImage,
+                                                  mode: str):
+    """memfill (harness/memfill.c) filled 256 MiB with a known pattern; after the move, over the same connection,
+    it checks every word (`ok 256`) and its request counter went on from its value."""
+    lab = two_hosts.lab
+    for host in (two_hosts.source, two_hosts.destination):
+        host.import_image(memfill_image)
+    on_a, on_b = lab.container_netns(lab.a), lab.container_netns(lab.b)
+    lab.serve(CONTAINER_ADDRESS, lab.a)
+    container_id = two_hosts.source.new_id("memfill")
+    two_hosts.source.run(container_id, memfill_image, *memfill.command(256, PORT), runtime=PYSHIM,
+                         extra=["--with-ns", f"network:{on_a}"])
+    try:
+        with memfill.wait_ready(lambda: lab.connect(CONTAINER_ADDRESS, PORT, timeout=2)) as client:
+            client.settimeout(60)
+            count = memfill.pongs(client)
+            with RouteFollower(lab, two_hosts.destination, container_id, CONTAINER_ADDRESS, lab.b):
+                run = two_hosts.migrate(container_id, f"--{mode}", "--dest-netns", on_b)
+            print(f"--{mode} 256 MiB: exit {run.returncode} in {run.seconds:.2f}s; report {run.report}")
+            assert run.returncode == 0, run.stderr
+            assert memfill.pongs(client) == count + 1
+            assert memfill.ask(client, "check") == "ok 256"
+    finally:
+        remove(two_hosts.destination, container_id)
+        remove(two_hosts.source, container_id)
