@@ -146,7 +146,7 @@ class Receiver:
     def on_pages_end(self, message: dict) -> None:
         if self.page_server is None:
             raise ToolError("the source ended a page stream that was never started")
-        self.page_server.wait(float(message.get("timeout") or 600))
+        self.page_server.wait(float(message.get("wait") or 600))
         received = self.page_server.received
         self.page_server = None
         self.channel.send_message("pages-done", received=received)

@@ -140,9 +140,10 @@ class Migration:
                 self.client.checkpoint(self.id, options.request_options(chosen, self._images()),
                                        timeout=self._deadline_left())
         except grpc.RpcError as exc:
+            why = self._page_server_fate()
             self._abort()
-            raise ToolError(f"{from_rpc(exc, f'the checkpoint of {self.id}')}; {self.id} runs on here, nothing was "
-                            "left on the destination") from None
+            raise ToolError(f"{from_rpc(exc, f'the checkpoint of {self.id}')}{why}; {self.id} runs on here, nothing "
+                            "was left on the destination") from None
         except BaseException:
             self._abort()
             raise
@@ -224,6 +225,18 @@ class Migration:
         if self.relay is not None:
             chosen["page-server"] = self.relay.address
         return chosen
+
+    def _page_server_fate(self) -> str:
+        """After a failed --stream dump: what the destination's page server says (often the real cause)."""
+        if self.relay is None or self.session is None:
+            return ""
+        try:
+            self.session.request("pages-end", expect="pages-done", timeout=30, wait=20)
+        except transport.RemoteRefusal as exc:
+            return f" (on the destination: {exc})"
+        except (ToolError, ChannelClosed, TimeoutError, frames.ProtocolError):
+            pass
+        return ""
 
     def _images(self) -> str:
         assert self.staging is not None
