@@ -30,6 +30,7 @@ import uuid
 import grpc
 from google.protobuf.any_pb2 import Any
 
+from shim.api.containerd.types import task_pb2
 from shim.tool import archive, restore, tarsafe
 from shim.tool.containerd_api import ContainerdClient
 from shim.tool.errors import ToolError, from_os, from_rpc
@@ -206,7 +207,7 @@ class Receiver:
         try:
             record = self.client.container(container_id)
             if record.labels.get("io.pyshim.migration") == migration:
-                state = "running" if self.client.task(container_id).status == 2 else "stopped"  # RUNNING
+                state = "running" if self.client.task(container_id).status == task_pb2.RUNNING else "stopped"
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 raise from_rpc(exc, f"looking up {container_id} on the destination") from None
@@ -312,7 +313,7 @@ def _remove_container(client: ContainerdClient, container_id: str, snapshotter: 
         client.kill_task(container_id, signal.SIGKILL, all=True)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            if client.task(container_id).status == 4:  # STOPPED
+            if client.task(container_id).status == task_pb2.STOPPED:
                 break
             time.sleep(0.05)
     except grpc.RpcError:

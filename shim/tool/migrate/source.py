@@ -25,6 +25,7 @@ import time
 
 import grpc
 
+from shim.api.containerd.types import task_pb2
 from shim.tool import archive, checkpoint, options, rootfs
 from shim.tool.containerd_api import ContainerdClient
 from shim.tool.errors import ToolError, from_os, from_rpc
@@ -35,7 +36,6 @@ from shim.tool.migrate.pagestream import SourceRelay, replay
 from shim.tool.store import Store
 
 RECORDING = "pages.stream"  # beside checkpoint/ in the staging directory, never sent
-STOPPED = 4  # containerd's task status
 
 
 class UsageRefusal(ToolError):
@@ -330,7 +330,7 @@ class Migration:
 
     def _wait_stopped(self, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
-        while self.client.task(self.id).status != STOPPED and time.monotonic() < deadline:
+        while self.client.task(self.id).status != task_pb2.STOPPED and time.monotonic() < deadline:
             time.sleep(0.02)
 
     # --- the way back ------------------------------------------------------------------------------------------
