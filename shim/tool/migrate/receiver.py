@@ -46,7 +46,11 @@ RUNTIME_OPTIONS_TYPE = "runtimeoptions.v1.Options"
 
 
 def say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+    """A progress line, through ssh's stderr to the source; lost quietly when the connection is gone."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except OSError:
+        pass
 
 
 class Receiver:
@@ -81,8 +85,8 @@ class Receiver:
                     if kind == "abort":
                         return 1
         except (ChannelClosed, TimeoutError, frames.ProtocolError) as exc:
-            say(f"pyshim migrate-receive: {exc}; undoing what this side made")
-            self.undo()
+            self.undo()  # first: with the connection gone, even stderr may be
+            say(f"pyshim migrate-receive: {exc}; undid what this side made")
             return 1
         except BaseException:
             self.undo()
