@@ -166,6 +166,11 @@ class Migration:
             t = self._phase("restore", t)
         except BaseException as exc:
             self.roll_back(exc)
+            if isinstance(exc, (ChannelClosed, TimeoutError, frames.ProtocolError)):
+                exc = ToolError(self.session.failure(f"moving {self.id}", exc))
+            if isinstance(exc, ToolError):
+                raise ToolError(f"{exc}; {self.id} was restored here from its checkpoint and runs on, nothing was "
+                                "left on the destination") from None
             raise
         self._commit()
         progress(f"{self.id} runs on {self.dest.host}; removing it here")
