@@ -104,6 +104,10 @@ class SourceRelay:
             self.error = str(exc)
             if self.connection is not None:
                 self.connection.close()  # CRIU's dump fails, and the task runs on
+            try:
+                self.channel.send(frames.PAGES, b"")  # and the destination's page server ends
+            except ChannelClosed:
+                pass
         finally:
             self._recording.close()
             self._ended.set()
@@ -189,8 +193,11 @@ class PageServer:
         try:
             while data := self._recv():
                 self.channel.send(frames.PAGES, data)
-            self.channel.send(frames.PAGES, b"")
         except (OSError, ChannelClosed):
+            pass  # ECONNRESET when it died with our bytes unread (a full disk): the end below all the same
+        try:
+            self.channel.send(frames.PAGES, b"")  # the source must learn it is over, or CRIU waits for an answer
+        except ChannelClosed:
             pass
 
     def _recv(self) -> bytes:
