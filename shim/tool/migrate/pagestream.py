@@ -13,7 +13,6 @@ The source also records the bytes CRIU sent: if the migration fails after the du
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import threading
@@ -276,9 +275,3 @@ def log_tail(path: str, lines: int = 4) -> str:
         return ""
     return f" (its log {path}: {' / '.join(tail)})" if tail else ""
 
-
-def remove_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass

@@ -82,7 +82,6 @@ class Migration:
         self.session: transport.Session | None = None
         self.staging: str | None = None
         self.relay: SourceRelay | None = None
-        self.record = None
         self.pyshim_record: dict = {}
         self.dumped = False
 
