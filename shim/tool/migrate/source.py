@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -305,32 +306,35 @@ class Migration:
             session.close()
 
     def _remove_source(self) -> None:
-        """The destination runs: the source's stopped task, its network lock, the container and its snapshot."""
-        problems = []
+        """The destination runs: the source's stopped task, its network lock, the container and its snapshot. A
+        task that cannot be deleted fails the command (the source's task must be gone); the rest is warned about."""
+        task_problem = ""
         try:
             self._wait_stopped()
             self.client.delete_task(self.id)
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
-                problems.append(f"deleting the task: {exc.details()}")
+                task_problem = f"deleting its stopped task failed: {exc.details()}"
         try:
             removed = lock.release((self.pyshim_record.get("network") or {}).get("lock"))
             if removed:
                 progress(f"released CRIU's network lock: {'; '.join(removed)}")
-        except (OSError, ValueError) as exc:
-            problems.append(f"releasing CRIU's network lock: {exc}")
-        try:
-            record = self.client.container(self.id)
-            self.client.delete_container(self.id)
-            self.client.remove_snapshot(record.snapshotter, record.snapshot_key)
-        except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.NOT_FOUND:
-                problems.append(f"removing the container: {exc.details()}")
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            progress(f"warning: CRIU's network lock on {self.id}'s namespace could not be released: {exc}")
+        if not task_problem:
+            try:
+                record = self.client.container(self.id)
+                self.client.delete_container(self.id)
+                self.client.remove_snapshot(record.snapshotter, record.snapshot_key)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    progress(f"warning: removing the container {self.id} here failed: {exc.details()}")
         if self.staging:
             archive.remove_tree(self.staging)
             self.staging = None
-        if problems:
-            raise ToolError(f"{self.id} runs on the destination, but cleaning up here failed: {'; '.join(problems)}")
+        if task_problem:
+            raise ToolError(f"{self.id} runs on the destination, but here {task_problem}; remove it with `ctr -n "
+                            f"{self.client.namespace} tasks delete {self.id}`")
 
     def _wait_stopped(self, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
@@ -360,7 +364,7 @@ class Migration:
             released = ""
             try:
                 lock.release((self.pyshim_record.get("network") or {}).get("lock"))
-            except (OSError, ValueError) as lock_exc:
+            except (OSError, ValueError, subprocess.SubprocessError) as lock_exc:
                 released = f"; its network lock could not be lifted either ({lock_exc})"
             kept = self.staging
             self.staging = None  # the images stay: they are all that is left of the container's state
