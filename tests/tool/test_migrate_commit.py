@@ -68,3 +68,16 @@ def test_the_page_stream_listener_tells_who_owns_the_connecting_socket():
                 assert pagestream.socket_owner(peer, listener.getsockname()) == os.getuid()
                 assert client.getsockname() == peer
         assert pagestream.socket_owner(("127.0.0.1", 1), listener.getsockname()) is None
+
+
+def test_ctrl_c_during_the_dump_is_noted_not_raised():
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    with source._interrupt_deferred() as interrupted:
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):  # the handler runs between bytecodes, soon after the signal
+            if interrupted:
+                break
+    assert interrupted == [signal.SIGINT]
+    assert signal.getsignal(signal.SIGINT) is before

@@ -16,13 +16,17 @@ for --stream), in its network namespace whose lock the restore lifts. A failure 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 
 import grpc
 
@@ -136,7 +140,7 @@ class Migration:
         chosen = self._dump_options(spec, netns)
         progress(f"checkpointing {self.id} ({self.mode}{': pages streamed to the destination' if self.relay else ''})")
         try:
-            with self.client.lease():
+            with self.client.lease(), _interrupt_deferred() as interrupted:
                 self.client.checkpoint(self.id, options.request_options(chosen, self._images()),
                                        timeout=self._deadline_left())
         except grpc.RpcError as exc:
@@ -150,6 +154,8 @@ class Migration:
         self.dumped = True
         t_dumped = t = self._phase("dump", t)
         try:
+            if interrupted:
+                raise KeyboardInterrupt  # after the dump: the way back restores the container here
             self.pyshim_record = checkpoint._complete(self.staging, self.client, record, task, chosen,
                                                       ignore_rootfs=False)
             if self.relay is not None:
@@ -416,6 +422,21 @@ class Migration:
 
     def _time_for_rollback(self) -> float:
         return max(60.0, self.args.timeout - (time.monotonic() - self.started))
+
+
+@contextlib.contextmanager
+def _interrupt_deferred() -> Iterator[list[int]]:
+    """Ctrl-C while the shim dumps would cancel the call, not CRIU, which still ends the task: the interrupt is
+    noted (in the list yielded) and acted on once the dump has answered, by the way back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield []
+        return
+    noted: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum))
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _config_path_of(record) -> str | None:
