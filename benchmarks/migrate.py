@@ -126,7 +126,7 @@ class Bench:
         return container_id, on_a, on_b, client
 
     def one(self, mib: int, mode: str) -> Result:
-        container_id, _on_a, on_b, client = self.start_workload(mib)
+        container_id, on_a, on_b, client = self.start_workload(mib)
         pinger = Pinger(client).start()
         time.sleep(0.2)  # a steady rhythm before the move
         try:
@@ -146,6 +146,9 @@ class Bench:
         if check != f"ok {mib}":
             raise RuntimeError(f"{mode} {mib} MiB: the memory arrived damaged: {check!r}")
         self.remove(container_id)
+        for netns in (on_a, on_b):
+            if left := self.hosts.lab.remove_container_netns(netns):
+                raise RuntimeError(f"{mode} {mib} MiB: left in {netns}: {left}")
         return Result(pinger.longest_gap(started, ended + TAIL), frozen, ended - started, moved)
 
     def migrate(self, container_id: str, mode: str, on_b: str) -> tuple[float, int]:
@@ -250,8 +253,9 @@ def main() -> int:
                                   text=True).stdout.strip()
         section = render(command, (loads_start, os.getloadavg()), rows, args.runs, skipped, revision)
         print(section)
-        with open(args.out, "a") as out:
-            out.write("\n" + section)
+        document = args.out.read_text() if args.out.exists() else "# Benchmarks\n"
+        head, found, rest = document.partition("\n## ")
+        args.out.write_text(f"{head}\n{section}\n## {rest}" if found else f"{document.rstrip()}\n\n{section}")
         return 0
     finally:
         sshd.stop()

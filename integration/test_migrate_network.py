@@ -212,6 +212,7 @@ def test_the_lab_routes_the_address_to_whichever_host_serves_it(two_hosts: TwoHo
         remove(two_hosts.source, on_source)  # only B can answer now
         with lab.connect(CONTAINER_ADDRESS, PORT) as client:
             assert echo(client, "via B") == "via B"
+        assert lab.remove_container_netns(on_a) == [], "no rule was left in A's container namespace"
     finally:
         remove(two_hosts.source, on_source)
         remove(two_hosts.destination, on_destination)
