@@ -20,6 +20,7 @@ Everything is removed at the end and asserted removed (lab namespaces and rules,
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -193,8 +194,13 @@ def test_a_destination_namespace_without_the_address_is_refused_and_tcp_close_mo
 
 
 def test_the_lab_routes_the_address_to_whichever_host_serves_it(two_hosts: TwoHosts, test_image: TestImage):
-    """The lab itself, without migrate: a server on A answers through A; after serve(B), the same address is
-    answered by a server in B's namespace; the route flip follows B's /tasks/start."""
+    """The lab itself, without migrate: the sshd lets the client key in and runs the pyshim under test; a server on
+    A answers through A; after serve(B), the same address is answered by a server in B's namespace; the route flip
+    follows B's /tasks/start."""
+    which = subprocess.run(two_hosts.sshd.ssh_argv("command", "-v", "pyshim"), capture_output=True, text=True,
+                           timeout=60)
+    assert which.returncode == 0, which.stderr
+    assert which.stdout.strip() == str(two_hosts.sshd.directory / "bin" / "pyshim")
     lab = two_hosts.lab
     on_a, on_b = lab.container_netns(lab.a), lab.container_netns(lab.b)
     lab.serve(CONTAINER_ADDRESS, lab.a)
