@@ -42,19 +42,27 @@ def _migrate_help(tool: str) -> str:
     return result.stdout if result.returncode == 0 else ""
 
 
+def _mode_help(tool: Path | None, mode: str) -> str | None:
+    """The help's line describing --mode, or None when the command does not have the flag."""
+    for line in _migrate_help(str(tool or "")).splitlines():
+        if line.strip().startswith(f"--{mode} "):
+            return " ".join(line.split())
+    return None
+
+
 def modes_supported(tool: Path | None) -> tuple[str, ...]:
-    """The modes `pyshim migrate --help` offers; () when the command has no migrate."""
-    text = _migrate_help(str(tool or ""))
-    return tuple(mode for mode in MODES if f"--{mode}" in text)
+    """The modes `pyshim migrate --help` offers (a flag whose help says "not available" is not offered); () when
+    the command has no migrate."""
+    return tuple(mode for mode in MODES if (line := _mode_help(tool, mode)) and "not available" not in line)
 
 
 def mode_skip_reason(tool: Path | None, mode: str) -> str | None:
-    offered = modes_supported(tool)
-    if not offered:
+    if not _migrate_help(str(tool or "")):
         return "this pyshim has no `migrate` command (branch migrate not merged here)"
-    if mode not in offered:
-        return f"`pyshim migrate` does not offer --{mode} yet (offers: {', '.join('--' + m for m in offered)})"
-    return None
+    if mode in modes_supported(tool):
+        return None
+    line = _mode_help(tool, mode)
+    return f"`pyshim migrate` does not offer --{mode} yet" + (f" (its help: {line!r})" if line else "")
 
 
 @dataclass
