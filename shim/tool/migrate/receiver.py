@@ -312,7 +312,7 @@ def _remove_container(client: ContainerdClient, container_id: str, snapshotter: 
         client.kill_task(container_id, signal.SIGKILL, all=True)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            if client.task(container_id).status == 4:  # STOPPED
+            if client.task(container_id).status == 3:  # STOPPED (containerd.types.Status; 4 is PAUSED)
                 break
             time.sleep(0.05)
     except grpc.RpcError:

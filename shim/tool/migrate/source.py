@@ -35,7 +35,7 @@ from shim.tool.migrate.pagestream import SourceRelay, replay
 from shim.tool.store import Store
 
 RECORDING = "pages.stream"  # beside checkpoint/ in the staging directory, never sent
-STOPPED = 4  # containerd's task status
+STOPPED = 3  # containerd's task status (containerd.types.Status: 3 STOPPED, 4 PAUSED)
 
 
 class UsageRefusal(ToolError):
