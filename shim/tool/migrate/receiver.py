@@ -45,7 +45,10 @@ RUNTIME_OPTIONS_TYPE = "runtimeoptions.v1.Options"
 
 
 def say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except OSError:
+        pass  # ssh's stderr went with the connection: what follows (the undo) must still run
 
 
 class Receiver:
