@@ -202,10 +202,11 @@ def test_destination_disk_full(offered_mode: str, two_hosts: TwoHosts, workload:
 
 # --- CRIU killed on either side ------------------------------------------------------------------------------
 
-def kill_first_criu(roots: Callable[[], list[int]], process: subprocess.Popen, timeout: float = 120) -> str:
+def kill_first_criu(roots: Callable[[], list[int]], process: subprocess.Popen, parent: str | None,
+                    timeout: float = 120) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:
-        for pid in descendants_named(roots(), "criu"):
+        for pid in descendants_named(roots(), "criu", parent=parent):
             pidfd = processes.open_pidfd(pid)
             if pidfd is None:
                 continue
@@ -220,14 +221,12 @@ def kill_first_criu(roots: Callable[[], list[int]], process: subprocess.Popen, t
 
 @pytest.mark.parametrize("side", ["source", "destination"])
 def test_criu_killed(offered_mode: str, two_hosts: TwoHosts, workload: Workload, side: str):  # noqa: F811
-    if side == "source":
-        roots = two_hosts.source.adopted
-    else:
-        def roots() -> list[int]:
-            return [*two_hosts.destination.adopted(), two_hosts.sshd.pid]
-
+    # the source: the dump's CRIU (the shim's checkpoint worker runs it); the destination: the restore's, which
+    # `runc restore` runs under the destination's shim
+    roots = two_hosts.source.adopted if side == "source" else two_hosts.destination.adopted
+    parent = None if side == "source" else "runc"
     returncode, stderr, note = migrate_while(two_hosts, workload.id, workload.flags(),
-                                             lambda process: kill_first_criu(roots, process))
+                                             lambda process: kill_first_criu(roots, process, parent))
     print(f"CRIU killed on the {side} ({note}): exit {returncode}\nstderr: {stderr[-3000:]}")
     assert returncode != 0
     assert stderr.strip(), "a clear error"

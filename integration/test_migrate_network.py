@@ -52,6 +52,7 @@ def two_hosts(request, environment: Environment, test_image: TestImage, containe
     lab = MigrationLab()
     instances: list[Containerd] = []
     sshd = sshd_module.Sshd(tmp_path / "sshd", tool=environment.tool)
+    hosts: TwoHosts | None = None
     try:
         for _ in range(2):
             instance = Containerd("2", environment, log_dir=containerd_log_dir)
@@ -62,14 +63,16 @@ def two_hosts(request, environment: Environment, test_image: TestImage, containe
         sshd.start()
         work = tmp_path / "work"
         work.mkdir()
-        yield TwoHosts(instances[0], instances[1], lab, sshd, environment.tool, work)
+        hosts = TwoHosts(instances[0], instances[1], lab, sshd, environment.tool, work)
+        yield hosts
     finally:
-        notes = sshd.stop()
+        notes = hosts.end_leftover_processes() if hosts else []
+        notes += sshd.stop()
         for instance in instances:
             notes += instance.stop()
         left = lab.close()
         if notes:
-            print("teardown notes:", notes)
+            print("teardown notes:", notes)  # shown with a failing test's output
     assert not left, f"left behind by the lab: {left}"
 
 
