@@ -165,6 +165,11 @@ class Migration:
             t = self._phase("restore", t)
         except BaseException as exc:
             self.roll_back(exc)
+            if isinstance(exc, (ChannelClosed, TimeoutError, frames.ProtocolError)):
+                # the transport failed (not a refusal with its own words): one line, not a traceback
+                raise ToolError(f"the migration of {self.id} failed after the dump ({exc}); {self.id} was restored "
+                                "here and runs on (the destination undoes its side when the connection ends)"
+                                ) from None
             raise
         self._commit()
         progress(f"{self.id} runs on {self.dest.host}; removing it here")
