@@ -106,6 +106,12 @@ def workload(offered_mode: str, two_hosts: TwoHosts, memfill_image: TestImage): 
         made.close()
 
 
+def assert_clear_error(stderr: str) -> None:
+    """The command's failure is its own one-line error (`pyshim: ...`), not a traceback."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("pyshim: ") and "Traceback" not in stderr, stderr[-3000:]
+
+
 def report(name: str, run) -> None:
     print(f"{name}: exit {run.returncode} after {run.seconds:.2f}s\nstderr: {run.stderr[-3000:]}")
 
@@ -153,7 +159,10 @@ def test_destination_containerd_down(offered_mode: str, two_hosts: TwoHosts, wor
     run = outcome["run"]
     report("destination containerd down", run)
     assert run.returncode != 0
-    assert two_hosts.destination.address in run.message or "containerd" in run.message, run.stderr
+    assert_clear_error(run.stderr)
+    # the socket is gone (containerd removes it on exit) or does not answer
+    assert (f"{two_hosts.destination.address} does not exist" in run.message
+            or "reaching containerd" in run.message), run.stderr
     workload.assert_source_runs_on()
 
 
@@ -178,7 +187,7 @@ def test_transport_cut_mid_transfer(offered_mode: str, two_hosts: TwoHosts, work
     returncode, stderr, note = migrate_while(two_hosts, workload.id, workload.flags(mode), cut_transport)
     print(f"transport cut ({mode}, {note}): exit {returncode}\nstderr: {stderr[-3000:]}")
     assert returncode != 0
-    assert stderr.strip(), "a clear error"
+    assert_clear_error(stderr)
     workload.assert_source_runs_on()
 
 
@@ -192,6 +201,7 @@ def test_destination_disk_full(offered_mode: str, two_hosts: TwoHosts, workload:
         run = two_hosts.migrate(workload.id, *workload.flags())
         report("destination disk full", run)
         assert run.returncode != 0
+        assert_clear_error(run.stderr)
         assert any(word in run.message for word in ("No space", "ENOSPC", "space")), run.stderr
         assert bytes_in(store) == 0, f"the destination's store keeps {bytes_in(store)} bytes"
         workload.assert_source_runs_on()
@@ -229,6 +239,6 @@ def test_criu_killed(offered_mode: str, two_hosts: TwoHosts, workload: Workload,
                                              lambda process: kill_first_criu(roots, process, parent))
     print(f"CRIU killed on the {side} ({note}): exit {returncode}\nstderr: {stderr[-3000:]}")
     assert returncode != 0
-    assert stderr.strip(), "a clear error"
+    assert_clear_error(stderr)
     # CRIU dies holding the source's TCP connection in repair mode: the connection does not survive a killed dump
     workload.assert_source_runs_on(connection_kept=side != "source")

@@ -27,7 +27,8 @@ from . import processes
 
 SSHD = "/usr/sbin/sshd"
 SSH_KEYGEN = "ssh-keygen"
-# sshd refuses to start without its privilege separation directory (the package makes it at boot, not at install).
+# sshd refuses connections without its privilege separation directory (the package makes it at boot, not at
+# install). Made when missing and never removed: every sshd on the host (another test's) needs it while it runs.
 PRIVSEP_DIR = Path("/run/sshd")
 START_TIMEOUT = 10.0
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -64,7 +65,6 @@ class Sshd:
         self.config = directory / "sshd_config"
         self.log = directory / "sshd.log"
         self._process: subprocess.Popen | None = None
-        self._made_privsep_dir = False
 
     def __enter__(self) -> Sshd:
         self.start()
@@ -87,9 +87,7 @@ class Sshd:
             link.unlink(missing_ok=True)
             link.symlink_to(self.tool)
             path = f"{bin_dir}:{path}"
-        if not PRIVSEP_DIR.exists():
-            PRIVSEP_DIR.mkdir(mode=0o755)
-            self._made_privsep_dir = True
+        PRIVSEP_DIR.mkdir(mode=0o755, exist_ok=True)
         for _attempt in range(5):  # another process may take the free port first
             self.port = _free_port()
             host_key_line = Path(f"{self.host_key}.pub").read_text().split()
@@ -188,10 +186,4 @@ class Sshd:
         """End sshd and every session still open; the notes on what had to be killed (empty when tidy)."""
         notes = [f"killed ssh session {pid}" for pid in self.kill_sessions()]
         self._end_process()
-        if self._made_privsep_dir:
-            try:
-                PRIVSEP_DIR.rmdir()
-            except OSError:
-                pass  # another sshd uses it meanwhile
-            self._made_privsep_dir = False
         return notes
