@@ -222,6 +222,7 @@ def main() -> int:
     instances: list[Containerd] = []
     lab = MigrationLab()
     sshd = Sshd(work / "sshd", tool=environment.tool)
+    hosts: TwoHosts | None = None
     try:
         image = memfill.build_memfill_image(work / "image-cache", busybox=environment.busybox)
         for _ in range(2):
@@ -258,6 +259,9 @@ def main() -> int:
         args.out.write_text(f"{head}\n{section}\n## {rest}" if found else f"{document.rstrip()}\n\n{section}")
         return 0
     finally:
+        if hosts is not None:
+            for note in hosts.end_leftover_processes():
+                print(note, file=sys.stderr)
         sshd.stop()
         for instance in instances:
             instance.stop()
