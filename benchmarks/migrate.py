@@ -199,7 +199,8 @@ def median(values: list[float]) -> float:
 def render(command: str, loads: tuple[tuple[float, ...], tuple[float, ...]], rows: list[tuple], runs: int,
            skipped: dict[str, str], revision: str) -> str:
     today = datetime.date.today().isoformat()
-    lines = [f"## Live migration between two hosts ({today})", "",
+    sizes = sorted({mib for mib, _, _ in rows})
+    lines = [f"## Live migration between two hosts: {', '.join(str(m) for m in sizes)} MiB ({today})", "",
              f"    {command}", "",
              f"Checkout {revision}; containerd 2.x, runc, CRIU and the workload as in `benchmarks/migrate.py`'s "
              f"docstring; medians of {runs} run(s). Load average (1/5/15 min) at the start "
