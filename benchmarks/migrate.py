@@ -21,8 +21,9 @@ After each move the same connection must answer `check` with `ok N` (the memory 
 The baseline: `ctr task checkpoint --exit --image-path DIR` on A (the container runs under pyshim, with
 io.pyshim.checkpoint.tcp-established=true, since the Go shim refuses an established connection), `scp -r DIR` to B
 through B's sshd (the copy a user makes between hosts, encrypted like the migration's), a container created on B with
-CriuImagePath=<copy> in its runtime options and `ctr task start` (the restore), then the source removed. Modes `pyshim migrate` does not offer are reported as such. Results: medians over the runs,
-appended as a dated section to docs/benchmarks.md (`--out`), with the command line and the load average.
+CriuImagePath=<copy> in its runtime options and `ctr task start` (the restore), then the source removed. Modes
+`pyshim migrate` does not offer are reported as such. Results: medians over the runs, written as a dated section at
+the top of docs/benchmarks.md (`--out`), with the command line, the load average and the median run's phases.
 """
 
 from __future__ import annotations
