@@ -27,8 +27,7 @@ from . import processes
 
 SSHD = "/usr/sbin/sshd"
 SSH_KEYGEN = "ssh-keygen"
-# sshd refuses connections without its privilege separation directory (the package makes it at boot, not at
-# install). Made when missing and never removed: every sshd on the host (another test's) needs it while it runs.
+# sshd refuses to start without its privilege separation directory (the package makes it at boot, not at install).
 PRIVSEP_DIR = Path("/run/sshd")
 START_TIMEOUT = 10.0
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -186,4 +185,6 @@ class Sshd:
         """End sshd and every session still open; the notes on what had to be killed (empty when tidy)."""
         notes = [f"killed ssh session {pid}" for pid in self.kill_sessions()]
         self._end_process()
+        # /run/sshd stays even if this one made it: another test's sshd (tests run side by side) may be using it,
+        # and without it every new connection to that one is reset ("Missing privilege separation directory").
         return notes
