@@ -14,6 +14,10 @@ restored task's start. The server is busybox `nc -ll -e /bin/cat` (one echoing c
 - B's namespace cannot take the address (it holds 10.125.0.11): refused with the reason, the source runs on and its
   connection echoes, nothing was added on B. With --tcp-close the move proceeds: the old connection is closed, new
   ones reach the container at its new address.
+- Each mode: memfill (harness/memfill.c) filled 256 MiB with a known pattern; after the move every word checks and
+  its request counter goes on from its value, over the same connection.
+- The lab itself, without the command: the sshd runs the pyshim under test for the test's key, the address is
+  answered by whichever host the client's route names, and the route follows the destination's /tasks/start.
 Everything is removed at the end and asserted removed (lab namespaces and rules, containerds, sshd).
 """
 
@@ -108,8 +112,7 @@ def in_namespace(pid: int, netns_path: str) -> bool:
 
 def echo_bulk(sock, size: int = 64 * 1024) -> bool:
     """size bytes of a known pattern sent and read back whole (data both ways, beyond one segment)."""
-    payload = bytes((i * 7) % 251 for i in range(size - 1)) + b"\n"
-    payload = payload.replace(b"\n", b"x")[:-1] + b"\n"
+    payload = bytes(33 + (i * 7) % 90 for i in range(size))  # printable, varied
     sock.sendall(payload)
     received = b""
     while len(received) < len(payload):
