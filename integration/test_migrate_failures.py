@@ -7,7 +7,8 @@ the transfer runs during the dump):
 - the destination containerd is down (its process stopped, its socket dir kept);
 - the transport is cut mid-transfer: the destination's ssh session, or the source's ssh client, killed by pid once
   the destination's store holds part of the transfer;
-- the destination's disk is full: DEST's store= is a 32 MiB tmpfs, the container holds 256 MiB;
+- the destination's disk is full: DEST's store= is a 32 MiB tmpfs, the container holds 256 MiB (stop-copy: the
+  archive does not fit; stream: the page server's images do not), the command's --timeout at 120 s;
 - CRIU is killed (SIGKILL, by pid) on the source while it dumps, or on the destination while it restores.
 Each: the command fails with a message naming the cause, the source's task is RUNNING, its counter goes on from its
 value and its memory checks intact, its connection still answers (a dump whose CRIU was killed loses the connection,
@@ -38,6 +39,7 @@ from test_migrate_network import memfill_image, offered_mode, two_hosts  # noqa:
 PORT = 7001
 MIB = 256
 SMALL_DISK_MIB = 32
+MIGRATE_TIMEOUT = 120  # seconds: --timeout of the command where a failure could leave it waiting
 
 
 class Workload:
@@ -193,13 +195,17 @@ def test_transport_cut_mid_transfer(offered_mode: str, two_hosts: TwoHosts, work
 
 # --- the destination's disk is full --------------------------------------------------------------------------
 
-def test_destination_disk_full(offered_mode: str, two_hosts: TwoHosts, workload: Workload):  # noqa: F811
+@pytest.mark.parametrize("mode", ["stop-copy", "stream"])
+def test_destination_disk_full(offered_mode: str, two_hosts: TwoHosts, workload: Workload,  # noqa: F811
+                               mode: str):
     store = two_hosts.destination_store
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={SMALL_DISK_MIB}m,mode=0700", "pyshim-lab-full",
                     str(store)], check=True, timeout=20)
     try:
-        run = two_hosts.migrate(workload.id, *workload.flags())
-        report("destination disk full", run)
+        # the command's own deadline well inside the test's: a stuck transfer must end in its rollback
+        run = two_hosts.migrate(workload.id, *workload.flags(mode), "--timeout", str(MIGRATE_TIMEOUT),
+                                timeout=MIGRATE_TIMEOUT + 120)
+        report(f"destination disk full ({mode})", run)
         assert run.returncode != 0
         assert_clear_error(run.stderr)
         assert any(word in run.message for word in ("No space", "ENOSPC", "space")), run.stderr
