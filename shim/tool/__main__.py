@@ -155,7 +155,7 @@ def _migrate_parsers(commands) -> None:
 
                       exit status: 0 the container runs on the destination and is gone here; 1 it did not move (it
                       runs on here, nothing is left on the destination; the message says if even that failed);
-                      2 a usage error or a mode this build cannot run (--post-copy).
+                      2 a usage error, or a mode this build cannot run.
                     """)
     migrate.add_argument("container", metavar="CONTAINER")
     migrate.add_argument("dest", metavar="DEST", help="ssh://[user@]host[:port]/path/of/containerd.sock[?namespace=NS]")
