@@ -4,6 +4,7 @@ process and exec processes share in implementing it (`BaseProcess`): identity, s
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from shim.process.state import State, check
 if TYPE_CHECKING:
     from shim.children.reaper import Exit
     from shim.stdio.process_io import ProcessIO
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +124,8 @@ class BaseProcess(ABC):
         """Let the output copies finish (bounded, as the Go shim does), then close the IO. A
         process that never ran (a restore that did not happen) has no output to wait for."""
         if self.io is not None:
-            if self.pid:
-                await self.io.wait_drained(drain_timeout)
+            drained = await self.io.wait_drained(drain_timeout) if self.pid else True
+            # What reached the client before the IO is closed: tells a client that lost output from a shim that did.
+            log.debug("%s %s: output %s, %s", self.kind, self.id, "drained" if drained else "cut at the drain timeout",
+                      ", ".join(f"{name} {count} bytes" for name, count in self.io.copied.items()) or "none copied")
             self.io.close()

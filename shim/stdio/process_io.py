@@ -177,6 +177,11 @@ class ProcessIO:
         if self._master is not None and not self._master.closed:
             set_window_size(self._master.fd, width, height)
 
+    @property
+    def copied(self) -> dict[str, int]:
+        """Bytes each output copy has written to its destination so far, by copy name."""
+        return {pump.name: pump.copied for pump in self._outputs}
+
     async def wait_drained(self, timeout: float) -> bool:
         """Wait until every output copy has reached end of file; False if timeout ran out first."""
         pending = [pump.done for pump in self._outputs if not pump.done.done()]

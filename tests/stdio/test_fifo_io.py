@@ -73,11 +73,12 @@ def test_fifos_nobody_opened_do_not_block_creation(tmp_path):
                 # The process can write (into the fifo's buffer) although no client reads.
                 status = await run_child(reaper, ["sh", "-c", "echo out; echo err >&2"], io.runtime_stdio)
                 io.close_after_start()
-                return status, await io.wait_drained(2)
+                # What the shim put into the client's fifos, as its Delete logs it ("out\n", "err\n").
+                return status, await io.wait_drained(2), io.copied
             finally:
                 io.close()
 
-    assert run(scenario()) == (0, True)
+    assert run(scenario()) == (0, True, {"stdout -> client": 4, "stderr -> client": 4})
 
 
 def test_missing_fifo_is_reported_by_path(tmp_path):

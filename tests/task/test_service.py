@@ -37,6 +37,7 @@ class RecordingPublisher:
 class NullIO:
     runtime_stdio = (None, None, None)
     console_socket = ""
+    copied: dict[str, int] = {}
 
     def close_after_start(self): pass
     def close_stdin(self): pass
