@@ -16,6 +16,7 @@ pycriu.
 from __future__ import annotations
 
 import bisect
+import json
 import os
 import shutil
 import struct
@@ -29,7 +30,8 @@ PE_PRESENT = 1 << 2
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 MAX_ENTRY = 1 << 16  # bytes of one pagemap message: a few dozen in practice
 ENTRY_FIELDS = {1: "vaddr", 2: "compat_nr_pages", 3: "in_parent", 4: "flags", 5: "nr_pages"}
-RECORD_KEY = "post_copy"  # in pyshim-checkpoint.json of split images: what a page server must serve
+RECORD = "pyshim-checkpoint.json"  # shim.criu.images.RECORD (not imported: the page server stays light)
+RECORD_KEY = "post_copy"  # in the record of split images: how many pages a page server must serve
 
 
 class ImageFormatError(ValueError):
@@ -287,11 +289,33 @@ def split(source: str, destination: str) -> Split:
         lazy += moved
     for name in sorted(os.listdir(source)):
         path = os.path.join(source, name)
-        if name in pagemaps or name in pages_files or not os.path.isfile(path) or os.path.islink(path):
+        if name in pagemaps or name in pages_files or name == RECORD or not os.path.isfile(path) \
+                or os.path.islink(path):
             continue
         shutil.copyfile(path, os.path.join(destination, name))
         os.chmod(os.path.join(destination, name), 0o600)
+    _write_record(source, destination, lazy)
     return Split(eager, lazy)
+
+
+def _write_record(source: str, destination: str, lazy: int) -> None:
+    """pyshim's record with what a restore must know: these images are not whole (shim.criu.restore refuses a
+    restore that has no page server to read the rest from)."""
+    try:
+        with open(os.path.join(source, RECORD), "rb") as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        record = {}
+    record[RECORD_KEY] = {"lazy_pages": lazy}
+    fd = os.open(os.path.join(destination, RECORD), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(record, f, indent=1, sort_keys=True)
+
+
+def lazy_pages_left(record: dict | None) -> int:
+    """How many pages of a checkpoint (its record given) only a page server has; 0 for a whole checkpoint."""
+    post_copy = (record or {}).get(RECORD_KEY) or {}
+    return int(post_copy.get("lazy_pages") or 0) if isinstance(post_copy, dict) else 0
 
 
 def _split_one(pagemap: Pagemap, source_pages: str, destination_pages: str) -> tuple[int, int]:

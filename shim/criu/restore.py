@@ -5,7 +5,10 @@ leaves for users to repeat in /etc/criu/runc.conf.
 A lazy restore (lazy-pages asked for by the restoring container's annotations or the host
 file) runs `criu lazy-pages` beside `runc restore --lazy-pages`: the daemon serves the restored
 processes' page faults through userfaultfd, from the images or, with page-server, from a page
-server elsewhere, and is killed if it has not finished within the options' timeout."""
+server elsewhere (ADDRESS:PORT, or unix:PATH: pyshim's page server of a post-copy migration, connected to
+here). The container runs while its memory still comes; if the daemon fails or has not finished within
+the options' timeout, the container is killed (the shim holds the userfaultfds meanwhile, so no process
+reads a zero page where its memory should be: shim.criu.userfaultfd)."""
 
 from __future__ import annotations
 
@@ -16,11 +19,14 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import tempfile
+from collections.abc import Awaitable, Callable
 
 from shim import unmount
 from shim.cgroups import made as made_cgroups
 from shim.criu import image_check, images, loopback, netlock
+from shim.criu.lazy_images import lazy_pages_left
 from shim.criu.log import quote
 from shim.criu.options import (
     CheckpointOptions,
@@ -33,6 +39,7 @@ from shim.criu.options import (
 )
 from shim.criu.plan import CRIU_CONFIG_ANNOTATION, DEFAULT_RUNC_CRIU_CONFIG, restore_config, runtime_restore_args
 from shim.criu.tcp import refuse_lost_connections
+from shim.criu.userfaultfd import UserfaultfdHold
 from shim.errors import InvalidArgument, ShimError, Unavailable
 from shim.layout import write_atomically
 from shim.oci.runner import RuntimeFailed
@@ -45,7 +52,10 @@ log = logging.getLogger(__name__)
 LAZY_PAGES_LOG = "criu-lazy-pages.log"  # in the bundle: the daemon outlives the restore's work dir
 KEPT_LOG_BYTES = 16 << 20  # of a failed restore's log kept in the bundle
 LAZY_PAGES_READY = 10.0  # seconds for `criu lazy-pages` to listen before the restore gives up
+HOLD_SCAN = 0.1  # seconds between looks for the daemon's new userfaultfds (a restored process forked)
+PS_SOCKET_FD = 4  # the page server's connection in `criu lazy-pages --ps-socket`
 _serving: set[asyncio.Task] = set()  # lazy-pages daemons still serving restored containers
+EndContainer = Callable[[str], Awaitable[None]]
 
 
 class RestoreFailed(ShimError):
@@ -76,7 +86,10 @@ def creates_network_namespace(config: dict) -> bool:
 
 
 async def restore(*, container_id: str, bundle: str, image_path: str, work_path: str, runtime: OciRuntime,
-                  stdio, pid_file: str, console_socket: str = "", no_pivot: bool = False) -> CheckpointOptions:
+                  stdio, pid_file: str, console_socket: str = "", no_pivot: bool = False,
+                  end_container: EndContainer | None = None) -> CheckpointOptions:
+    """Restore; end_container(reason) is called when a lazy restore's memory stops coming after the restore
+    returned (its daemon failed, or did not finish in time): it must kill the container's processes."""
     try:
         check_restore_paths(image_path, work_path)
     except OptionError as exc:
@@ -92,6 +105,9 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
         log.warning("restore of %s: the images in %s were not checked before the restore: %s", container_id,
                     image_path, exc)
     options, config = restore_options(bundle, image_path)
+    annotations = config.get("annotations") or {}
+    lazy = lazy_request(annotations)
+    _refuse_partial_images(container_id, image_path, lazy)
     if options.manage_cgroups_mode in ("full", "strict"):
         from shim.criu.checkpoint import forget_frozen_freezer
 
@@ -103,7 +119,6 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
     own_work = not work_path
     work = work_path or tempfile.mkdtemp(prefix="criu-restore-", dir=bundle)
     images.private_dir(work)
-    annotations = config.get("annotations") or {}
     user_config = annotations.get(CRIU_CONFIG_ANNOTATION, DEFAULT_RUNC_CRIU_CONFIG) or None
     criu_config = os.path.join(work, "pyshim-criu.conf")
     raises_loopback = creates_network_namespace(config)
@@ -112,7 +127,6 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
         action_script=os.path.join(work, loopback.SCRIPT) if raises_loopback else "",
         cgroup_root=_v2_cgroup_root(container_id, config)).encode())
     _annotate(bundle, config, criu_config)  # runc hands org.criu.config to CRIU as its config file
-    lazy = lazy_request(annotations)
     flags = runtime_restore_args(options)
     watched_lock = await netlock.before_restore(runtime.run.reaper, image_path, config)
     cgroups_path = (config.get("linux") or {}).get("cgroupsPath") or ""
@@ -124,7 +138,8 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
         if lazy is not None:
             daemon = await LazyPages.start(runtime.run.reaper, image_path=image_path, work=work,
                                            log_file=os.path.join(bundle, LAZY_PAGES_LOG),
-                                           page_server=lazy.page_server_address)
+                                           page_server=lazy.page_server_address,
+                                           page_server_unix=lazy.page_server_unix)
             flags.append("--lazy-pages")
         restoring = runtime.restore(container_id, bundle=bundle, pid_file=pid_file, image_path=image_path,
                                     work_path=work, stdio=stdio, console_socket=console_socket, no_pivot=no_pivot,
@@ -159,7 +174,7 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
         if own_work:
             shutil.rmtree(work, ignore_errors=True)
     if daemon is not None:
-        daemon.serve_for(options.timeout)
+        daemon.serve_for(options.timeout, container_id, end_container)
     await netlock.after_restore(runtime.run.reaper, images.read_record(image_path), config)
     return options
 
@@ -180,6 +195,17 @@ def _v2_cgroup_root(container_id: str, config: dict) -> str:
         log.warning("restore of %s: its cgroup v2 path is unknown (%s); CRIU puts the processes back into the "
                     "cgroup they were checkpointed in", container_id, exc)
         return ""
+
+
+def _refuse_partial_images(container_id: str, image_path: str, lazy: CheckpointOptions | None) -> None:
+    """Images split for post-copy lack the pages their page server keeps: restored without it, the processes would
+    find zeros there (CRIU maps a lazy page nobody serves to a zero page)."""
+    left = lazy_pages_left(images.read_record(image_path))
+    if left and (lazy is None or not lazy.page_server):
+        raise InvalidArgument(f"restore of {container_id}: checkpoint {image_path} leaves {left} pages on the "
+                              "page server of a post-copy migration; restore it with lazy-pages and page-server "
+                              "naming that server (annotations io.pyshim.checkpoint.lazy-pages=true, "
+                              "io.pyshim.checkpoint.page-server=ADDRESS:PORT or unix:PATH)")
 
 
 def lazy_request(annotations: dict) -> CheckpointOptions | None:
@@ -207,20 +233,29 @@ class LazyPages:
 
     @classmethod
     async def start(cls, reaper: Reaper, *, image_path: str, work: str, log_file: str,
-                    page_server: tuple[str, int] | None = None) -> LazyPages:
+                    page_server: tuple[str, int] | None = None, page_server_unix: str = "") -> LazyPages:
         """Start the daemon and return once it listens on work/lazy-pages.socket, where the
-        restore's CRIU (same work dir) connects."""
+        restore's CRIU (same work dir) connects. A page server on a unix socket is connected to here and
+        handed to the daemon (--ps-socket): CRIU itself connects to TCP addresses only."""
         argv = ["criu", "lazy-pages", "--images-dir", image_path, "--work-dir", work, "--log-file", log_file,
                 "-v4", "--status-fd", "3"]
-        if page_server:
+        fds = {}
+        connected = None
+        if page_server_unix:
+            connected = await _connect_unix(page_server_unix)
+            argv += ["--page-server", "--ps-socket", str(PS_SOCKET_FD)]
+            fds[PS_SOCKET_FD] = connected.fileno()
+        elif page_server:
             argv += ["--page-server", "--address", page_server[0], "--port", str(page_server[1])]
         ready, status = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         exits = reaper.subscribe()
         try:
             try:
-                pid = spawn(argv, pass_fds={3: status})
+                pid = spawn(argv, pass_fds={3: status, **fds})
             finally:
                 os.close(status)
+                if connected is not None:
+                    connected.close()
             daemon = cls(pid, os.pidfd_open(pid), exits, log_file)
         except OSError as exc:
             exits.close()
@@ -236,8 +271,9 @@ class LazyPages:
             await daemon.stop()
             why = "exited" if said == b"" else f"was not ready within {LAZY_PAGES_READY:g}s"
             raise RestoreFailed(f"criu lazy-pages {why}" + quote(log_file, source="criu lazy-pages log"))
-        log.info("criu lazy-pages (pid %d) serves %s%s", pid, image_path,
-                 f" from the page server {page_server[0]}:{page_server[1]}" if page_server else "")
+        source = (f" from the page server unix:{page_server_unix}" if page_server_unix else
+                  f" from the page server {page_server[0]}:{page_server[1]}" if page_server else "")
+        log.info("criu lazy-pages (pid %d) serves %s%s", pid, image_path, source)
         return daemon
 
     async def guard(self, restoring, container_id: str) -> None:
@@ -257,24 +293,46 @@ class LazyPages:
             _kill_restoring_criu(container_id)
         await restore
 
-    def serve_for(self, timeout: float) -> asyncio.Task:
-        """Let the daemon serve the restored container in the background; kill it after timeout."""
-        task = asyncio.get_running_loop().create_task(self._serve(timeout))
+    def serve_for(self, timeout: float, container_id: str = "",
+                  end_container: EndContainer | None = None) -> asyncio.Task:
+        """Let the daemon serve the restored container in the background, holding its userfaultfds
+        (shim.criu.userfaultfd). If it fails, or has not moved every page within timeout (then it is killed),
+        the container is ended through end_container: memory that can no longer come must not be read as
+        zeros."""
+        task = asyncio.get_running_loop().create_task(self._serve(timeout, container_id, end_container))
         _serving.add(task)
         task.add_done_callback(_serving.discard)
         return task
 
-    async def _serve(self, timeout: float) -> None:
-        done, _ = await asyncio.wait({self.exited}, timeout=timeout)
-        if not done:
-            log.warning("criu lazy-pages (pid %d) still running after %gs; killing it (log %s)", self.pid, timeout,
-                        self.log_file)
-            await self.stop()
-            return
-        status = self.exited.result().status
-        (log.info if status == 0 else log.warning)("criu lazy-pages (pid %d) exited with %d (log %s)", self.pid,
-                                                   status, self.log_file)
-        self._close()
+    async def _serve(self, timeout: float, container_id: str, end_container: EndContainer | None) -> None:
+        hold = UserfaultfdHold(self.pid, self.pidfd)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            while not self.exited.done() and (remaining := deadline - loop.time()) > 0:
+                hold.take()
+                await asyncio.wait({self.exited}, timeout=min(HOLD_SCAN, remaining))
+            if self.exited.done() and self.exited.result().status == 0:
+                log.info("criu lazy-pages (pid %d) moved every page of %s and exited (log %s)", self.pid,
+                         container_id, self.log_file)
+                return
+            if self.exited.done():
+                why = f"criu lazy-pages exited with {self.exited.result().status}"
+            else:
+                why = f"criu lazy-pages had not moved every page after {timeout:g}s (killed)"
+                await self.stop()
+            reason = (f"post-copy of {container_id} failed: {why}; the container was killed, since the memory "
+                      "not moved yet can no longer come and must not be read as zeros"
+                      + quote(self.log_file, source="criu lazy-pages log"))
+            log.error("%s", reason)
+            if end_container is not None:
+                try:
+                    await end_container(reason)
+                except Exception:  # noqa: BLE001 - logged: the userfaultfds are let go below all the same
+                    log.exception("ending %s after its lost memory", container_id)
+        finally:
+            hold.release()  # after the kill: a process waiting in a fault is woken by it, not fed a zero page
+            self._close()
 
     async def stop(self) -> None:
         if not self.exited.done():
@@ -308,6 +366,18 @@ def _kill_restoring_criu(container_id: str) -> None:
                 pass
             finally:
                 os.close(pidfd)
+
+
+async def _connect_unix(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, path), LAZY_PAGES_READY)
+    except (OSError, TimeoutError) as exc:
+        sock.close()
+        raise RestoreFailed(f"cannot reach the page server at unix:{path}: {exc or 'timed out'}") from None
+    sock.setblocking(True)  # CRIU reads it blocking
+    return sock
 
 
 async def _read_once(fd: int) -> bytes:
