@@ -26,8 +26,9 @@ source "$TEST_REPO/packaging/install.sh"
 
 # crun: the alternative OCI runtime the tests compare; nftables: `nft`, for reading CRIU's nftables lock;
 # busybox-static: the test image; gcc and libc6-dev build the tests' small static helpers
-# (integration/harness/*.c); tmux: the terminal tests.
-readonly TEST_PACKAGES=(crun nftables busybox-static tmux gcc libc6-dev)
+# (integration/harness/*.c); tmux: the terminal tests; openssh-server: the destination host's sshd of the migration
+# tests (integration/harness/sshd.py runs a private one; the package's own service is not started here).
+readonly TEST_PACKAGES=(crun nftables busybox-static tmux gcc libc6-dev openssh-server)
 readonly DEMO_PACKAGES=(busybox-static)
 DEMO_ONLY=0
 

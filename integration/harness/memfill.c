@@ -1,71 +1,134 @@
-/* memfill: fills MiB of anonymous memory with a known pattern and checks it on request, for the post-copy tests.
+/* memfill: a workload with a known amount of touched memory, for the migration tests and benchmark.
  *
- * memfill MIB DIR: fills MIB MiB (word i = i * K ^ SEED), writes "filled <checksum>" to DIR/state, then every 20 ms
- * writes a heartbeat count to DIR/beat (fixed width, in place) and, when DIR/verify exists, removes it, reads every
- * word back and writes "verified <mismatches> <checksum>" to DIR/result (renamed into place). The memory is only
- * ever read after the fill: a page that comes back wrong (zeros, another page's contents) is a mismatch. */
-#include <fcntl.h>
+ *   memfill MIB PORT
+ *
+ * Fills MIB MiB of private anonymous memory with a pattern (64-bit word i holds i * K ^ SEED), then serves TCP
+ * on PORT, one line per request, any number of clients (poll):
+ *   ping   -> "pong N"   N: requests served so far (state only the process's memory holds)
+ *   check  -> "ok MIB" when every word still holds its pattern, "bad I" naming the first word that does not
+ * Static (gcc -static): no library of the host is needed inside the container.
+ */
+#include <errno.h>
+#include <netinet/in.h>
+#include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <time.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
+#define MAX_CLIENTS 32
 #define K 0x9E3779B97F4A7C15ULL
-#define SEED 0x5DEECE66DULL
+#define SEED 0x5A5A1234C0FFEEULL
 
-static uint64_t expected(size_t i) { return (uint64_t)i * K ^ SEED; }
+static uint64_t *memory;
+static size_t words;
+static size_t mib;
+static unsigned long served;
 
-static uint64_t mix(uint64_t h, uint64_t w) { return (h ^ w) * 0x100000001B3ULL; }
+struct client {
+    int fd;
+    char buf[256];
+    size_t len;
+};
 
-static void write_file(const char *dir, const char *name, const char *text) {
-    char path[512], tmp[512];
-    snprintf(path, sizeof path, "%s/%s", dir, name);
-    snprintf(tmp, sizeof tmp, "%s/.%s.tmp", dir, name);
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    if (fd < 0 || write(fd, text, strlen(text)) != (ssize_t)strlen(text) || close(fd) != 0 || rename(tmp, path) != 0)
-        _exit(3);
+static void fill(void) {
+    for (size_t i = 0; i < words; i++)
+        memory[i] = (uint64_t)i * K ^ SEED;
+}
+
+static long check(void) {
+    for (size_t i = 0; i < words; i++)
+        if (memory[i] != ((uint64_t)i * K ^ SEED))
+            return (long)i;
+    return -1;
+}
+
+static void answer(int fd, const char *line) {
+    char out[96];
+    int n;
+    served++;
+    if (strcmp(line, "ping") == 0) {
+        n = snprintf(out, sizeof out, "pong %lu\n", served);
+    } else if (strcmp(line, "check") == 0) {
+        long bad = check();
+        n = bad < 0 ? snprintf(out, sizeof out, "ok %zu\n", mib) : snprintf(out, sizeof out, "bad %ld\n", bad);
+    } else {
+        n = snprintf(out, sizeof out, "unknown\n");
+    }
+    /* Answers are short: a blocking send on a connected socket completes at once or fails. */
+    if (send(fd, out, (size_t)n, MSG_NOSIGNAL) < 0 && errno != EPIPE && errno != ECONNRESET)
+        perror("send");
 }
 
 int main(int argc, char **argv) {
-    if (argc != 3)
+    if (argc != 3) {
+        fprintf(stderr, "usage: memfill MIB PORT\n");
         return 2;
-    size_t words = (size_t)atol(argv[1]) << 20 >> 3;
-    const char *dir = argv[2];
-    uint64_t *memory = mmap(NULL, words * 8, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (memory == MAP_FAILED)
-        return 4;
-    uint64_t sum = 0xCBF29CE484222325ULL;
-    for (size_t i = 0; i < words; i++) {
-        memory[i] = expected(i);
-        sum = mix(sum, memory[i]);
     }
-    char text[128], beat_path[512], verify_path[512];
-    snprintf(text, sizeof text, "filled %016llx\n", (unsigned long long)sum);
-    write_file(dir, "state", text);
-    snprintf(beat_path, sizeof beat_path, "%s/beat", dir);
-    snprintf(verify_path, sizeof verify_path, "%s/verify", dir);
-    for (unsigned long beat = 1;; beat++) {
-        int fd = open(beat_path, O_WRONLY | O_CREAT, 0644);
-        if (fd >= 0) {
-            snprintf(text, sizeof text, "%012lu\n", beat);
-            if (write(fd, text, 13) != 13)
-                _exit(3);
-            close(fd);
+    mib = strtoul(argv[1], NULL, 10);
+    words = mib * (1024 * 1024 / sizeof(uint64_t));
+    memory = mmap(NULL, words * sizeof(uint64_t) + 1, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (memory == MAP_FAILED) {
+        perror("mmap");
+        return 1;
+    }
+    fill();
+
+    int listener = socket(AF_INET, SOCK_STREAM, 0);
+    int one = 1;
+    setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    struct sockaddr_in address = {.sin_family = AF_INET, .sin_port = htons((uint16_t)atoi(argv[2]))};
+    if (bind(listener, (struct sockaddr *)&address, sizeof address) < 0 || listen(listener, 16) < 0) {
+        perror("bind/listen");
+        return 1;
+    }
+    printf("ready %zu MiB\n", mib);
+    fflush(stdout);
+
+    struct client clients[MAX_CLIENTS];
+    struct pollfd fds[MAX_CLIENTS + 1];
+    size_t count = 0;
+    for (;;) {
+        fds[0] = (struct pollfd){.fd = listener, .events = POLLIN};
+        for (size_t i = 0; i < count; i++)
+            fds[i + 1] = (struct pollfd){.fd = clients[i].fd, .events = POLLIN};
+        if (poll(fds, count + 1, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            perror("poll");
+            return 1;
         }
-        if (unlink(verify_path) == 0) {
-            uint64_t check = 0xCBF29CE484222325ULL;
-            size_t mismatches = 0;
-            for (size_t i = 0; i < words; i++) {
-                mismatches += memory[i] != expected(i);
-                check = mix(check, memory[i]);
+        for (size_t i = count; i-- > 0;) {
+            if (!(fds[i + 1].revents & (POLLIN | POLLHUP | POLLERR)))
+                continue;
+            struct client *c = &clients[i];
+            ssize_t got = recv(c->fd, c->buf + c->len, sizeof c->buf - 1 - c->len, 0);
+            if (got <= 0) {
+                close(c->fd);
+                clients[i] = clients[--count];
+                continue;
             }
-            snprintf(text, sizeof text, "verified %zu %016llx\n", mismatches, (unsigned long long)check);
-            write_file(dir, "result", text);
+            c->len += (size_t)got;
+            char *start = c->buf, *end;
+            while ((end = memchr(start, '\n', c->len - (size_t)(start - c->buf))) != NULL) {
+                *end = '\0';
+                answer(c->fd, start);
+                start = end + 1;
+            }
+            c->len -= (size_t)(start - c->buf);
+            memmove(c->buf, start, c->len);
+            if (c->len == sizeof c->buf - 1)
+                c->len = 0; /* a line longer than any request: dropped */
         }
-        struct timespec pause = {0, 20 * 1000 * 1000};
-        nanosleep(&pause, NULL);
+        if (fds[0].revents & POLLIN) {
+            int fd = accept(listener, NULL, NULL);
+            if (fd >= 0 && count < MAX_CLIENTS)
+                clients[count++] = (struct client){.fd = fd, .len = 0};
+            else if (fd >= 0)
+                close(fd);
+        }
     }
 }

@@ -29,6 +29,7 @@ from shim.children.proctree import children_of, cmdline, parent_of
 from shim.children.reaper import Reaper
 from shim.children.spawn import spawn
 from shim.criu import image_check, images, loopback, netlock
+from shim.criu.lazy_images import RECORD_KEY as POST_COPY
 from shim.criu.lazy_images import lazy_pages_left
 from shim.criu.log import quote
 from shim.criu.options import (
@@ -106,8 +107,9 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
                     image_path, exc)
     options, config = restore_options(bundle, image_path)
     annotations = config.get("annotations") or {}
-    lazy = lazy_request(annotations)
-    _refuse_partial_images(container_id, image_path, lazy)
+    record = images.read_record(image_path)
+    lazy = lazy_request(annotations) or post_copy_request(record)
+    _refuse_partial_images(container_id, image_path, record, lazy)
     if options.manage_cgroups_mode in ("full", "strict"):
         from shim.criu.checkpoint import forget_frozen_freezer
 
@@ -197,10 +199,23 @@ def _v2_cgroup_root(container_id: str, config: dict) -> str:
         return ""
 
 
-def _refuse_partial_images(container_id: str, image_path: str, lazy: CheckpointOptions | None) -> None:
+def post_copy_request(record: dict | None) -> CheckpointOptions | None:
+    """The lazy restore images split for post-copy ask for: `pyshim migrate --post-copy` names its page server in
+    their record (post_copy.page_server), so the restored container's own annotations stay as they were."""
+    server = ((record or {}).get(POST_COPY) or {}).get("page_server") if isinstance(record, dict) else None
+    if not server:
+        return None
+    try:
+        return resolve(from_host_config(), {"lazy_pages": True, "page_server": str(server)})
+    except OptionError as exc:
+        raise InvalidArgument(f"post-copy restore: the checkpoint's page server: {exc}") from None
+
+
+def _refuse_partial_images(container_id: str, image_path: str, record: dict | None,
+                           lazy: CheckpointOptions | None) -> None:
     """Images split for post-copy lack the pages their page server keeps: restored without it, the processes would
     find zeros there (CRIU maps a lazy page nobody serves to a zero page)."""
-    left = lazy_pages_left(images.read_record(image_path))
+    left = lazy_pages_left(record)
     if left and (lazy is None or not lazy.page_server):
         raise InvalidArgument(f"restore of {container_id}: checkpoint {image_path} leaves {left} pages on the "
                               "page server of a post-copy migration; restore it with lazy-pages and page-server "

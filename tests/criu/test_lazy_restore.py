@@ -202,9 +202,14 @@ def test_unix_page_servers_are_for_restores_only(monkeypatch):
         lazy_request({"io.pyshim.checkpoint.lazy-pages": "true", "io.pyshim.checkpoint.page-server": "unix:ps"})
 
 
-def test_split_images_without_a_page_server_are_refused(tmp_path):
-    (tmp_path / "pyshim-checkpoint.json").write_text('{"post_copy": {"lazy_pages": 7}}')
+def test_split_images_without_a_page_server_are_refused(monkeypatch):
+    monkeypatch.setattr("shim.criu.restore.from_host_config", lambda: {})
+    record = {"post_copy": {"lazy_pages": 7}}
     with pytest.raises(Exception, match="leaves 7 pages on the page server"):
-        restore_module._refuse_partial_images("c4", str(tmp_path), None)
-    restore_module._refuse_partial_images("c4", str(tmp_path), resolve({"lazy_pages": True,
-                                                                         "page_server": "unix:/p"}))
+        restore_module._refuse_partial_images("c4", "/img", record, None)
+    restore_module._refuse_partial_images("c4", "/img", record, resolve({"lazy_pages": True,
+                                                                          "page_server": "unix:/p"}))
+    # the migration names its page server in the record: that is the lazy restore asked for
+    assert restore_module.post_copy_request(record) is None
+    named = restore_module.post_copy_request({"post_copy": {"lazy_pages": 7, "page_server": "unix:/w/pages.sock"}})
+    assert named is not None and named.lazy_pages and named.page_server_unix == "/w/pages.sock"
