@@ -178,6 +178,9 @@ def _migrate_parsers(commands) -> None:
     migrate.add_argument("--ssh-option", metavar="OPT", action="append", default=[],
                          help="an ssh_config setting for the connection, as Keyword=value (passed to ssh as -o), e.g. "
                               "IdentityFile=/root/.ssh/migrate; repeatable")
+    migrate.add_argument("--bandwidth", type=float, default=0.0, metavar="MIB",
+                         help="--post-copy: send the pages at most MIB MiB/s (as virsh migrate --bandwidth; default: "
+                              "as fast as the connection goes)")
     migrate.add_argument("--report-json", metavar="FILE", help="also write the report to FILE")
     migrate.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
                          help="give up (and roll back) after this long (default: %(default)g)")

@@ -97,7 +97,7 @@ class _Relay:
 class SourcePages:
     """The source's end: pyshim's page server on a socket pair, serving the full images in memory."""
 
-    def __init__(self, channel: Channel, images: str, *, report: Callable[[dict], None]) -> None:
+    def __init__(self, channel: Channel, images: str, *, report: Callable[[dict], None], rate: float = 0.0) -> None:
         from shim.criu.lazy_images import LazyPages
         from shim.criu.page_server import PageServer
 
@@ -108,7 +108,7 @@ class SourcePages:
         self.started = time.monotonic()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._server_socket = ours
-        self._server = PageServer(self.pages, report=report)
+        self._server = PageServer(self.pages, report=report, rate=rate)
         self._thread = threading.Thread(target=self._serve, name="migrate-page-server", daemon=True)
         self._thread.start()
         self.relay = _Relay(channel, "migrate-postcopy-source")
@@ -132,13 +132,12 @@ class SourcePages:
             self.close()
             self._thread.join(10)
             raise ToolError(f"the pages had not all moved within {timeout:g} s ({self.pages.served} of "
-                            f"{self.pages.total}); the images are kept in {self.images}")
+                            f"{self.pages.total})")
         assert outcome is not None
         if not outcome.complete:
             why = outcome.error or ("the destination's lazy-pages daemon ended the session before asking for "
                                     "every page")
-            raise ToolError(f"the page transfer ended after {outcome.served} of {outcome.total} pages: {why}; the "
-                            f"images are kept in {self.images}")
+            raise ToolError(f"the page transfer ended after {outcome.served} of {outcome.total} pages: {why}")
         shutil.rmtree(os.path.dirname(self.images), ignore_errors=True)
         return {"pages": outcome.total, "page_bytes": self.relay.sent,
                 "pages_ms": round((time.monotonic() - self.started) * 1000, 1)}

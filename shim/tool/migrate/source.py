@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tarfile
 import tempfile
@@ -48,7 +49,13 @@ def progress(text: str) -> None:
 
 
 def check_mode(args) -> None:
-    """Every mode of the command runs in this build (pre-copy rounds are not offered: see docs/migrate.md)."""
+    """Options that belong to another mode are refused, not ignored."""
+    bandwidth = getattr(args, "bandwidth", 0.0) or 0.0
+    if bandwidth and args.mode != "post-copy":
+        raise UsageRefusal("--bandwidth limits the pages --post-copy sends after the container runs on the "
+                           f"destination; with --{args.mode} it would limit nothing. Nothing was done")
+    if not bandwidth >= 0:
+        raise UsageRefusal(f"--bandwidth {bandwidth:g}: give MiB per second, above 0. Nothing was done")
 
 
 def migrate(args, client: ContainerdClient) -> int:
@@ -215,7 +222,8 @@ class Migration:
 
     def _start_page_server(self) -> None:
         assert self.session is not None and self.session.channel is not None
-        self.pages = postcopy.SourcePages(self.session.channel, self._dumped_images(), report=self._page_progress)
+        self.pages = postcopy.SourcePages(self.session.channel, self._dumped_images(), report=self._page_progress,
+                                          rate=(getattr(self.args, "bandwidth", 0.0) or 0.0) * (1 << 20))
 
     def _page_progress(self, event: dict) -> None:
         now = time.monotonic()
@@ -232,13 +240,30 @@ class Migration:
         try:
             moved = self.pages.wait(max(60.0, self.args.timeout - (time.monotonic() - self.started)))
         except ToolError as exc:
-            self.memory = None  # kept: the only complete copy of the container's memory
+            kept = self._keep_whole_checkpoint()
             raise ToolError(f"post-copy of {self.id} failed after it started on {self.dest.host}: {exc}. The "
                             "destination's shim ends the container there (its memory can no longer all come, and "
-                            "it is never left running on zeros); the container is stopped here too") from None
+                            f"it is never left running on zeros). Its checkpoint is kept here, whole: {kept}") from None
         self.memory = None  # the page server removed the images with the last page
+        if self.staging:
+            archive.remove_tree(self.staging)
+            self.staging = None
         progress(f"post-copy: every page of {self.id} moved ({archive.human_size(moved['page_bytes'])})")
         return moved
+
+    def _keep_whole_checkpoint(self) -> str:
+        """The checkpoint as `pyshim restore` takes it: the full images from memory in place of the split ones."""
+        assert self.memory is not None and self.staging is not None
+        images, memory, staging = self._images(), self.memory, self.staging
+        self.memory = self.staging = None  # kept, whatever happens below
+        try:
+            archive.remove_tree(images)
+            shutil.move(os.path.join(memory, "images"), images)
+            archive.remove_tree(memory)
+        except OSError as exc:
+            return (f"the images in {os.path.join(memory, 'images')}, the rest in {staging} (moving them together "
+                    f"failed: {exc})")
+        return f"`pyshim restore {staging} --name {self.id}` brings the container back here"
 
     def _check_source(self):
         record, task = checkpoint.running_task(self.client, self.id)
@@ -366,7 +391,7 @@ class Migration:
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 problems.append(f"removing the container: {exc.details()}")
-        if self.staging:
+        if self.staging and self.pages is None:  # --post-copy keeps its checkpoint until the last page moved
             archive.remove_tree(self.staging)
             self.staging = None
         if problems:
