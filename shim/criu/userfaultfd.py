@@ -13,6 +13,7 @@ let go. Taken again periodically: the daemon gets a new one for each process the
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import platform
@@ -21,15 +22,19 @@ log = logging.getLogger(__name__)
 USERFAULTFD_LINK = "anon_inode:[userfaultfd]"
 KCMP_FILE = 0
 SYSCALLS = {"x86_64": {"pidfd_getfd": 438, "kcmp": 312}, "aarch64": {"pidfd_getfd": 438, "kcmp": 272}}
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def supported() -> bool:
     return platform.machine() in SYSCALLS
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def _syscall(name: str, *args: int) -> int:
-    result = _libc.syscall(SYSCALLS[platform.machine()][name], *(ctypes.c_long(arg) for arg in args))
+    result = _libc().syscall(SYSCALLS[platform.machine()][name], *(ctypes.c_long(arg) for arg in args))
     if result < 0:
         errno = ctypes.get_errno()
         raise OSError(errno, os.strerror(errno))
