@@ -213,6 +213,38 @@ def test_refusals_before_anything_stops(migrate: Migrate, test_image: TestImage,
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_restore_failing_on_the_destination_restores_the_container_here(migrate: Migrate, test_image: TestImage,
+                                                                         mode: str, tmp_path: Path):
+    """The destination's OCI runtime fails every restore (a runc wrapper refusing `restore`, named by the runtime
+    options in DEST): everything moves, the restore there fails. The container is restored on the source from its own
+    images (in --stream, from the recorded page stream: its pages were never written on the source) and counts on
+    from its own value; nothing is left on the destination."""
+    source = migrate.source
+    runc = tmp_path / "runc-refusing-restore"
+    runc.write_text('#!/bin/sh\nfor arg; do [ "$arg" = restore ] && { echo "restore refused by the test" >&2; exit 1; }'
+                    f'; done\nexec {load_environment().runc} "$@"\n')
+    runc.chmod(0o755)
+    broken = tmp_path / "broken-runtime.toml"
+    broken.write_text(f'BinaryName = "{runc}"\nRoot = "{migrate.destination.runc_root}"\n')
+    container_id = source.new_id("counter")
+    source.run(container_id, test_image, "sh", "-c", COUNTER, runtime=PYSHIM)
+    try:
+        wait_counter_above(source, container_id, 3)
+        result, report = migrate.run(container_id, f"--{mode}", dest=migrate.dest(**{"runtime-config": str(broken)}))
+        assert result.returncode == 1, result.stdout
+        assert f"restoring {container_id} here" in result.stderr and "runs on here again" in result.stderr
+        assert report == {}
+        assert task_status(source, container_id) == "RUNNING"
+        value = read_counter(source, container_id)
+        assert value is not None and value > 3  # its own memory, not a fresh start at 1
+        wait_counter_above(source, container_id, value)
+        migrate.nothing_on_destination()
+        migrate.nothing_left_here()
+    finally:
+        remove(source, container_id)
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_failure_after_the_dump_restores_the_container_here(migrate: Migrate, test_image: TestImage, mode: str):
     """The destination's work directory on a 64 KiB tmpfs: the archive (or the page stream) does not fit. The
     container is restored on the source from its own images and counts on from where it was."""

@@ -64,7 +64,6 @@ class Sshd:
         self.config = directory / "sshd_config"
         self.log = directory / "sshd.log"
         self._process: subprocess.Popen | None = None
-        self._made_privsep_dir = False
 
     def __enter__(self) -> Sshd:
         self.start()
@@ -87,9 +86,7 @@ class Sshd:
             link.unlink(missing_ok=True)
             link.symlink_to(self.tool)
             path = f"{bin_dir}:{path}"
-        if not PRIVSEP_DIR.exists():
-            PRIVSEP_DIR.mkdir(mode=0o755)
-            self._made_privsep_dir = True
+        PRIVSEP_DIR.mkdir(mode=0o755, exist_ok=True)
         for _attempt in range(5):  # another process may take the free port first
             self.port = _free_port()
             host_key_line = Path(f"{self.host_key}.pub").read_text().split()
@@ -188,10 +185,6 @@ class Sshd:
         """End sshd and every session still open; the notes on what had to be killed (empty when tidy)."""
         notes = [f"killed ssh session {pid}" for pid in self.kill_sessions()]
         self._end_process()
-        if self._made_privsep_dir:
-            try:
-                PRIVSEP_DIR.rmdir()
-            except OSError:
-                pass  # another sshd uses it meanwhile
-            self._made_privsep_dir = False
+        # /run/sshd stays even if this one made it: another test's sshd (tests run side by side) may be using it,
+        # and without it every new connection to that one is reset ("Missing privilege separation directory").
         return notes

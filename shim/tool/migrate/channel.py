@@ -158,6 +158,7 @@ class ArchiveReader:
                 raise TimeoutError(f"no archive data from {self.channel.peer} for "
                                    f"{time.monotonic() - started:.0f} s") from None
             if isinstance(item, ChannelClosed):
+                self.channel._put_archive(item)  # for the next read (a drain after a failure) too
                 raise item
             if not item:
                 self.done = True

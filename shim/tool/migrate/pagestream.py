@@ -24,6 +24,7 @@ from shim.tool.migrate.channel import Channel, ChannelClosed
 
 CHUNK = 1 << 20
 ACCEPT_POLL = 0.2
+SEND_TIMEOUT = 60.0  # a page server that takes nothing for this long has failed
 
 
 def page_server_argv(images_dir: str, fd: int, log_file: str) -> list[str]:
@@ -115,7 +116,10 @@ class SourceRelay:
             if data:
                 connection.sendall(data)
             else:
-                connection.shutdown(socket.SHUT_WR)
+                # The page server has closed: after its last answer (CRIU closes too), or because it failed, when
+                # CRIU must stop sending at once (its next write fails and the dump with it) rather than stream the
+                # rest of the memory into nothing.
+                connection.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass  # CRIU went away: its dump fails and says so
 
@@ -132,7 +136,7 @@ class SourceRelay:
 
     def close(self) -> None:
         self._stop.set()
-        self.channel.on_pages = None
+        self.channel.on_pages = _discard  # answers still on their way
         for sock in (self.listener, self.connection):
             if sock is not None:
                 try:
@@ -149,7 +153,9 @@ class PageServer:
         self.channel = channel
         self.log_file = log_file
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours.settimeout(SEND_TIMEOUT)
         self.socket = ours
+        self.failed = ""
         try:
             self.process = subprocess.Popen(page_server_argv(images_dir, theirs.fileno(), log_file),
                                             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
@@ -162,22 +168,38 @@ class PageServer:
         self._thread.start()
 
     def _from_source(self, data: bytes) -> None:
+        if self.failed:
+            return  # the page server is gone: what still comes is dropped (the source's dump fails)
         try:
             if data:
                 self.socket.sendall(data)
                 self.received += len(data)
             else:
                 self.socket.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # the page server died: wait() says so
+        except OSError as exc:
+            # It died, or stopped reading for SEND_TIMEOUT: closing its socket ends the answers, whose end tells
+            # the source to stop the dump. Never block the channel (every frame waits behind this one).
+            self.failed = f"{exc}"
+            try:
+                self.socket.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def _answers(self) -> None:
         try:
-            while data := self.socket.recv(CHUNK):
+            while data := self._recv():
                 self.channel.send(frames.PAGES, data)
             self.channel.send(frames.PAGES, b"")
         except (OSError, ChannelClosed):
             pass
+
+    def _recv(self) -> bytes:
+        while True:
+            try:
+                return self.socket.recv(CHUNK)
+            except TimeoutError:
+                if self.process.poll() is not None:
+                    return b""
 
     def wait(self, timeout: float) -> None:
         """The page server's end; ToolError with its log's last lines when it failed."""
@@ -191,7 +213,7 @@ class PageServer:
             raise ToolError(f"criu page-server failed (exit status {status}){log_tail(self.log_file)}")
 
     def stop(self) -> None:
-        self.channel.on_pages = None
+        self.channel.on_pages = _discard  # what the source still sends after an abort
         if self.process.poll() is None:
             self.process.kill()  # our own child, by its pid
             self.process.wait(10)
@@ -225,6 +247,10 @@ def replay(recording: str, images_dir: str, log_file: str, timeout: float = 300.
         ours.close()
     if status != 0:
         raise ToolError(f"rebuilding the dumped memory: criu page-server exit status {status}{log_tail(log_file)}")
+
+
+def _discard(data: bytes) -> None:
+    pass
 
 
 def _drain(sock: socket.socket) -> None:

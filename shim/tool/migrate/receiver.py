@@ -31,6 +31,7 @@ import uuid
 import grpc
 from google.protobuf.any_pb2 import Any
 
+from shim.api.containerd.types import task_pb2
 from shim.tool import archive, restore, tarsafe
 from shim.tool.containerd_api import ContainerdClient
 from shim.tool.errors import ToolError, from_os, from_rpc
@@ -46,7 +47,11 @@ RUNTIME_OPTIONS_TYPE = "runtimeoptions.v1.Options"
 
 
 def say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+    """A progress line, through ssh's stderr to the source; lost quietly when the connection is gone."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except OSError:
+        pass
 
 
 class Receiver:
@@ -82,8 +87,8 @@ class Receiver:
                     if kind == "abort":
                         return 1
         except (ChannelClosed, TimeoutError, frames.ProtocolError) as exc:
-            say(f"pyshim migrate-receive: {exc}; undoing what this side made")
-            self.undo()
+            self.undo()  # first: with the connection gone, even stderr may be
+            say(f"pyshim migrate-receive: {exc}; undid what this side made")
             return 1
         except BaseException:
             self.undo()
@@ -162,7 +167,7 @@ class Receiver:
     def on_pages_end(self, message: dict) -> None:
         if self.page_server is None:
             raise ToolError("the source ended a page stream that was never started")
-        self.page_server.wait(float(message.get("timeout") or 600))
+        self.page_server.wait(float(message.get("wait") or 600))
         received = self.page_server.received
         self.page_server = None
         self.channel.send_message("pages-done", received=received)
@@ -228,7 +233,7 @@ class Receiver:
         try:
             record = self.client.container(container_id)
             if record.labels.get("io.pyshim.migration") == migration:
-                state = "running" if self.client.task(container_id).status == 2 else "stopped"  # RUNNING
+                state = "running" if self.client.task(container_id).status == task_pb2.RUNNING else "stopped"
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 raise from_rpc(exc, f"looking up {container_id} on the destination") from None
@@ -337,7 +342,7 @@ def _remove_container(client: ContainerdClient, container_id: str, snapshotter: 
         client.kill_task(container_id, signal.SIGKILL, all=True)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            if client.task(container_id).status == 4:  # STOPPED
+            if client.task(container_id).status == task_pb2.STOPPED:
                 break
             time.sleep(0.05)
     except grpc.RpcError:

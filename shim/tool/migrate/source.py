@@ -26,6 +26,7 @@ import time
 
 import grpc
 
+from shim.api.containerd.types import task_pb2
 from shim.criu import lazy_images
 from shim.tool import archive, checkpoint, options, rootfs
 from shim.tool.containerd_api import ContainerdClient
@@ -37,11 +38,10 @@ from shim.tool.migrate.pagestream import SourceRelay, replay
 from shim.tool.store import Store
 
 RECORDING = "pages.stream"  # beside checkpoint/ in the staging directory, never sent
-STOPPED = 4  # containerd's task status
 
 
 class UsageRefusal(ToolError):
-    """A mode this build cannot run: exit status 2, as a usage error."""
+    """A usage error the parser cannot see (an option of another mode): exit status 2."""
 
 
 def progress(text: str) -> None:
@@ -157,9 +157,10 @@ class Migration:
                 self.client.checkpoint(self.id, options.request_options(chosen, self._dumped_images()),
                                        timeout=self._deadline_left())
         except grpc.RpcError as exc:
+            why = self._page_server_fate()
             self._abort()
-            raise ToolError(f"{from_rpc(exc, f'the checkpoint of {self.id}')}; {self.id} runs on here, nothing was "
-                            "left on the destination") from None
+            raise ToolError(f"{from_rpc(exc, f'the checkpoint of {self.id}')}{why}; {self.id} runs on here, nothing "
+                            "was left on the destination") from None
         except BaseException:
             self._abort()
             raise
@@ -190,6 +191,11 @@ class Migration:
             t = self._phase("restore", t)
         except BaseException as exc:
             self.roll_back(exc)
+            if isinstance(exc, (ChannelClosed, TimeoutError, frames.ProtocolError)):
+                exc = ToolError(self.session.failure(f"moving {self.id}", exc))
+            if isinstance(exc, ToolError):
+                raise ToolError(f"{exc}; {self.id} was restored here from its checkpoint and runs on, nothing was "
+                                "left on the destination") from None
             raise
         self._commit()
         progress(f"{self.id} runs on {self.dest.host}; removing it here")
@@ -307,6 +313,18 @@ class Migration:
             chosen["page-server"] = self.relay.address
         return chosen
 
+    def _page_server_fate(self) -> str:
+        """After a failed --stream dump: what the destination's page server says (often the real cause)."""
+        if self.relay is None or self.session is None:
+            return ""
+        try:
+            self.session.request("pages-end", expect="pages-done", timeout=30, wait=20)
+        except transport.RemoteRefusal as exc:
+            return f" (on the destination: {exc})"
+        except (ToolError, ChannelClosed, TimeoutError, frames.ProtocolError):
+            pass
+        return ""
+
     def _images(self) -> str:
         assert self.staging is not None
         return os.path.join(self.staging, archive.CHECKPOINT_DIR)
@@ -399,7 +417,7 @@ class Migration:
 
     def _wait_stopped(self, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
-        while self.client.task(self.id).status != STOPPED and time.monotonic() < deadline:
+        while self.client.task(self.id).status != task_pb2.STOPPED and time.monotonic() < deadline:
             time.sleep(0.02)
 
     # --- the way back ------------------------------------------------------------------------------------------
