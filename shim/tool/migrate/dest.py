@@ -85,9 +85,11 @@ def parse(text: str, *, default_namespace: str) -> Destination:
         raise wrong(f"namespace {namespace!r} is not a containerd namespace name")
     for key in ("pyshim", "store", "runtime-config"):
         value = given.get(key)
-        if value is not None and (not value.startswith("/") or "\0" in value) and not (key == "pyshim" and
-                                                                                         _NAME.match(value)):
-            raise wrong(f"{key} must be an absolute path on the destination")
+        if value is None or (value.startswith("/") and posixpath.normpath(value) == value):
+            continue
+        if key == "pyshim" and _NAME.match(value):
+            continue  # a command name, looked up on the destination's PATH
+        raise wrong(f"{key} must be an absolute path on the destination")
     return Destination(host=host, socket=path, namespace=namespace, user=user, port=port,
                        pyshim=given.get("pyshim", "pyshim"), store=given.get("store", ""),
                        runtime_config=given.get("runtime-config", ""))

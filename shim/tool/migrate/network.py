@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 
-NSFS_MAGIC = 0x6E736673
-
 
 def namespace_path(spec: dict) -> str | None:
     """The network namespace path of a container's spec; None for one of its own or the host's."""

@@ -13,7 +13,6 @@ The source also records the bytes CRIU sent: if the migration fails after the du
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import threading
@@ -104,6 +103,10 @@ class SourceRelay:
             self.error = str(exc)
             if self.connection is not None:
                 self.connection.close()  # CRIU's dump fails, and the task runs on
+            try:
+                self.channel.send(frames.PAGES, b"")  # and the destination's page server ends
+            except ChannelClosed:
+                pass
         finally:
             self._recording.close()
             self._ended.set()
@@ -189,8 +192,11 @@ class PageServer:
         try:
             while data := self._recv():
                 self.channel.send(frames.PAGES, data)
-            self.channel.send(frames.PAGES, b"")
         except (OSError, ChannelClosed):
+            pass  # ECONNRESET when it died with our bytes unread (a full disk): the end below all the same
+        try:
+            self.channel.send(frames.PAGES, b"")  # the source must learn it is over, or CRIU waits for an answer
+        except ChannelClosed:
             pass
 
     def _recv(self) -> bytes:
@@ -269,9 +275,3 @@ def log_tail(path: str, lines: int = 4) -> str:
         return ""
     return f" (its log {path}: {' / '.join(tail)})" if tail else ""
 
-
-def remove_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass

@@ -23,6 +23,7 @@ import json
 import os
 import signal
 import sys
+import tarfile
 import tempfile
 import time
 import types
@@ -178,7 +179,7 @@ class Receiver:
         say("receiving the checkpoint archive")
         try:
             try:
-                with tarfile_stream(reader) as tar:
+                with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
                     for member in tar:
                         tarsafe.extract(tar, member, work, data=True)
             finally:
@@ -279,12 +280,6 @@ class Receiver:
         if not self.work:
             raise frames.ProtocolError("a request before prepare")
         return self.work
-
-
-def tarfile_stream(reader):
-    import tarfile
-
-    return tarfile.open(fileobj=reader, mode="r|")
 
 
 def _config_path(options: dict) -> str:

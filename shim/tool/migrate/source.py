@@ -88,7 +88,6 @@ class Migration:
         self.session: transport.Session | None = None
         self.staging: str | None = None
         self.relay: SourceRelay | None = None
-        self.record = None
         self.pyshim_record: dict = {}
         self.dumped = False
         self.memory: str | None = None  # --post-copy: the tmpfs directory the dump goes to, kept until pages moved
