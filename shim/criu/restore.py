@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -23,7 +22,8 @@ import socket
 import tempfile
 from collections.abc import Awaitable, Callable
 
-from shim.bundle.layout import write_atomically
+from shim.background import BackgroundTasks
+from shim.bundle.config import CRIU_CONFIG_ANNOTATION, Bundle
 from shim.cgroups import made as made_cgroups
 from shim.children.proctree import children_of, cmdline, parent_of
 from shim.children.reaper import Reaper
@@ -41,7 +41,7 @@ from shim.criu.options import (
     from_record,
     resolve,
 )
-from shim.criu.plan import CRIU_CONFIG_ANNOTATION, DEFAULT_RUNC_CRIU_CONFIG, restore_config, runtime_restore_args
+from shim.criu.plan import DEFAULT_RUNC_CRIU_CONFIG, restore_config, runtime_restore_args
 from shim.criu.tcp import refuse_lost_connections
 from shim.criu.userfaultfd import UserfaultfdHold
 from shim.errors import InvalidArgument, ShimError, Unavailable
@@ -55,7 +55,6 @@ KEPT_LOG_BYTES = 16 << 20  # of a failed restore's log kept in the bundle
 LAZY_PAGES_READY = 10.0  # seconds for `criu lazy-pages` to listen before the restore gives up
 HOLD_SCAN = 0.1  # seconds between looks for the daemon's new userfaultfds (a restored process forked)
 PS_SOCKET_FD = 4  # the page server's connection in `criu lazy-pages --ps-socket`
-_serving: set[asyncio.Task] = set()  # lazy-pages daemons still serving restored containers
 EndContainer = Callable[[str], Awaitable[None]]
 
 
@@ -63,34 +62,33 @@ class RestoreFailed(ShimError):
     pass
 
 
-def restore_options(bundle: str, image_path: str) -> tuple[CheckpointOptions, dict]:
+def restore_options(bundle: Bundle, image_path: str) -> CheckpointOptions:
     """The options a restore honours: the host's, then the checkpoint's own, then the new
     container's annotations (a restore-time choice such as tcp-close wins)."""
-    config = _config(bundle)
     record = images.read_record(image_path) or {}
     # How long CRIU may take is this host's say (or the restoring container's), not what the checkpoint was given.
     taken_with = {name: value for name, value in (record.get("options") or {}).items() if name != "timeout"}
     try:
-        options = resolve(from_host_config(), from_record(taken_with),
-                          from_annotations(config.get("annotations") or {}))
+        options = resolve(from_host_config(), from_record(taken_with), from_annotations(bundle.annotations))
     except OptionError as exc:
         raise InvalidArgument(f"restore from {image_path}: {exc}") from None
-    return options, config
+    return options
 
 
-def creates_network_namespace(config: dict) -> bool:
+def creates_network_namespace(bundle: Bundle) -> bool:
     """Whether the restore makes the container a new network namespace (one without a path), whose `lo` nobody
     else raises. A namespace given by path (CNI, a pod) keeps its own `lo`; the host's is the host's: then CRIU is
     given no action script, and runs no process at each of its seven restore stages."""
-    return any(ns.get("type") == "network" and not ns.get("path")
-               for ns in (config.get("linux") or {}).get("namespaces") or [])
+    return bundle.has_own_namespace("network")
 
 
-async def restore(*, container_id: str, bundle: str, image_path: str, work_path: str, runtime: OciRuntime,
-                  stdio, pid_file: str, console_socket: str = "", no_pivot: bool = False,
-                  end_container: EndContainer | None = None) -> CheckpointOptions:
-    """Restore; end_container(reason) is called when a lazy restore's memory stops coming after the restore
-    returned (its daemon failed, or did not finish in time): it must kill the container's processes."""
+async def restore(reaper: Reaper, background: BackgroundTasks, *, container_id: str, bundle: Bundle, image_path: str,
+                  work_path: str, runtime: OciRuntime, stdio: tuple[int | None, int | None, int | None],
+                  pid_file: str, console_socket: str = "", no_pivot: bool = False,
+                  end_container: EndContainer | None = None) -> Bundle:
+    """Restore the container; the bundle as it now is (its config.json names the CRIU configuration used).
+    end_container(reason) is called when a lazy restore's memory stops coming after the restore returned (its
+    daemon failed, or did not finish in time): it must kill the container's processes."""
     try:
         check_restore_paths(image_path, work_path)
     except OptionError as exc:
@@ -105,10 +103,10 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
     except Unavailable as exc:  # no pycriu here: runc's restore does not need it
         log.warning("restore of %s: the images in %s were not checked before the restore: %s", container_id,
                     image_path, exc)
-    options, config = restore_options(bundle, image_path)
-    annotations = config.get("annotations") or {}
+    options = restore_options(bundle, image_path)
+    config = bundle.config
     record = images.read_record(image_path)
-    lazy = lazy_request(annotations) or post_copy_request(record)
+    lazy = lazy_request(bundle.annotations) or post_copy_request(record)
     _refuse_partial_images(container_id, image_path, record, lazy)
     if options.manage_cgroups_mode in ("full", "strict"):
         from shim.criu.checkpoint import forget_frozen_freezer
@@ -119,31 +117,32 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
             log.info("restore of %s: dropped the FROZEN freezer state recorded in %s", container_id, image_path)
     await refuse_lost_connections(container_id=container_id, image_path=image_path, config=config, options=options)
     own_work = not work_path
-    work = work_path or tempfile.mkdtemp(prefix="criu-restore-", dir=bundle)
+    work = work_path or tempfile.mkdtemp(prefix="criu-restore-", dir=bundle.path)
     images.private_dir(work)
+    annotations = bundle.annotations
     user_config = annotations.get(CRIU_CONFIG_ANNOTATION, DEFAULT_RUNC_CRIU_CONFIG) or None
     criu_config = os.path.join(work, "pyshim-criu.conf")
-    raises_loopback = creates_network_namespace(config)
+    raises_loopback = creates_network_namespace(bundle)
     images.write_private(criu_config, restore_config(
         options, user_config=user_config,
         action_script=os.path.join(work, loopback.SCRIPT) if raises_loopback else "",
-        cgroup_root=_v2_cgroup_root(container_id, config)).encode())
-    _annotate(bundle, config, criu_config)  # runc hands org.criu.config to CRIU as its config file
+        cgroup_root=_v2_cgroup_root(container_id, bundle)).encode())
+    restored = bundle.with_criu_config(criu_config)  # runc hands org.criu.config to CRIU as its config file
     flags = runtime_restore_args(options)
-    watched_lock = await netlock.before_restore(runtime.run.reaper, image_path, config)
-    cgroups_path = (config.get("linux") or {}).get("cgroupsPath") or ""
+    watched_lock = await netlock.before_restore(reaper, image_path, config)
+    cgroups_path = bundle.cgroups_path
     cgroups_before = {path for path in made_cgroups.directories(cgroups_path) if path.is_dir()}
     daemon = hook = None
     try:
         if raises_loopback:
             hook = loopback.LoopbackHook(work)  # writes the script named in the configuration
         if lazy is not None:
-            daemon = await LazyPages.start(runtime.run.reaper, image_path=image_path, work=work,
-                                           log_file=os.path.join(bundle, LAZY_PAGES_LOG),
+            daemon = await LazyPages.start(reaper, image_path=image_path, work=work,
+                                           log_file=bundle.file(LAZY_PAGES_LOG),
                                            page_server=lazy.page_server_address,
                                            page_server_unix=lazy.page_server_unix)
             flags.append("--lazy-pages")
-        restoring = runtime.restore(container_id, bundle=bundle, pid_file=pid_file, image_path=image_path,
+        restoring = runtime.restore(container_id, bundle=bundle.path, pid_file=pid_file, image_path=image_path,
                                     work_path=work, stdio=stdio, console_socket=console_socket, no_pivot=no_pivot,
                                     flags=flags, timeout=options.timeout)
         await (restoring if daemon is None else daemon.guard(restoring, container_id))
@@ -152,9 +151,9 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
         # with the call (shim.children.spawn.wait_or_kill), and what they left goes as after a failure.
         if daemon is not None:
             await daemon.stop()
-        kept = _keep_log(work, bundle)
+        kept = _keep_log(work, bundle.path)
         await _clean_failed_restore(runtime, container_id, cgroups_path, cgroups_before)
-        await netlock.after_failed_restore(runtime.run.reaper, watched_lock)  # CRIU locked and did not unlock
+        await netlock.after_failed_restore(reaper, watched_lock)  # CRIU locked and did not unlock
         if isinstance(exc, asyncio.CancelledError):
             log.warning("restore of %s from %s stopped before it ended; runc and CRIU were killed and what they "
                         "left removed%s", container_id, image_path, quote(kept))
@@ -176,12 +175,13 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
         if own_work:
             shutil.rmtree(work, ignore_errors=True)
     if daemon is not None:
-        daemon.serve_for(options.timeout, container_id, end_container)
-    await netlock.after_restore(runtime.run.reaper, images.read_record(image_path), config)
-    return options
+        background.spawn(daemon.serve_for(options.timeout, container_id, end_container),
+                         f"criu lazy-pages (pid {daemon.pid}) for {container_id}")
+    await netlock.after_restore(reaper, images.read_record(image_path), config)
+    return restored
 
 
-def _v2_cgroup_root(container_id: str, config: dict) -> str:
+def _v2_cgroup_root(container_id: str, bundle: Bundle) -> str:
     """On cgroup v2, the new container's cgroup for CRIU's cgroup-root (runc says it to CRIU on v1 only, and the
     restored processes would go back to the checkpointed container's cgroup, out of reach of a kill --all); else
     "" (and when it cannot be told, with a warning: the restore goes on as runc alone would do it)."""
@@ -192,7 +192,7 @@ def _v2_cgroup_root(container_id: str, config: dict) -> str:
     try:
         with open("/proc/self/cgroup") as f:
             own = next((line.rstrip("\n").split(":", 2)[2] for line in f if line.startswith("0::")), "/")
-        return container_cgroup_v2((config.get("linux") or {}).get("cgroupsPath") or "", own)
+        return container_cgroup_v2(bundle.cgroups_path, own)
     except (OSError, ValueError) as exc:
         log.warning("restore of %s: its cgroup v2 path is unknown (%s); CRIU puts the processes back into the "
                     "cgroup they were checkpointed in", container_id, exc)
@@ -223,7 +223,7 @@ def _refuse_partial_images(container_id: str, image_path: str, record: dict | No
                               "io.pyshim.checkpoint.page-server=ADDRESS:PORT or unix:PATH)")
 
 
-def lazy_request(annotations: dict) -> CheckpointOptions | None:
+def lazy_request(annotations: dict[str, str]) -> CheckpointOptions | None:
     """The options of a lazy restore when the restoring container asks for one (lazy-pages, and
     page-server for pages served from elsewhere than the images), else None. Only the host file
     and the new container's annotations count: a checkpoint's record says how it was taken, not
@@ -308,18 +308,12 @@ class LazyPages:
             _kill_restoring_criu(container_id)
         await restore
 
-    def serve_for(self, timeout: float, container_id: str = "",
-                  end_container: EndContainer | None = None) -> asyncio.Task:
-        """Let the daemon serve the restored container in the background, holding its userfaultfds
-        (shim.criu.userfaultfd). If it fails, or has not moved every page within timeout (then it is killed),
-        the container is ended through end_container: memory that can no longer come must not be read as
-        zeros."""
-        task = asyncio.get_running_loop().create_task(self._serve(timeout, container_id, end_container))
-        _serving.add(task)
-        task.add_done_callback(_serving.discard)
-        return task
-
-    async def _serve(self, timeout: float, container_id: str, end_container: EndContainer | None) -> None:
+    async def serve_for(self, timeout: float, container_id: str = "",
+                        end_container: EndContainer | None = None) -> None:
+        """Let the daemon serve the restored container (the caller runs this in the background), holding its
+        userfaultfds (shim.criu.userfaultfd). If it fails, or has not moved every page within timeout (then it is
+        killed), the container is ended through end_container: memory that can no longer come must not be read
+        as zeros."""
         hold = UserfaultfdHold(self.pid, self.pidfd)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -471,14 +465,3 @@ def _keep_log(work: str, bundle: str) -> str | None:
         return kept
     except OSError:
         return None
-
-
-def _config(bundle: str) -> dict:
-    with open(os.path.join(bundle, "config.json"), "rb") as f:
-        return json.load(f)
-
-
-def _annotate(bundle: str, config: dict, criu_config: str) -> None:
-    annotations = dict(config.get("annotations") or {})
-    annotations[CRIU_CONFIG_ANNOTATION] = criu_config
-    write_atomically(os.path.join(bundle, "config.json"), json.dumps({**config, "annotations": annotations}))
