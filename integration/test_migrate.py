@@ -301,14 +301,20 @@ def test_post_copy_cut_after_the_container_runs_there_ends_it_with_its_cause(mig
         reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)  # type: ignore[arg-type]
         reader.start()
         deadline = time.monotonic() + 120
-        while not any(" runs on " in line for line in lines) and time.monotonic() < deadline:
+        committed = f"pyshim migrate: {container_id} runs on "  # the source's line, after the commit
+        while not any(line.startswith(committed) for line in lines) and time.monotonic() < deadline:
             assert process.poll() is None, "".join(lines)
             time.sleep(0.05)
         ssh = [pid for pid in processes.children_of(process.pid) if processes.cmdline(pid)[:1] == ["ssh"]]
         assert len(ssh) == 1, "".join(lines)
         os.kill(ssh[0], signal.SIGKILL)  # the transport, cut
-        status = process.wait(120)
-        reader.join(10)
+        try:
+            status = process.wait(120)
+        finally:
+            if process.poll() is None:
+                process.kill()  # our child, by pid
+            reader.join(10)
+            print("".join(lines))
         said = " ".join("".join(lines).split())
         print(said)
         assert status == 1 and f"post-copy of {container_id} failed after it started" in said, said

@@ -99,3 +99,21 @@ def test_bandwidth_belongs_to_post_copy():
         check_mode(types.SimpleNamespace(mode="stream", bandwidth=4.0))
     with pytest.raises(UsageRefusal, match="above 0"):
         check_mode(types.SimpleNamespace(mode="post-copy", bandwidth=-1.0))
+
+
+def test_a_connection_lost_while_pages_are_answered_ends_the_page_server(tmp_path, monkeypatch):
+    """The transport dies while the page server is sending: its answers are no longer read, and it must not block
+    writing them (seen: a cut migration waiting its whole timeout)."""
+    monkeypatch.setattr(postcopy, "SOCKET_DIR", str(tmp_path))
+    images(tmp_path / "memory" / "images")
+    source_channel, destination_channel = joined()
+    source = postcopy.SourcePages(source_channel, str(tmp_path / "memory" / "images"), report=lambda _: None)
+    try:
+        os.close(destination_channel.read_fd)  # nobody reads what the source sends: its next send fails
+        request = protocol.encode_header(protocol.PS_IOV_GET, nr_pages=1, vaddr=0x10000000, dst_id=1)
+        for _ in range(64):
+            destination_channel.send(b"P", request)
+        with pytest.raises(Exception, match="the page transfer ended after"):
+            source.wait(10)
+    finally:
+        source.close()

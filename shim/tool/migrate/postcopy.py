@@ -68,6 +68,12 @@ class _Relay:
             self.channel.send(frames.PAGES, b"")
         except (OSError, ChannelClosed) as exc:
             self.error = str(exc)
+            # Nobody reads this socket any more: its peer (the page server, or CRIU's daemon) must not block
+            # writing into it, but learn now that the other side is gone.
+            try:
+                self.socket.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         finally:
             self.ended.set()
 
