@@ -19,10 +19,11 @@ waits for each answer (so at most one request is in flight). Measured:
 After each move the same connection must answer `check` with `ok N` (the memory arrived intact), else the run fails.
 
 The baseline: `ctr task checkpoint --exit --image-path DIR` on A (the container runs under pyshim, with
-io.pyshim.checkpoint.tcp-established=true, since the Go shim refuses an established connection), `cp -a DIR` to B's
-side, a container created on B with CriuImagePath=<copy> in its runtime options and `ctr task start` (the restore),
-then the source removed. Modes `pyshim migrate` does not offer are reported as such. Results: medians over the runs,
-appended as a dated section to docs/benchmarks.md (`--out`), with the command line and the load average.
+io.pyshim.checkpoint.tcp-established=true, since the Go shim refuses an established connection), `scp -r DIR` to B
+through B's sshd (the copy a user makes between hosts, encrypted like the migration's), a container created on B with
+CriuImagePath=<copy> in its runtime options and `ctr task start` (the restore), then the source removed. Modes
+`pyshim migrate` does not offer are reported as such. Results: medians over the runs, written as a dated section at
+the top of docs/benchmarks.md (`--out`), with the command line, the load average and the median run's phases.
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ class Result:
     frozen: float  # seconds, or nan
     total: float
     moved: int
+    phases: str = ""  # migrate's report: where its time went
 
 
 @dataclass
@@ -126,15 +128,15 @@ class Bench:
         return container_id, on_a, on_b, client
 
     def one(self, mib: int, mode: str) -> Result:
-        container_id, _on_a, on_b, client = self.start_workload(mib)
+        container_id, on_a, on_b, client = self.start_workload(mib)
         pinger = Pinger(client).start()
         time.sleep(0.2)  # a steady rhythm before the move
         try:
             with RouteFollower(self.hosts.lab, self.hosts.destination, container_id, CONTAINER_ADDRESS,
                                self.hosts.lab.b):
                 started = time.monotonic()
-                frozen, moved = (self.baseline(container_id, mib, on_b) if mode == "baseline"
-                                 else self.migrate(container_id, mode, on_b))
+                frozen, moved, phases = (self.baseline(container_id, mib, on_b) if mode == "baseline"
+                                         else self.migrate(container_id, mode, on_b))
                 ended = time.monotonic()
             time.sleep(TAIL)
         finally:
@@ -146,25 +148,35 @@ class Bench:
         if check != f"ok {mib}":
             raise RuntimeError(f"{mode} {mib} MiB: the memory arrived damaged: {check!r}")
         self.remove(container_id)
-        return Result(pinger.longest_gap(started, ended + TAIL), frozen, ended - started, moved)
+        for netns in (on_a, on_b):
+            if left := self.hosts.lab.remove_container_netns(netns):
+                raise RuntimeError(f"{mode} {mib} MiB: left in {netns}: {left}")
+        return Result(pinger.longest_gap(started, ended + TAIL), frozen, ended - started, moved, phases)
 
-    def migrate(self, container_id: str, mode: str, on_b: str) -> tuple[float, int]:
+    def migrate(self, container_id: str, mode: str, on_b: str) -> tuple[float, int, str]:
         run = self.hosts.migrate(container_id, f"--{mode}", "--dest-netns", on_b, timeout=1200)
         if run.returncode != 0:
             raise RuntimeError(f"pyshim migrate --{mode} failed: {run.stderr[-2000:]}")
-        return run.report.get("frozen_ms", float("nan")) / 1000, int(run.report.get("bytes_moved", 0))
+        phases = ", ".join(f"{name} {ms / 1000:.2f}" for name, ms in (run.report.get("phases") or {}).items())
+        return run.report.get("frozen_ms", float("nan")) / 1000, int(run.report.get("bytes_moved", 0)), phases
 
-    def baseline(self, container_id: str, mib: int, on_b: str) -> tuple[float, int]:
+    def baseline(self, container_id: str, mib: int, on_b: str) -> tuple[float, int, str]:
         source, destination = self.hosts.source, self.hosts.destination
         images = source.tmp / f"checkpoint-{container_id}"
+        started = time.monotonic()
         source.ctr("task", "checkpoint", "--exit", "--image-path", str(images), container_id, timeout=600)
         stats = read_stats(str(images))
+        copy_started = time.monotonic()
         copied = destination.tmp / f"checkpoint-{container_id}"
-        subprocess.run(["cp", "-a", str(images), str(copied)], check=True, timeout=600)
+        sshd = self.hosts.sshd
+        options = [flag for option in sshd.ssh_options() for flag in ("-o", option)]
+        subprocess.run(["scp", "-q", "-r", "-P", str(sshd.port), *options, str(images), f"root@127.0.0.1:{copied}"],
+                       check=True, timeout=600, stdin=subprocess.DEVNULL)
         moved = sum(p.stat().st_size for p in copied.rglob("*") if p.is_file())
-        options = destination.tmp / f"{container_id}.toml"
-        options.write_text(f'Root = "{destination.runc_root}"\nCriuImagePath = "{copied}"\n')
-        destination.ctr("containers", "create", "--runtime", PYSHIM, "--runtime-config-path", str(options),
+        restore_started = time.monotonic()
+        runtime_options = destination.tmp / f"{container_id}.toml"
+        runtime_options.write_text(f'Root = "{destination.runc_root}"\nCriuImagePath = "{copied}"\n')
+        destination.ctr("containers", "create", "--runtime", PYSHIM, "--runtime-config-path", str(runtime_options),
                         "--with-ns", f"network:{on_b}", "--annotation", TCP_ESTABLISHED, self.image.ref,
                         container_id, *memfill.command(mib, PORT))
         destination.ctr("task", "start", "-d", "--fifo-dir", str(destination.fifo_dir), container_id, timeout=600)
@@ -172,7 +184,8 @@ class Bench:
         source.ctr("containers", "rm", container_id, check=False)
         shutil.rmtree(images, ignore_errors=True)
         shutil.rmtree(copied, ignore_errors=True)
-        return stats.get("frozen_time", float("nan")) / 1e6, moved
+        return stats.get("frozen_time", float("nan")) / 1e6, moved, f"checkpoint {copy_started - started:.2f}, " \
+            f"scp {restore_started - copy_started:.2f}, restore {time.monotonic() - restore_started:.2f}"
 
     def remove(self, container_id: str) -> None:
         for host in (self.hosts.destination, self.hosts.source):
@@ -187,18 +200,20 @@ def median(values: list[float]) -> float:
 def render(command: str, loads: tuple[tuple[float, ...], tuple[float, ...]], rows: list[tuple], runs: int,
            skipped: dict[str, str], revision: str) -> str:
     today = datetime.date.today().isoformat()
-    lines = [f"## Live migration between two hosts ({today})", "",
+    sizes = sorted({mib for mib, _, _ in rows})
+    lines = [f"## Live migration between two hosts: {', '.join(str(m) for m in sizes)} MiB ({today})", "",
              f"    {command}", "",
              f"Checkout {revision}; containerd 2.x, runc, CRIU and the workload as in `benchmarks/migrate.py`'s "
              f"docstring; medians of {runs} run(s). Load average (1/5/15 min) at the start "
              f"{'/'.join(f'{x:.2f}' for x in loads[0])}, at the end {'/'.join(f'{x:.2f}' for x in loads[1])} "
              "(2 cores, shared with other jobs).", "",
-             "| touched memory | mode | downtime (longest gap, 1 ms pings) | CRIU frozen | total | moved |",
-             "|---|---|---|---|---|---|"]
+             "| touched memory | mode | downtime (longest gap, 1 ms pings) | CRIU frozen | total | moved | "
+             "phases of the median run (s) |",
+             "|---|---|---|---|---|---|---|"]
     for mib, mode, result in rows:
         frozen = "n/a" if result.frozen != result.frozen else f"{result.frozen * 1000:.0f} ms"
         lines.append(f"| {mib} MiB | {mode} | {result.downtime * 1000:.0f} ms | {frozen} | {result.total:.2f} s | "
-                     f"{result.moved / (1 << 20):.1f} MiB |")
+                     f"{result.moved / (1 << 20):.1f} MiB | {result.phases} |")
     lines.append("")
     for mode, reason in skipped.items():
         lines.append(f"- {mode}: not measured: {reason}")
@@ -219,6 +234,7 @@ def main() -> int:
     instances: list[Containerd] = []
     lab = MigrationLab()
     sshd = Sshd(work / "sshd", tool=environment.tool)
+    hosts: TwoHosts | None = None
     try:
         image = memfill.build_memfill_image(work / "image-cache", busybox=environment.busybox)
         for _ in range(2):
@@ -240,20 +256,25 @@ def main() -> int:
                     result = bench.one(mib, mode)
                     print(f"{mib} MiB {mode} run {run + 1}: downtime {result.downtime * 1000:.0f} ms, frozen "
                           f"{result.frozen * 1000:.0f} ms, total {result.total:.2f} s, moved "
-                          f"{result.moved / (1 << 20):.1f} MiB", flush=True)
+                          f"{result.moved / (1 << 20):.1f} MiB ({result.phases})", flush=True)
                     results.append(result)
+                middle = sorted(results, key=lambda r: r.total)[len(results) // 2]
                 rows.append((mib, mode, Result(median([r.downtime for r in results]),
                                                median([r.frozen for r in results]),
                                                median([r.total for r in results]),
-                                               int(median([r.moved for r in results])))))
+                                               int(median([r.moved for r in results])), middle.phases)))
         revision = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                                   text=True).stdout.strip()
         section = render(command, (loads_start, os.getloadavg()), rows, args.runs, skipped, revision)
         print(section)
-        with open(args.out, "a") as out:
-            out.write("\n" + section)
+        document = args.out.read_text() if args.out.exists() else "# Benchmarks\n"
+        head, found, rest = document.partition("\n## ")
+        args.out.write_text(f"{head}\n{section}\n## {rest}" if found else f"{document.rstrip()}\n\n{section}")
         return 0
     finally:
+        if hosts is not None:
+            for note in hosts.end_leftover_processes():
+                print(note, file=sys.stderr)
         sshd.stop()
         for instance in instances:
             instance.stop()

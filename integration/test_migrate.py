@@ -1,6 +1,6 @@
-"""`pyshim migrate CONTAINER DEST` between two containerds of one version on this machine ("hosts"), the destination
-reached through a private sshd on 127.0.0.1 (harness.sshd: its own host key, config and authorized_keys in the test's
-directory, started and ended by pid), whose sessions run the `pyshim` under test.
+"""`pyshim migrate CONTAINER DEST` between two containerds of one version on this machine (2.x; the counter also on
+1.7), the destination reached through a private sshd on 127.0.0.1 (harness.sshd: its own host key, config and
+authorized_keys in the test's directory, started and ended by pid), whose sessions run the `pyshim` under test.
 
 Shown, in --stop-copy, --stream and --post-copy:
 - a busybox counter (its count in a shell variable: only the moved memory knows it) with rootfs changes goes on
@@ -60,13 +60,14 @@ def sshd(tmp_path: Path):
 
 @pytest.fixture
 def hosts(request, environment: Environment, test_image: TestImage, containerd_log_dir: Path):
-    """Two started containerds of one version (2.x), the test image imported into both."""
+    """Two started containerds of one version (2.x unless the test says), the test image imported into both."""
     from conftest import track_containerd
 
+    version = getattr(request, "param", "2")
     instances = []
     try:
         for _ in range(2):
-            instance = Containerd("2", environment, log_dir=containerd_log_dir)
+            instance = Containerd(version, environment, log_dir=containerd_log_dir)
             track_containerd(request, instance)
             instances.append(instance)
             instance.start()
@@ -128,6 +129,7 @@ def check_report(report: dict, mode: str, container_id: str) -> None:
     assert {"preflight", "dump", "transfer", "restore", "commit"} <= set(report["phases"])
 
 
+@pytest.mark.parametrize("hosts", ["2", "1.7"], indirect=True, ids=lambda v: f"containerd-{v}")
 @pytest.mark.parametrize("mode", MODES)
 def test_counter_moves_with_its_memory_and_rootfs_changes(migrate: Migrate, test_image: TestImage, mode: str):
     source, destination = migrate.source, migrate.destination

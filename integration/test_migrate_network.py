@@ -14,12 +14,17 @@ restored task's start. The server is busybox `nc -ll -e /bin/cat` (one echoing c
 - B's namespace cannot take the address (it holds 10.125.0.11): refused with the reason, the source runs on and its
   connection echoes, nothing was added on B. With --tcp-close the move proceeds: the old connection is closed, new
   ones reach the container at its new address.
+- Each mode: memfill (harness/memfill.c) filled 256 MiB with a known pattern; after the move every word checks and
+  its request counter goes on from its value, over the same connection.
+- The lab itself, without the command: the sshd runs the pyshim under test for the test's key, the address is
+  answered by whichever host the client's route names, and the route follows the destination's /tasks/start.
 Everything is removed at the end and asserted removed (lab namespaces and rules, containerds, sshd).
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -31,7 +36,7 @@ from harness.image import TestImage
 from harness.migration import TwoHosts, added, mode_skip_reason
 from harness.migration_lab import CONTAINER_ADDRESS, MigrationLab, RouteFollower
 from harness.netns_hosts import criu_locks, echo, no_echo
-from harness.tasks import remove, task_status
+from harness.tasks import remove, task_pid, task_status
 from harness.waiting import wait_until
 
 PORT = 7000
@@ -51,6 +56,7 @@ def two_hosts(request, environment: Environment, test_image: TestImage, containe
     lab = MigrationLab()
     instances: list[Containerd] = []
     sshd = sshd_module.Sshd(tmp_path / "sshd", tool=environment.tool)
+    hosts: TwoHosts | None = None
     try:
         for _ in range(2):
             instance = Containerd("2", environment, log_dir=containerd_log_dir)
@@ -61,14 +67,16 @@ def two_hosts(request, environment: Environment, test_image: TestImage, containe
         sshd.start()
         work = tmp_path / "work"
         work.mkdir()
-        yield TwoHosts(instances[0], instances[1], lab, sshd, environment.tool, work)
+        hosts = TwoHosts(instances[0], instances[1], lab, sshd, environment.tool, work)
+        yield hosts
     finally:
-        notes = sshd.stop()
+        notes = hosts.end_leftover_processes() if hosts else []
+        notes += sshd.stop()
         for instance in instances:
             notes += instance.stop()
         left = lab.close()
         if notes:
-            print("teardown notes:", notes)
+            print("teardown notes:", notes)  # shown with a failing test's output
     assert not left, f"left behind by the lab: {left}"
 
 
@@ -90,22 +98,13 @@ def start_server(hosts: TwoHosts, image: TestImage, netns: str) -> str:
     return container_id
 
 
-def task_pid(containerd: Containerd, container_id: str) -> int:
-    for line in containerd.ctr("task", "ls").stdout.splitlines()[1:]:
-        fields = line.split()
-        if fields and fields[0] == container_id:
-            return int(fields[1])
-    raise AssertionError(f"no task {container_id}")
-
-
 def in_namespace(pid: int, netns_path: str) -> bool:
     return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(netns_path).st_ino
 
 
 def echo_bulk(sock, size: int = 64 * 1024) -> bool:
     """size bytes of a known pattern sent and read back whole (data both ways, beyond one segment)."""
-    payload = bytes((i * 7) % 251 for i in range(size - 1)) + b"\n"
-    payload = payload.replace(b"\n", b"x")[:-1] + b"\n"
+    payload = bytes(33 + (i * 7) % 90 for i in range(size))  # printable, varied
     sock.sendall(payload)
     received = b""
     while len(received) < len(payload):
@@ -193,8 +192,13 @@ def test_a_destination_namespace_without_the_address_is_refused_and_tcp_close_mo
 
 
 def test_the_lab_routes_the_address_to_whichever_host_serves_it(two_hosts: TwoHosts, test_image: TestImage):
-    """The lab itself, without migrate: a server on A answers through A; after serve(B), the same address is
-    answered by a server in B's namespace; the route flip follows B's /tasks/start."""
+    """The lab itself, without migrate: the sshd lets the client key in and runs the pyshim under test; a server on
+    A answers through A; after serve(B), the same address is answered by a server in B's namespace; the route flip
+    follows B's /tasks/start."""
+    which = subprocess.run(two_hosts.sshd.ssh_argv("command", "-v", "pyshim"), capture_output=True, text=True,
+                           timeout=60)
+    assert which.returncode == 0, which.stderr
+    assert which.stdout.strip() == str(two_hosts.sshd.directory / "bin" / "pyshim")
     lab = two_hosts.lab
     on_a, on_b = lab.container_netns(lab.a), lab.container_netns(lab.b)
     lab.serve(CONTAINER_ADDRESS, lab.a)
@@ -212,6 +216,7 @@ def test_the_lab_routes_the_address_to_whichever_host_serves_it(two_hosts: TwoHo
         remove(two_hosts.source, on_source)  # only B can answer now
         with lab.connect(CONTAINER_ADDRESS, PORT) as client:
             assert echo(client, "via B") == "via B"
+        assert lab.remove_container_netns(on_a) == [], "no rule was left in A's container namespace"
     finally:
         remove(two_hosts.source, on_source)
         remove(two_hosts.destination, on_destination)

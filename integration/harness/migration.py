@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -42,19 +43,27 @@ def _migrate_help(tool: str) -> str:
     return result.stdout if result.returncode == 0 else ""
 
 
+def _mode_help(tool: Path | None, mode: str) -> str | None:
+    """The help's line describing --mode, or None when the command does not have the flag."""
+    for line in _migrate_help(str(tool or "")).splitlines():
+        if line.strip().startswith(f"--{mode} "):
+            return " ".join(line.split())
+    return None
+
+
 def modes_supported(tool: Path | None) -> tuple[str, ...]:
-    """The modes `pyshim migrate --help` offers; () when the command has no migrate."""
-    text = _migrate_help(str(tool or ""))
-    return tuple(mode for mode in MODES if f"--{mode}" in text)
+    """The modes `pyshim migrate --help` offers (a flag whose help says "not available" is not offered); () when
+    the command has no migrate."""
+    return tuple(mode for mode in MODES if (line := _mode_help(tool, mode)) and "not available" not in line)
 
 
 def mode_skip_reason(tool: Path | None, mode: str) -> str | None:
-    offered = modes_supported(tool)
-    if not offered:
+    if not _migrate_help(str(tool or "")):
         return "this pyshim has no `migrate` command (branch migrate not merged here)"
-    if mode not in offered:
-        return f"`pyshim migrate` does not offer --{mode} yet (offers: {', '.join('--' + m for m in offered)})"
-    return None
+    if mode in modes_supported(tool):
+        return None
+    line = _mode_help(tool, mode)
+    return f"`pyshim migrate` does not offer --{mode} yet" + (f" (its help: {line!r})" if line else "")
 
 
 @dataclass
@@ -121,6 +130,22 @@ class TwoHosts:
                 run.report = {"unreadable": report.read_text()[:2000]}
         return run
 
+    def end_leftover_processes(self) -> list[str]:
+        """SIGKILL, by pid, what a migration started and left running (a receiver whose connection was cut names the
+        destination's socket on its command line); what was killed."""
+        killed = []
+        for host in (self.source, self.destination):
+            for pid, joined in pids_naming(host.address).items():
+                pidfd = processes.open_pidfd(pid)
+                if pidfd is None:
+                    continue
+                try:
+                    processes.send_signal(pidfd, signal.SIGKILL)
+                finally:
+                    os.close(pidfd)
+                killed.append(f"killed {pid}: {joined[:200]}")
+        return killed
+
     def residue(self) -> dict[str, list[str]]:
         """What either host holds that a migration could have added (compare a snapshot before with one after)."""
         found: dict[str, list[str]] = {}
@@ -143,10 +168,10 @@ class TwoHosts:
         return found
 
 
-def processes_naming(text: str) -> list[str]:
+def pids_naming(text: str) -> dict[int, str]:
     """Processes whose command line mentions text (e.g. a containerd's socket), other than containerd itself and
-    its shims: what a migration started and did not end."""
-    found = []
+    its shims: what a migration started and did not end (pid -> command line)."""
+    found = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
@@ -155,8 +180,12 @@ def processes_naming(text: str) -> list[str]:
         name = argv[0].rsplit("/", 1)[-1] if argv else ""
         if text in joined and name not in ("containerd", "containerd-shim-pyshim-v2", "containerd-shim-runc-v2") \
                 and "-address" not in argv and processes.is_running(int(entry)):
-            found.append(f"{entry}: {joined[:200]}")
-    return sorted(found)
+            found[int(entry)] = joined
+    return found
+
+
+def processes_naming(text: str) -> list[str]:
+    return sorted(f"{pid}: {joined[:200]}" for pid, joined in pids_naming(text).items())
 
 
 def added(before: dict[str, list[str]], after: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -164,8 +193,14 @@ def added(before: dict[str, list[str]], after: dict[str, list[str]]) -> dict[str
     return {kind: new for kind, items in after.items() if (new := sorted(set(items) - set(before.get(kind, []))))}
 
 
-def descendants_named(roots: list[int], name: str) -> list[int]:
-    """Running processes called name (argv[0]'s base name) below any of roots, found through /proc's parent links."""
+def _base_name(pid: int | None) -> str:
+    argv = processes.cmdline(pid) if pid else []
+    return argv[0].rsplit("/", 1)[-1] if argv else ""
+
+
+def descendants_named(roots: list[int], name: str, *, parent: str | None = None) -> list[int]:
+    """Running processes called name (argv[0]'s base name) below any of roots, found through /proc's parent links;
+    with parent, only those whose parent is called that (e.g. the CRIU that `runc restore` runs)."""
     wanted = set(roots)
     found = []
     for entry in os.listdir("/proc"):
@@ -174,6 +209,8 @@ def descendants_named(roots: list[int], name: str) -> list[int]:
         pid = int(entry)
         argv = processes.cmdline(pid)
         if not argv or argv[0].rsplit("/", 1)[-1] != name or not processes.is_running(pid):
+            continue
+        if parent is not None and _base_name(processes.parent_pid(pid)) != parent:
             continue
         ancestor: int | None = pid
         for _ in range(64):  # bounded walk up the tree

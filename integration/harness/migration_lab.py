@@ -51,7 +51,8 @@ class LabHost:
     path: str
     address: str
     client_address: str
-    container_namespaces: list[str] = field(default_factory=list)
+    container_namespaces: dict[str, str] = field(default_factory=dict)  # name -> its bridge port on this host
+    made: int = 0  # container namespaces made so far (their index)
 
 
 def _ip(*args: str) -> None:
@@ -108,10 +109,10 @@ class MigrationLab:
     def container_netns(self, host: LabHost, address: str = CONTAINER_ADDRESS) -> str:
         """A container's network namespace on host, as a CNI bridge plugin makes it: a veth into the host's bridge,
         `address`/24 on eth0, default route via the bridge. Its path (for `ctr run --with-ns network:PATH`)."""
-        index = len(host.container_namespaces)
+        index, host.made = host.made, host.made + 1
         name = self._namespace(f"{host.letter}-ctr{index}")
-        host.container_namespaces.append(name)
         port = f"vc{index}"
+        host.container_namespaces[name] = port
         _ip("-n", host.name, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", name)
         _ip("-n", host.name, "link", "set", port, "master", "br0")
         _ip("-n", host.name, "link", "set", port, "up")
@@ -120,6 +121,17 @@ class MigrationLab:
             _ip("-n", name, "link", "set", ifname, "up")
         _ip("-n", name, "route", "add", "default", "via", GATEWAY)
         return f"/var/run/netns/{name}"
+
+    def remove_container_netns(self, path: str) -> list[str]:
+        """Remove a container namespace and its bridge port, as CNI DEL does (two namespaces holding one address on
+        one bridge would fight over it); the rules it held just before (empty when clean)."""
+        name = path.rsplit("/", 1)[1]
+        host = next(h for h in (self.a, self.b) if name in h.container_namespaces)
+        rules = self.rules_in(name)
+        _ip("-n", host.name, "link", "del", host.container_namespaces.pop(name))
+        named.remove(name)
+        self._namespaces.remove(name)
+        return rules
 
     # --- the network: who serves an address --------------------------------------------------------------------
 

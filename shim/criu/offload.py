@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from shim import errors
 from shim.background import BackgroundTasks
 from shim.bundle.config import Bundle
+from shim.children.proctree import session_of
 from shim.children.reaper import Reaper
 
 if TYPE_CHECKING:
@@ -139,7 +140,7 @@ class Worker:
             except OSError:
                 continue
             try:
-                if _session_of(pid) == self.pid:  # checked again under the pidfd: not a reused pid
+                if session_of(pid) == self.pid:  # checked again under the pidfd: not a reused pid
                     signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             except ProcessLookupError:
                 pass
@@ -350,14 +351,5 @@ def _umask() -> int:
     return mask
 
 
-def _session_of(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    return int(stat[stat.rindex(b")") + 2:].split()[3])  # state ppid pgrp session
-
-
 def session_members(sid: int) -> list[int]:
-    return [int(e) for e in os.listdir("/proc") if e.isdigit() and int(e) != sid and _session_of(int(e)) == sid]
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and int(e) != sid and session_of(int(e)) == sid]

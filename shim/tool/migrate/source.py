@@ -16,13 +16,18 @@ for --stream), in its network namespace whose lock the restore lifts. A failure 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 
 import grpc
 
@@ -152,7 +157,7 @@ class Migration:
         chosen = self._dump_options(spec, netns)
         progress(f"checkpointing {self.id} ({self.mode}{': pages streamed to the destination' if self.relay else ''})")
         try:
-            with self.client.lease():
+            with self.client.lease(), _interrupt_deferred() as interrupted:
                 self.client.checkpoint(self.id, options.request_options(chosen, self._dumped_images()),
                                        timeout=self._deadline_left())
         except grpc.RpcError as exc:
@@ -166,6 +171,8 @@ class Migration:
         self.dumped = True
         t_dumped = t = self._phase("dump", t)
         try:
+            if interrupted:
+                raise KeyboardInterrupt  # after the dump: the way back restores the container here
             if self.memory is not None:
                 split = lazy_images.split(self._dumped_images(), self._images())
                 progress(f"post-copy: {archive.human_size(split.lazy_pages * lazy_images.PAGE_SIZE)} of memory stay "
@@ -387,32 +394,35 @@ class Migration:
             session.close()
 
     def _remove_source(self) -> None:
-        """The destination runs: the source's stopped task, its network lock, the container and its snapshot."""
-        problems = []
+        """The destination runs: the source's stopped task, its network lock, the container and its snapshot. A
+        task that cannot be deleted fails the command (the source's task must be gone); the rest is warned about."""
+        task_problem = ""
         try:
             self._wait_stopped()
             self.client.delete_task(self.id)
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
-                problems.append(f"deleting the task: {exc.details()}")
+                task_problem = f"deleting its stopped task failed: {exc.details()}"
         try:
             removed = lock.release((self.pyshim_record.get("network") or {}).get("lock"))
             if removed:
                 progress(f"released CRIU's network lock: {'; '.join(removed)}")
-        except (OSError, ValueError) as exc:
-            problems.append(f"releasing CRIU's network lock: {exc}")
-        try:
-            record = self.client.container(self.id)
-            self.client.delete_container(self.id)
-            self.client.remove_snapshot(record.snapshotter, record.snapshot_key)
-        except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.NOT_FOUND:
-                problems.append(f"removing the container: {exc.details()}")
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            progress(f"warning: CRIU's network lock on {self.id}'s namespace could not be released: {exc}")
+        if not task_problem:
+            try:
+                record = self.client.container(self.id)
+                self.client.delete_container(self.id)
+                self.client.remove_snapshot(record.snapshotter, record.snapshot_key)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    progress(f"warning: removing the container {self.id} here failed: {exc.details()}")
         if self.staging and self.pages is None:  # --post-copy keeps its checkpoint until the last page moved
             archive.remove_tree(self.staging)
             self.staging = None
-        if problems:
-            raise ToolError(f"{self.id} runs on the destination, but cleaning up here failed: {'; '.join(problems)}")
+        if task_problem:
+            raise ToolError(f"{self.id} runs on the destination, but here {task_problem}; remove it with `ctr -n "
+                            f"{self.client.namespace} tasks delete {self.id}`")
 
     def _wait_stopped(self, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
@@ -448,7 +458,7 @@ class Migration:
             released = ""
             try:
                 lock.release((self.pyshim_record.get("network") or {}).get("lock"))
-            except (OSError, ValueError) as lock_exc:
+            except (OSError, ValueError, subprocess.SubprocessError) as lock_exc:
                 released = f"; its network lock could not be lifted either ({lock_exc})"
             kept = self.staging
             self.staging = None  # the images stay: they are all that is left of the container's state
@@ -504,6 +514,21 @@ class Migration:
 
     def _time_for_rollback(self) -> float:
         return max(60.0, self.args.timeout - (time.monotonic() - self.started))
+
+
+@contextlib.contextmanager
+def _interrupt_deferred() -> Iterator[list[int]]:
+    """Ctrl-C while the shim dumps would cancel the call, not CRIU, which still ends the task: the interrupt is
+    noted (in the list yielded) and acted on once the dump has answered, by the way back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield []
+        return
+    noted: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum))
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _config_path_of(record) -> str | None:
