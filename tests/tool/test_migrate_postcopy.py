@@ -69,10 +69,11 @@ def test_pages_go_from_the_source_images_to_the_destination_socket_and_the_image
             assert daemon.recv(1) == b""  # the source's side ended too
         moved = source.wait(10)
         assert destination.wait(10)
+        source.remove_images()  # the caller's, once every page moved
     finally:
         source.close()
         destination.close()
-    assert moved["pages"] == 4 and moved["page_bytes"] >= 4 * PAGE_SIZE
+    assert moved["pages"] == moved["served"] == 4 and moved["page_bytes"] >= 4 * PAGE_SIZE
     assert reports[-1]["served"] == 4
     assert not memory.exists()  # removed with the last page
     assert not os.path.exists(destination.directory)

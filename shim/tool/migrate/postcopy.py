@@ -131,7 +131,10 @@ class SourcePages:
             self._server_socket.close()
 
     def wait(self, timeout: float) -> dict:
-        """The page server's end (every page served, or why not); removes the images once every page moved."""
+        """The page server's end: the daemon said goodbye (ToolError otherwise: the connection lost, a bad
+        request, the timeout). It says goodbye after its last page and also when it gives up; pages it never asked
+        for are those of processes that exited, or of memory they unmapped, unless it gave up: `served` < `pages`
+        then leaves the verdict to the destination (Migration._wait_pages)."""
         self._thread.join(timeout)
         outcome = self.outcome
         if self._thread.is_alive():
@@ -140,13 +143,14 @@ class SourcePages:
             raise ToolError(f"the pages had not all moved within {timeout:g} s ({self.pages.served} of "
                             f"{self.pages.total})")
         assert outcome is not None
-        if not outcome.complete:
-            why = outcome.error or ("the destination's lazy-pages daemon ended the session before asking for "
-                                    "every page")
-            raise ToolError(f"the page transfer ended after {outcome.served} of {outcome.total} pages: {why}")
-        shutil.rmtree(os.path.dirname(self.images), ignore_errors=True)
-        return {"pages": outcome.total, "page_bytes": self.relay.sent,
+        if outcome.error or not outcome.closed:
+            raise ToolError(f"the page transfer ended after {outcome.served} of {outcome.total} pages: "
+                            f"{outcome.error or 'the session ended without the close handshake'}")
+        return {"pages": outcome.total, "served": outcome.served, "page_bytes": self.relay.sent,
                 "pages_ms": round((time.monotonic() - self.started) * 1000, 1)}
+
+    def remove_images(self) -> None:
+        shutil.rmtree(os.path.dirname(self.images), ignore_errors=True)
 
     def close(self) -> None:
         self.relay.close()

@@ -45,6 +45,7 @@ from shim.tool.store import Store
 # container, between `running` and `commit` it removes its own task: generous, but bounded.
 IDLE_TIMEOUT = 3600.0
 RUNTIME_OPTIONS_TYPE = "runtimeoptions.v1.Options"
+POST_COPY_SETTLE = 3.0  # seconds a post-copy container must still run after its daemon ended to count as running
 
 
 def say(text: str) -> None:
@@ -109,6 +110,27 @@ class Receiver:
         if self.work:
             archive.remove_tree(self.work)
             self.work = None
+        try:
+            self.channel.send_message("post-copy-done", state=self._state_after_pages())
+        except ChannelClosed:
+            pass  # the source is gone (it had every page served, or it keeps its checkpoint)
+
+    def _state_after_pages(self) -> str:
+        """The container's state once the shim's daemon has ended: "stopped" when its shim killed it (the daemon
+        failed: shim.criu.restore), "running" when it still runs POST_COPY_SETTLE seconds later (the shim kills
+        within a fraction of that when the daemon fails)."""
+        assert self.client is not None
+        deadline = time.monotonic() + POST_COPY_SETTLE
+        while True:
+            try:
+                running = self.client.task(self.container_id).status == 2  # RUNNING
+            except grpc.RpcError:
+                running = False
+            if not running:
+                return "stopped"
+            if time.monotonic() >= deadline:
+                return "running"
+            time.sleep(0.05)
 
     def on_prepare(self, message: dict) -> None:
         self.container_id = str(message["container"])

@@ -248,15 +248,28 @@ class Migration:
     def _wait_pages(self) -> dict:
         """After the commit: the container runs there; its memory is still moving. Until the last page the images
         stay here; a failure now ends the container there (its shim kills it rather than let it read zeros)."""
-        assert self.pages is not None
+        assert self.pages is not None and self.session is not None
         try:
             moved = self.pages.wait(max(60.0, self.args.timeout - (time.monotonic() - self.started)))
+            if moved["served"] < moved["pages"]:
+                # Not every page was asked for: processes that exited or unmapped memory, or a daemon that gave
+                # up (whose shim then kills the container). The destination says which.
+                try:
+                    state = self.session.answer(expect="post-copy-done", timeout=60)["state"]
+                except (ChannelClosed, TimeoutError, frames.ProtocolError, transport.RemoteRefusal) as exc:
+                    state = f"unknown ({exc})"
+                if state != "running":
+                    raise ToolError(f"the destination's lazy-pages daemon ended after {moved['served']} of "
+                                    f"{moved['pages']} pages and the container is {state} there")
+                progress(f"post-copy: {moved['pages'] - moved['served']} pages were never asked for (their "
+                         "processes exited or unmapped them); the container runs on there")
         except ToolError as exc:
             kept = self._keep_whole_checkpoint()
             raise ToolError(f"post-copy of {self.id} failed after it started on {self.dest.host}: {exc}. The "
                             "destination's shim ends the container there (its memory can no longer all come, and "
                             f"it is never left running on zeros). Its checkpoint is kept here, whole: {kept}") from None
-        self.memory = None  # the page server removed the images with the last page
+        self.pages.remove_images()
+        self.memory = None
         if self.staging:
             archive.remove_tree(self.staging)
             self.staging = None
