@@ -80,17 +80,22 @@ class Checkpointer:
                                      "CRIU lacks: checkpoint without lazy-pages")
 
     async def checkpoint(self, *, container_id: str, bundle: str, pid: int, options: CheckpointOptions,
-                         runtime: OciRuntime, paused: bool | Callable[[], bool]) -> CheckpointResult:
+                         runtime: OciRuntime, paused: bool | Callable[[], bool],
+                         token: str | None = None) -> CheckpointResult:
+        """token names the dump's own work directory and its partial image (images.own_work_dir / partial_path),
+        so that the server that sent a worker this job finds what the worker left if it dies (its CRIU's log,
+        hence the network lock it took); without one they get random names."""
         await self.preflight(options)
         facts = facts_from_bundle(bundle, pid)
         if not options.pre_dump:  # a pre-dump takes memory only, never sockets
             facts = replace(facts, external_unix_sockets=await _external_unix_sockets(
                 container_id, pid, options))
         own_work = not options.work_path
-        work = options.work_path or tempfile.mkdtemp(prefix="criu-work-", dir=bundle)
+        work = options.work_path or (images.own_work_dir(bundle, token) if token
+                                     else tempfile.mkdtemp(prefix="criu-work-", dir=bundle))
         try:
             _usable(images.private_dir, work, "work path")
-            partial = _usable(images.prepare, options.image_path, "image path")
+            partial = _usable(lambda path: images.prepare(path, token), options.image_path, "image path")
         except BaseException:
             if own_work:
                 shutil.rmtree(work, ignore_errors=True)

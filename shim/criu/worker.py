@@ -168,7 +168,8 @@ async def _checkpoint(job: dict, paused: dict, writer) -> tuple[dict, list]:
         # The server learnt it from an earlier worker, or the spare asked: no `criu swrk` just for the version.
         checkpointer._version = CriuVersion(*known)
     result = await checkpointer.checkpoint(container_id=job["container_id"], bundle=job["bundle"], pid=int(job["pid"]),
-                                           options=options, runtime=runtime, paused=lambda: paused["value"])
+                                           options=options, runtime=runtime, paused=lambda: paused["value"],
+                                           token=job.get("token"))
     if result.completion is not None:  # a lazy dump: its page server is ready
         writer.write(offload.encode({"ready": _record(result, checkpointer)}))
         await writer.drain()
