@@ -30,13 +30,15 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
 
 import pytest
-from harness.containerd import PYSHIM, Containerd
+from harness.containerd import PYSHIM, RUNC_V2, Containerd
 from harness.image import TestImage
 from harness.tasks import remove, task_status, wait_status
 
@@ -262,3 +264,107 @@ def test_a_restore_whose_caller_goes_away_leaves_nothing(containerd: Containerd,
     print(outcomes)
     expected = {"interrupted": True, "left": [], "rootfs": True, "reused and checkpointed": (0, "RUNNING")}
     assert outcomes == {"task killed": expected, "containerd killed": {**expected, "rootfs": None}}
+
+
+def runc_or_criu_of(container_id: str) -> list[str]:
+    """runc (its command line names the id) and CRIU processes (comm criu, its cwd or an fd under a path naming the
+    id: the restore's work dir, criu-root) still there."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            comm = Path(f"/proc/{entry}/comm").read_text().strip()
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace").split("\0")
+            if comm == "criu":
+                links = [os.readlink(f"/proc/{entry}/cwd")] + [os.readlink(f"/proc/{entry}/fd/{fd}")
+                                                                for fd in os.listdir(f"/proc/{entry}/fd")]
+                if any(container_id in link for link in links):
+                    found.append(f"criu {entry}")
+            elif comm == "runc" and container_id in argv:
+                found.append(f"runc {entry}: {' '.join(argv[-3:])}")
+        except OSError:
+            continue
+    return found
+
+
+def killed_mid_restore(containerd: Containerd, image: TestImage, runtime: str, checkpoint: Path) -> dict:
+    """Restore the big checkpoint into a new container under runtime, SIGKILL its shim while CRIU reads the images,
+    let containerd clean up after the dead shim (its `delete` action), then look: what is left, whether the rootfs
+    still holds its files, and whether the id is reused and checkpointed."""
+    container_id = containerd.new_id("shimkill-rst")
+    starting = None
+    if runtime == PYSHIM:
+        config = containerd.tmp / f"restore-{container_id}.toml"
+        config.write_text(f'BinaryName = "runc"\nRoot = "{containerd.runc_root}"\nCriuImagePath = "{checkpoint}"\n')
+        containerd.ctr("containers", "create", "--runtime", PYSHIM, "--runtime-config-path", str(config),
+                       image.ref, container_id, "--", "sh", "-c", BIG)
+        starting = subprocess.Popen(containerd.ctr_argv() + ["task", "start", "-d", "--fifo-dir",
+                                                             str(containerd.fifo_dir), container_id],
+                                    env=containerd.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    else:
+        containerd.ctr("containers", "create", "--runtime", RUNC_V2, image.ref, container_id, "--", "sh", "-c", BIG)
+        code = ("import sys; sys.path[:0] = sys.argv[4:5]; from harness.grpc_client import ContainerdClient; "
+                "from shim.api.containerd.runc.options import oci_pb2; "
+                "api = ContainerdClient(sys.argv[1], sys.argv[2]); "
+                "api.create_task(sys.argv[3], options=oci_pb2.Options(root=sys.argv[5], criu_image_path=sys.argv[6])); "
+                "api.start_task(sys.argv[3])")
+        here = str(Path(__file__).parent)
+        starting = subprocess.Popen([sys.executable, "-c", code, containerd.address, containerd.namespace,
+                                     container_id, here, str(containerd.runc_root), str(checkpoint)],
+                                    env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not (reading(checkpoint) and runc_or_criu_of(container_id)) and starting.poll() is None:
+            assert time.monotonic() < deadline, "no restore ever read the images"
+            time.sleep(0.005)
+        interrupted = starting.poll() is None
+        shim = containerd.shim_pid(container_id)
+        assert shim is not None
+        containerd.kill_adopted(shim, signal.SIGKILL)
+        _, stderr = starting.communicate(timeout=60)
+    finally:
+        if starting.poll() is None:
+            starting.kill()
+            starting.wait()
+    # containerd runs the dead shim's `delete` once it sees the connection close: wait (bounded) for its effects.
+    deadline = time.monotonic() + 20
+    while (running := runc_or_criu_of(container_id)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = left_of(containerd, container_id)
+    remove(containerd, container_id)
+    deadline = time.monotonic() + 10
+    while (after := left_of(containerd, container_id)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    reused = containerd.run(container_id, image, "sh", "-c", LOOP, runtime=runtime, check=False)
+    again = containerd.ctr("task", "checkpoint", "--image-path", str(containerd.tmp / f"again-{container_id}"),
+                           container_id, check=False) if reused.returncode == 0 else reused
+    status = task_status(containerd, container_id)
+    remove(containerd, container_id)
+    return {"interrupted": interrupted, "start failed": starting.returncode != 0,
+            "runc/criu left": running, "left after delete": left, "left after rm": after,
+            "reused and checkpointed": (again.returncode, status),
+            "error": " ".join(stderr.decode(errors="replace").split())[-200:],
+            "checkpoint again": " ".join(again.stderr.split())[-200:] if again.returncode else ""}
+
+
+@pytest.mark.parametrize("containerd_version", ["2"], indirect=True)
+def test_a_shim_killed_mid_restore_leaves_no_runc_criu_or_mount(containerd: Containerd, test_image: TestImage):
+    """The shim SIGKILLed while runc and CRIU restore ~150 MB: containerd runs the shim's `delete` action, which
+    (pyshim) finds the marker the server wrote when the restore began, ends runc and CRIU, unmounts criu-root,
+    removes runc's state and the cgroups the restore made; the id is reused and checkpointed. The Go shim's outcome
+    is printed beside it."""
+    outcomes = {}
+    for runtime in (PYSHIM, RUNC_V2):
+        checkpoint = containerd.tmp / f"big-{'py' if runtime == PYSHIM else 'go'}"
+        original = containerd.new_id("big")
+        containerd.run(original, test_image, "sh", "-c", BIG, runtime=runtime)
+        time.sleep(2)  # the 150 MB are written
+        containerd.ctr("task", "checkpoint", "--exit", "--image-path", str(checkpoint), original, timeout=120)
+        assert wait_status(containerd, original, "STOPPED") == "STOPPED"
+        remove(containerd, original)
+        outcomes[runtime] = killed_mid_restore(containerd, test_image, runtime, checkpoint)
+        print(f"{runtime}: {outcomes[runtime]}")
+    pyshim = outcomes[PYSHIM]
+    assert (pyshim["interrupted"], pyshim["start failed"]) == (True, True), pyshim
+    assert (pyshim["runc/criu left"], pyshim["left after delete"], pyshim["left after rm"]) == ([], [], []), pyshim
+    assert pyshim["reused and checkpointed"] == (0, "RUNNING"), pyshim

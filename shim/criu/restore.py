@@ -20,7 +20,7 @@ import tempfile
 
 from shim import unmount
 from shim.cgroups import made as made_cgroups
-from shim.criu import image_check, images, loopback, netlock
+from shim.criu import image_check, images, loopback, netlock, unfinished
 from shim.criu.log import quote
 from shim.criu.options import (
     CheckpointOptions,
@@ -117,6 +117,10 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
     watched_lock = await netlock.before_restore(runtime.run.reaper, image_path, config)
     cgroups_path = (config.get("linux") or {}).get("cgroupsPath") or ""
     cgroups_before = {path for path in made_cgroups.directories(cgroups_path) if path.is_dir()}
+    # What `delete` needs to end and undo this restore should the server die before it is over (shim.criu.unfinished).
+    marker = {"id": container_id, "state_dir": runtime.state_dir(container_id), "work": work, "own_work": own_work,
+              "cgroups_path": cgroups_path, "cgroups_before": sorted(map(str, cgroups_before)), "processes": []}
+    _record(unfinished.record, bundle, marker)
     daemon = hook = None
     try:
         if raises_loopback:
@@ -125,10 +129,12 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
             daemon = await LazyPages.start(runtime.run.reaper, image_path=image_path, work=work,
                                            log_file=os.path.join(bundle, LAZY_PAGES_LOG),
                                            page_server=lazy.page_server_address)
+            _record(unfinished.add_process, bundle, marker, daemon.pid)
             flags.append("--lazy-pages")
         restoring = runtime.restore(container_id, bundle=bundle, pid_file=pid_file, image_path=image_path,
                                     work_path=work, stdio=stdio, console_socket=console_socket, no_pivot=no_pivot,
-                                    flags=flags, timeout=options.timeout)
+                                    flags=flags, timeout=options.timeout,
+                                    started=lambda pid: _record(unfinished.add_process, bundle, marker, pid))
         await (restoring if daemon is None else daemon.guard(restoring, container_id))
     except (RuntimeFailed, asyncio.CancelledError) as exc:
         # Cancelled: the task was killed mid-restore, or containerd's connection closed; runc and CRIU were killed
@@ -158,10 +164,20 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
         unmount.unmount_all(work)
         if own_work:
             shutil.rmtree(work, ignore_errors=True)
+        unfinished.forget(bundle)
     if daemon is not None:
         daemon.serve_for(options.timeout)
     await netlock.after_restore(runtime.run.reaper, images.read_record(image_path), config)
     return options
+
+
+def _record(write, *args) -> None:
+    """Write the restore's marker for `delete`; a failure to is logged, never the restore's end."""
+    try:
+        write(*args)
+    except OSError as exc:
+        log.warning("the restore's marker for `delete` (%s) could not be written: %s; a shim killed mid-restore "
+                    "would leave runc and CRIU running", unfinished.MARKER, exc)
 
 
 def _v2_cgroup_root(container_id: str, config: dict) -> str:
@@ -334,37 +350,12 @@ async def _clean_failed_restore(runtime: OciRuntime, container_id: str, cgroups_
     except RuntimeFailed as exc:
         if not is_gone(exc):
             log.warning("cleaning up the failed restore of %s: %s", container_id, exc)
-    _remove_unfinished_state(runtime.state_dir(container_id))
+    for problem in unfinished.remove_unfinished_state(runtime.state_dir(container_id)):
+        log.warning("cleaning up the failed restore of %s: %s", container_id, problem)
     left = made_cgroups.remove_made(cgroups_path, cgroups_before)
     if left:
         log.warning("the failed restore of %s left cgroups still in use: %s", container_id,
                     ", ".join(map(str, left)))
-
-
-def _remove_unfinished_state(state: str) -> None:
-    """runc's state dir for the id when `runc delete` could not remove it because runc was killed before writing
-    state.json: its files, and empty directories only (rmdir), so nothing is removed through a mount. A state
-    with state.json is runc's to remove (runc delete said why it did not)."""
-    try:
-        entries = os.listdir(state)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        log.warning("cannot read %s left by a failed restore: %s", state, exc)
-        return
-    if "state.json" in entries:
-        return
-    for name in entries:
-        path = os.path.join(state, name)
-        try:
-            if os.path.isdir(path) and not os.path.islink(path):
-                os.rmdir(path)
-            else:
-                os.unlink(path)
-        except OSError as exc:
-            log.warning("cannot remove %s left by a failed restore: %s", path, exc)
-    with contextlib.suppress(OSError):
-        os.rmdir(state)
 
 
 def _keep_log(work: str, bundle: str) -> str | None:

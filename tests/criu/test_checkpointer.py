@@ -123,7 +123,7 @@ def test_an_unusable_image_path_is_refused_before_the_dump_leaving_nothing(tmp_p
     bundle.mkdir()
     if where.startswith("read-only"):
         # root ignores modes: make the directory creation itself fail as on a read-only mount
-        def refuse(target):
+        def refuse(target, token=None):
             raise PermissionError(13, "Permission denied", str(tmp_path / "read-only" / ".image.pyshim-partial-x"))
         monkeypatch.setattr(checkpoint.images, "prepare", refuse)
     checkpointer = patched_checkpointer(monkeypatch, tmp_path, _never_dumps)
