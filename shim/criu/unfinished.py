@@ -27,6 +27,7 @@ import shutil
 import signal
 import time
 
+from shim.forkserver.wire import process_start_time as start_time
 from shim.layout import RESTORE_MARKER as MARKER
 from shim.layout import write_atomically
 
@@ -35,16 +36,6 @@ GONE_WAIT = 3.0  # seconds for killed processes to be gone (within containerd's 
 
 def path(bundle: str) -> str:
     return os.path.join(bundle, MARKER)
-
-
-def start_time(pid: int) -> int | None:
-    """The process's start time (clock ticks since boot, /proc/<pid>/stat field 22), or None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    return int(stat[stat.rindex(b")") + 2:].split()[19])  # fields from 3 (state) on; 22 is the 20th
 
 
 def record(bundle: str, facts: dict) -> None:
