@@ -299,7 +299,7 @@ class OffloadedCheckpointer:
             return None
         # The key names this code and this containerd: a spare found there runs what this server runs.
         path = criu_spare.socket_path(wire.run_dir(),
-                                      wire.server_key(wire.source_digest(), self.containerd_pid, start))
+                                      wire.server_key(wire.code_digest(), self.containerd_pid, start))
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)

@@ -43,13 +43,43 @@ def prefetch() -> None:
         log.debug("CRIU version not prefetched: %s", exc)
 
 
-def prepare() -> asyncio.Runner:
+class Prepared:
+    """What a waiting worker made before its job: its reaper, the `criu swrk` its dump will talk to (None when CRIU
+    could not start: the checkpoint then says why), and the PATH that CRIU was started with (the network lock runs
+    iptables-restore through it: a job with another PATH gets a CRIU started with the server's)."""
+
+    def __init__(self, reaper, criu, path: str | None) -> None:
+        self.reaper = reaper
+        self.criu = criu
+        self.path = path
+
+
+PREPARED: Prepared | None = None
+
+
+def prepare(*, ahead: bool = False) -> asyncio.Runner:
     """What a worker needs before its job, done by a waiting worker before it takes a connection (off the
-    checkpoint's path): a session of its own and an event loop."""
+    checkpoint's path): a session of its own and an event loop; with ahead (the fork server's checkpoint spare's
+    waiting worker), also its reaper, a `criu swrk` waiting for the dump's request (its exec and start-up, about
+    4 ms, off the path) and asyncio.to_thread's executor thread (the scan for external unix sockets)."""
+    global PREPARED
     if os.getsid(0) != os.getpid():
         os.setsid()
     runner = asyncio.Runner()
-    runner.get_loop()
+    loop = runner.get_loop()
+    if ahead:
+        from shim.criu.rpc import CriuRpc
+        from shim.reaper import Reaper
+
+        reaper = Reaper()
+        reaper.install(loop)
+        try:
+            criu = CriuRpc(reaper).start_ahead()
+        except Exception as exc:  # noqa: BLE001 - CRIU missing: the checkpoint starts its own and says why
+            log.debug("no criu swrk started ahead: %s", exc)
+            criu = None
+        runner.run(asyncio.to_thread(int))
+        PREPARED = Prepared(reaper, criu, os.environ.get("PATH"))
     return runner
 
 
@@ -122,9 +152,11 @@ def _become_server(job: dict) -> None:
     if os.getppid() != server_pid:  # an exec'd worker is the server's child, in its cgroups already
         from shim.cgroups.procs import join_like
 
+        criu = [PREPARED.criu.pid] if PREPARED is not None and PREPARED.criu is not None else []
         try:
-            for note in join_like(server_pid, os.getpid()):
-                log.warning("checkpoint worker: %s", note)
+            for pid in (os.getpid(), *criu):  # the worker, and the CRIU it started ahead
+                for note in join_like(server_pid, pid):
+                    log.warning("checkpoint worker: %s", note)
         except Exception as exc:  # noqa: BLE001 - placement is best effort, as the server's own
             log.warning("checkpoint worker: cgroups of the shim server not joined: %s", exc)
     try:
@@ -157,12 +189,21 @@ async def _checkpoint(job: dict, paused: dict, writer) -> tuple[dict, list]:
     from shim.oci.runtime import OciRuntime
     from shim.reaper import Reaper
 
-    reaper = Reaper()
-    reaper.install(asyncio.get_running_loop())
+    prepared = PREPARED
+    if prepared is not None:
+        reaper = prepared.reaper
+    else:
+        reaper = Reaper()
+        reaper.install(asyncio.get_running_loop())
     config = RuntimeConfig(**job["runtime"])
     runtime = OciRuntime(config, Runner(reaper, log_path=config.log))
     options = CheckpointOptions(**from_record(job["options"]), extra=dict(job.get("extra") or {})).validate()
     checkpointer = Checkpointer(reaper)
+    if prepared is not None and prepared.criu is not None:
+        if prepared.path == os.environ.get("PATH"):
+            checkpointer.rpc.adopt(prepared.criu)
+        else:
+            prepared.criu.close()  # it exits on EOF; the dump starts one with the server's PATH
     known = job.get("criu_version") or PREFETCHED_VERSION
     if known:
         # The server learnt it from an earlier worker, or the spare asked: no `criu swrk` just for the version.
