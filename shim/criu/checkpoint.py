@@ -223,7 +223,8 @@ async def _external_unix_sockets(container_id: str, pid: int, options: Checkpoin
     """Unix sockets with peers outside the container: refused without ext-unix-sk, and with it
     refused when CRIU could not take them, before the task is touched; otherwise the inodes
     CRIU must be told are external."""
-    found = await asyncio.to_thread(external_unix.find, pid)
+    held = external_unix.socket_holders(pid)  # inline: a container without sockets needs no thread hand-over
+    found = await asyncio.to_thread(external_unix.find, pid, held) if held[0] else []
     return external_unix.check(found, container_id=container_id, init_pid=pid, ext_unix_sk=options.ext_unix_sk,
                               engine=options.engine)
 
