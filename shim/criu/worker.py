@@ -13,6 +13,7 @@ its session is what the server kills if it dies mid-dump.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -96,13 +97,15 @@ def main(fd: int, runner: asyncio.Runner | None = None) -> int:
 
 
 async def _serve(conn: socket.socket) -> int:
-    reader, writer = await asyncio.open_unix_connection(sock=conn)
-    writer.write(offload.encode({"hello": os.getpid(), "protocol": offload.PROTOCOL}))
-    message = await offload.read_message(reader)
+    # The hello and the job, on the blocking socket before any stream is made: a server that found this worker
+    # through the checkpoint spare sent the job with its connection, so it is there already.
+    conn.sendall(offload.encode({"hello": os.getpid(), "protocol": offload.PROTOCOL}))
+    message = _read_message(conn)
     if message is None or "job" not in message:
         return 1
     if _closed(conn):  # the server gave up waiting for the hello and started another worker: not ours to do
         return 1
+    reader, writer = await asyncio.open_unix_connection(sock=conn)
     job = message["job"]
     if job.get("protocol") != offload.PROTOCOL:
         writer.write(offload.encode({"error": {"kind": "Unavailable", "message": (
@@ -127,6 +130,34 @@ async def _serve(conn: socket.socket) -> int:
         await asyncio.gather(*cleanups, return_exceptions=True)
     writer.close()
     return 0
+
+
+def _read_message(conn: socket.socket) -> dict | None:
+    """One length-prefixed JSON message from a blocking socket (offload's framing); None at EOF or when malformed."""
+    header = _read_exactly(conn, offload.HEADER)
+    if header is None:
+        return None
+    length = int.from_bytes(header, "big")
+    payload = _read_exactly(conn, length) if length <= offload.MAX_MESSAGE else None
+    try:
+        message = json.loads(payload) if payload is not None else None
+    except ValueError:
+        return None
+    return message if isinstance(message, dict) else None
+
+
+def _read_exactly(conn: socket.socket, size: int) -> bytes | None:
+    chunks, left = [], size
+    while left:
+        try:
+            chunk = conn.recv(left)
+        except OSError:
+            return None
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 def _closed(conn: socket.socket) -> bool:
