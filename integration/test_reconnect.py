@@ -36,7 +36,7 @@ from harness.waiting import wait_until
 
 from shim.api.containerd.task.v2 import shim_pb2 as task_v2
 from shim.api.containerd.task.v3 import shim_pb2 as task_v3
-from shim.events import NAMESPACE_KEY
+from shim.server.events import NAMESPACE_KEY
 from shim.ttrpc import Client, Code, TtrpcError
 
 RUNTIMES = pytest.mark.parametrize("runtime", [PYSHIM, RUNC_V2], ids=["pyshim", "go-runc"])

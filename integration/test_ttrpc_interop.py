@@ -13,7 +13,7 @@ from harness.containerd import Containerd
 
 from shim.api.containerd.events.task_pb2 import TaskExit, TaskOOM
 from shim.api.containerd.services.events.ttrpc.v1.events_pb2 import Envelope, ForwardRequest
-from shim.events import EVENTS_SERVICE, NAMESPACE_KEY, pack, timestamp
+from shim.server.events import EVENTS_SERVICE, NAMESPACE_KEY, pack, timestamp
 from shim.ttrpc import Client, Code, TtrpcError
 
 

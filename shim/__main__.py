@@ -7,7 +7,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from shim.cli import UsageError, parse
+    from shim.actions.cmdline import UsageError, parse
 
     try:
         args = parse(sys.argv[1:] if argv is None else argv)
@@ -21,15 +21,15 @@ def main(argv: list[str] | None = None) -> int:
                          "  Runtime:  io.containerd.pyshim.v2\n")
         return 0
     if args.info:
-        from shim.info import print_info
+        from shim.actions.info import print_info
 
         return print_info()
     if args.action == "start":
-        from shim.start import start
+        from shim.actions.start import start
 
         return _exit_now(start(args))
     if args.action == "delete":
-        from shim.delete import delete
+        from shim.actions.delete import delete
 
         return _exit_now(delete(args))
     if args.action == "forkserver":  # launched by `start` (shim/forkserver), not by containerd
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return forkserver_main(args.rest)
     if args.action == "":
-        from shim.daemon import serve_inherited
+        from shim.server.daemon import serve_inherited
 
         return serve_inherited(args)
     sys.stderr.write(f"unknown action {args.action!r}: expected start or delete\n")

@@ -1,5 +1,5 @@
 """Moving a process into an existing cgroup by path: how the shim honours
-Options.shim_cgroup (shim/daemon.py calls join for itself at startup).
+Options.shim_cgroup (shim/server/daemon.py calls join for itself at startup).
 
 The cgroup must already exist, as with the Go shim; it is not created here. On v1 the
 path is joined in every hierarchy where it exists.

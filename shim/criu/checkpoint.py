@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from shim.children.reaper import Reaper
 from shim.criu import bindings, external_unix, images, netlock
 from shim.criu.errors import CriuError, CriuMissing
 from shim.criu.log import quote
@@ -25,7 +26,6 @@ from shim.criu.tcp import network_record
 from shim.errors import FailedPrecondition, InvalidArgument, ShimError, Unavailable
 from shim.oci.runner import RuntimeFailed
 from shim.oci.runtime import OciRuntime
-from shim.reaper import Reaper
 
 log = logging.getLogger(__name__)
 FORMAT = 1

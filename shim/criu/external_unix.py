@@ -31,9 +31,9 @@ import os
 import socket
 from dataclasses import dataclass
 
+from shim.children.proctree import children_by_parent
 from shim.errors import FailedPrecondition
 from shim.netns.enter import run_in
-from shim.proctree import children_by_parent
 
 TYPES: dict[int, str] = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "datagram",
                          socket.SOCK_SEQPACKET: "seqpacket"}

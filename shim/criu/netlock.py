@@ -34,8 +34,8 @@ import os
 import re
 from dataclasses import asdict, dataclass
 
+from shim.children.reaper import Reaper
 from shim.criu import bindings
-from shim.reaper import Reaper
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +271,7 @@ def _nft_delete(namespace: str, names: list[str]) -> None:
 
 async def _in_namespace(reaper: Reaper, fd: int, argv: list[str], *, input: bytes | None = None) -> str:
     """argv run inside the namespace open at fd (nsenter, the descriptor passed as its fd 3); its stdout."""
-    from shim.spawn import run
+    from shim.children.spawn import run
 
     result = await run(reaper, ["nsenter", "--net=/proc/self/fd/3", *argv], input=input, pass_fds={3: fd},
                        timeout=TIMEOUT)

@@ -27,7 +27,7 @@ import socket
 import sys
 
 from shim import errors
-from shim.reaper import Reaper
+from shim.children.reaper import Reaper
 
 log = logging.getLogger(__name__)
 PROTOCOL = 1  # bumped whenever a message changes: a worker of other code refuses the job
@@ -322,7 +322,7 @@ class OffloadedCheckpointer:
 
     async def _exec_worker(self) -> Worker:
         """A fresh interpreter, our child, that imports the checkpoint path itself."""
-        from shim.spawn import spawn
+        from shim.children.spawn import spawn
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         subscription = self.reaper.subscribe()

@@ -18,8 +18,11 @@ import shutil
 import signal
 import tempfile
 
-from shim import unmount
+from shim.bundle.layout import write_atomically
 from shim.cgroups import made as made_cgroups
+from shim.children.proctree import children_of, cmdline, parent_of
+from shim.children.reaper import Reaper
+from shim.children.spawn import spawn
 from shim.criu import image_check, images, loopback, netlock, unfinished
 from shim.criu.log import quote
 from shim.criu.options import (
@@ -34,12 +37,9 @@ from shim.criu.options import (
 from shim.criu.plan import CRIU_CONFIG_ANNOTATION, DEFAULT_RUNC_CRIU_CONFIG, restore_config, runtime_restore_args
 from shim.criu.tcp import refuse_lost_connections
 from shim.errors import InvalidArgument, ShimError, Unavailable
-from shim.layout import write_atomically
 from shim.oci.runner import RuntimeFailed
 from shim.oci.runtime import OciRuntime, is_gone
-from shim.proctree import children_of, cmdline, parent_of
-from shim.reaper import Reaper
-from shim.spawn import spawn
+from shim.rootfs import unmount
 
 log = logging.getLogger(__name__)
 LAZY_PAGES_LOG = "criu-lazy-pages.log"  # in the bundle: the daemon outlives the restore's work dir
@@ -138,7 +138,7 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
         await (restoring if daemon is None else daemon.guard(restoring, container_id))
     except (RuntimeFailed, asyncio.CancelledError) as exc:
         # Cancelled: the task was killed mid-restore, or containerd's connection closed; runc and CRIU were killed
-        # with the call (shim.spawn.wait_or_kill), and what they left goes as after a failure.
+        # with the call (shim.children.spawn.wait_or_kill), and what they left goes as after a failure.
         if daemon is not None:
             await daemon.stop()
         kept = _keep_log(work, bundle)

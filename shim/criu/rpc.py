@@ -18,7 +18,7 @@ Ownership of file descriptors during a call:
   to the handler in a list: a handler that keeps one removes it from the list; whatever is
   left in the list when the handler returns or raises is closed here.
 
-CRIU is started through shim.spawn with a reaper Subscription taken first, and only ever
+CRIU is started through shim.children.spawn with a reaper Subscription taken first, and only ever
 waited for through that subscription (never waitpid here).
 """
 
@@ -35,11 +35,11 @@ from typing import Any, NamedTuple, TypeAlias
 
 from google.protobuf.message import DecodeError
 
+from shim.children.reaper import Exit, Reaper, Subscription
+from shim.children.spawn import spawn
 from shim.criu import bindings
 from shim.criu.errors import CriuFailed, CriuMissing, CriuTimeout
 from shim.criu.log import excerpt, log_excerpt
-from shim.reaper import Exit, Reaper, Subscription
-from shim.spawn import spawn
 
 log = logging.getLogger(__name__)
 

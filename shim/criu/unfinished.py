@@ -27,9 +27,9 @@ import shutil
 import signal
 import time
 
+from shim.bundle.layout import RESTORE_MARKER as MARKER
+from shim.bundle.layout import write_atomically
 from shim.forkserver.wire import process_start_time as start_time
-from shim.layout import RESTORE_MARKER as MARKER
-from shim.layout import write_atomically
 
 GONE_WAIT = 3.0  # seconds for killed processes to be gone (within containerd's 5 s for `delete`)
 
@@ -72,8 +72,8 @@ def load(marker: str) -> dict:
 def end(facts: dict) -> list[int]:
     """SIGKILL the recorded processes that are still what was recorded, with everything below them; wait until
     they are gone (bounded); unmount criu-root and the work dir's mounts. The pids signalled."""
-    from shim.proctree import children_by_parent, parent_of
-    from shim.unmount import unmount_all
+    from shim.children.proctree import children_by_parent, parent_of
+    from shim.rootfs.unmount import unmount_all
 
     children = children_by_parent()
     pidfds: dict[int, int] = {}
@@ -157,7 +157,7 @@ def remove_leftovers(facts: dict, marker: str) -> list[str]:
                                                                        or []})]
     work = str(facts.get("work") or "")
     if facts.get("own_work") and os.path.isabs(work):
-        from shim.unmount import mount_points_under
+        from shim.rootfs.unmount import mount_points_under
 
         if not mount_points_under(work):  # never remove through a mount that would not go
             shutil.rmtree(work, ignore_errors=True)

@@ -30,8 +30,8 @@ def prefetch() -> None:
     """In the checkpoint spare, before any fork: ask CRIU its version once (a failure is left for the
     checkpoints to report)."""
     global PREFETCHED_VERSION
+    from shim.children.reaper import Reaper
     from shim.criu.rpc import CriuRpc
-    from shim.reaper import Reaper
 
     async def ask() -> list:
         reaper = Reaper()
@@ -69,8 +69,8 @@ def prepare(*, ahead: bool = False) -> asyncio.Runner:
     runner = asyncio.Runner()
     loop = runner.get_loop()
     if ahead:
+        from shim.children.reaper import Reaper
         from shim.criu.rpc import CriuRpc
-        from shim.reaper import Reaper
 
         reaper = Reaper()
         reaper.install(loop)
@@ -176,7 +176,7 @@ def _become_server(job: dict) -> None:
     os.environ.update({str(k): str(v) for k, v in job["env"].items()})
     os.umask(int(job["umask"]))
     os.chdir(job["bundle"])
-    from shim.shimlog import setup_logging
+    from shim.server.shimlog import setup_logging
 
     setup_logging(job["bundle"], bool(job["debug"]), str(job.get("namespace") or ""))
     server_pid = int(job["server_pid"])
@@ -212,13 +212,13 @@ async def _listen(reader: asyncio.StreamReader, paused: dict) -> None:
 
 
 async def _checkpoint(job: dict, paused: dict, writer) -> tuple[dict, list]:
+    from shim.children.reaper import Reaper
     from shim.criu.checkpoint import Checkpointer
     from shim.criu.options import CheckpointOptions, from_record
     from shim.criu.rpc import CriuVersion
     from shim.oci.commands import RuntimeConfig
     from shim.oci.runner import Runner
     from shim.oci.runtime import OciRuntime
-    from shim.reaper import Reaper
 
     prepared = PREPARED
     if prepared is not None:

@@ -6,7 +6,7 @@ containerd gave, containerd's pid and the options read from stdin. The fork serv
 imported everything the shim server imports (asyncio, protobuf, the task service) but runs no event
 loop; it forks twice, and the grandchild becomes the shim server exactly as the child `start` forks
 would: new session, the bundle as cwd, containerd's environment, the cgroups of `start`, stdio on
-/dev/null, /proc cmdline and environ those of `start`, then `shim.daemon.serve`.
+/dev/null, /proc cmdline and environ those of `start`, then `shim.server.daemon.serve`.
 
 When no fork server answers, `start` forks the server itself as before (the fallback: imports in the
 child) and launches a fork server in the background for the next containers.

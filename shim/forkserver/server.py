@@ -42,7 +42,8 @@ SPARE_TOKEN = "forkserver-spare"  # the spare's command line has this instead of
 # What the shim server imports, from serving through a container's whole lifecycle (create, start, exec,
 # pause, stats, kill, delete).
 PRELOAD = (
-    "shim.notls", "socket", "ctypes", "resource", "shim.cli", "shim.daemon", "shim.events", "shim.reaper", "shim.stdio",
+    "shim.server.notls", "socket", "ctypes", "resource", "shim.actions.cmdline", "shim.server.daemon",
+    "shim.server.events", "shim.children.reaper", "shim.stdio",
     "shim.task.service", "shim.task.convert", "shim.ttrpc", "shim.cgroups", "shim.cgroups.procs",
     "shim.api.containerd.task.v2.shim_pb2", "shim.api.containerd.task.v3.shim_pb2", "google.protobuf.any_pb2",
     "shim.forkserver.proctitle",
@@ -476,8 +477,8 @@ def _become_shim(conn, request: Request, start_pid: int, server_pid: int, interm
 
         import socket
 
-        from shim.cli import parse
-        from shim.daemon import serve
+        from shim.actions.cmdline import parse
+        from shim.server.daemon import serve
 
         args = parse(request.argv[1:])
         code = serve(args, socket.socket(fileno=request.listener_fd), request.cwd, request.options,

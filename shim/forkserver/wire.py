@@ -13,7 +13,7 @@ import _socket
 import os
 import sys
 
-from shim.layout import sha256
+from shim.bundle.layout import sha256
 
 RUN_DIR = "/run/pyshim"
 MAGIC = b"pyshim-forkserver/1\n"

@@ -7,8 +7,8 @@ import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 
-from shim.reaper import Reaper
-from shim.spawn import Completed, run
+from shim.children.reaper import Reaper
+from shim.children.spawn import Completed, run
 
 DEFAULT_TIMEOUT = 60.0
 

@@ -9,10 +9,10 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from shim.children.spawn import Completed
 from shim.oci import commands
 from shim.oci.commands import RuntimeConfig
 from shim.oci.runner import Runner, RuntimeFailed
-from shim.spawn import Completed
 
 Stdio = tuple[int | None, int | None, int | None]
 # Messages with which runc and crun say "that process is gone" (go-runc checks the same).

@@ -9,13 +9,13 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
-from shim import mounts
+from shim.bundle.layout import INIT_PID_FILE
 from shim.errors import FailedPrecondition, NotFound
-from shim.layout import INIT_PID_FILE
 from shim.oci.runner import RuntimeFailed
 from shim.oci.runtime import OciRuntime, is_gone
 from shim.process.base import Process, Stdio
 from shim.process.state import INIT_ALLOWED, State
+from shim.rootfs import mounts
 
 if TYPE_CHECKING:
     from shim.criu.netlock import Lock

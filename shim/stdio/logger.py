@@ -22,8 +22,8 @@ import os
 import select
 import signal
 
-from shim.reaper import Reaper
-from shim.spawn import spawn
+from shim.children.reaper import Reaper
+from shim.children.spawn import spawn
 from shim.stdio.errors import StdioError
 from shim.stdio.fds import Fd, plain_pipe
 from shim.stdio.uri import Target

@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from typing import Protocol
 
-from shim.reaper import Reaper
+from shim.children.reaper import Reaper
 from shim.stdio import fds as fdlib
 from shim.stdio.console import ConsoleSocket, set_window_size
 from shim.stdio.errors import StdioError
@@ -318,6 +318,6 @@ class ProcessIO:
 
 async def open_process_io(config: StdioLike, *, reaper: Reaper, uid: int = 0, gid: int = 0, container_id: str,
                           namespace: str, ready_timeout: float = READY_TIMEOUT) -> ProcessIO:
-    """The task service's factory: ProcessIO.create under the name shim/daemon.py imports."""
+    """The task service's factory: ProcessIO.create under the name shim/server/daemon.py imports."""
     return await ProcessIO.create(config, reaper=reaper, uid=uid, gid=gid, container_id=container_id,
                                   namespace=namespace, ready_timeout=ready_timeout)

@@ -16,9 +16,9 @@ from shim import errors
 from shim.api.containerd.runc.options import oci_pb2
 from shim.api.containerd.runtimeoptions.v1 import api_pb2
 from shim.api.containerd.types import task_pb2
-from shim.mounts import Mount
 from shim.oci.runner import RuntimeFailed
 from shim.process.state import State
+from shim.rootfs.mounts import Mount
 from shim.ttrpc import Code, TtrpcError
 
 log = logging.getLogger(__name__)

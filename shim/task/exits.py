@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from shim.children.reaper import Exit
 from shim.process.base import Process
 from shim.process.container import Container
-from shim.reaper import Exit
 
 Owner = tuple[Container, Process]
 

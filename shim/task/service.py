@@ -22,9 +22,9 @@ from shim.api.containerd.events import task_pb2 as events
 from shim.api.containerd.runc.options import oci_pb2
 from shim.api.containerd.task.v2 import shim_pb2 as api
 from shim.api.containerd.types import task_pb2 as types
+from shim.bundle.layout import RUNTIME_FILE, RUNTIME_LOG, write_settings
+from shim.children.reaper import Exit, Reaper
 from shim.errors import InvalidArgument, NotFound
-from shim.events import Publisher, pack
-from shim.layout import RUNTIME_FILE, RUNTIME_LOG, write_settings
 from shim.oci.commands import RuntimeConfig, runtime_root
 from shim.oci.runner import Runner
 from shim.oci.runtime import OciRuntime
@@ -33,7 +33,7 @@ from shim.process.container import Container
 from shim.process.execs import ExecProcess
 from shim.process.init import InitProcess
 from shim.process.state import State
-from shim.reaper import Exit, Reaper
+from shim.server.events import Publisher, pack
 from shim.task import convert
 from shim.task.checkpoint_pauses import CheckpointPauses
 from shim.task.convert import rpc

@@ -10,8 +10,8 @@ import signal
 
 import pytest
 
-from shim.reaper import Reaper
-from shim.spawn import spawn
+from shim.children.reaper import Reaper
+from shim.children.spawn import spawn
 
 needs_criu = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("criu") is None,
                                 reason="needs root and criu on PATH")

@@ -8,11 +8,11 @@ from pathlib import Path
 import pycriu.images
 import pytest
 
+from shim.children.reaper import Reaper
 from shim.criu import checkpoint
 from shim.criu.checkpoint import Checkpointer, CheckpointFailed, forget_frozen_freezer
 from shim.criu.plan import ContainerFacts
 from shim.errors import FailedPrecondition, InvalidArgument
-from shim.reaper import Reaper
 
 from .helpers import run
 

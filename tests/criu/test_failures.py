@@ -11,9 +11,9 @@ import time
 import pytest
 from pycriu import rpc_pb2
 
+from shim.children.spawn import spawn
 from shim.criu.errors import CriuFailed, CriuTimeout
 from shim.criu.rpc import CriuRpc
-from shim.spawn import spawn
 
 from .helpers import images_dir, needs_criu, reaping, run, state, target
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import pycriu.images
 import pytest
 
+from shim.children.reaper import Reaper
 from shim.criu import checkpoint, netlock
 from shim.criu.checkpoint import Checkpointer, CheckpointFailed
 from shim.criu.netlock import Lock
 from shim.criu.options import CheckpointOptions
 from shim.criu.plan import ContainerFacts
-from shim.reaper import Reaper
 
 from .helpers import run
 

@@ -4,8 +4,8 @@ says by other means (criu's CLI, the kernel config)."""
 import gzip
 import re
 
+from shim.children.spawn import run as run_command
 from shim.criu.rpc import CriuRpc
-from shim.spawn import run as run_command
 
 from .helpers import needs_criu, reaping, run
 

@@ -5,8 +5,8 @@ import contextlib
 import os
 import signal
 
-from shim.reaper import Reaper
-from shim.spawn import spawn
+from shim.children.reaper import Reaper
+from shim.children.spawn import spawn
 
 
 def run(coro, timeout: float = 10):

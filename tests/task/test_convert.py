@@ -3,7 +3,7 @@ import pytest
 from shim import errors
 from shim.api.containerd.runc.options.oci_pb2 import Options
 from shim.api.containerd.runtimeoptions.v1.api_pb2 import Options as ConfigFileOptions
-from shim.events import pack
+from shim.server.events import pack
 from shim.task.convert import runtime_options
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from shim.api.containerd.events import task_pb2 as events
 from shim.api.containerd.task.v2 import shim_pb2 as api
-from shim.events import pack
+from shim.server.events import pack
 from shim.ttrpc import TtrpcError
 from tests.task.test_service import Harness, NullIO
 

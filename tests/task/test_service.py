@@ -12,8 +12,8 @@ from shim.api.containerd.events import task_pb2 as events
 from shim.api.containerd.runc.options.oci_pb2 import Options
 from shim.api.containerd.task.v2 import shim_pb2 as api
 from shim.api.containerd.types import task_pb2 as types
-from shim.events import pack
-from shim.reaper import Reaper
+from shim.children.reaper import Reaper
+from shim.server.events import pack
 from shim.task.service import TaskService
 from shim.ttrpc import Code, TtrpcError
 

@@ -16,9 +16,9 @@ import errno
 import os
 import sys
 
-from shim.cli import ShimArgs
+from shim.actions.cmdline import ShimArgs
+from shim.bundle.layout import ADDRESS_FILE, group_id, socket_address, write_atomically
 from shim.forkserver import client as forkserver
-from shim.layout import ADDRESS_FILE, group_id, socket_address, write_atomically
 
 
 def listen(path: str) -> _socket.socket | None:
@@ -110,7 +110,7 @@ def _become_server(args: ShimArgs, sock: _socket.socket, bundle: str, options: b
         os.close(null)
         import socket
 
-        from shim.daemon import serve
+        from shim.server.daemon import serve
 
         code = serve(args, socket.socket(fileno=sock.detach()), bundle, options, containerd_pid=containerd_pid)
     finally:

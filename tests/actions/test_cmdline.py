@@ -1,6 +1,6 @@
 import pytest
 
-from shim.cli import UsageError, parse
+from shim.actions.cmdline import UsageError, parse
 
 
 def test_start_command_line_as_containerd_sends_it():

@@ -2,10 +2,10 @@ import hashlib
 import json
 import os
 
+from shim.actions.delete import encode_delete_response
+from shim.actions.start import listen
 from shim.api.containerd.task.v2.shim_pb2 import DeleteResponse
-from shim.delete import encode_delete_response
-from shim.layout import group_id, socket_address
-from shim.start import listen
+from shim.bundle.layout import group_id, socket_address
 
 
 def test_delete_response_hand_encoding_matches_protobuf():
@@ -42,7 +42,7 @@ def test_listen_reuses_a_live_socket_and_replaces_a_stale_one(tmp_path):
 
 
 def test_delete_removes_a_dead_shims_socket_but_not_a_live_one(tmp_path):
-    from shim.delete import remove_dead_socket
+    from shim.actions.delete import remove_dead_socket
 
     bundle = tmp_path / "bundle"
     bundle.mkdir()
@@ -64,7 +64,7 @@ def test_version_and_info_actions():
 
     from shim.api.containerd.runc.options.oci_pb2 import Options
     from shim.api.containerd.types.introspection_pb2 import RuntimeInfo
-    from shim.events import pack
+    from shim.server.events import pack
 
     version = subprocess.run([sys.executable, "-m", "shim", "-v"], capture_output=True, text=True, check=True)
     assert "io.containerd.pyshim.v2" in version.stdout and "Version:" in version.stdout
@@ -88,7 +88,7 @@ def test_delete_runs_the_runtime_only_when_it_holds_state_for_the_container(tmp_
     import subprocess
     import sys
 
-    from shim.layout import RUNTIME_FILE
+    from shim.bundle.layout import RUNTIME_FILE
 
     calls = tmp_path / "calls"
     runtime = tmp_path / "fake-runc"

@@ -1,4 +1,4 @@
-"""Mounting a container's rootfs from containerd's Mount list (unmounting: shim.unmount).
+"""Mounting a container's rootfs from containerd's Mount list (unmounting: shim.rootfs.unmount).
 
 Options are split into mount(2) flags and filesystem data the way containerd's mount
 package does, so a Mount behaves the same under pyshim as under the Go shim.
@@ -10,7 +10,7 @@ import ctypes
 import os
 from dataclasses import dataclass, field
 
-from shim.unmount import unmount_all
+from shim.rootfs.unmount import unmount_all
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2

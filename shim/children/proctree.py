@@ -1,7 +1,7 @@
 """Process relations as /proc shows them: a process's parent, children and descendants, its command line.
 
 Only reads: a pid read here may be reused by the time it is used, so whoever signals one takes a pidfd first and
-checks the relation again (shim.spawn.kill_tree, shim.criu.restore).
+checks the relation again (shim.children.spawn.kill_tree, shim.criu.restore).
 """
 
 from __future__ import annotations

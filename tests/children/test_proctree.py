@@ -6,7 +6,7 @@ import os
 import subprocess
 import time
 
-from shim import proctree
+from shim.children import proctree
 
 
 def test_a_shell_and_its_child_as_proc_shows_them():

@@ -14,8 +14,8 @@ import signal
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from shim.proctree import descendants
-from shim.reaper import Exit, Reaper
+from shim.children.proctree import descendants
+from shim.children.reaper import Exit, Reaper
 
 # Python ignores SIGPIPE and SIGXFSZ; ignored signals survive exec, and runc would hand them on
 # to the container's processes. Children start with every signal at its default, as under Go.

@@ -1,4 +1,4 @@
-"""shim.shimlog: the server's lines in the Go shim's logrus shape, with its fields."""
+"""shim.server.shimlog: the server's lines in the Go shim's logrus shape, with its fields."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from shim import shimlog
+from shim.server import shimlog
 
 # A line as containerd 1.7's Go runc shim wrote it (seen in a test containerd's log).
 GO_SHIM_LINE = ('time="2026-12-04T13:23:19.906534149Z" level=debug msg="starting signal loop" namespace=pyshim-it-2f '

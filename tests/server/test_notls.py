@@ -1,4 +1,4 @@
-"""The shim's server processes run asyncio without ssl (shim/notls.py): OpenSSL is never mapped into them."""
+"""The shim's server processes run asyncio without ssl (shim/server/notls.py): OpenSSL is never mapped into them."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 PROBE = """
 import sys
-import shim.daemon  # what a server imports first
+import shim.server.daemon  # what a server imports first
 import asyncio, os, socket
 loaded = "ssl" in sys.modules or "_ssl" in sys.modules
 libssl = any("libssl" in line for line in open("/proc/self/maps"))

@@ -11,10 +11,10 @@ import os
 import sys
 import time
 
-from shim.cli import ShimArgs
-from shim.layout import ADDRESS_FILE, INIT_PID_FILE, RESTORE_MARKER, RUNTIME_FILE, read_settings
+from shim.actions.cmdline import ShimArgs
+from shim.bundle.layout import ADDRESS_FILE, INIT_PID_FILE, RESTORE_MARKER, RUNTIME_FILE, read_settings
 from shim.oci import commands
-from shim.unmount import unmount_all
+from shim.rootfs.unmount import unmount_all
 
 RUNTIME_DELETE_TIMEOUT = 3.0
 KILLED = 128 + 9

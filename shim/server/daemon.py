@@ -7,7 +7,7 @@ left, or until SIGTERM.
 
 from __future__ import annotations
 
-import shim.notls  # noqa: F401  # first: asyncio without ssl (see shim/notls.py)
+import shim.server.notls  # noqa: F401  # first: asyncio without ssl (see shim/server/notls.py)
 
 # isort: split
 import asyncio
@@ -17,8 +17,8 @@ import signal
 import socket
 from collections.abc import Sequence
 
-from shim.cli import ShimArgs
-from shim.shimlog import setup_logging
+from shim.actions.cmdline import ShimArgs
+from shim.server.shimlog import setup_logging
 
 log = logging.getLogger("shim")
 INHERITED_SOCKET_FD = 3
@@ -90,8 +90,8 @@ def serve_inherited(args: ShimArgs) -> int:
 async def _serve(args: ShimArgs, sock: socket.socket, containerd_pid: int | None = None) -> None:
     from shim.api.containerd.task.v2 import shim_pb2 as v2
     from shim.api.containerd.task.v3 import shim_pb2 as v3
-    from shim.events import Publisher
-    from shim.reaper import Reaper
+    from shim.children.reaper import Reaper
+    from shim.server.events import Publisher
     from shim.stdio import open_process_io
     from shim.task.service import TaskService
     from shim.ttrpc import Server

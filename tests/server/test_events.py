@@ -2,7 +2,7 @@ import asyncio
 import itertools
 
 from shim.api.containerd.events.task_pb2 import TaskExit, TaskStart
-from shim.events import EVENTS_SERVICE, NAMESPACE_KEY, Publisher
+from shim.server.events import EVENTS_SERVICE, NAMESPACE_KEY, Publisher
 from shim.ttrpc import Server
 
 

@@ -1,5 +1,5 @@
-from shim.mounts import MS_BIND, MS_NODEV, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC, plan
-from shim.unmount import mount_points_under
+from shim.rootfs.mounts import MS_BIND, MS_NODEV, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC, plan
+from shim.rootfs.unmount import mount_points_under
 
 
 def test_flags_and_data_are_split_like_containerd():

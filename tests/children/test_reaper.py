@@ -3,7 +3,7 @@ import os
 import signal
 import subprocess
 
-from shim.reaper import Reaper, exit_status
+from shim.children.reaper import Reaper, exit_status
 
 
 def run(coro):
@@ -53,7 +53,7 @@ def test_signalled_child_reports_128_plus_signal():
 
 def test_spawn_pass_fds_survive_overlapping_targets(tmp_path):
     """Child fd 3 <- our fd 4 and child fd 4 <- our fd 3: a naive dup2 order loses one."""
-    from shim.spawn import run as run_command
+    from shim.children.spawn import run as run_command
 
     async def scenario():
         reaper = Reaper()
@@ -78,7 +78,7 @@ def test_spawn_pass_fds_survive_overlapping_targets(tmp_path):
 
 def test_children_start_with_default_signal_dispositions():
     """The shim ignores SIGPIPE (Python does); its children, and so containers, must not."""
-    from shim.spawn import run as run_command
+    from shim.children.spawn import run as run_command
 
     async def scenario():
         reaper = Reaper()
@@ -95,7 +95,7 @@ def test_children_start_with_default_signal_dispositions():
 
 
 def test_a_timed_out_command_is_killed_with_what_it_started(tmp_path):
-    from shim.spawn import run as run_command
+    from shim.children.spawn import run as run_command
 
     marker = tmp_path / "grandchild.pid"
 
