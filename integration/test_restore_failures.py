@@ -384,11 +384,14 @@ def killed_mid_restore(containerd: Containerd, image: TestImage, runtime: str, c
         if starting.poll() is None:
             starting.kill()
             starting.wait()
-    # containerd runs the dead shim's `delete` once it sees the connection close: wait (bounded) for its effects.
+    # containerd runs the dead shim's `delete` once it sees the connection close: wait (bounded) until no process
+    # names the id any more (runc, CRIU, the `delete` action itself), then look.
     deadline = time.monotonic() + 20
     while (running := runc_or_criu_of(container_id)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    left = left_of(containerd, container_id)
+    while (left := left_of(containerd, container_id)) and any(what.startswith("process ") for what in left) \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
     removed = removed_from_rootfs(containerd, container_id)
     remove(containerd, container_id)
     deadline = time.monotonic() + 10
