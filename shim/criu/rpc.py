@@ -28,6 +28,7 @@ import array
 import asyncio
 import logging
 import os
+import select
 import signal
 import socket
 from collections.abc import Awaitable, Callable, Mapping
@@ -190,8 +191,8 @@ class _Call:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         started, self.rpc._started = self.rpc._started, None
-        if started is None or extra:
-            if started is not None:  # one that cannot serve this call (fds to pass): it exits on EOF
+        if started is None or extra or not started.waiting():
+            if started is not None:  # one that cannot serve this call (fds to pass, or gone): it exits on EOF
                 started.close()
             started = _start(self.rpc, extra, self.action)
         self.pid, self.pidfd, self.output = started.pid, started.pidfd, started.output
@@ -312,6 +313,12 @@ class Started:
 
     def __init__(self, pid: int, pidfd: int | None, sock: socket.socket, output: int, exits: Subscription) -> None:
         self.pid, self.pidfd, self.sock, self.output, self.exits = pid, pidfd, sock, output, exits
+
+    def waiting(self) -> bool:
+        """Whether the process is still there to take a request (its pidfd is readable once it has exited)."""
+        if self.pidfd is None:
+            return True  # no pidfd (old kernel): a dead one fails its call, which says why
+        return not select.select([self.pidfd], [], [], 0)[0]
 
     def close(self) -> None:
         """Our ends: the socket (a CRIU still waiting exits on EOF), the output file, the pidfd, the subscription."""

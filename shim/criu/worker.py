@@ -17,8 +17,13 @@ import json
 import logging
 import os
 import socket
+from typing import TYPE_CHECKING
 
 from shim.criu import offload
+
+if TYPE_CHECKING:
+    from shim.children.reaper import Reaper
+    from shim.criu.rpc import Started
 
 log = logging.getLogger(__name__)
 # CRIU's version, asked once by the fork server's checkpoint spare before it forks any worker (prefetch()):
@@ -49,7 +54,7 @@ class Prepared:
     could not start: the checkpoint then says why), and the PATH that CRIU was started with (the network lock runs
     iptables-restore through it: a job with another PATH gets a CRIU started with the server's)."""
 
-    def __init__(self, reaper, criu, path: str | None) -> None:
+    def __init__(self, reaper: Reaper, criu: Started | None, path: str | None) -> None:
         self.reaper = reaper
         self.criu = criu
         self.path = path
