@@ -28,11 +28,12 @@ def group_id(bundle: str, container_id: str) -> str:
         return container_id
     if not any(key.encode() in data for key in GROUP_ANNOTATIONS):
         return container_id  # the common case, decided without loading json
-    import json
+    from shim.bundle.config import parse
+    from shim.errors import InvalidArgument
 
     try:
-        annotations = json.loads(data).get("annotations") or {}
-    except ValueError:
+        annotations = parse(data, "config.json").get("annotations") or {}
+    except InvalidArgument:  # Create will say what is wrong with it
         return container_id
     for key in GROUP_ANNOTATIONS:
         if annotations.get(key):

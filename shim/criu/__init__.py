@@ -1,6 +1,8 @@
 """CRIU, driven over its RPC protocol (`criu swrk`), for checkpoint and restore.
 
 Modules:
+- access: CriuAccess, the server's Checkpointer and Restorer (shim.process.criu_seam), CRIU's code imported on
+  first use.
 - rpc: CriuRpc / run_criu: one request to a `criu swrk` child, its notifications answered
   through an async handler, a deadline, fds passed both ways; version(), feature_check(),
   check().

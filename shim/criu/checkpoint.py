@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from shim.background import BackgroundTasks
+from shim.bundle.config import Bundle
 from shim.children.reaper import Reaper
 from shim.criu import bindings, external_unix, images, netlock
 from shim.criu.errors import CriuError, CriuMissing
@@ -51,9 +53,9 @@ class CheckpointFailed(ShimError):
 
 
 class Checkpointer:
-    def __init__(self, reaper: Reaper, *, criu: str = "criu") -> None:
+    def __init__(self, reaper: Reaper, background: BackgroundTasks, *, criu: str = "criu") -> None:
         self.rpc = CriuRpc(reaper, criu=criu)
-        self._cleanups: set[asyncio.Task] = set()
+        self.background = background
         self._version: CriuVersion | None = None
 
     async def preflight(self, options: CheckpointOptions) -> None:
@@ -79,7 +81,7 @@ class Checkpointer:
             raise FailedPrecondition("lazy-pages needs userfaultfd (CONFIG_USERFAULTFD), which this kernel or "
                                      "CRIU lacks: checkpoint without lazy-pages")
 
-    async def checkpoint(self, *, container_id: str, bundle: str, pid: int, options: CheckpointOptions,
+    async def checkpoint(self, *, container_id: str, bundle: Bundle, pid: int, options: CheckpointOptions,
                          runtime: OciRuntime, paused: bool | Callable[[], bool],
                          token: str | None = None) -> CheckpointResult:
         """token names the dump's own work directory and its partial image (images.own_work_dir / partial_path),
@@ -91,8 +93,8 @@ class Checkpointer:
             facts = replace(facts, external_unix_sockets=await _external_unix_sockets(
                 container_id, pid, options))
         own_work = not options.work_path
-        work = options.work_path or (images.own_work_dir(bundle, token) if token
-                                     else tempfile.mkdtemp(prefix="criu-work-", dir=bundle))
+        work = options.work_path or (images.own_work_dir(bundle.path, token) if token
+                                     else tempfile.mkdtemp(prefix="criu-work-", dir=bundle.path))
         try:
             _usable(images.private_dir, work, "work path")
             partial = _usable(lambda path: images.prepare(path, token), options.image_path, "image path")
@@ -106,7 +108,7 @@ class Checkpointer:
         lazy = options.lazy_pages and options.engine != "runc"
         return await until_ready(finishing, ready if lazy else None, image_path=options.image_path)
 
-    async def _complete(self, container_id: str, bundle: str, pid: int, options: CheckpointOptions,
+    async def _complete(self, container_id: str, bundle: Bundle, pid: int, options: CheckpointOptions,
                         runtime: OciRuntime, paused: bool | Callable[[], bool], facts: ContainerFacts,
                         partial: images.PartialImage,
                         work: str, own_work: bool, ready: asyncio.Event) -> CheckpointResult:
@@ -132,7 +134,7 @@ class Checkpointer:
             })
         except BaseException as exc:
             partial.discard()
-            kept = _copy(os.path.join(work, "dump.log"), os.path.join(bundle, "criu-dump.log"))
+            kept = _copy(os.path.join(work, "dump.log"), bundle.file("criu-dump.log"))
             # A dead CRIU leaves the cgroup thawed whatever it found: a paused task (containerd
             # pauses every task it checkpoints) must stay paused for the Resume that follows.
             # Asked now, not at the start: a lazy dump fails after containerd's Resume.
@@ -150,18 +152,17 @@ class Checkpointer:
         if stopped and options.engine != "runc":
             # What `runc checkpoint` does after a dump that stops the task; the caller need not wait
             # for it (Delete's `runc delete` would do it too).
-            self._cleanups.add(task := asyncio.ensure_future(_destroy(runtime, container_id)))
-            task.add_done_callback(self._cleanups.discard)
+            self.background.spawn(_destroy(runtime, container_id), f"runtime state of checkpointed {container_id}")
         log.info("checkpointed %s into %s (%s engine): %s", container_id, options.image_path, options.engine,
                  summary(stats) or "no statistics")
         return CheckpointResult(options.image_path, options.engine, stats, stopped,
                                 network_lock=None if options.keep_network_lock else lock)
 
-    async def _release_failed_lock(self, options: CheckpointOptions, bundle: str, pid: int, log_path: str) -> None:
+    async def _release_failed_lock(self, options: CheckpointOptions, bundle: Bundle, pid: int, log_path: str) -> None:
         """A CRIU killed (or dead) mid-dump leaves its network lock, and the task running behind it cut off:
         remove it. A CRIU that failed on its own has unlocked already (its log says so)."""
         try:
-            lock = netlock.after_dump(options, config=netlock.read_config(bundle), pid=pid,
+            lock = netlock.after_dump(options, config=bundle.config, pid=pid,
                                       log_text=netlock.read_text(log_path))
         except Exception as exc:  # noqa: BLE001 - the dump's own error is what the caller must see
             log.warning("could not tell whether the failed dump left CRIU's network lock: %s", exc)
@@ -205,10 +206,10 @@ async def until_ready(finishing: asyncio.Future, ready: asyncio.Event | None, *,
     return CheckpointResult(image_path, "criu", {}, stopped=False, completion=finishing)
 
 
-def _lock_kept(options: CheckpointOptions, bundle: str, pid: int, image_dir: str) -> netlock.Lock | None:
+def _lock_kept(options: CheckpointOptions, bundle: Bundle, pid: int, image_dir: str) -> netlock.Lock | None:
     """The network lock a dump that ended the task leaves for its restore, in a namespace that outlives the task
     (given by path): a private namespace goes with the task, and a dump that leaves it running unlocks."""
-    config = netlock.read_config(bundle)
+    config = bundle.config
     if options.leave_running or options.pre_dump or not netlock.is_external(config):
         return None
     try:

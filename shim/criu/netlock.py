@@ -28,7 +28,6 @@ connection; CRIU may use iptables-legacy for them); pyshim does not remove those
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import re
@@ -140,14 +139,6 @@ def is_external(config: dict) -> bool:
     """Whether the container's network namespace is given by path (and so outlives the task)."""
     return any(ns.get("type") == "network" and ns.get("path")
                for ns in (config.get("linux") or {}).get("namespaces") or [])
-
-
-def read_config(bundle: str) -> dict:
-    try:
-        with open(os.path.join(bundle, "config.json"), "rb") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
 
 
 # -- iptables-save and nft output -----------------------------------------------------------------------------

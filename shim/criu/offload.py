@@ -25,9 +25,18 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from shim import errors
+from shim.background import BackgroundTasks
+from shim.bundle.config import Bundle
 from shim.children.reaper import Reaper
+
+if TYPE_CHECKING:
+    from shim.criu.netlock import Lock
+    from shim.criu.options import CheckpointOptions
+    from shim.oci.runtime import OciRuntime
 
 log = logging.getLogger(__name__)
 PROTOCOL = 1  # bumped whenever a message changes: a worker of other code refuses the job
@@ -80,12 +89,12 @@ async def read_message(reader: asyncio.StreamReader) -> dict | None:
 class Checkpointed:
     """What a worker's checkpoint gave: the fields of shim.criu.checkpoint.CheckpointResult."""
 
-    def __init__(self, record: dict, completion: asyncio.Future | None = None) -> None:
+    def __init__(self, record: dict, completion: asyncio.Future[Checkpointed] | None = None) -> None:
         self.image_path = str(record.get("image_path", ""))
         self.engine = str(record.get("engine", ""))
         self.stats = {str(k): int(v) for k, v in (record.get("stats") or {}).items()}
         self.stopped = bool(record.get("stopped"))
-        self.network_lock = None
+        self.network_lock: Lock | None = None
         if record.get("network_lock"):
             from shim.criu.netlock import Lock
 
@@ -144,19 +153,21 @@ class Worker:
 class OffloadedCheckpointer:
     """The server's checkpointer: the interface of shim.criu.checkpoint.Checkpointer, run by a worker."""
 
-    def __init__(self, reaper: Reaper, *, containerd_pid: int | None = None, namespace: str = "") -> None:
+    def __init__(self, reaper: Reaper, background: BackgroundTasks, *, containerd_pid: int | None = None,
+                 namespace: str = "") -> None:
         self.reaper = reaper
+        self.background = background
         self.containerd_pid = containerd_pid
         self.namespace = namespace  # the worker's log lines carry it, as the server's do
         self._criu_version: list | None = None  # told by the first worker, given to the next ones
-        self._pending: set[asyncio.Task] = set()
 
-    async def checkpoint(self, *, container_id: str, bundle: str, pid: int, options, runtime, paused):
+    async def checkpoint(self, *, container_id: str, bundle: Bundle, pid: int, options: CheckpointOptions,
+                         runtime: OciRuntime, paused: bool | Callable[[], bool]) -> Checkpointed:
         from shim.criu.options import as_record
 
         is_paused = paused if callable(paused) else (lambda: paused)
-        job = {
-            "protocol": PROTOCOL, "container_id": container_id, "bundle": bundle, "pid": pid,
+        job: dict[str, Any] = {
+            "protocol": PROTOCOL, "container_id": container_id, "bundle": bundle.path, "pid": pid,
             "options": as_record(options), "extra": dict(options.extra),
             "runtime": {"binary": runtime.config.binary, "root": runtime.config.root, "log": runtime.config.log,
                         "systemd_cgroup": bool(runtime.config.systemd_cgroup)},
@@ -181,9 +192,8 @@ class OffloadedCheckpointer:
             worker.close()
             return self._result(message)
         # A lazy dump: its page server is up; the final answer comes when its pages have been served.
-        completion = asyncio.ensure_future(self._later(worker, watching, job, options, runtime, is_paused))
-        self._pending.add(completion)
-        completion.add_done_callback(self._pending.discard)
+        completion = self.background.spawn(self._later(worker, watching, job, options, runtime, is_paused),
+                                           f"lazy checkpoint of {container_id} (worker {worker.pid})")
         return Checkpointed(message["ready"], completion)
 
     async def _later(self, worker: Worker, watching: asyncio.Future, job: dict, options, runtime, is_paused):
@@ -249,6 +259,7 @@ class OffloadedCheckpointer:
         kept in the bundle as criu-dump.log, as after a failed dump) and its partial image (process memory)."""
         import shutil
 
+        from shim.bundle.config import Bundle
         from shim.criu import images, netlock
 
         bundle, token = job["bundle"], str(job.get("token") or "")
@@ -258,7 +269,7 @@ class OffloadedCheckpointer:
         work = options.work_path or own_work
         log_path = os.path.join(work, "dump.log")
         try:
-            lock = netlock.after_dump(options, config=netlock.read_config(bundle), pid=int(job["pid"]),
+            lock = netlock.after_dump(options, config=Bundle.read(bundle).config, pid=int(job["pid"]),
                                       log_text=netlock.read_text(log_path))
         except Exception as exc:  # noqa: BLE001 - the worker's death is what the caller must see
             log.warning("could not tell whether the dead checkpoint worker's dump left CRIU's network lock: %s", exc)

@@ -4,20 +4,19 @@
 same options; `runtime_checkpoint_args` and `runtime_restore_args` render the flags for the
 runc engine and for restore; `restore_config` is the CRIU configuration file pyshim adds on
 restore for what runc has no flag for. Everything the container contributes comes in as a
-ContainerFacts, read from its config.json and /proc by `facts_from_bundle`.
+ContainerFacts, read from its Bundle (config.json as parsed at Create) and /proc by `facts_from_bundle`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 
+from shim.bundle.config import CRIU_CONFIG_ANNOTATION, Bundle
 from shim.criu.options import CheckpointOptions
 
 CLONE_NEWNET = 0x40000000
 LOG_LEVEL = 4
-CRIU_CONFIG_ANNOTATION = "org.criu.config"
 DEFAULT_RUNC_CRIU_CONFIG = "/etc/criu/runc.conf"
 # criu_cg_mode values (CRIU's rpc.proto)
 CGROUP_MODE = {"ignore": 0, "soft": 3, "full": 4, "strict": 5, "": 6}
@@ -210,13 +209,11 @@ def _freezer_cgroup(pid: int) -> str:
     return ""
 
 
-def facts_from_bundle(bundle: str, pid: int, *, rootfs: str | None = None) -> ContainerFacts:
-    with open(os.path.join(bundle, "config.json"), "rb") as f:
-        config = json.load(f)
-    root = (config.get("root") or {}).get("path") or "rootfs"
-    rootfs = rootfs or os.path.realpath(root if root.startswith("/") else os.path.join(bundle, root))
-    linux = config.get("linux") or {}
-    namespaces = linux.get("namespaces") or []
+def facts_from_bundle(bundle: Bundle, pid: int, *, rootfs: str | None = None) -> ContainerFacts:
+    config = bundle.config
+    rootfs = rootfs or bundle.root
+    linux = bundle.linux
+    namespaces = bundle.namespaces
     has_cgroupns = any(ns.get("type") == "cgroup" for ns in namespaces)
     unified = os.path.exists("/sys/fs/cgroup/cgroup.controllers")
     binds, cgroup_binds = [], []
@@ -236,7 +233,7 @@ def facts_from_bundle(bundle: str, pid: int, *, rootfs: str | None = None) -> Co
     for ns in namespaces:
         if ns.get("type") in EXTERNAL_NS_KEY and ns.get("path"):
             external[ns["type"]] = os.stat(ns["path"]).st_ino
-    annotations = config.get("annotations") or {}
+    annotations = bundle.annotations
     if CRIU_CONFIG_ANNOTATION in annotations:
         criu_config = annotations[CRIU_CONFIG_ANNOTATION] or None
     else:

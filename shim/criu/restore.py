@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import shutil
 import signal
 import tempfile
 
-from shim.bundle.layout import write_atomically
+from shim.background import BackgroundTasks
+from shim.bundle.config import CRIU_CONFIG_ANNOTATION, Bundle
 from shim.cgroups import made as made_cgroups
 from shim.children.proctree import children_of, cmdline, parent_of
 from shim.children.reaper import Reaper
@@ -34,7 +34,7 @@ from shim.criu.options import (
     from_record,
     resolve,
 )
-from shim.criu.plan import CRIU_CONFIG_ANNOTATION, DEFAULT_RUNC_CRIU_CONFIG, restore_config, runtime_restore_args
+from shim.criu.plan import DEFAULT_RUNC_CRIU_CONFIG, restore_config, runtime_restore_args
 from shim.criu.tcp import refuse_lost_connections
 from shim.errors import InvalidArgument, ShimError, Unavailable
 from shim.oci.runner import RuntimeFailed
@@ -45,38 +45,36 @@ log = logging.getLogger(__name__)
 LAZY_PAGES_LOG = "criu-lazy-pages.log"  # in the bundle: the daemon outlives the restore's work dir
 KEPT_LOG_BYTES = 16 << 20  # of a failed restore's log kept in the bundle
 LAZY_PAGES_READY = 10.0  # seconds for `criu lazy-pages` to listen before the restore gives up
-_serving: set[asyncio.Task] = set()  # lazy-pages daemons still serving restored containers
 
 
 class RestoreFailed(ShimError):
     pass
 
 
-def restore_options(bundle: str, image_path: str) -> tuple[CheckpointOptions, dict]:
+def restore_options(bundle: Bundle, image_path: str) -> CheckpointOptions:
     """The options a restore honours: the host's, then the checkpoint's own, then the new
     container's annotations (a restore-time choice such as tcp-close wins)."""
-    config = _config(bundle)
     record = images.read_record(image_path) or {}
     # How long CRIU may take is this host's say (or the restoring container's), not what the checkpoint was given.
     taken_with = {name: value for name, value in (record.get("options") or {}).items() if name != "timeout"}
     try:
-        options = resolve(from_host_config(), from_record(taken_with),
-                          from_annotations(config.get("annotations") or {}))
+        options = resolve(from_host_config(), from_record(taken_with), from_annotations(bundle.annotations))
     except OptionError as exc:
         raise InvalidArgument(f"restore from {image_path}: {exc}") from None
-    return options, config
+    return options
 
 
-def creates_network_namespace(config: dict) -> bool:
+def creates_network_namespace(bundle: Bundle) -> bool:
     """Whether the restore makes the container a new network namespace (one without a path), whose `lo` nobody
     else raises. A namespace given by path (CNI, a pod) keeps its own `lo`; the host's is the host's: then CRIU is
     given no action script, and runs no process at each of its seven restore stages."""
-    return any(ns.get("type") == "network" and not ns.get("path")
-               for ns in (config.get("linux") or {}).get("namespaces") or [])
+    return bundle.has_own_namespace("network")
 
 
-async def restore(*, container_id: str, bundle: str, image_path: str, work_path: str, runtime: OciRuntime,
-                  stdio, pid_file: str, console_socket: str = "", no_pivot: bool = False) -> CheckpointOptions:
+async def restore(reaper: Reaper, background: BackgroundTasks, *, container_id: str, bundle: Bundle, image_path: str,
+                  work_path: str, runtime: OciRuntime, stdio: tuple[int | None, int | None, int | None],
+                  pid_file: str, console_socket: str = "", no_pivot: bool = False) -> Bundle:
+    """Restore the container; the bundle as it now is (its config.json names the CRIU configuration used)."""
     try:
         check_restore_paths(image_path, work_path)
     except OptionError as exc:
@@ -91,7 +89,8 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
     except Unavailable as exc:  # no pycriu here: runc's restore does not need it
         log.warning("restore of %s: the images in %s were not checked before the restore: %s", container_id,
                     image_path, exc)
-    options, config = restore_options(bundle, image_path)
+    options = restore_options(bundle, image_path)
+    config = bundle.config
     if options.manage_cgroups_mode in ("full", "strict"):
         from shim.criu.checkpoint import forget_frozen_freezer
 
@@ -101,49 +100,49 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
             log.info("restore of %s: dropped the FROZEN freezer state recorded in %s", container_id, image_path)
     await refuse_lost_connections(container_id=container_id, image_path=image_path, config=config, options=options)
     own_work = not work_path
-    work = work_path or tempfile.mkdtemp(prefix="criu-restore-", dir=bundle)
+    work = work_path or tempfile.mkdtemp(prefix="criu-restore-", dir=bundle.path)
     images.private_dir(work)
-    annotations = config.get("annotations") or {}
+    annotations = bundle.annotations
     user_config = annotations.get(CRIU_CONFIG_ANNOTATION, DEFAULT_RUNC_CRIU_CONFIG) or None
     criu_config = os.path.join(work, "pyshim-criu.conf")
-    raises_loopback = creates_network_namespace(config)
+    raises_loopback = creates_network_namespace(bundle)
     images.write_private(criu_config, restore_config(
         options, user_config=user_config,
         action_script=os.path.join(work, loopback.SCRIPT) if raises_loopback else "",
-        cgroup_root=_v2_cgroup_root(container_id, config)).encode())
-    _annotate(bundle, config, criu_config)  # runc hands org.criu.config to CRIU as its config file
+        cgroup_root=_v2_cgroup_root(container_id, bundle)).encode())
+    restored = bundle.with_criu_config(criu_config)  # runc hands org.criu.config to CRIU as its config file
     lazy = lazy_request(annotations)
     flags = runtime_restore_args(options)
-    watched_lock = await netlock.before_restore(runtime.run.reaper, image_path, config)
-    cgroups_path = (config.get("linux") or {}).get("cgroupsPath") or ""
+    watched_lock = await netlock.before_restore(reaper, image_path, config)
+    cgroups_path = bundle.cgroups_path
     cgroups_before = {path for path in made_cgroups.directories(cgroups_path) if path.is_dir()}
     # What `delete` needs to end and undo this restore should the server die before it is over (shim.criu.unfinished).
     marker = {"id": container_id, "state_dir": runtime.state_dir(container_id), "work": work, "own_work": own_work,
               "cgroups_path": cgroups_path, "cgroups_before": sorted(map(str, cgroups_before)), "processes": []}
-    _record(unfinished.record, bundle, marker)
+    _record(unfinished.record, bundle.path, marker)
     daemon = hook = None
     try:
         if raises_loopback:
             hook = loopback.LoopbackHook(work)  # writes the script named in the configuration
         if lazy is not None:
-            daemon = await LazyPages.start(runtime.run.reaper, image_path=image_path, work=work,
-                                           log_file=os.path.join(bundle, LAZY_PAGES_LOG),
+            daemon = await LazyPages.start(reaper, image_path=image_path, work=work,
+                                           log_file=bundle.file(LAZY_PAGES_LOG),
                                            page_server=lazy.page_server_address)
-            _record(unfinished.add_process, bundle, marker, daemon.pid)
+            _record(unfinished.add_process, bundle.path, marker, daemon.pid)
             flags.append("--lazy-pages")
-        restoring = runtime.restore(container_id, bundle=bundle, pid_file=pid_file, image_path=image_path,
+        restoring = runtime.restore(container_id, bundle=bundle.path, pid_file=pid_file, image_path=image_path,
                                     work_path=work, stdio=stdio, console_socket=console_socket, no_pivot=no_pivot,
                                     flags=flags, timeout=options.timeout,
-                                    started=lambda pid: _record(unfinished.add_process, bundle, marker, pid))
+                                    started=lambda pid: _record(unfinished.add_process, bundle.path, marker, pid))
         await (restoring if daemon is None else daemon.guard(restoring, container_id))
     except (RuntimeFailed, asyncio.CancelledError) as exc:
         # Cancelled: the task was killed mid-restore, or containerd's connection closed; runc and CRIU were killed
         # with the call (shim.children.spawn.wait_or_kill), and what they left goes as after a failure.
         if daemon is not None:
             await daemon.stop()
-        kept = _keep_log(work, bundle)
+        kept = _keep_log(work, bundle.path)
         await _clean_failed_restore(runtime, container_id, cgroups_path, cgroups_before)
-        await netlock.after_failed_restore(runtime.run.reaper, watched_lock)  # CRIU locked and did not unlock
+        await netlock.after_failed_restore(reaper, watched_lock)  # CRIU locked and did not unlock
         if isinstance(exc, asyncio.CancelledError):
             log.warning("restore of %s from %s stopped before it ended; runc and CRIU were killed and what they "
                         "left removed%s", container_id, image_path, quote(kept))
@@ -164,11 +163,11 @@ async def restore(*, container_id: str, bundle: str, image_path: str, work_path:
         unmount.unmount_all(work)
         if own_work:
             shutil.rmtree(work, ignore_errors=True)
-        unfinished.forget(bundle)
+        unfinished.forget(bundle.path)
     if daemon is not None:
-        daemon.serve_for(options.timeout)
-    await netlock.after_restore(runtime.run.reaper, images.read_record(image_path), config)
-    return options
+        background.spawn(daemon.serve_for(options.timeout), f"criu lazy-pages (pid {daemon.pid}) for {container_id}")
+    await netlock.after_restore(reaper, images.read_record(image_path), config)
+    return restored
 
 
 def _record(write, *args) -> None:
@@ -180,7 +179,7 @@ def _record(write, *args) -> None:
                     "would leave runc and CRIU running", unfinished.MARKER, exc)
 
 
-def _v2_cgroup_root(container_id: str, config: dict) -> str:
+def _v2_cgroup_root(container_id: str, bundle: Bundle) -> str:
     """On cgroup v2, the new container's cgroup for CRIU's cgroup-root (runc says it to CRIU on v1 only, and the
     restored processes would go back to the checkpointed container's cgroup, out of reach of a kill --all); else
     "" (and when it cannot be told, with a warning: the restore goes on as runc alone would do it)."""
@@ -191,14 +190,14 @@ def _v2_cgroup_root(container_id: str, config: dict) -> str:
     try:
         with open("/proc/self/cgroup") as f:
             own = next((line.rstrip("\n").split(":", 2)[2] for line in f if line.startswith("0::")), "/")
-        return container_cgroup_v2((config.get("linux") or {}).get("cgroupsPath") or "", own)
+        return container_cgroup_v2(bundle.cgroups_path, own)
     except (OSError, ValueError) as exc:
         log.warning("restore of %s: its cgroup v2 path is unknown (%s); CRIU puts the processes back into the "
                     "cgroup they were checkpointed in", container_id, exc)
         return ""
 
 
-def lazy_request(annotations: dict) -> CheckpointOptions | None:
+def lazy_request(annotations: dict[str, str]) -> CheckpointOptions | None:
     """The options of a lazy restore when the restoring container asks for one (lazy-pages, and
     page-server for pages served from elsewhere than the images), else None. Only the host file
     and the new container's annotations count: a checkpoint's record says how it was taken, not
@@ -273,14 +272,9 @@ class LazyPages:
             _kill_restoring_criu(container_id)
         await restore
 
-    def serve_for(self, timeout: float) -> asyncio.Task:
-        """Let the daemon serve the restored container in the background; kill it after timeout."""
-        task = asyncio.get_running_loop().create_task(self._serve(timeout))
-        _serving.add(task)
-        task.add_done_callback(_serving.discard)
-        return task
-
-    async def _serve(self, timeout: float) -> None:
+    async def serve_for(self, timeout: float) -> None:
+        """Let the daemon serve the restored container (the caller runs this in the background); kill it after
+        timeout."""
         done, _ = await asyncio.wait({self.exited}, timeout=timeout)
         if not done:
             log.warning("criu lazy-pages (pid %d) still running after %gs; killing it (log %s)", self.pid, timeout,
@@ -377,14 +371,3 @@ def _keep_log(work: str, bundle: str) -> str | None:
         return kept
     except OSError:
         return None
-
-
-def _config(bundle: str) -> dict:
-    with open(os.path.join(bundle, "config.json"), "rb") as f:
-        return json.load(f)
-
-
-def _annotate(bundle: str, config: dict, criu_config: str) -> None:
-    annotations = dict(config.get("annotations") or {})
-    annotations[CRIU_CONFIG_ANNOTATION] = criu_config
-    write_atomically(os.path.join(bundle, "config.json"), json.dumps({**config, "annotations": annotations}))

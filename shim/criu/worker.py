@@ -19,6 +19,7 @@ import os
 import socket
 from typing import TYPE_CHECKING
 
+from shim.background import BackgroundTasks
 from shim.criu import offload
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from shim.criu.rpc import Started
 
 log = logging.getLogger(__name__)
+CLEANUP_GRACE = 60.0  # for what the dump left to do after the answer (`runc delete` of a stopped task)
 # CRIU's version, asked once by the fork server's checkpoint spare before it forks any worker (prefetch()):
 # every server's first checkpoint would otherwise start a `criu swrk` only to ask it (tens of ms).
 PREFETCHED_VERSION: list | None = None
@@ -121,8 +123,9 @@ async def _serve(conn: socket.socket) -> int:
     _become_server(job)
     paused = {"value": bool(job["paused"])}
     listening = asyncio.ensure_future(_listen(reader, paused))
+    background = BackgroundTasks()  # the worker's own: what a dump leaves to finish after its answer
     try:
-        result, cleanups = await _checkpoint(job, paused, writer)
+        result = await _checkpoint(job, paused, writer, background)
         writer.write(offload.encode({"result": result}))
         await writer.drain()
     except Exception as exc:  # noqa: BLE001 - every failure is the server's to report
@@ -131,8 +134,7 @@ async def _serve(conn: socket.socket) -> int:
         return 0
     finally:
         listening.cancel()
-    if cleanups:
-        await asyncio.gather(*cleanups, return_exceptions=True)
+    await background.close(CLEANUP_GRACE)
     writer.close()
     return 0
 
@@ -216,7 +218,8 @@ async def _listen(reader: asyncio.StreamReader, paused: dict) -> None:
             paused["value"] = bool(message["paused"])
 
 
-async def _checkpoint(job: dict, paused: dict, writer) -> tuple[dict, list]:
+async def _checkpoint(job: dict, paused: dict, writer, background: BackgroundTasks) -> dict:
+    from shim.bundle.config import Bundle
     from shim.children.reaper import Reaper
     from shim.criu.checkpoint import Checkpointer
     from shim.criu.options import CheckpointOptions, from_record
@@ -234,7 +237,7 @@ async def _checkpoint(job: dict, paused: dict, writer) -> tuple[dict, list]:
     config = RuntimeConfig(**job["runtime"])
     runtime = OciRuntime(config, Runner(reaper, log_path=config.log))
     options = CheckpointOptions(**from_record(job["options"]), extra=dict(job.get("extra") or {})).validate()
-    checkpointer = Checkpointer(reaper)
+    checkpointer = Checkpointer(reaper, background)
     if prepared is not None and prepared.criu is not None:
         if prepared.path == os.environ.get("PATH"):
             checkpointer.rpc.adopt(prepared.criu)
@@ -244,14 +247,14 @@ async def _checkpoint(job: dict, paused: dict, writer) -> tuple[dict, list]:
     if known:
         # The server learnt it from an earlier worker, or the spare asked: no `criu swrk` just for the version.
         checkpointer._version = CriuVersion(*known)
-    result = await checkpointer.checkpoint(container_id=job["container_id"], bundle=job["bundle"], pid=int(job["pid"]),
-                                           options=options, runtime=runtime, paused=lambda: paused["value"],
-                                           token=job.get("token"))
+    result = await checkpointer.checkpoint(container_id=job["container_id"], bundle=Bundle.read(job["bundle"]),
+                                           pid=int(job["pid"]), options=options, runtime=runtime,
+                                           paused=lambda: paused["value"], token=job.get("token"))
     if result.completion is not None:  # a lazy dump: its page server is ready
         writer.write(offload.encode({"ready": _record(result, checkpointer)}))
         await writer.drain()
         result = await result.completion
-    return _record(result, checkpointer), list(checkpointer._cleanups)
+    return _record(result, checkpointer)
 
 
 def _record(result, checkpointer) -> dict:

@@ -49,7 +49,8 @@ PRELOAD = (
     "shim.forkserver.proctitle",
     # The server's side of a checkpoint (the worker does the rest: shim/criu/offload.py), about 3 ms of imports
     # off its first Checkpoint; a server imports them at its first checkpoint anyway.
-    "shim.criu.offload", "shim.criu.options", "shim.forkserver.criu_spare", "shim.api.pyshim.checkpoint.v1.options_pb2",
+    "shim.criu.access", "shim.criu.offload", "shim.criu.options", "shim.forkserver.criu_spare",
+    "shim.api.pyshim.checkpoint.v1.options_pb2",
 )
 # What a checkpoint or a restore imports besides, only with PYSHIM_FORKSERVER_PRELOAD_CRIU=1: 22 ms of
 # imports (pycriu's generated messages most of it) that a server otherwise pays in its first Checkpoint,

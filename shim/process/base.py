@@ -1,5 +1,5 @@
-"""What the init process and exec processes share: identity, stdio, exit, waiting, and the operations the task
-service calls on either without knowing which it holds (kill, delete)."""
+"""The process interface the task service calls without knowing which kind it holds (`Process`), and what the init
+process and exec processes share in implementing it (`BaseProcess`): identity, stdio, exit, waiting."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import asyncio
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from shim.process.state import State, check
 
 if TYPE_CHECKING:
+    from shim.children.reaper import Exit
     from shim.stdio.process_io import ProcessIO
 
 
@@ -23,7 +24,47 @@ class Stdio:
     terminal: bool = False
 
 
-class Process(ABC):
+class Process(Protocol):
+    """A container's init or one of its exec processes, as the task service drives it: one signature per
+    operation whatever the kind (the kind's own rules, such as a kill before a pending restore ran, live inside
+    it). Every operation checks the state table first and fails with the error the caller gets."""
+
+    id: str
+    stdio: Stdio
+    pid: int
+    state: State
+    exit_status: int
+    exited_at: float | None
+
+    async def start(self) -> int:
+        """Start it (create, exec or restore through the OCI runtime); its pid."""
+
+    async def kill(self, signal: int, all: bool = False) -> Exit | None:
+        """Send the signal (to every process of the container too, with `all`, where that means something). The
+        exit the kill itself caused when no process was there to exit (else None: the reaper reports it)."""
+
+    async def delete(self) -> None:
+        """Release what the process holds (its IO, its runtime state); its state becomes DELETED."""
+
+    async def wait(self) -> None:
+        """Return once it has exited."""
+
+    async def resize(self, width: int, height: int) -> None:
+        """Resize its terminal (nothing without one)."""
+
+    def close_io(self) -> None:
+        """Close its stdin: the writer is done (CloseIO)."""
+
+    def set_exited(self, status: int, when: float | None = None) -> None:
+        """Record its exit (once): status, time, state STOPPED, waiters woken."""
+
+    def check(self, operation: str) -> None:
+        """Raise the error `operation` gets in the current state (shim.process.state), if it is not allowed."""
+
+
+class BaseProcess(ABC):
+    """What both kinds share; each implements start, kill and delete."""
+
     ALLOWED: dict[str, set[State]] = {}
     kind = "process"
 
@@ -56,12 +97,13 @@ class Process(ABC):
         self._exited.set()
 
     @abstractmethod
-    async def kill(self, signal: int, all: bool = False) -> None:
-        """Send the signal (to every process of the container too, with `all`, where that means something)."""
+    async def start(self) -> int: ...
 
     @abstractmethod
-    async def delete(self) -> None:
-        """Release what the process holds (its IO, its runtime state); its state becomes DELETED."""
+    async def kill(self, signal: int, all: bool = False) -> Exit | None: ...
+
+    @abstractmethod
+    async def delete(self) -> None: ...
 
     async def wait(self) -> None:
         await self._exited.wait()
@@ -71,7 +113,7 @@ class Process(ABC):
         if self.io is not None and self.stdio.terminal:
             self.io.resize(width, height)
 
-    def close_stdin(self) -> None:
+    def close_io(self) -> None:
         if self.io is not None:
             self.io.close_stdin()
 

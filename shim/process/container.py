@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from shim.bundle.config import Bundle
 from shim.errors import AlreadyExists, FailedPrecondition, NotFound
 from shim.oci.runtime import OciRuntime
 from shim.process.base import Process
@@ -12,11 +13,10 @@ from shim.process.init import InitProcess
 
 
 class Container:
-    def __init__(self, id: str, bundle: str, namespace: str, init: InitProcess, runtime: OciRuntime, *,
+    def __init__(self, id: str, namespace: str, init: InitProcess, runtime: OciRuntime, *,
                  io_owner: tuple[int, int] = (0, 0)) -> None:
         self.id = id
         self.io_owner = io_owner  # (uid, gid) owning the pipes of every process, execs included
-        self.bundle = bundle
         self.namespace = namespace
         self.init = init
         self.runtime = runtime
@@ -25,6 +25,11 @@ class Container:
         self.running_execs = 0
         self.execs_changed = asyncio.Condition()
         self.init_exited = False
+
+    @property
+    def bundle(self) -> Bundle:
+        """The bundle as the init holds it (a restore replaces it)."""
+        return self.init.bundle
 
     def process(self, exec_id: str = "") -> Process:
         if not exec_id:
@@ -39,6 +44,14 @@ class Container:
             raise AlreadyExists(f"exec {process.id!r} already exists in task {self.id}")
         self.init.check("exec")
         self.execs[process.id] = process
+
+    def note_exit(self, process: Process) -> bool:
+        """Record that `process` exited; True when it is the init, whose exit ends the container (no exec starts
+        after it, and its exit is published after its execs')."""
+        if process is self.init:
+            self.init_exited = True
+            return True
+        return False
 
     def exec_may_start(self) -> None:
         if self.init_exited:

@@ -4,53 +4,58 @@ restored from a checkpoint when Create named one."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Any
 
-from shim.bundle.layout import INIT_PID_FILE
-from shim.errors import FailedPrecondition, NotFound
+from shim.background import BackgroundTasks
+from shim.bundle.config import Bundle
+from shim.children.reaper import Exit
+from shim.errors import FailedPrecondition, NotFound, Unavailable
 from shim.oci.runner import RuntimeFailed
 from shim.oci.runtime import OciRuntime, is_gone
-from shim.process.base import Process, Stdio
+from shim.process.base import BaseProcess, Stdio
 from shim.process.state import INIT_ALLOWED, State
 from shim.rootfs import mounts
 
 if TYPE_CHECKING:
-    from shim.criu.netlock import Lock
     from shim.criu.options import CheckpointOptions
-    from shim.process.checkpointer import Checkpointer, CheckpointOutcome
+    from shim.process.criu_seam import Checkpointer, CheckpointOutcome, Restorer
     from shim.stdio.process_io import ProcessIO
 
 log = logging.getLogger(__name__)
 
 
-class InitProcess(Process):
+class InitProcess(BaseProcess):
     ALLOWED = INIT_ALLOWED
     kind = "task"
 
-    def __init__(self, id: str, bundle: str, stdio: Stdio, *, runtime: OciRuntime, no_pivot: bool = False,
+    def __init__(self, id: str, bundle: Bundle, stdio: Stdio, *, runtime: OciRuntime, background: BackgroundTasks,
+                 checkpointer: Checkpointer | None = None, restorer: Restorer | None = None, no_pivot: bool = False,
                  no_new_keyring: bool = False) -> None:
         super().__init__(id, stdio)
-        self.bundle = bundle
+        self.bundle = bundle  # replaced by the one a restore returns (the only writer of config.json)
         self.runtime = runtime
+        self.background = background
+        self.checkpointer = checkpointer  # None: this shim was started without CRIU access
+        self.restorer = restorer
         self.no_pivot = no_pivot
         self.no_new_keyring = no_new_keyring
-        self.checkpoint = ""  # the image a pending restore comes from
+        self.checkpoint_image = ""  # the image a pending restore comes from
         self.checkpoint_work = ""
-        self.lazy_dump: asyncio.Future | None = None  # a lazy dump serving its pages, until it ends
-        self.network_lock: Lock | None = None  # CRIU's lock a checkpoint with exit left, removed by delete()
-        self._restoring: asyncio.Task | None = None  # the restore Start runs, while it runs
+        self.lazy_dump: asyncio.Future[Any] | None = None  # a lazy dump serving its pages, until it ends
+        self.network_lock: object | None = None  # CRIU's lock a checkpoint with exit left, removed by delete()
+        self._restoring: asyncio.Task[Bundle] | None = None  # the restore Start runs, while it runs
         self._restore_stopped = False
 
     @property
     def rootfs(self) -> str:
-        return os.path.join(self.bundle, "rootfs")
+        return self.bundle.rootfs
 
     @property
     def pid_file(self) -> str:
-        return os.path.join(self.bundle, INIT_PID_FILE)
+        return self.bundle.init_pid_file
 
     async def create(self, rootfs: list[mounts.Mount], io: ProcessIO, checkpoint: str = "",
                      checkpoint_work: str = "") -> None:
@@ -60,12 +65,12 @@ class InitProcess(Process):
         mounts.mount_all(rootfs, self.rootfs)
         self.io = io
         if checkpoint:
-            self.checkpoint = checkpoint
+            self.checkpoint_image = checkpoint
             self.checkpoint_work = checkpoint_work
             self.state = State.RESTORE_PENDING
             return
         try:
-            await self.runtime.create(self.id, bundle=self.bundle, pid_file=self.pid_file, stdio=io.runtime_stdio,
+            await self.runtime.create(self.id, bundle=self.bundle.path, pid_file=self.pid_file, stdio=io.runtime_stdio,
                                       console_socket=io.console_socket, no_pivot=self.no_pivot,
                                       no_new_keyring=self.no_new_keyring)
             if self.stdio.terminal:
@@ -101,16 +106,16 @@ class InitProcess(Process):
         return self.pid
 
     async def _restore(self) -> None:
-        from shim.criu.restore import restore
-
         io = self.io
         assert io is not None, "create() sets the IO before it records a pending restore"
-        self._restoring = asyncio.ensure_future(restore(
-            container_id=self.id, bundle=self.bundle, image_path=self.checkpoint, work_path=self.checkpoint_work,
-            runtime=self.runtime, stdio=io.runtime_stdio, pid_file=self.pid_file,
+        if self.restorer is None:
+            raise Unavailable(f"cannot restore {self.id}: this shim was started without restore support")
+        self._restoring = asyncio.ensure_future(self.restorer.restore(
+            container_id=self.id, bundle=self.bundle, image_path=self.checkpoint_image,
+            work_path=self.checkpoint_work, runtime=self.runtime, stdio=io.runtime_stdio, pid_file=self.pid_file,
             console_socket=io.console_socket, no_pivot=self.no_pivot))
         try:
-            await self._restoring
+            self.bundle = await self._restoring
         except asyncio.CancelledError:
             if not self._restore_stopped:
                 raise
@@ -123,7 +128,7 @@ class InitProcess(Process):
         io.close_after_start()
         self.pid = self._read_pid()
 
-    async def stop_restore(self) -> None:
+    async def _stop_restore(self) -> None:
         """End the restore Start is running, if one is (the task was killed before it was restored): runc and CRIU
         are killed and what they left removed before this returns."""
         if self._restoring is not None and not self._restoring.done():
@@ -131,24 +136,36 @@ class InitProcess(Process):
             self._restoring.cancel()
             await asyncio.gather(self._restoring, return_exceptions=True)
 
-    async def checkpoint_to(self, checkpointer: Checkpointer, options: CheckpointOptions) -> CheckpointOutcome:
-        """Dump this container (running or paused); see shim.criu.checkpoint."""
+    async def checkpoint(self, options: CheckpointOptions) -> CheckpointOutcome:
+        """Dump this container (running or paused) through the injected Checkpointer (shim.criu.checkpoint)."""
         self.check("checkpoint")
-        result = await checkpointer.checkpoint(container_id=self.id, bundle=self.bundle, pid=self.pid,
-                                               options=options, runtime=self.runtime,
-                                               paused=lambda: self.state is State.PAUSED)
+        if self.checkpointer is None:
+            raise Unavailable(f"cannot checkpoint {self.id}: this shim was started without checkpoint support")
+        result = await self.checkpointer.checkpoint(container_id=self.id, bundle=self.bundle, pid=self.pid,
+                                                    options=options, runtime=self.runtime,
+                                                    paused=lambda: self.state is State.PAUSED)
         self.network_lock = result.network_lock
         self.lazy_dump = result.completion
         return result
 
-    async def kill(self, signal: int, all: bool = False) -> None:
+    def checkpoint_completed(self, result: CheckpointOutcome) -> None:
+        """A lazy dump has served its pages: the network lock it left is the one Delete removes."""
+        self.network_lock = result.network_lock
+
+    async def kill(self, signal: int, all: bool = False) -> Exit | None:
         self.check("kill")
+        if self.state is State.RESTORE_PENDING:
+            # Nothing runs yet (the restore happens at Start, failed, or is running: it is stopped): the signal ends
+            # the task as it would have ended its process, so a caller waiting for the exit gets one.
+            await self._stop_restore()
+            return Exit(0, 128 + signal, time.time())
         try:
             await self.runtime.kill(self.id, signal, all=all)
         except RuntimeFailed as exc:
             if is_gone(exc):
                 raise NotFound(f"task {self.id}: process already finished") from None
             raise
+        return None
 
     async def kill_all(self) -> None:
         """SIGKILL every process in the container (used when init exits without a pid namespace)."""
@@ -169,13 +186,14 @@ class InitProcess(Process):
             # A lazy dump still serving its pages holds the task frozen (containerd resumes right
             # after Checkpoint returns): the task resumes when the dump is over.
             self.state = State.RUNNING
-            self.lazy_dump.add_done_callback(lambda _: asyncio.ensure_future(self._resume_after_dump()))
+            self.background.spawn(self._resume_after_dump(self.lazy_dump), f"resume {self.id} after its lazy dump")
             return
         await self.runtime.resume(self.id)
         if self.state is State.PAUSED:
             self.state = State.RUNNING
 
-    async def _resume_after_dump(self) -> None:
+    async def _resume_after_dump(self, dump: asyncio.Future[Any]) -> None:
+        await asyncio.wait({dump})  # its outcome is the Checkpoint's to report, not ours
         try:
             await self.runtime.resume(self.id)
         except RuntimeFailed as exc:  # thawed already, or ended by a dump with exit
@@ -187,7 +205,7 @@ class InitProcess(Process):
 
     async def update(self, resources: bytes) -> None:
         self.check("update")
-        await self.runtime.update(self.id, resources, work_dir=self.bundle)
+        await self.runtime.update(self.id, resources, work_dir=self.bundle.path)
 
     async def delete(self) -> None:
         self.check("delete")
@@ -198,20 +216,13 @@ class InitProcess(Process):
                 raise
         await self.release_io()
         mounts.unmount_all(self.rootfs)
-        if self.network_lock is not None:
+        if self.network_lock is not None and self.checkpointer is not None:
             # The task is gone and its checkpoint left CRIU's network lock in a namespace that outlives it: no
             # restore is known to come there (see shim.criu.netlock), and the lock cuts the namespace off.
-            from shim.criu.netlock import release_logged
-
-            await release_logged(self.runtime.run.reaper, self.network_lock, f"task {self.id} deleted")
+            await self.checkpointer.release_network_lock(self.network_lock, f"task {self.id} deleted")
             self.network_lock = None
         self.state = State.DELETED
 
     def shares_host_pid_namespace(self) -> bool:
         """True when the container has no pid namespace of its own: its processes outlive init."""
-        try:
-            with open(os.path.join(self.bundle, "config.json"), "rb") as f:
-                namespaces = (json.load(f).get("linux") or {}).get("namespaces") or []
-        except (OSError, ValueError):
-            return False
-        return not any(ns.get("type") == "pid" and not ns.get("path") for ns in namespaces)
+        return not self.bundle.has_own_namespace("pid")

@@ -90,27 +90,31 @@ def serve_inherited(args: ShimArgs) -> int:
 async def _serve(args: ShimArgs, sock: socket.socket, containerd_pid: int | None = None) -> None:
     from shim.api.containerd.task.v2 import shim_pb2 as v2
     from shim.api.containerd.task.v3 import shim_pb2 as v3
+    from shim.background import BackgroundTasks
     from shim.children.reaper import Reaper
+    from shim.criu.access import CriuAccess
+    from shim.process.base import Stdio
     from shim.server.events import Publisher
-    from shim.stdio import open_process_io
+    from shim.stdio import ProcessIO, open_process_io
     from shim.task.service import TaskService
     from shim.ttrpc import Server
 
     loop = asyncio.get_running_loop()
     reaper = Reaper()
     reaper.install(loop)
+    background = BackgroundTasks()  # the server's one owner of work that outlives a call; drained at shutdown
     stop = asyncio.Event()
     ttrpc_address = os.environ.get("TTRPC_ADDRESS") or f"{args.address}.ttrpc"
     publisher = Publisher(ttrpc_address, args.namespace)
 
-    async def io_factory(stdio, container_id, uid, gid):
-        return await open_process_io(stdio, reaper=reaper, uid=uid, gid=gid, container_id=container_id,
-                                     namespace=args.namespace)
+    async def io_factory(stdio: Stdio, container_id: str, uid: int, gid: int) -> ProcessIO:
+        return await open_process_io(stdio, reaper=reaper, background=background, uid=uid, gid=gid,
+                                     container_id=container_id, namespace=args.namespace)
 
+    criu = CriuAccess(reaper, background, containerd_pid=containerd_pid, namespace=args.namespace)
     service = TaskService(namespace=args.namespace, reaper=reaper, publisher=publisher, io_factory=io_factory,
-                          stats=_stats_reader(), oom_watcher=_oom_watcher,
-                          checkpointer=lambda: _checkpointer(reaper, containerd_pid, args.namespace),
-                          on_shutdown=stop.set)
+                          background=background, stats=_stats_reader(), oom_watcher=_oom_watcher,
+                          checkpointer=criu, restorer=criu, on_shutdown=stop.set)
     server = Server()
     server.register(v2.DESCRIPTOR.services_by_name["Task"], service)
     server.register(v3.DESCRIPTOR.services_by_name["Task"], service)
@@ -121,25 +125,13 @@ async def _serve(args: ShimArgs, sock: socket.socket, containerd_pid: int | None
     await stop.wait()
     log.info("shutting down")
     await server.shutdown(grace=SHUTDOWN_GRACE)
+    await background.close(grace=SHUTDOWN_GRACE)  # before the publisher: what still runs may publish
     await publisher.close()
     if isinstance(path, str) and path.startswith("/"):
         try:
             os.unlink(path)
         except OSError:
             pass
-
-
-def _checkpointer(reaper, containerd_pid: int | None, namespace: str = ""):
-    """Checkpoints run in a worker process (shim/criu/offload.py): the server never imports CRIU's code, so
-    it stays at its idle RSS. PYSHIM_CHECKPOINT_WORKER=0 runs them in the server, as before (imported on the
-    first checkpoint)."""
-    if os.environ.get("PYSHIM_CHECKPOINT_WORKER", "1").lower() in ("0", "off", "false", "no"):
-        from shim.criu.checkpoint import Checkpointer
-
-        return Checkpointer(reaper)
-    from shim.criu.offload import OffloadedCheckpointer
-
-    return OffloadedCheckpointer(reaper, containerd_pid=containerd_pid, namespace=namespace)
 
 
 def _oom_watcher(pid: int):

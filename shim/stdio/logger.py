@@ -22,6 +22,7 @@ import os
 import select
 import signal
 
+from shim.background import BackgroundTasks
 from shim.children.reaper import Reaper
 from shim.children.spawn import spawn
 from shim.stdio.errors import StdioError
@@ -33,19 +34,19 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT = 10.0
 TERM_TIMEOUT = 12.0  # upstream gives the logger 12 s to flush after SIGTERM
 _HIGH_FD = 10  # above the fds (3, 4, 5) the logger receives, see _spawn
-_background: set[asyncio.Task] = set()
 
 
 class Logger:
-    def __init__(self, target: Target, reaper: Reaper, pid: int, pidfd: Fd) -> None:
+    def __init__(self, target: Target, reaper: Reaper, background: BackgroundTasks, pid: int, pidfd: Fd) -> None:
         self.path = target.path
         self.pid = pid
         self._reaper = reaper
+        self._background = background
         self._pidfd = pidfd
 
     @classmethod
-    async def start(cls, target: Target, *, reaper: Reaper, stdout: Fd, stderr: Fd, container_id: str,
-                    namespace: str, timeout: float = READY_TIMEOUT) -> Logger:
+    async def start(cls, target: Target, *, reaper: Reaper, background: BackgroundTasks, stdout: Fd, stderr: Fd,
+                    container_id: str, namespace: str, timeout: float = READY_TIMEOUT) -> Logger:
         """Start the logger on the read ends `stdout` and `stderr` and wait until it is ready."""
         env = {"CONTAINER_ID": container_id, "CONTAINER_NAMESPACE": namespace, **dict(target.env)}
         ready_r, ready_w = plain_pipe("logger ready pipe")
@@ -56,7 +57,7 @@ class Logger:
                 except OSError as exc:
                     raise StdioError(f"cannot start logger {target.path}: {exc.strerror}") from exc
                 # Opened before the loop runs again, hence before the reaper can have reaped it.
-                logger = cls(target, reaper, pid, Fd(os.pidfd_open(pid), f"logger {pid} pidfd"))
+                logger = cls(target, reaper, background, pid, Fd(os.pidfd_open(pid), f"logger {pid} pidfd"))
                 ready_w.close()  # else our copy would hide the logger's close of fd 5
                 try:
                     await logger._await_ready(ready_r, target, timeout, exits)
@@ -92,7 +93,7 @@ class Logger:
         if self._pidfd.closed:
             return
         try:
-            loop = asyncio.get_running_loop()
+            asyncio.get_running_loop()
         except RuntimeError:  # no loop to wait on: do not leave it running
             self._signal(signal.SIGKILL)
             self._pidfd.close()
@@ -103,9 +104,7 @@ class Logger:
         # Subscribed while it is alive, so its exit cannot have been reaped yet.
         exits = self._reaper.subscribe()
         self._signal(signal.SIGTERM)
-        task = loop.create_task(self._reap(exits))
-        _background.add(task)
-        task.add_done_callback(_background.discard)
+        self._background.spawn(self._reap(exits), f"logger {self.path} (pid {self.pid}) after SIGTERM")
 
     async def _reap(self, exits) -> None:
         try:

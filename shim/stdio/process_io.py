@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass
 from typing import Protocol
 
+from shim.background import BackgroundTasks
 from shim.children.reaper import Reaper
 from shim.stdio import fds as fdlib
 from shim.stdio.console import ConsoleSocket, set_window_size
@@ -33,10 +34,14 @@ log = logging.getLogger(__name__)
 
 
 class StdioLike(Protocol):
-    stdin: str
-    stdout: str
-    stderr: str
-    terminal: bool
+    @property
+    def stdin(self) -> str: ...
+    @property
+    def stdout(self) -> str: ...
+    @property
+    def stderr(self) -> str: ...
+    @property
+    def terminal(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -71,8 +76,9 @@ class _Sink:
 
 
 class ProcessIO:
-    def __init__(self, config: StdioLike) -> None:
+    def __init__(self, config: StdioLike, background: BackgroundTasks) -> None:
         self.config = StdioConfig(config.stdin, config.stdout, config.stderr, config.terminal)
+        self._background = background  # a binary:// logger is waited for there after the IO is closed
         self._owned: list[Fd] = []  # everything we opened; close() closes what is left
         self._runtime: list[Fd | None] = [None, None, None]
         self._after_start: list[Fd] = []  # closed by close_after_start besides the runtime's ends
@@ -88,13 +94,14 @@ class ProcessIO:
         self._closed = False
 
     @classmethod
-    async def create(cls, config: StdioLike, *, reaper: Reaper, uid: int = 0, gid: int = 0, container_id: str,
-                     namespace: str, ready_timeout: float = READY_TIMEOUT) -> ProcessIO:
+    async def create(cls, config: StdioLike, *, reaper: Reaper, background: BackgroundTasks, uid: int = 0,
+                     gid: int = 0, container_id: str, namespace: str,
+                     ready_timeout: float = READY_TIMEOUT) -> ProcessIO:
         """Open everything the process's stdio needs; raises StdioError naming what is wrong.
 
         Never blocks on a fifo whose other end nobody has opened. With binary://, returns once the
         logger is ready (at most ready_timeout seconds)."""
-        self = cls(config)
+        self = cls(config, background)
         try:
             await self._setup(reaper, uid, gid, container_id, namespace, ready_timeout)
         except BaseException:
@@ -292,7 +299,8 @@ class ProcessIO:
             # Keep our copies of the read ends until the process has started: runc writes its
             # errors to stderr, and without a reader (a logger that died) it would get SIGPIPE.
             self._after_start += [out_r, err_r]
-        self._logger = await Logger.start(target, reaper=reaper, stdout=out_r, stderr=err_r,
+        self._logger = await Logger.start(target, reaper=reaper, background=self._background, stdout=out_r,
+                                          stderr=err_r,
                                           container_id=container_id, namespace=namespace, timeout=ready_timeout)
         if not terminal:
             return None
@@ -316,8 +324,10 @@ class ProcessIO:
             self._master.close()
 
 
-async def open_process_io(config: StdioLike, *, reaper: Reaper, uid: int = 0, gid: int = 0, container_id: str,
-                          namespace: str, ready_timeout: float = READY_TIMEOUT) -> ProcessIO:
+async def open_process_io(config: StdioLike, *, reaper: Reaper, background: BackgroundTasks, uid: int = 0,
+                          gid: int = 0, container_id: str, namespace: str,
+                          ready_timeout: float = READY_TIMEOUT) -> ProcessIO:
     """The task service's factory: ProcessIO.create under the name shim/server/daemon.py imports."""
-    return await ProcessIO.create(config, reaper=reaper, uid=uid, gid=gid, container_id=container_id,
+    return await ProcessIO.create(config, reaper=reaper, background=background, uid=uid, gid=gid,
+                                  container_id=container_id,
                                   namespace=namespace, ready_timeout=ready_timeout)

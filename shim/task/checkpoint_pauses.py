@@ -19,6 +19,8 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from shim.background import BackgroundTasks
+
 
 @dataclass(eq=False)
 class _Pause:
@@ -30,10 +32,10 @@ class _Pause:
 class CheckpointPauses:
     """Per task: the pause of the checkpoint in progress, until its Resume. resume(id, why) resumes a task."""
 
-    def __init__(self, resume: Callable[[str, str], Coroutine[Any, Any, None]]) -> None:
+    def __init__(self, resume: Callable[[str, str], Coroutine[Any, Any, None]], background: BackgroundTasks) -> None:
         self._resume = resume
         self._pauses: dict[str, _Pause] = {}
-        self._resuming: set[asyncio.Task] = set()
+        self._background = background
 
     def paused(self, container_id: str, disconnected: asyncio.Future | None, *, was_running: bool) -> None:
         """A Pause succeeded: it may be a checkpoint's, if the task ran before and a Checkpoint comes next."""
@@ -77,6 +79,4 @@ class CheckpointPauses:
 
     def _resume_now(self, container_id: str, pause: _Pause, why: str) -> None:
         del self._pauses[container_id]
-        task = asyncio.get_running_loop().create_task(self._resume(container_id, why))
-        self._resuming.add(task)
-        task.add_done_callback(self._resuming.discard)
+        self._background.spawn(self._resume(container_id, why), f"resume {container_id} (checkpoint caller gone)")

@@ -6,10 +6,12 @@ from __future__ import annotations
 import functools
 import logging
 import tomllib
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from google.protobuf.any_pb2 import Any
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from shim import errors
@@ -21,7 +23,13 @@ from shim.process.state import State
 from shim.rootfs.mounts import Mount
 from shim.ttrpc import Code, TtrpcError
 
+if TYPE_CHECKING:
+    from shim.api.containerd.task.v2 import shim_pb2 as api
+    from shim.api.containerd.types import mount_pb2
+    from shim.criu.options import CheckpointOptions
+
 log = logging.getLogger(__name__)
+Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Message]])
 RUNC_OPTIONS = "containerd.runc.v1.Options"
 # Type URLs containerd may use for the same runc options message.
 RUNC_OPTIONS_URLS = {RUNC_OPTIONS, "io.containerd.runc.v1.Options", f"type.googleapis.com/{RUNC_OPTIONS}"}
@@ -106,7 +114,7 @@ def options_from_file(path: str) -> RuntimeOptions:
     return _from_runc(message)
 
 
-def mounts(rootfs) -> list[Mount]:
+def mounts(rootfs: Iterable[mount_pb2.Mount]) -> list[Mount]:
     return [Mount(m.type, m.source, tuple(m.options)) for m in rootfs]
 
 
@@ -131,11 +139,11 @@ def to_status(exc: Exception) -> TtrpcError:
     return TtrpcError(Code.UNKNOWN, str(exc) or type(exc).__name__)
 
 
-def rpc(handler):
+def rpc(handler: Handler) -> Handler:
     """Run a Task API handler, turning domain errors into their status codes."""
 
     @functools.wraps(handler)
-    async def wrapper(self, request, context):
+    async def wrapper(self: object, request: Message, context: object) -> Message:
         try:
             return await handler(self, request, context)
         except TtrpcError:
@@ -144,18 +152,16 @@ def rpc(handler):
             log.info("%s failed: %s", handler.__name__, exc)
             raise to_status(exc) from exc
 
-    return wrapper
+    return cast(Handler, wrapper)
 
 
 CHECKPOINT_OPTIONS_URLS = {"containerd.runc.v1.CheckpointOptions",
                            "type.googleapis.com/containerd.runc.v1.CheckpointOptions"}
 
 
-def checkpoint_options(request, bundle: str):
-    """The options of a Checkpoint: the host file, the container's annotations, then what the
+def checkpoint_options(request: api.CheckpointTaskRequest, annotations: dict[str, str]) -> CheckpointOptions:
+    """The options of a Checkpoint: the host file, the container's annotations (its bundle's), then what the
     request carries; the image goes to the request's path unless an option names another."""
-    import json
-
     from shim.criu.options import OptionError, from_annotations, from_extension, from_host_config, from_request, resolve
 
     layer: dict = {}
@@ -172,11 +178,6 @@ def checkpoint_options(request, bundle: str):
                              cgroups_mode=o.cgroups_mode, image_path=o.image_path, work_path=o.work_path,
                              parent_path=o.parent_path)
         extension = _checkpoint_extension(request.options.value)
-    try:
-        with open(f"{bundle}/config.json", "rb") as f:
-            annotations = json.load(f).get("annotations") or {}
-    except (OSError, ValueError):
-        annotations = {}
     try:
         defaults = {"image_path": request.path} if request.path else {}
         return resolve(defaults, from_host_config(), from_annotations(annotations), layer,

@@ -12,9 +12,8 @@ import contextlib
 import json
 import logging
 import os
-import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf.empty_pb2 import Empty
 
@@ -22,6 +21,8 @@ from shim.api.containerd.events import task_pb2 as events
 from shim.api.containerd.runc.options import oci_pb2
 from shim.api.containerd.task.v2 import shim_pb2 as api
 from shim.api.containerd.types import task_pb2 as types
+from shim.background import BackgroundTasks
+from shim.bundle.config import Bundle
 from shim.bundle.layout import RUNTIME_FILE, RUNTIME_LOG, write_settings
 from shim.children.reaper import Exit, Reaper
 from shim.errors import InvalidArgument, NotFound
@@ -39,11 +40,12 @@ from shim.task.checkpoint_pauses import CheckpointPauses
 from shim.task.convert import rpc
 from shim.task.exits import ExitRouter, StartWindow
 from shim.ttrpc import Code, TtrpcError
+from shim.ttrpc.server import CallContext
 
 if TYPE_CHECKING:
     from google.protobuf import any_pb2
 
-    from shim.process.checkpointer import Checkpointer
+    from shim.process.criu_seam import Checkpointer, CheckpointOutcome, Restorer
     from shim.stdio.process_io import ProcessIO
 
 log = logging.getLogger(__name__)
@@ -57,23 +59,23 @@ OomWatcher = Callable[[int], AsyncGenerator[int, None]]
 
 class TaskService:
     def __init__(self, *, namespace: str, reaper: Reaper, publisher: Publisher, io_factory: IOFactory,
-                 stats: Callable[[int], any_pb2.Any] | None = None, oom_watcher: OomWatcher | None = None,
-                 checkpointer: Callable[[], Checkpointer] | None = None,
-                 on_shutdown: Callable[[], None] = lambda: None) -> None:
+                 background: BackgroundTasks | None = None, stats: Callable[[int], any_pb2.Any] | None = None,
+                 oom_watcher: OomWatcher | None = None, checkpointer: Checkpointer | None = None,
+                 restorer: Restorer | None = None, on_shutdown: Callable[[], None] = lambda: None) -> None:
         self.namespace = namespace
         self.reaper = reaper
         self.publisher = publisher
         self.io_factory = io_factory
+        self.background = background or BackgroundTasks()  # the server's one owner of work that outlives a call
         self.stats = stats
         self.oom_watcher = oom_watcher
-        self._make_checkpointer = checkpointer  # -> shim.criu.checkpoint.Checkpointer, made on first use
-        self._checkpointer: Checkpointer | None = None
-        self._oom_watches: dict[str, asyncio.Task] = {}
+        self.checkpointer = checkpointer  # injected into each init process, with the restorer
+        self.restorer = restorer
+        self._oom_watches: dict[str, asyncio.Task[None]] = {}
         self.on_shutdown = on_shutdown
         self.containers: dict[str, Container] = {}
         self.exits = ExitRouter()
-        self._background: set[asyncio.Task] = set()
-        self.checkpoint_pauses = CheckpointPauses(self._resume_abandoned)
+        self.checkpoint_pauses = CheckpointPauses(self._resume_abandoned, self.background)
         reaper.add_listener(self._on_exit)
 
     # -- helpers -------------------------------------------------------------------------
@@ -84,7 +86,7 @@ class TaskService:
         except KeyError:
             raise NotFound(f"task {id!r} not found: container not created") from None
 
-    def _publish(self, topic: str, event) -> None:
+    def _publish(self, topic: str, event: Any) -> None:
         self.publisher.publish(topic, event)
 
     def _runtime(self, bundle: str, options: convert.RuntimeOptions) -> OciRuntime:
@@ -96,20 +98,21 @@ class TaskService:
     # -- lifecycle -----------------------------------------------------------------------
 
     @rpc
-    async def Create(self, request: api.CreateTaskRequest, context) -> api.CreateTaskResponse:
+    async def Create(self, request: api.CreateTaskRequest, context: CallContext | None) -> api.CreateTaskResponse:
         if request.id in self.containers:
             raise TtrpcError(Code.ALREADY_EXISTS, f"task {request.id!r} already exists")
         if not request.id or not request.bundle:
             raise InvalidArgument("Create needs an id and a bundle")
         options = convert.runtime_options(request.options if request.HasField("options") else None)
+        bundle = Bundle.read(request.bundle)  # config.json, read once for the container's life
         write_settings(os.path.join(request.bundle, RUNTIME_FILE), {
             "binary": options.binary_name, "root": options.root, "systemd_cgroup": str(int(options.systemd_cgroup))})
         runtime = self._runtime(request.bundle, options)
         stdio = Stdio(request.stdin, request.stdout, request.stderr, request.terminal)
-        init = InitProcess(request.id, request.bundle, stdio, runtime=runtime, no_pivot=options.no_pivot_root,
+        init = InitProcess(request.id, bundle, stdio, runtime=runtime, background=self.background,
+                           checkpointer=self.checkpointer, restorer=self.restorer, no_pivot=options.no_pivot_root,
                            no_new_keyring=options.no_new_keyring)
-        container = Container(request.id, request.bundle, self.namespace, init, runtime,
-                              io_owner=(options.io_uid, options.io_gid))
+        container = Container(request.id, self.namespace, init, runtime, io_owner=(options.io_uid, options.io_gid))
         self.containers[request.id] = container  # reserve the id while creating
         window = self.exits.open_window()
         try:
@@ -130,7 +133,7 @@ class TaskService:
         return api.CreateTaskResponse(pid=init.pid)
 
     @rpc
-    async def Start(self, request: api.StartRequest, context) -> api.StartResponse:
+    async def Start(self, request: api.StartRequest, context: CallContext | None) -> api.StartResponse:
         container = self._container(request.id)
         process = container.process(request.exec_id)
         if request.exec_id:
@@ -141,11 +144,7 @@ class TaskService:
         else:
             window = self.exits.open_window(restarting=container)
         try:
-            if isinstance(process, ExecProcess):
-                io = await self.io_factory(process.stdio, container.id, *container.io_owner)
-                pid = await process.start(io)
-            else:  # no exec id: the init
-                pid = await container.init.start()
+            pid = await process.start()
         except BaseException:
             if request.exec_id:
                 await container.exec_count_changed(-1)
@@ -161,7 +160,7 @@ class TaskService:
         return api.StartResponse(pid=pid)
 
     @rpc
-    async def Delete(self, request: api.DeleteRequest, context) -> api.DeleteResponse:
+    async def Delete(self, request: api.DeleteRequest, context: CallContext | None) -> api.DeleteResponse:
         container = self._container(request.id)
         process = container.process(request.exec_id)
         self.checkpoint_pauses.called(request.id)
@@ -181,7 +180,7 @@ class TaskService:
                                   exited_at=convert.timestamp(process.exited_at))
 
     @rpc
-    async def Exec(self, request: api.ExecProcessRequest, context) -> Empty:
+    async def Exec(self, request: api.ExecProcessRequest, context: CallContext | None) -> Empty:
         container = self._container(request.id)
         if not request.exec_id:
             raise InvalidArgument("Exec needs an exec id")
@@ -189,26 +188,31 @@ class TaskService:
             spec = json.loads(request.spec.value or b"{}")
         except ValueError as exc:
             raise InvalidArgument(f"exec spec is not valid JSON: {exc}") from None
+        uid, gid = container.io_owner
+
+        async def open_io(stdio: Stdio) -> ProcessIO:
+            return await self.io_factory(stdio, container.id, uid, gid)
+
         process = ExecProcess(container.id, request.exec_id, spec,
                               Stdio(request.stdin, request.stdout, request.stderr, request.terminal),
-                              runtime=container.runtime, bundle=container.bundle)
+                              runtime=container.runtime, bundle=container.bundle, open_io=open_io)
         container.add_exec(process)
         self._publish("/tasks/exec-added", events.TaskExecAdded(container_id=container.id, exec_id=request.exec_id))
         return EMPTY
 
     @rpc
-    async def State(self, request: api.StateRequest, context) -> api.StateResponse:
+    async def State(self, request: api.StateRequest, context: CallContext | None) -> api.StateResponse:
         container = self._container(request.id)
         self.checkpoint_pauses.called(request.id)
         process = container.process(request.exec_id)
         return api.StateResponse(
-            id=process.id, bundle=container.bundle, pid=process.pid, status=convert.status(process.state),
+            id=process.id, bundle=container.bundle.path, pid=process.pid, status=convert.status(process.state),
             stdin=process.stdio.stdin, stdout=process.stdio.stdout, stderr=process.stdio.stderr,
             terminal=process.stdio.terminal, exit_status=process.exit_status,
             exited_at=convert.timestamp(process.exited_at), exec_id=request.exec_id)
 
     @rpc
-    async def Pause(self, request: api.PauseRequest, context) -> Empty:
+    async def Pause(self, request: api.PauseRequest, context: CallContext | None) -> Empty:
         container = self._container(request.id)
         was_running = container.init.state is State.RUNNING
         await container.init.pause()
@@ -217,7 +221,7 @@ class TaskService:
         return EMPTY
 
     @rpc
-    async def Resume(self, request: api.ResumeRequest, context) -> Empty:
+    async def Resume(self, request: api.ResumeRequest, context: CallContext | None) -> Empty:
         container = self._container(request.id)
         self.checkpoint_pauses.called(request.id)
         await container.init.resume()
@@ -242,22 +246,18 @@ class TaskService:
         self._publish("/tasks/resumed", events.TaskResumed(container_id=container_id))
 
     @rpc
-    async def Kill(self, request: api.KillRequest, context) -> Empty:
+    async def Kill(self, request: api.KillRequest, context: CallContext | None) -> Empty:
         container = self._container(request.id)
         process = container.process(request.exec_id)
         self.checkpoint_pauses.called(request.id)
-        if isinstance(process, InitProcess) and process.state is State.RESTORE_PENDING:
-            # Nothing runs yet (the restore happens at Start, failed, or is running: it is stopped): the signal
-            # ends the task as it would have ended its process, so a caller waiting for the exit gets one.
-            await process.stop_restore()
-            container.init_exited = True
-            self._process_exited(Exit(0, 128 + request.signal, time.time()), container, process)
-        else:
-            await process.kill(request.signal, all=request.all)
+        ended = await process.kill(request.signal, all=request.all)
+        if ended is not None:  # nothing was running to exit (a restore that had not run): the kill is its exit
+            container.note_exit(process)
+            self._process_exited(ended, container, process)
         return EMPTY
 
     @rpc
-    async def Pids(self, request: api.PidsRequest, context) -> api.PidsResponse:
+    async def Pids(self, request: api.PidsRequest, context: CallContext | None) -> api.PidsResponse:
         container = self._container(request.id)
         pids = await container.init.pids()
         exec_ids = {p.pid: p.id for p in container.execs.values() if p.pid}
@@ -270,35 +270,33 @@ class TaskService:
         return api.PidsResponse(processes=processes)
 
     @rpc
-    async def CloseIO(self, request: api.CloseIORequest, context) -> Empty:
+    async def CloseIO(self, request: api.CloseIORequest, context: CallContext | None) -> Empty:
         process = self._container(request.id).process(request.exec_id)
         if request.stdin:
-            process.close_stdin()
+            process.close_io()
         return EMPTY
 
     @rpc
-    async def ResizePty(self, request: api.ResizePtyRequest, context) -> Empty:
+    async def ResizePty(self, request: api.ResizePtyRequest, context: CallContext | None) -> Empty:
         process = self._container(request.id).process(request.exec_id)
         await process.resize(request.width, request.height)
         return EMPTY
 
     @rpc
-    async def Update(self, request: api.UpdateTaskRequest, context) -> Empty:
+    async def Update(self, request: api.UpdateTaskRequest, context: CallContext | None) -> Empty:
         container = self._container(request.id)
         await container.init.update(request.resources.value)
         return EMPTY
 
     @rpc
-    async def Checkpoint(self, request: api.CheckpointTaskRequest, context) -> Empty:
+    async def Checkpoint(self, request: api.CheckpointTaskRequest, context: CallContext | None) -> Empty:
         container = self._container(request.id)
         container.init.check("checkpoint")
-        options = convert.checkpoint_options(request, container.bundle)
-        if self._make_checkpointer is None:
+        options = convert.checkpoint_options(request, container.bundle.annotations)
+        if self.checkpointer is None:
             raise TtrpcError(Code.UNIMPLEMENTED, "this shim was started without checkpoint support")
-        if self._checkpointer is None:
-            self._checkpointer = self._make_checkpointer()
         self.checkpoint_pauses.checkpoint_started(container.id, getattr(context, "disconnected", None))
-        dump = asyncio.ensure_future(container.init.checkpoint_to(self._checkpointer, options))
+        dump = asyncio.ensure_future(container.init.checkpoint(options))
         try:
             result = await asyncio.shield(dump)
         except asyncio.CancelledError:
@@ -312,30 +310,30 @@ class TaskService:
         if result.completion is None:
             self._checkpointed(container, result)
         else:  # a lazy dump: ready to serve its pages; the event follows when they have been served
-            self._spawn(self._checkpointed_later(container, result.completion))
+            self._spawn(self._checkpointed_later(container, result.completion), f"lazy checkpoint of {container.id}")
         return EMPTY
 
-    def _checkpointed(self, container: Container, result) -> None:
+    def _checkpointed(self, container: Container, result: CheckpointOutcome) -> None:
         self._publish("/tasks/checkpointed", events.TaskCheckpointed(
             container_id=container.id, checkpoint=result.image_path, stats=result.stats))
 
-    async def _checkpointed_later(self, container: Container, completion: asyncio.Future) -> None:
+    async def _checkpointed_later(self, container: Container, completion: asyncio.Future[Any]) -> None:
         try:
             result = await completion
         except Exception as exc:  # nobody waits on the RPC any more: the log is where it is told
             log.error("lazy checkpoint of %s failed after its page server was ready: %s", container.id, exc)
             return
-        container.init.network_lock = result.network_lock
+        container.init.checkpoint_completed(result)
         self._checkpointed(container, result)
 
     @rpc
-    async def Wait(self, request: api.WaitRequest, context) -> api.WaitResponse:
+    async def Wait(self, request: api.WaitRequest, context: CallContext | None) -> api.WaitResponse:
         process = self._container(request.id).process(request.exec_id)
         await process.wait()
         return api.WaitResponse(exit_status=process.exit_status, exited_at=convert.timestamp(process.exited_at))
 
     @rpc
-    async def Stats(self, request: api.StatsRequest, context) -> api.StatsResponse:
+    async def Stats(self, request: api.StatsRequest, context: CallContext | None) -> api.StatsResponse:
         container = self._container(request.id)
         if self.stats is None or not container.init.pid or container.init.exited:
             raise NotFound(f"task {request.id}: cgroup does not exist")
@@ -345,12 +343,12 @@ class TaskService:
             raise NotFound(f"task {request.id}: {exc}") from None
 
     @rpc
-    async def Connect(self, request: api.ConnectRequest, context) -> api.ConnectResponse:
+    async def Connect(self, request: api.ConnectRequest, context: CallContext | None) -> api.ConnectResponse:
         container = self.containers.get(request.id)
         return api.ConnectResponse(shim_pid=os.getpid(), task_pid=container.init.pid if container else 0)
 
     @rpc
-    async def Shutdown(self, request: api.ShutdownRequest, context) -> Empty:
+    async def Shutdown(self, request: api.ShutdownRequest, context: CallContext | None) -> Empty:
         if not self.containers:
             self.on_shutdown()
         return EMPTY
@@ -360,7 +358,7 @@ class TaskService:
     def _watch_oom(self, container: Container) -> None:
         if self.oom_watcher is None or not container.init.pid:
             return
-        task = asyncio.get_running_loop().create_task(self._publish_ooms(container, self.oom_watcher))
+        task = self.background.spawn(self._publish_ooms(container, self.oom_watcher), f"OOM watch of {container.id}")
         self._oom_watches[container.id] = task
         task.add_done_callback(lambda _: self._oom_watches.pop(container.id, None))
 
@@ -386,15 +384,15 @@ class TaskService:
             self._dispatch_exit(exit, container, process)
 
     def _dispatch_exit(self, exit: Exit, container: Container, process: Process) -> None:
-        if isinstance(process, InitProcess):
-            container.init_exited = True
-            self._spawn(self._init_exited(exit, container, process))
+        if container.note_exit(process):
+            self._spawn(self._init_exited(exit, container), f"exit of task {container.id}")
         else:
             self._process_exited(exit, container, process)
-            self._spawn(container.exec_count_changed(-1))
+            self._spawn(container.exec_count_changed(-1), f"exit of exec {process.id} in {container.id}")
 
-    async def _init_exited(self, exit: Exit, container: Container, init: InitProcess) -> None:
+    async def _init_exited(self, exit: Exit, container: Container) -> None:
         """Publish the init's exit last: after killing what it leaves behind and after its execs' exits."""
+        init = container.init
         if init.shares_host_pid_namespace():
             try:
                 await init.kill_all()
@@ -409,7 +407,5 @@ class TaskService:
             container_id=container.id, id=process.id, pid=exit.pid, exit_status=exit.status,
             exited_at=convert.timestamp(process.exited_at)))
 
-    def _spawn(self, coro) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    def _spawn(self, work: Coroutine[Any, Any, None], what: str) -> None:
+        self.background.spawn(work, what)

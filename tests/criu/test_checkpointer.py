@@ -8,6 +8,8 @@ from pathlib import Path
 import pycriu.images
 import pytest
 
+from shim.background import BackgroundTasks
+from shim.bundle.config import Bundle
 from shim.children.reaper import Reaper
 from shim.criu import checkpoint
 from shim.criu.checkpoint import Checkpointer, CheckpointFailed, forget_frozen_freezer
@@ -82,11 +84,11 @@ def test_a_failed_dump_leaves_the_freezer_as_the_task_was(tmp_path, monkeypatch,
     monkeypatch.setattr(checkpoint, "facts_from_bundle",
                         lambda bundle, pid: ContainerFacts(rootfs="/", pid=pid, freezer_cgroup=str(freezer)))
     monkeypatch.setattr(checkpoint, "_external_unix_sockets", _no_sockets)
-    checkpointer = Checkpointer(Reaper())  # nothing runs: preflight and _dump are fakes
+    checkpointer = Checkpointer(Reaper(), BackgroundTasks())  # nothing runs: preflight and _dump are fakes
     options = checkpoint.CheckpointOptions(image_path=str(tmp_path / "image")).validate()
 
     with pytest.raises(CheckpointFailed, match="status 137"):
-        run(checkpointer.checkpoint(container_id="c", bundle=str(bundle), pid=1, options=options,
+        run(checkpointer.checkpoint(container_id="c", bundle=Bundle(str(bundle), {}), pid=1, options=options,
                                     runtime=FakeRuntime(), paused=paused))
     assert (freezer / "freezer.state").read_text() == left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "freezer"]  # no image, no partial one
@@ -104,7 +106,7 @@ def patched_checkpointer(monkeypatch, tmp_path, dump):
     monkeypatch.setattr(Checkpointer, "_dump", dump)
     monkeypatch.setattr(checkpoint, "facts_from_bundle", lambda bundle, pid: ContainerFacts(rootfs="/", pid=pid))
     monkeypatch.setattr(checkpoint, "_external_unix_sockets", _no_sockets)
-    return Checkpointer(Reaper())
+    return Checkpointer(Reaper(), BackgroundTasks())
 
 
 async def _never_dumps(self, *args):
@@ -129,7 +131,7 @@ def test_an_unusable_image_path_is_refused_before_the_dump_leaving_nothing(tmp_p
     checkpointer = patched_checkpointer(monkeypatch, tmp_path, _never_dumps)
     options = checkpoint.CheckpointOptions(image_path=str(tmp_path / where)).validate()
     with pytest.raises(error, match=message) as refused:
-        run(checkpointer.checkpoint(container_id="c", bundle=str(bundle), pid=1, options=options,
+        run(checkpointer.checkpoint(container_id="c", bundle=Bundle(str(bundle), {}), pid=1, options=options,
                                     runtime=FakeRuntime(), paused=False))
     assert str(tmp_path / where) in str(refused.value)
     assert list(bundle.iterdir()) == []  # its own work dir removed too
@@ -147,7 +149,7 @@ def test_the_error_names_the_kept_dump_log_not_the_removed_work_dir(tmp_path, mo
     checkpointer = patched_checkpointer(monkeypatch, tmp_path, dump_fails)
     options = checkpoint.CheckpointOptions(image_path=str(tmp_path / "image")).validate()
     with pytest.raises(CheckpointFailed) as failed:
-        run(checkpointer.checkpoint(container_id="c", bundle=str(bundle), pid=1, options=options,
+        run(checkpointer.checkpoint(container_id="c", bundle=Bundle(str(bundle), {}), pid=1, options=options,
                                     runtime=FakeRuntime(), paused=False))
     assert f"From the CRIU log {bundle}/criu-dump.log: Dumping FAILED." in str(failed.value)
     assert (bundle / "criu-dump.log").read_text().endswith("Dumping FAILED.\n")

@@ -18,6 +18,8 @@ from dataclasses import replace
 import pycriu.rpc_pb2 as rpc
 import pytest
 
+from shim.background import BackgroundTasks
+from shim.bundle.config import Bundle
 from shim.criu import external_unix
 from shim.criu.checkpoint import Checkpointer
 from shim.criu.external_unix import ExternalUnixSocket, Holder, check, find
@@ -194,8 +196,8 @@ def test_checkpoint_refuses_before_touching_anything(host, tmp_path):
 
     async def scenario():
         async with reaping() as reaper:
-            await Checkpointer(reaper).checkpoint(
-                container_id="c1", bundle=str(bundle), pid=host.child.pid, runtime=None, paused=False,
+            await Checkpointer(reaper, BackgroundTasks()).checkpoint(
+                container_id="c1", bundle=Bundle(str(bundle), {}), pid=host.child.pid, runtime=None, paused=False,
                 options=CheckpointOptions(image_path=str(images)))
 
     with pytest.raises(FailedPrecondition, match="3 unix socket"):

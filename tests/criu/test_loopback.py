@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from shim.bundle.config import Bundle
 from shim.criu import loopback
 from shim.criu.restore import creates_network_namespace
 
@@ -22,12 +23,12 @@ def test_ifreq_is_the_kernels_struct_ifreq_size():
 
 def test_the_script_is_named_only_for_a_restore_that_makes_a_network_namespace():
     def config(*namespaces):
-        return {"linux": {"namespaces": list(namespaces)}}
+        return Bundle("/b", {"linux": {"namespaces": list(namespaces)}})
 
     assert creates_network_namespace(config({"type": "pid"}, {"type": "network"}))  # ctr's default: a private one
     assert not creates_network_namespace(config({"type": "network", "path": "/var/run/netns/cni-1"}))  # CNI, pods
     assert not creates_network_namespace(config({"type": "pid"}))  # the host's network
-    assert not creates_network_namespace({})
+    assert not creates_network_namespace(Bundle("/b", {}))
 
 
 async def run_script(script: str, action: str, pid: int | str = "") -> tuple[int, str]:

@@ -10,6 +10,8 @@ from pathlib import Path
 import pycriu.images
 import pytest
 
+from shim.background import BackgroundTasks
+from shim.bundle.config import Bundle
 from shim.children.reaper import Reaper
 from shim.criu import checkpoint, netlock
 from shim.criu.checkpoint import Checkpointer, CheckpointFailed
@@ -344,7 +346,7 @@ def checkpointer(monkeypatch, dump, released: list) -> Checkpointer:
     monkeypatch.setattr(checkpoint, "facts_from_bundle", lambda bundle, pid: ContainerFacts(rootfs="/", pid=pid))
     monkeypatch.setattr(checkpoint, "_external_unix_sockets", _no_sockets)
     monkeypatch.setattr(netlock, "release", release)
-    return Checkpointer(Reaper())
+    return Checkpointer(Reaper(), BackgroundTasks())
 
 
 def a_bundle(tmp_path, namespace: str | None) -> Path:
@@ -368,7 +370,8 @@ def test_a_killed_dump_s_lock_is_removed_a_failed_one_unlocked_itself(tmp_path, 
     options = CheckpointOptions(image_path=str(tmp_path / "image"), tcp_established=True).validate()
     with pytest.raises(CheckpointFailed, match="killed"):
         run(checkpointer(monkeypatch, dump, released).checkpoint(
-            container_id="c", bundle=str(bundle), pid=1, options=options, runtime=FakeRuntime(), paused=False))
+            container_id="c", bundle=Bundle.read(str(bundle)), pid=1, options=options, runtime=FakeRuntime(),
+            paused=False))
     assert released == ([Lock("iptables", RUN_ID, path, inode)] if removed else [])
 
 
@@ -383,7 +386,7 @@ def test_a_killed_dump_in_a_private_namespace_is_released_in_the_task_s(tmp_path
     options = CheckpointOptions(image_path=str(tmp_path / "image"), network_lock="nftables").validate()
     with pytest.raises(CheckpointFailed):
         run(checkpointer(monkeypatch, dump, released).checkpoint(
-            container_id="c", bundle=str(bundle), pid=os.getpid(), options=options, runtime=FakeRuntime(),
+            container_id="c", bundle=Bundle.read(str(bundle)), pid=os.getpid(), options=options, runtime=FakeRuntime(),
             paused=False))
     assert [(lock.method, lock.namespace) for lock in released] == [("nftables", f"/proc/{os.getpid()}/ns/net")]
 
@@ -401,7 +404,7 @@ def test_a_checkpoint_with_exit_records_its_lock_and_hands_it_to_delete_unless_k
     options = CheckpointOptions(image_path=str(tmp_path / "image"), tcp_established=True, leave_running=False,
                                 network_lock="nftables", keep_network_lock=keep).validate()
     result = run(checkpointer(monkeypatch, dump, released).checkpoint(
-        container_id="c", bundle=str(bundle), pid=1, options=options, runtime=FakeRuntime(), paused=False))
+        container_id="c", bundle=Bundle.read(str(bundle)), pid=1, options=options, runtime=FakeRuntime(), paused=False))
     lock = Lock("nftables", RUN_ID, path, inode)
     assert result.network_lock == (None if keep else lock)
     saved = json.loads((tmp_path / "image" / "pyshim-checkpoint.json").read_text())
@@ -423,7 +426,8 @@ def test_a_checkpoint_that_leaves_the_task_running_or_its_namespace_private_hand
         options = CheckpointOptions(image_path=str(tmp_path / f"image-{leave_running}"), tcp_established=True,
                                     leave_running=leave_running).validate()
         result = run(checkpointer(monkeypatch, dump, []).checkpoint(
-            container_id="c", bundle=str(bundle), pid=1, options=options, runtime=FakeRuntime(), paused=False))
+            container_id="c", bundle=Bundle.read(str(bundle)), pid=1, options=options, runtime=FakeRuntime(),
+            paused=False))
         assert result.network_lock is None
 
 

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from shim import errors
+from shim.background import BackgroundTasks
 from shim.criu import offload, worker
 from shim.criu.checkpoint import CheckpointFailed
 
@@ -88,7 +89,7 @@ def test_a_worker_that_dies_fails_the_checkpoint_kills_its_session_and_resumes_t
             gone = offload.Worker(reader, writer, victim.pid, "a test's stand-in", None)
             theirs.close()  # EOF: it "died"
             runtime = FakeRuntime()
-            checkpointer = offload.OffloadedCheckpointer(reaper=None)
+            checkpointer = offload.OffloadedCheckpointer(None, BackgroundTasks())
             with pytest.raises(offload.WorkerGone) as caught:
                 await checkpointer._answer(gone, {"container_id": "c1", "bundle": "/nonexistent", "pid": 1}, None,
                                            runtime, lambda: False)

@@ -169,6 +169,7 @@ def test_facts_from_a_bundle(tmp_path):
     import json
     import os
 
+    from shim.bundle.config import Bundle
     from shim.criu.plan import facts_from_bundle
 
     rootfs = tmp_path / "rootfs"
@@ -186,7 +187,7 @@ def test_facts_from_a_bundle(tmp_path):
         "annotations": {"org.criu.config": "/etc/my-criu.conf"},
     }
     (tmp_path / "config.json").write_text(json.dumps(config))
-    facts = facts_from_bundle(str(tmp_path), os.getpid())
+    facts = facts_from_bundle(Bundle.read(str(tmp_path)), os.getpid())
     assert facts.rootfs == str(rootfs)
     assert facts.bind_mounts == ("/real/data",)
     assert facts.cgroup_v1_binds == ()  # no cgroup mount (and a cgroup namespace)

@@ -6,11 +6,12 @@ import socket
 
 import pytest
 
+from shim.background import BackgroundTasks
 from shim.stdio import ProcessIO, StdioConfig, StdioError
 from shim.stdio.console import window_size
 from tests.stdio.helpers import fifos, read_to_eof, reaping, run
 
-IDS = {"container_id": "c1", "namespace": "default"}
+IDS = {"container_id": "c1", "namespace": "default", "background": BackgroundTasks()}
 
 
 def send_master(path: str) -> int:

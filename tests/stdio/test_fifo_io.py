@@ -6,11 +6,12 @@ import stat
 
 import pytest
 
+from shim.background import BackgroundTasks
 from shim.stdio import ProcessIO, StdioConfig, StdioError
 from tests.stdio.helpers import fifos, read_to_eof, reaping, run, run_child, write_and_close
 
 ME = {"uid": os.getuid(), "gid": os.getgid()}
-IDS = {"container_id": "c1", "namespace": "default"}
+IDS = {"container_id": "c1", "namespace": "default", "background": BackgroundTasks()}
 
 
 def test_round_trip_through_the_fifos(tmp_path):

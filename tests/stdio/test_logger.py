@@ -6,10 +6,12 @@ import time
 
 import pytest
 
+from shim.background import BackgroundTasks
 from shim.stdio import ProcessIO, StdioConfig, StdioError
 from tests.stdio.helpers import gone, reaping, run, run_child, until
 
-IDS = {"container_id": "c1", "namespace": "ns1", "uid": os.getuid(), "gid": os.getgid()}
+IDS = {"container_id": "c1", "namespace": "ns1", "uid": os.getuid(), "gid": os.getgid(),
+       "background": BackgroundTasks()}
 
 # $1..$6 = out <file> err <file> meta <file> (the URI's query, in order). The copies run in
 # the background with fd 5 closed, so that the shell's own "exec 5>&-" is what signals ready.

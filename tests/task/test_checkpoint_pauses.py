@@ -3,6 +3,7 @@ resumed because that checkpoint's caller went away (the connection's future done
 
 import asyncio
 
+from shim.background import BackgroundTasks
 from shim.task.checkpoint_pauses import CheckpointPauses
 
 
@@ -15,11 +16,12 @@ def scenario(steps):
             resumed.append((container_id, why))
 
         loop = asyncio.get_running_loop()
-        pauses = CheckpointPauses(resume)
+        background = BackgroundTasks()
+        pauses = CheckpointPauses(resume, background)
         connection, other = loop.create_future(), loop.create_future()
         await steps(pauses, connection, other)
-        for _ in range(3):
-            await asyncio.sleep(0)
+        await settle()  # the connection's done-callbacks run
+        await background.close(grace=5)  # the resumes started run to their end
         return resumed
 
     return asyncio.run(main())

@@ -1,7 +1,9 @@
 """The task service against a stand-in OCI runtime: lifecycle, event order, error codes."""
 
 import asyncio
+import functools
 import json
+import logging
 import os
 import signal
 from pathlib import Path
@@ -13,6 +15,7 @@ from shim.api.containerd.runc.options.oci_pb2 import Options
 from shim.api.containerd.task.v2 import shim_pb2 as api
 from shim.api.containerd.types import task_pb2 as types
 from shim.children.reaper import Reaper
+from shim.errors import InvalidArgument
 from shim.server.events import pack
 from shim.task.service import TaskService
 from shim.ttrpc import Code, TtrpcError
@@ -47,12 +50,14 @@ async def null_io(stdio, container_id, uid, gid):
 
 
 class Harness:
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, **seams):
+        """seams: the service's injected parts (io_factory, checkpointer, restorer, background), fakes of theirs."""
         self.tmp = tmp_path
         self.publisher = RecordingPublisher()
         self.reaper = Reaper()
         self.reaper.install(asyncio.get_running_loop())  # subreaper: the fake "containers" re-parent here
-        self.service = TaskService(namespace="ns", reaper=self.reaper, publisher=self.publisher, io_factory=null_io)
+        self.service = TaskService(namespace="ns", reaper=self.reaper, publisher=self.publisher,
+                                   **{"io_factory": null_io, **seams})
 
     def options(self):
         return pack(Options(binary_name=FAKE_RUNTIME, root=str(self.tmp / "root")))
@@ -78,9 +83,9 @@ class Harness:
         asyncio.get_running_loop().remove_signal_handler(signal.SIGCHLD)
 
 
-def run(scenario, tmp_path):
+def run(scenario, tmp_path, **seams):
     async def main():
-        harness = Harness(tmp_path)
+        harness = Harness(tmp_path, **seams)
         try:
             return await asyncio.wait_for(scenario(harness), 20)
         finally:
@@ -192,22 +197,69 @@ def test_duplicate_exec_id_already_exists(tmp_path):
     assert run(scenario, tmp_path) == Code.ALREADY_EXISTS
 
 
+class FailingRestorer:
+    """A Restorer (shim.process.criu_seam) whose restore fails as one from a missing image does."""
+
+    async def restore(self, *, container_id, bundle, image_path, **rest):
+        raise InvalidArgument(f"checkpoint {image_path} does not exist")
+
+
+class BlockingRestorer:
+    """A Restorer whose restore runs until it is stopped, and says whether it was."""
+
+    def __init__(self):
+        self.running = asyncio.Event()
+        self.stopped = False
+
+    async def restore(self, *, bundle, **rest):
+        self.running.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            self.stopped = True
+            raise
+        return bundle
+
+
 def test_killing_a_task_whose_restore_never_ran_ends_it(tmp_path):
     """A task created from a checkpoint runs nothing until Start restores it; if that restore
     fails, `ctr task rm -f` kills and waits: the kill must end the task."""
     async def scenario(h):
         await h.create("r1", ["true"], checkpoint=str(tmp_path / "no-such-image"))
-        with pytest.raises(TtrpcError):
+        with pytest.raises(TtrpcError) as refused:
             await h.call("Start", api.StartRequest(id="r1"))  # the image does not exist
         await h.call("Kill", api.KillRequest(id="r1", signal=9))
         waited = await h.call("Wait", api.WaitRequest(id="r1"))
         deleted = await asyncio.wait_for(h.call("Delete", api.DeleteRequest(id="r1")), 1)  # no drain wait
         await h.settle()
-        return waited, deleted, h.publisher.topics()
+        return refused.value, waited, deleted, h.publisher.topics()
 
-    waited, deleted, topics = run(scenario, tmp_path)
+    refused, waited, deleted, topics = run(scenario, tmp_path, restorer=FailingRestorer())
+    assert refused.code == Code.INVALID_ARGUMENT and "no-such-image does not exist" in str(refused)
     assert waited.exit_status == 137 and deleted.exit_status == 137
     assert topics == ["/tasks/create", "/tasks/exit", "/tasks/delete"]
+
+
+def test_killing_a_task_while_it_is_being_restored_stops_the_restore_and_ends_it(tmp_path):
+    """The rule lives in the init process: a kill before the restore is over stops the restore (runc and CRIU
+    killed, what they left removed), Start fails saying why, and the task ends with the signal as its exit."""
+    restorer = BlockingRestorer()
+
+    async def scenario(h):
+        await h.create("r2", ["true"], checkpoint=str(tmp_path / "image"))
+        start = asyncio.ensure_future(h.call("Start", api.StartRequest(id="r2")))
+        await restorer.running.wait()
+        await h.call("Kill", api.KillRequest(id="r2", signal=15))
+        with pytest.raises(TtrpcError) as failed:
+            await start
+        waited = await h.call("Wait", api.WaitRequest(id="r2"))
+        return failed.value, waited, h.publisher.topics()
+
+    failed, waited, topics = run(scenario, tmp_path, restorer=restorer)
+    assert restorer.stopped
+    assert failed.code == Code.FAILED_PRECONDITION and "killed while it was being restored" in str(failed)
+    assert waited.exit_status == 128 + 15
+    assert topics == ["/tasks/create", "/tasks/exit"]
 
 
 class CallerContext:
@@ -238,8 +290,7 @@ def test_a_task_paused_for_a_checkpoint_whose_connection_closed_is_resumed(tmp_p
     """containerd's client: Pause, Checkpoint, (Resume never comes: containerd died). The task runs again once the
     checkpoint, left to finish, is over; a task the user paused on that connection stays paused."""
     async def scenario(h):
-        checkpointer = BlockingCheckpointer()
-        h.service._make_checkpointer = lambda: checkpointer
+        checkpointer = h.service.checkpointer
         connection = CallerContext(asyncio.get_running_loop().create_future())
         for id in ("c1", "user"):
             await h.create(id, ["sleep", "100"])
@@ -263,6 +314,90 @@ def test_a_task_paused_for_a_checkpoint_whose_connection_closed_is_resumed(tmp_p
         await h.settle()
         return states, h.publisher.topics()
 
-    states, topics = run(scenario, tmp_path)
+    states, topics = run(scenario, tmp_path, checkpointer=BlockingCheckpointer())
     assert states == [types.PAUSED, types.RUNNING, types.PAUSED]
     assert topics.count("/tasks/resumed") == 1
+
+
+def test_create_refuses_a_bundle_whose_config_cannot_be_read_and_leaves_nothing(tmp_path):
+    async def scenario(h):
+        bundle = tmp_path / "b1"
+        bundle.mkdir()
+        request = api.CreateTaskRequest(id="b1", bundle=str(bundle), options=h.options())
+        with pytest.raises(TtrpcError) as refused:
+            await h.call("Create", request)
+        left = (sorted(os.listdir(bundle)), list(h.service.containers))
+        (bundle / "config.json").write_text(json.dumps({"process": {"args": ["true"]}}))
+        created = await h.call("Create", request)  # the same call succeeds once the bundle is right
+        await h.call("Kill", api.KillRequest(id="b1", signal=9))
+        return refused.value, left, created.pid
+
+    refused, left, pid = run(scenario, tmp_path)
+    assert refused.code == Code.INVALID_ARGUMENT and "cannot read config.json" in str(refused)
+    assert left == ([], []) and pid > 0
+
+
+class Outcome:
+    """A checkpoint's outcome as shim.process.criu_seam.CheckpointOutcome has it."""
+
+    def __init__(self, completion=None):
+        self.image_path, self.stats, self.network_lock, self.completion = "/images/c1", {}, None, completion
+
+
+class LazyCheckpointer:
+    """A Checkpointer whose dump is lazy: Checkpoint returns at once, the outcome completes when `pages` does."""
+
+    def __init__(self):
+        self.pages = None
+
+    async def checkpoint(self, **kwargs):
+        self.pages = asyncio.get_running_loop().create_future()
+        return Outcome(completion=self.pages)
+
+
+def test_a_lazy_checkpoint_s_event_is_owned_by_the_server_s_background_tasks(tmp_path, caplog):
+    """What follows a lazy dump runs under the server's one owner: drained at shutdown when it can finish (its
+    event published), cancelled with a log line when it cannot."""
+    async def scenario(h, checkpointer, finish):
+        await h.create("c1", ["sleep", "30"])
+        await h.call("Start", api.StartRequest(id="c1"))
+        await h.call("Checkpoint", api.CheckpointTaskRequest(id="c1", path=str(h.tmp / "image")))
+        if finish:
+            checkpointer.pages.set_result(Outcome())
+        await h.call("Kill", api.KillRequest(id="c1", signal=9))
+        await h.service.background.close(grace=5 if finish else 0.05)
+        return h.publisher.topics()
+
+    for finish in (True, False):
+        checkpointer = LazyCheckpointer()
+        caplog.clear()
+        (tmp_path / str(finish)).mkdir()
+        with caplog.at_level(logging.WARNING, logger="shim.background"):
+            topics = run(functools.partial(scenario, checkpointer=checkpointer, finish=finish), tmp_path / str(finish),
+                         checkpointer=checkpointer)
+        assert ("/tasks/checkpointed" in topics) is finish
+        assert ("lazy checkpoint of c1" in caplog.text) is not finish
+
+
+def test_an_exec_s_io_is_opened_through_the_factory_with_its_own_stdio_and_the_container_s_owner(tmp_path):
+    opened = []
+
+    async def recording_io(stdio, container_id, uid, gid):
+        opened.append((stdio.stdout, stdio.stderr, container_id, uid, gid))
+        return NullIO()
+
+    async def scenario(h):
+        options = pack(Options(binary_name=FAKE_RUNTIME, root=str(h.tmp / "root"), io_uid=1234, io_gid=5678))
+        await h.call("Create", api.CreateTaskRequest(id="c6", bundle=h.bundle("c6", ["sleep", "30"]), options=options,
+                                                     stdout="/run/init-out"))
+        await h.call("Start", api.StartRequest(id="c6"))
+        spec = pack(events.TaskIO())
+        spec.value = json.dumps({"args": ["sleep", "30"]}).encode()
+        await h.call("Exec", api.ExecProcessRequest(id="c6", exec_id="e6", spec=spec, stdout="/run/exec-out",
+                                                    stderr="/run/exec-err"))
+        assert len(opened) == 1, "an exec's IO is opened when it starts, not when it is added"
+        await h.call("Start", api.StartRequest(id="c6", exec_id="e6"))
+        await h.call("Kill", api.KillRequest(id="c6", signal=9, all=True))
+
+    run(scenario, tmp_path, io_factory=recording_io)
+    assert opened == [("/run/init-out", "", "c6", 1234, 5678), ("/run/exec-out", "/run/exec-err", "c6", 1234, 5678)]

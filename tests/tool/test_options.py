@@ -3,8 +3,6 @@ in the same bytes, read back by the shim (shim.task.convert.checkpoint_options) 
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from shim import errors
@@ -24,10 +22,9 @@ def parse(*flags: str):
 def shim_reads(tmp_path, flags, annotations=None):
     from shim.tool.options import chosen
 
-    (tmp_path / "config.json").write_text(json.dumps({"annotations": annotations or {}}))
     request = shim_pb2.CheckpointTaskRequest(id="c1", path="/ignored")
     request.options.CopyFrom(request_options(chosen(parse(*flags)), "/images/c1"))
-    return checkpoint_options(request, str(tmp_path)), request
+    return checkpoint_options(request, annotations or {}), request
 
 
 def test_containerd_sees_a_checkpoint_options_message_with_the_image_path(tmp_path):
