@@ -242,8 +242,8 @@ Architecture: $DEB_ARCH
 Maintainer: $MAINTAINER
 Installed-Size: $(installed_size_kib "$root")
 Depends: python3 (>= 3.11), runc
-Recommends: criu (>= $CRIU_MIN_VERSION) | pyshim-criu, iptables
-Suggests: containerd, crun
+Recommends: criu (>= $CRIU_MIN_VERSION) | pyshim-criu, iptables, openssh-client
+Suggests: containerd, crun, openssh-server
 Section: admin
 Priority: optional
 Description: containerd shim v2 in Python, built around CRIU checkpoint/restore

@@ -26,7 +26,8 @@ source "$TEST_REPO/packaging/install.sh"
 
 # crun: the alternative OCI runtime the tests compare; nftables: `nft`, for reading CRIU's nftables lock;
 # busybox-static: the test image; gcc and libc6-dev build the tests' small static helpers
-# (integration/harness/*.c); tmux: the terminal tests.
+# (integration/harness/*.c); tmux: the terminal tests. openssh-server (the migration tests' private sshd) is
+# installed apart, by ensure_sshd_fixture, so that its own service neither starts nor stays enabled.
 readonly TEST_PACKAGES=(crun nftables busybox-static tmux gcc libc6-dev)
 readonly DEMO_PACKAGES=(busybox-static)
 DEMO_ONLY=0
@@ -306,6 +307,39 @@ write_env_file() {
 
 # ----------------------------------------------------------------------------------------------------
 
+# openssh-server for the migration tests, whose sshd runs privately on 127.0.0.1 (integration/harness/sshd.py).
+# Debian's package enables and starts ssh.service, an sshd on every address, when it is installed: a policy-rc.d
+# refusing every start (exit 101) is in place for that install only (one already there is kept and honoured), and
+# what the install enabled is disabled again (stopped too, if it started all the same). A host that had the package
+# before keeps its sshd as it was.
+ensure_sshd_fixture() {
+    if package_installed openssh-server; then
+        say "sshd: openssh-server present (its service left as it was)"
+        return
+    fi
+    local policy=/usr/sbin/policy-rc.d
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\n# pyshim install-test.sh: no service starts while openssh-server installs\nexit 101\n' >"$policy"
+        chmod 755 "$policy"
+        # removed however the install ends (die exits the script)
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+        install_system_packages openssh-server
+        rm -f "$policy"
+        trap - EXIT
+    else
+        install_system_packages openssh-server
+    fi
+    local unit
+    for unit in ssh.service ssh.socket; do
+        if [[ -d /run/systemd/system ]]; then
+            systemctl disable --now "$unit" >/dev/null 2>&1 || true
+        else
+            systemctl disable "$unit" >/dev/null 2>&1 || true  # no systemd running: only the unit's links
+        fi
+    done
+    say "sshd: openssh-server installed, its service not started and disabled"
+}
+
 run_fixtures() {
     local fixture
     for fixture in "$TEST_REPO"/packaging/fixtures/*.sh; do
@@ -331,6 +365,7 @@ test_main() {
         # The suite needs the package installed: the check ends by reinstalling it.
         bash "$TEST_REPO/packaging/check-deb-removal.sh" "$pyshim_deb" || die "the pyshim .deb did not remove and reinstall cleanly"
         install_system_packages "${TEST_PACKAGES[@]}"
+        ensure_sshd_fixture
     else
         install_system_packages "${DEMO_PACKAGES[@]}"
     fi

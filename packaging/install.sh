@@ -44,7 +44,8 @@ readonly ONE_DAY=86400
 # What a host needs to run pyshim. The system `containerd` package is deliberately absent: the operator
 # brings containerd (pyshim registers with it), and the tests run only private containerds.
 # iptables: CRIU's network lock runs iptables-restore. python3: the packaged shim's interpreter.
-readonly SYSTEM_PACKAGES=(runc iptables ca-certificates iproute2 procps util-linux python3)
+# openssh-client: `pyshim migrate` reaches the destination host through ssh (the destination needs an sshd).
+readonly SYSTEM_PACKAGES=(runc iptables ca-certificates iproute2 procps util-linux python3 openssh-client)
 
 # Libraries sid's criu 4.2.1 was found to need (shared/reference/environment.md). The script adds
 # whatever sid's dependency closure of criu says on top, and verifies the result with

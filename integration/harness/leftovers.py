@@ -8,7 +8,7 @@ on the host (another test session included) can fail the suite:
   links.add_veth) and through harness.commands.run (`ip netns add`, `ip link add ... [peer name ...]`); those still
   there at the end are left behind, with whatever iptables rules and nftables tables they hold;
 - host rules that appeared during the session and are CRIU's (its chain, its marks, its tables) or name a test subnet
-  (10.123/16: netns_hosts, 10.124/16: the page-server test).
+  (10.123/16: netns_hosts, 10.124/16: the page-server test, 10.125/16: migration_lab).
 Namespaces and links with a test prefix that appeared but were not made through those paths are reported as notes
 (another session's, or made some other way), not failures.
 """
@@ -25,7 +25,7 @@ from shim.criu import netlock
 
 TEST_NAMESPACE_PREFIXES = ("pyshim-",)
 TEST_LINK_PREFIXES = ("pv", "ps")
-TEST_SUBNETS = ("10.123.", "10.124.")
+TEST_SUBNETS = ("10.123.", "10.124.", "10.125.")
 
 
 @dataclass

@@ -13,9 +13,13 @@ import os
 import signal
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from shim.children.proctree import descendants
 from shim.children.reaper import Exit, Reaper
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable
 
 # Python ignores SIGPIPE and SIGXFSZ; ignored signals survive exec, and runc would hand them on
 # to the container's processes. Children start with every signal at its default, as under Go.
@@ -80,7 +84,7 @@ async def run(reaper: Reaper, argv: Sequence[str], *, input: bytes | None = None
             os.close(fd)
 
 
-async def wait_or_kill(waiting, pid: int, timeout: float | None) -> Exit:
+async def wait_or_kill(waiting: Awaitable[Exit], pid: int, timeout: float | None) -> Exit:
     """Await an exit; past the timeout, SIGKILL the process (ours, by pid) and report TimeoutError. Cancelled
     (the call that ran it was cancelled: its caller went away, or the task was killed mid-restore), the process
     is killed too, and reaped, rather than left running for nobody."""

@@ -15,7 +15,8 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
+from typing import Any
 
 from shim.actions.cmdline import ShimArgs
 from shim.server.shimlog import setup_logging
@@ -134,13 +135,13 @@ async def _serve(args: ShimArgs, sock: socket.socket, containerd_pid: int | None
             pass
 
 
-def _oom_watcher(pid: int):
+def _oom_watcher(pid: int) -> AsyncGenerator[int, None]:
     from shim.cgroups import find_cgroup, watch_oom
 
     return watch_oom(find_cgroup(pid))
 
 
-def _stats_reader():
+def _stats_reader() -> Callable[[int], Any]:
     from shim.cgroups import metrics_for_pid
 
     return metrics_for_pid

@@ -75,7 +75,9 @@ def restore(args, client: ContainerdClient) -> int:
                 archive.extract(source, unpacked)
             directory = unpacked
         archive.check_layout(directory, source)
-        return _restore_from(args, client, directory, source)
+        pid = restore_from(args, client, directory, source)
+        print(f"{args.name} restored from {source} (pid {pid})")
+        return 0
     except OSError as exc:
         raise from_os(exc, f"restoring {source}") from None
     finally:
@@ -96,7 +98,10 @@ def _read_json(directory: str, name: str, source: str, required: bool = True):
         raise ToolError(f"{source}: {name} is not valid JSON ({exc}); the checkpoint is corrupt") from None
 
 
-def _restore_from(args, client: ContainerdClient, directory: str, source: str) -> int:
+def restore_from(args, client: ContainerdClient, directory: str, source: str) -> int:
+    """Restore the unpacked checkpoint in directory as container args.name; the task's pid. `pyshim migrate`'s
+    receiver adds `labels` (the container's own, instead of where it was restored from) and `runtime_options` (the
+    checkpointed container's, when no --runtime-config names this host's) to args."""
     spec = _read_json(directory, archive.SPEC_DUMP, source)
     config = _read_json(directory, archive.CONFIG_DUMP, source, required=False)
     image_ref = args.image or config.get("rootfsImageName") or config.get("rootfsImageRef") or ""
@@ -127,12 +132,17 @@ def _restore_from(args, client: ContainerdClient, directory: str, source: str) -
                 kind, layer = rootfs.writable_layer(mounts)
                 rootfs.apply_diff(diff if os.path.exists(diff) else os.devnull, kind, layer,
                                   os.path.join(directory, archive.DELETED_FILES))
+            labels = getattr(args, "labels", None)
             record = containers_pb2.Container(
                 id=name, image=image_ref, snapshotter=snapshotter, snapshot_key=name,
                 spec=Any(type_url=SPEC_TYPE_URL, value=json.dumps(spec).encode()),
-                labels={"io.pyshim.restored-from": os.path.basename(source),
-                        "io.pyshim.checkpoint.container": str(config.get("id", ""))})
+                labels=labels if labels is not None else {
+                    "io.pyshim.restored-from": os.path.basename(source),
+                    "io.pyshim.checkpoint.container": str(config.get("id", ""))})
             record.runtime.name = PYSHIM_RUNTIME
+            runtime_options = getattr(args, "runtime_options", None)
+            if runtime_options is not None and not args.runtime_config:
+                record.runtime.options.CopyFrom(runtime_options)
             if args.runtime_config:
                 record.runtime.options.CopyFrom(Any(type_url="runtimeoptions.v1.Options", value=api_pb2.Options(
                     config_path=os.path.abspath(args.runtime_config)).SerializeToString()))
@@ -144,7 +154,8 @@ def _restore_from(args, client: ContainerdClient, directory: str, source: str) -
                                exists=f"a container named {name!r} appeared meanwhile; choose another --name") from None
         # CRIU's restore log and statistics: never inside the checkpoint
         work = tempfile.mkdtemp(prefix=f"pyshim-restore-work-{name}-")
-        task_options = _task_options(args.runtime_config, os.path.join(directory, archive.CHECKPOINT_DIR), work)
+        task_options = _task_options(args.runtime_config or getattr(args, "runtime_config_path", None),
+                                     os.path.join(directory, archive.CHECKPOINT_DIR), work)
         log_uri = f"file://{os.path.abspath(args.log)}" if args.log else ""
         archive.say(f"restoring {name} (CRIU restore through containerd and pyshim)...")
         try:
@@ -160,8 +171,7 @@ def _restore_from(args, client: ContainerdClient, directory: str, source: str) -
     finally:
         if work:
             archive.remove_tree(work)
-    print(f"{name} restored from {source} (pid {pid})")
-    return 0
+    return pid
 
 
 def _undo(client: ContainerdClient, name: str, snapshotter: str, task: bool, container: bool, snapshot: bool) -> None:

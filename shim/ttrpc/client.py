@@ -7,7 +7,7 @@ caller (the event publisher, for one) can reconnect and retry.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
@@ -120,7 +120,7 @@ class Stub:
         self._metadata = dict(metadata or {})
         self._timeout = timeout
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Callable[..., Awaitable[Message]]:
         try:
             method = self._methods[name]
         except KeyError:

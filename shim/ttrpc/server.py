@@ -18,6 +18,7 @@ from typing import cast
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
 
+from shim.api.ttrpc.request_pb2 import Request
 from shim.ttrpc.protocol import ProtocolViolation, RequestReceived, ServerProtocol, StreamRejected
 from shim.ttrpc.services import Method, bind
 from shim.ttrpc.status import Code, TtrpcError
@@ -161,7 +162,7 @@ class _ServerConnection(asyncio.Protocol):
         else:
             self._write(self.protocol.reply(event.stream_id, payload))
 
-    async def _dispatch(self, request) -> bytes:
+    async def _dispatch(self, request: Request) -> bytes:
         method = self.server.route(request.service, request.method)
         if method is None or method.handler is None:
             raise TtrpcError(Code.UNIMPLEMENTED, f"{request.service}/{request.method} is not implemented")

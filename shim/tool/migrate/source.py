@@ -1,0 +1,459 @@
+"""`pyshim migrate CONTAINER DEST`: the source's side, from the checks to the report.
+
+    preflight   the container runs here under pyshim on an overlay snapshot; ssh reaches the destination's
+                receiver, which checks its containerd can take the container (and its network identity)
+    dump        the shim checkpoints the task with exit (CRIU kills it with its TCP sockets in repair mode, so no
+                FIN or RST leaves), established connections kept, the network lock kept past Delete; --stream sends
+                the pages to the destination's page server during the dump
+    transfer    the rest of the images, the spec and the rootfs changes as one tar stream
+    restore     the destination restores the same container (id, spec, labels, runtime options, rootfs changes)
+    commit      the destination runs: the source's task, lock and container go
+
+Until the destination answers `running` and takes the commit, the way back is one: Migration.roll_back() tells the
+destination to undo, and restores the container here from its own images (the recorded page stream replayed first
+for --stream), in its network namespace whose lock the restore lifts. A failure before the dump stops nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+
+from shim.api.containerd.types import task_pb2
+from shim.tool import archive, checkpoint, options, rootfs
+from shim.tool.containerd_api import ContainerdClient
+from shim.tool.errors import ToolError, from_os, from_rpc
+from shim.tool.migrate import frames, lock, network, transport
+from shim.tool.migrate.channel import ArchiveWriter, ChannelClosed
+from shim.tool.migrate.dest import Destination, parse
+from shim.tool.migrate.pagestream import SourceRelay, replay
+from shim.tool.store import Store
+
+RECORDING = "pages.stream"  # beside checkpoint/ in the staging directory, never sent
+
+
+class UsageRefusal(ToolError):
+    """A mode this build cannot run: exit status 2, as a usage error."""
+
+
+def progress(text: str) -> None:
+    print(f"pyshim migrate: {text}", file=sys.stderr, flush=True)
+
+
+def check_mode(args) -> None:
+    if args.mode == "post-copy":
+        raise UsageRefusal("--post-copy is not available in this pyshim yet (the post-copy engine is still being "
+                           "built): use --stop-copy (the default) or --stream; nothing was done")
+
+
+def migrate(args, client: ContainerdClient) -> int:
+    check_mode(args)
+    dest = parse(args.dest, default_namespace=client.namespace)
+    for option in args.ssh_option:
+        transport.check_ssh_option(option)
+    report = Migration(args, client, dest).run()
+    text = json.dumps(report, indent=2)
+    if args.report_json:
+        try:
+            with open(args.report_json, "w") as f:
+                f.write(text + "\n")
+        except OSError as exc:
+            raise from_os(exc, f"writing the report {args.report_json} (the migration itself succeeded)") from None
+    print(text)
+    return 0
+
+
+class Migration:
+    def __init__(self, args, client: ContainerdClient, dest: Destination) -> None:
+        self.args = args
+        self.client = client
+        self.dest = dest
+        self.id = args.container
+        self.mode = args.mode
+        self.migration = os.urandom(8).hex()
+        self.started = time.monotonic()
+        self.phases: dict[str, float] = {}
+        self.session: transport.Session | None = None
+        self.staging: str | None = None
+        self.relay: SourceRelay | None = None
+        self.pyshim_record: dict = {}
+        self.dumped = False
+
+    def _phase(self, name: str, since: float) -> float:
+        now = time.monotonic()
+        self.phases[name] = round((now - since) * 1000, 1)
+        return now
+
+    def _deadline_left(self) -> float:
+        left = self.args.timeout - (time.monotonic() - self.started)
+        if left <= 0:
+            raise ToolError(f"the migration took longer than --timeout {self.args.timeout:g} s")
+        return left
+
+    # --- the way forward -----------------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        try:
+            return self._run()
+        finally:
+            if self.relay is not None:
+                self.relay.close()
+            if self.session is not None:
+                self.session.close()
+
+    def _run(self) -> dict:
+        t = self.started
+        progress(f"checking {self.id} here and {self.dest.display()}")
+        record, task, spec = self._check_source()
+        netns = network.namespace_path(spec)
+        prepare = self._prepare_message(record, spec, netns)
+        self.session = transport.Session(self.dest, self.args.ssh_option).open(min(60.0, self._deadline_left()))
+        try:
+            prepared = self.session.request("prepare", expect="prepared", timeout=self._deadline_left(), **prepare)
+        except (ChannelClosed, TimeoutError, frames.ProtocolError) as exc:
+            raise ToolError(self.session.failure("preparing the destination", exc)) from None
+        except transport.RemoteRefusal as exc:
+            raise ToolError(f"the destination refused {self.id}: {exc}; nothing was stopped, {self.id} runs on here"
+                            ) from None
+        progress(f"the destination (containerd {prepared.get('containerd')}) can take {self.id}")
+        t = self._phase("preflight", t)
+        store = Store.default(self.args.store)
+        try:
+            store.ensure()
+            self.staging = tempfile.mkdtemp(prefix=f".migrate-{self.id}-", dir=store.root)
+        except OSError as exc:
+            self._abort()
+            raise from_os(exc, f"making a staging directory in {store.root}") from None
+        if self.mode == "stream":
+            self._start_page_stream()
+        chosen = self._dump_options(spec, netns)
+        progress(f"checkpointing {self.id} ({self.mode}{': pages streamed to the destination' if self.relay else ''})")
+        try:
+            with self.client.lease(), _interrupt_deferred() as interrupted:
+                self.client.checkpoint(self.id, options.request_options(chosen, self._images()),
+                                       timeout=self._deadline_left())
+        except grpc.RpcError as exc:
+            why = self._page_server_fate()
+            self._abort()
+            raise ToolError(f"{from_rpc(exc, f'the checkpoint of {self.id}')}{why}; {self.id} runs on here, nothing "
+                            "was left on the destination") from None
+        except BaseException:
+            self._abort()
+            raise
+        self.dumped = True
+        t_dumped = t = self._phase("dump", t)
+        try:
+            if interrupted:
+                raise KeyboardInterrupt  # after the dump: the way back restores the container here
+            self.pyshim_record = checkpoint._complete(self.staging, self.client, record, task, chosen,
+                                                      ignore_rootfs=False)
+            if self.relay is not None:
+                relayed = self.relay.finish(self._deadline_left())
+                answer = self._ask("pages-end", expect="pages-done", timeout=self._deadline_left())
+                progress(f"page stream: {archive.human_size(relayed)} sent, {archive.human_size(answer['received'])} "
+                         "taken by the destination's page server")
+            self._send_archive()
+            t = self._phase("transfer", t)
+            progress(f"restoring {self.id} on the destination")
+            left = self._deadline_left()
+            self._ask("restore", expect="running", timeout=left, restore_timeout=left)
+            t_running = time.monotonic()
+            t = self._phase("restore", t)
+        except BaseException as exc:
+            self.roll_back(exc)
+            if isinstance(exc, (ChannelClosed, TimeoutError, frames.ProtocolError)):
+                exc = ToolError(self.session.failure(f"moving {self.id}", exc))
+            if isinstance(exc, ToolError):
+                raise ToolError(f"{exc}; {self.id} was restored here from its checkpoint and runs on, nothing was "
+                                "left on the destination") from None
+            raise
+        self._commit()
+        progress(f"{self.id} runs on {self.dest.host}; removing it here")
+        self._remove_source()
+        t = self._phase("commit", t)
+        stats = self.pyshim_record.get("stats") or {}
+        frozen_ms = round(float(stats.get("frozen_time", 0)) / 1000, 1)
+        assert self.session is not None and self.session.channel is not None
+        return {
+            "mode": self.mode,
+            "container": self.id,
+            "frozen_ms": frozen_ms,
+            "blackout_ms": round(frozen_ms + (t_running - t_dumped) * 1000, 1),
+            "bytes_moved": self.session.channel.sent + self.session.channel.received,
+            "total_ms": round((time.monotonic() - self.started) * 1000, 1),
+            "phases": self.phases,
+        }
+
+    def _check_source(self):
+        record, task = checkpoint.running_task(self.client, self.id)
+        spec = json.loads(record.spec.value) if record.spec.value else {}
+        if (spec.get("process") or {}).get("terminal"):
+            raise ToolError(f"{self.id} runs with a terminal, which a migration cannot take along; nothing was done")
+        if self.args.dest_netns and not network.namespace_path(spec):
+            raise ToolError(f"--dest-netns: {self.id} has no network namespace given by path (it has one of its own, "
+                            "which CRIU brings back as a new one on the destination, or the host's); migrate it "
+                            "without --dest-netns")
+        try:
+            rootfs.writable_layer(self.client.mounts(record.snapshotter, record.snapshot_key))
+        except grpc.RpcError as exc:
+            raise from_rpc(exc, f"reading the snapshot of {self.id}") from None
+        return record, task, spec
+
+    def _prepare_message(self, record, spec: dict, netns: str | None) -> dict:
+        message: dict = {
+            "container": self.id, "migration": self.migration, "mode": self.mode, "image": record.image,
+            "snapshotter": record.snapshotter, "labels": dict(record.labels), "tcp_close": self.args.tcp_close,
+            "runtime_options": ({"type_url": record.runtime.options.type_url,
+                                 "value": record.runtime.options.value.hex()}
+                                if record.runtime.options.type_url else None),
+        }
+        if netns:
+            try:
+                addresses = network.addresses_of(netns)
+            except Exception as exc:  # noqa: BLE001 - pyroute2's errors
+                raise ToolError(f"reading the addresses of {self.id}'s network namespace {netns}: {exc}") from None
+            message["netns"] = {"source": netns, "destination": self.args.dest_netns or netns,
+                                "addresses": addresses}
+        return message
+
+    def _dump_options(self, spec: dict, netns: str | None) -> dict[str, str]:
+        chosen = {"leave-running": "false", "timeout": str(max(30, int(self._deadline_left())))}
+        if network.has_network_namespace(spec):
+            chosen["tcp-established"] = "true"  # connections move (or, with --tcp-close, close on the destination)
+        if netns:
+            chosen["keep-network-lock"] = "true"  # lifted by the restore here (rollback) or by us (commit)
+        if self.relay is not None:
+            chosen["page-server"] = self.relay.address
+        return chosen
+
+    def _page_server_fate(self) -> str:
+        """After a failed --stream dump: what the destination's page server says (often the real cause)."""
+        if self.relay is None or self.session is None:
+            return ""
+        try:
+            self.session.request("pages-end", expect="pages-done", timeout=30, wait=20)
+        except transport.RemoteRefusal as exc:
+            return f" (on the destination: {exc})"
+        except (ToolError, ChannelClosed, TimeoutError, frames.ProtocolError):
+            pass
+        return ""
+
+    def _images(self) -> str:
+        assert self.staging is not None
+        return os.path.join(self.staging, archive.CHECKPOINT_DIR)
+
+    def _start_page_stream(self) -> None:
+        assert self.staging is not None and self.session is not None and self.session.channel is not None
+        self._ask("pages", expect="pages-ready", timeout=self._deadline_left())
+        self.relay = SourceRelay(self.session.channel, os.path.join(self.staging, RECORDING))
+
+    def _ask(self, message_type: str, *, expect: str, timeout: float, **fields) -> dict:
+        assert self.session is not None
+        try:
+            return self.session.request(message_type, expect=expect, timeout=timeout, **fields)
+        except (ChannelClosed, TimeoutError, frames.ProtocolError) as exc:
+            raise ToolError(self.session.failure(f"'{message_type}' on the destination", exc)) from None
+
+    def _send_archive(self) -> None:
+        assert self.session is not None and self.session.channel is not None and self.staging is not None
+        channel = self.session.channel
+        channel.send_message("archive")
+        writer = ArchiveWriter(channel)
+        with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+            for name in archive._entries(self.staging):
+                if name != RECORDING:
+                    tar.add(os.path.join(self.staging, name), arcname=name, filter=archive._owned_by_root)
+        writer.finish()
+        answer = self.session.answer(expect="archive-received", timeout=self._deadline_left())
+        progress(f"sent the checkpoint: {archive.human_size(answer['bytes'])}")
+
+    def _commit(self) -> None:
+        """The point of no return: the destination runs; once it has taken the commit it keeps the container."""
+        assert self.session is not None
+        try:
+            self.session.request("commit", expect="committed", timeout=60)
+            return
+        except (ChannelClosed, TimeoutError, frames.ProtocolError, ToolError) as exc:
+            lost = exc
+        # The commit may or may not have arrived: ask the destination afresh what became of the container.
+        progress(f"the connection was lost around the commit ({lost}); asking the destination what it has")
+        state = self._ask_state()
+        if state == "running":
+            return
+        if state == "absent":
+            self.roll_back(lost)
+            raise ToolError(f"the destination lost the migration before it was committed ({lost}); {self.id} was "
+                            "restored here and runs on")
+        raise ToolError(f"the connection to {self.dest.host} was lost while committing ({lost}) and the destination "
+                        f"could not be asked ({state}): {self.id} may run there; it is stopped here, its images kept "
+                        f"in {self.staging} (`pyshim restore {self.staging} --name {self.id}` after removing the "
+                        "stopped container, if it does not run there)")
+
+    def _ask_state(self) -> str:
+        session = transport.Session(self.dest, self.args.ssh_option)
+        try:
+            session.open(30)
+            return str(session.request("status", expect="status", timeout=30, container=self.id,
+                                       migration=self.migration)["state"])
+        except (ToolError, ChannelClosed, TimeoutError, frames.ProtocolError) as exc:
+            return f"unknown: {exc}"
+        finally:
+            session.close()
+
+    def _remove_source(self) -> None:
+        """The destination runs: the source's stopped task, its network lock, the container and its snapshot. A
+        task that cannot be deleted fails the command (the source's task must be gone); the rest is warned about."""
+        task_problem = ""
+        try:
+            self._wait_stopped()
+            self.client.delete_task(self.id)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                task_problem = f"deleting its stopped task failed: {exc.details()}"
+        try:
+            removed = lock.release((self.pyshim_record.get("network") or {}).get("lock"))
+            if removed:
+                progress(f"released CRIU's network lock: {'; '.join(removed)}")
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            progress(f"warning: CRIU's network lock on {self.id}'s namespace could not be released: {exc}")
+        if not task_problem:
+            try:
+                record = self.client.container(self.id)
+                self.client.delete_container(self.id)
+                self.client.remove_snapshot(record.snapshotter, record.snapshot_key)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    progress(f"warning: removing the container {self.id} here failed: {exc.details()}")
+        if self.staging:
+            archive.remove_tree(self.staging)
+            self.staging = None
+        if task_problem:
+            raise ToolError(f"{self.id} runs on the destination, but here {task_problem}; remove it with `ctr -n "
+                            f"{self.client.namespace} tasks delete {self.id}`")
+
+    def _wait_stopped(self, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while self.client.task(self.id).status != task_pb2.STOPPED and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    # --- the way back ------------------------------------------------------------------------------------------
+
+    def _abort(self) -> None:
+        """Before the dump: tell the destination to undo; nothing here was stopped."""
+        if self.session is not None and self.session.channel is not None:
+            try:
+                self.session.request("abort", expect="aborted", timeout=30)
+            except (ToolError, ChannelClosed, TimeoutError, frames.ProtocolError):
+                pass  # a receiver that cannot answer undoes on its own when the connection ends
+        if self.staging:
+            archive.remove_tree(self.staging)
+            self.staging = None
+
+    def roll_back(self, why: BaseException) -> None:
+        """After the dump, before the commit: the destination undoes, the container is restored here."""
+        progress(f"failed after the dump ({why}); restoring {self.id} here")
+        self._abort_remote_only()
+        try:
+            self._restore_here()
+        except BaseException as exc:
+            released = ""
+            try:
+                lock.release((self.pyshim_record.get("network") or {}).get("lock"))
+            except (OSError, ValueError, subprocess.SubprocessError) as lock_exc:
+                released = f"; its network lock could not be lifted either ({lock_exc})"
+            kept = self.staging
+            self.staging = None  # the images stay: they are all that is left of the container's state
+            raise ToolError(f"the migration of {self.id} failed ({why}), and restoring it here from its images "
+                            f"failed too ({exc}){released}; the images are kept in {kept}: remove the stopped task "
+                            f"and restore them (`pyshim restore {kept} --name NEW`)") from None
+        if self.staging:
+            archive.remove_tree(self.staging)
+            self.staging = None
+        progress(f"{self.id} runs on here again")
+
+    def _abort_remote_only(self) -> None:
+        if self.session is not None and self.session.channel is not None and self.session.channel.closed is None:
+            try:
+                self.session.request("abort", expect="aborted", timeout=60)
+            except (ToolError, ChannelClosed, TimeoutError, frames.ProtocolError):
+                pass
+        if self.relay is not None:
+            self.relay.close()
+
+    def _restore_here(self) -> None:
+        from shim.tool.restore import _task_options
+
+        assert self.staging is not None
+        images = self._images()
+        if self.relay is not None:
+            replay(os.path.join(self.staging, RECORDING), images, os.path.join(self.staging, "replay.log"))
+        record = self.client.container(self.id)
+        self._wait_stopped()
+        try:
+            self.client.delete_task(self.id)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+        work = tempfile.mkdtemp(prefix=f"pyshim-migrate-back-{self.id}-")
+        try:
+            task_options = _task_options(_config_path_of(record), images, work)
+            _merge_runc_options(task_options, record)
+            self.client.create_task(self.id, options=task_options, timeout=self._time_for_rollback())
+            self.client.start_task(self.id, timeout=self._time_for_rollback())
+        except BaseException:
+            try:
+                self.client.delete_task(self.id)
+            except grpc.RpcError:
+                pass
+            raise
+        finally:
+            archive.remove_tree(work)
+
+    def _time_for_rollback(self) -> float:
+        return max(60.0, self.args.timeout - (time.monotonic() - self.started))
+
+
+@contextlib.contextmanager
+def _interrupt_deferred() -> Iterator[list[int]]:
+    """Ctrl-C while the shim dumps would cancel the call, not CRIU, which still ends the task: the interrupt is
+    noted (in the list yielded) and acted on once the dump has answered, by the way back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield []
+        return
+    noted: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum))
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _config_path_of(record) -> str | None:
+    """The pyshim runtime options file a container was created with (ctr --runtime-config-path), if any."""
+    if record.runtime.options.type_url == "runtimeoptions.v1.Options":
+        from shim.api.containerd.runtimeoptions.v1 import api_pb2
+
+        return api_pb2.Options.FromString(record.runtime.options.value).config_path or None
+    return None
+
+
+def _merge_runc_options(task_options, record) -> None:
+    """A container created with runc's own Options (not a file) keeps them for the restore here."""
+    if record.runtime.options.type_url.endswith("containerd.runc.v1.Options"):
+        from shim.api.containerd.runc.options import oci_pb2
+
+        given = oci_pb2.Options.FromString(record.runtime.options.value)
+        images, work = task_options.criu_image_path, task_options.criu_work_path
+        task_options.CopyFrom(given)
+        task_options.criu_image_path, task_options.criu_work_path = images, work
