@@ -10,10 +10,16 @@ every measurement alternates between the two shims (ABAB / BABA) so that drift h
 3. idle memory: RSS/PSS/USS of every shim process with IDLE detached `sleep` containers per shim;
 4. pyshim only: `python -X importtime` of the start path and of the server path, and the interpreter's floor.
 
+With `--compare-shim PATH --compare-label LABEL`, a second pyshim build (its `containerd-shim-pyshim-v2` launcher, e.g.
+the code before a change) runs as a third runtime of the same containerd, interleaved with the other two in every
+measurement of sections 1-3, and a fifth section gives the same-run ratios of this build to it and of both to Go.
+
 The results go to stdout and into a Markdown file (default docs/benchmarks.md), one section per containerd version
 and date (a rerun on the same day replaces it). Run as root:
 
     /opt/pyshim/venv/bin/python benchmarks/lifecycle.py --containerd 2 --runs 20
+    /opt/pyshim/venv/bin/python benchmarks/lifecycle.py --containerd 2 --runs 20 \
+        --compare-shim /path/to/before/containerd-shim-pyshim-v2 --compare-label before
 """
 
 from __future__ import annotations
@@ -65,16 +71,28 @@ class Shim:
     label: str
     runtime: str
     binary_name: str
+    path: Path | None = None  # a build given on the command line, linked as binary_name on containerd's PATH
 
 
 PY = Shim("pyshim", PYSHIM, "containerd-shim-pyshim-v2")
 GO = Shim("Go runc shim", RUNC_V2, "containerd-shim-runc-v2")
 SHIMS = (PY, GO)
+# --compare-shim: another pyshim build as a runtime of its own (containerd runs containerd-shim-<name>-v2 for
+# io.containerd.<name>.v2); it takes the same runtime options as pyshim.
+COMPARE_RUNTIME = "io.containerd.pyshimcompare.v2"
+COMPARE_BINARY = "containerd-shim-pyshimcompare-v2"
+PYSHIM_BINARIES = (PY.binary_name, COMPARE_BINARY)
 
 
-def in_turn(i: int) -> tuple[Shim, Shim]:
-    """Which shim goes first in round i: alternating, so neither always runs on a warmer cache."""
-    return (PY, GO) if i % 2 == 0 else (GO, PY)
+def compare_shim(path: Path, label: str) -> Shim:
+    return Shim(f"pyshim ({label})", COMPARE_RUNTIME, COMPARE_BINARY, path)
+
+
+def in_turn(i: int, shims: Sequence[Shim] = SHIMS) -> list[Shim]:
+    """The order of the shims in round i: rotated each round, so none always runs first, on a warmer cache, or
+    right after the same other one. With two shims: ABAB / BABA."""
+    k = i % len(shims)
+    return [*shims[k:], *shims[:k]]
 
 
 # --- small helpers -------------------------------------------------------------------------------------------------
@@ -125,10 +143,11 @@ def go_shim_socket_paths(containerd_address: str, namespace: str, group: str) ->
 
 def is_fork_server(pid: int) -> bool:
     """pyshim's fork server (shim/forkserver): `<shim binary> forkserver <containerd pid> ...`, launched by a
-    `start` that found none, or its spare (`forkserver-spare`). Neither is a shim server of any container."""
+    `start` that found none, its spare (`forkserver-spare`) or its checkpoint spare (`forkserver-criu`). None is a
+    shim server of any container."""
     argv = processes.cmdline(pid)
-    for token in ("forkserver", "forkserver-spare"):  # the server, and the spare it forks in advance
-        if token in argv and any(Path(a).name == PY.binary_name for a in argv[:argv.index(token)]):
+    for token in ("forkserver", "forkserver-spare", "forkserver-criu"):
+        if token in argv and any(Path(a).name in PYSHIM_BINARIES for a in argv[:argv.index(token)]):
             return True
     return False
 
@@ -164,7 +183,7 @@ def end_strays() -> list[str]:
     notes = []
     for pid in processes.children_of(os.getpid()):
         argv = processes.cmdline(pid)
-        if any(Path(a).name in (PY.binary_name, GO.binary_name) for a in argv[:3]) and not is_fork_server(pid):
+        if any(Path(a).name in (*PYSHIM_BINARIES, GO.binary_name) for a in argv[:3]) and not is_fork_server(pid):
             notes.append(f"ended a leftover shim process {pid} ({' '.join(argv[-2:])})")
             processes.kill_child_of(os.getpid(), pid, signal.SIGTERM)
             if not reap(pid, 3.0):
@@ -294,19 +313,31 @@ class Cycle:
 
 
 class Benchmark:
-    def __init__(self, containerd: Containerd, image: TestImage, runs: int, idle: int):
+    def __init__(self, containerd: Containerd, image: TestImage, runs: int, idle: int, compare: Shim | None = None):
         self.c = containerd
         self.image = image
         self.runs = runs
         self.idle = idle
+        self.compare = compare
+        self.shims: tuple[Shim, ...] = SHIMS if compare is None else (*SHIMS, compare)
+        if compare is not None and compare.path is not None:
+            (containerd.shim_dir / compare.binary_name).symlink_to(compare.path)
         self.binaries = {shim: Path(shutil.which(shim.binary_name, path=containerd.env["PATH"]) or shim.binary_name)
-                         for shim in SHIMS}
+                         for shim in self.shims}
         self.bundle_templates: dict[Shim, Path] = {}
         self.start_env: dict[str, str] = {}
         self.start_flags: list[str] = []
         self.argv_source = ""
         self.failures: list[str] = []
         self.ids: dict[str, Shim] = {}  # every container id used, for the socket check at the end
+
+    def runtime_flags(self, shim: Shim) -> list[str]:
+        """ctr's runtime flags for shim: a compared pyshim build gets pyshim's (its runtime name aside)."""
+        if shim.runtime != COMPARE_RUNTIME:
+            return self.c.runtime_flags(shim.runtime)
+        flags = self.c.runtime_flags(PYSHIM)
+        flags[flags.index("--runtime") + 1] = shim.runtime
+        return flags
 
     def new_id(self, shim: Shim, prefix: str) -> str:
         container_id = self.c.new_id(prefix)
@@ -330,11 +361,11 @@ class Benchmark:
     # 1 ------------------------------------------------------------------------------------------------------------
     def lifecycle(self) -> dict[Shim, list[float]]:
         """`ctr run --rm ... true`, runs+1 rounds; round 0 warms caches and is not counted."""
-        samples: dict[Shim, list[float]] = {shim: [] for shim in SHIMS}
+        samples: dict[Shim, list[float]] = {shim: [] for shim in self.shims}
         for i in range(self.runs + 1):
-            for shim in in_turn(i):
+            for shim in in_turn(i, self.shims):
                 container_id = self.new_id(shim, "lc")
-                argv = [*self.c.ctr_argv(), "run", "--rm", *self.c.runtime_flags(shim.runtime), self.image.ref,
+                argv = [*self.c.ctr_argv(), "run", "--rm", *self.runtime_flags(shim), self.image.ref,
                         container_id, "true"]
                 seconds, result = timed(argv, env=self.c.env, stdin=subprocess.DEVNULL, text=True)
                 if result.returncode != 0:
@@ -354,7 +385,7 @@ class Benchmark:
     def cleanups_after_disconnect(self, prefix: str) -> dict[Shim, int]:
         """How many of our containers (ids starting with prefix) containerd logged "cleaning up after shim
         disconnected" for: each such cleanup runs the shim binary's `delete` action."""
-        counts = {shim: 0 for shim in SHIMS}
+        counts = {shim: 0 for shim in self.shims}
         text = self.c.log_path.read_text(errors="replace") if self.c.log_path.exists() else ""
         for container_id in re.findall(r'cleaning up after shim disconnected" id=(\S+)', text):
             if container_id.startswith(prefix) and container_id in self.ids:
@@ -366,9 +397,9 @@ class Benchmark:
         """One detached container per shim: keep its bundle's settings files as templates, and take the argv and
         environment containerd gave pyshim's `start` from pyshim's server (a fork of start: same cmdline/environ)."""
         ids = {}
-        for shim in SHIMS:
+        for shim in self.shims:
             container_id = self.new_id(shim, "probe")
-            self.c.run(container_id, self.image, "sleep", "3600", runtime=shim.runtime)
+            self.c.ctr("run", "-d", *self.runtime_flags(shim), self.image.ref, container_id, "sleep", "3600")
             ids[shim] = container_id
             template = self.c.tmp / "bench-templates" / shim.binary_name
             template.mkdir(parents=True)
@@ -419,9 +450,9 @@ class Benchmark:
         return bundle
 
     def start_and_delete(self) -> dict[Shim, StartDelete]:
-        results = {shim: StartDelete() for shim in SHIMS}
+        results = {shim: StartDelete() for shim in self.shims}
         for i in range(self.runs + 1):
-            for shim in in_turn(i):
+            for shim in in_turn(i, self.shims):
                 self._start_delete_once(shim, results[shim], counted=i > 0)
         return results
 
@@ -499,14 +530,14 @@ class Benchmark:
     # 3 ------------------------------------------------------------------------------------------------------------
     def create_and_idle_memory(self) -> tuple[dict[Shim, list[float]], dict[Shim, list[dict[str, int]]], list[str]]:
         """`ctr run -d ... sleep 3600`, idle per shim (timed), then the memory of every shim process."""
-        create: dict[Shim, list[float]] = {shim: [] for shim in SHIMS}
-        ids: dict[Shim, list[str]] = {shim: [] for shim in SHIMS}
+        create: dict[Shim, list[float]] = {shim: [] for shim in self.shims}
+        ids: dict[Shim, list[str]] = {shim: [] for shim in self.shims}
         notes: list[str] = []
         try:
             for i in range(self.idle):
-                for shim in in_turn(i):
+                for shim in in_turn(i, self.shims):
                     container_id = self.new_id(shim, "idle")
-                    argv = [*self.c.ctr_argv(), "run", "-d", *self.c.runtime_flags(shim.runtime), self.image.ref,
+                    argv = [*self.c.ctr_argv(), "run", "-d", *self.runtime_flags(shim), self.image.ref,
                             container_id, "sleep", "3600"]
                     seconds, result = timed(argv, env=self.c.env, stdin=subprocess.DEVNULL, text=True)
                     if result.returncode != 0:
@@ -516,7 +547,7 @@ class Benchmark:
                     ids[shim].append(container_id)
                     create[shim].append(seconds)
             time.sleep(SETTLE_SECONDS)
-            memory: dict[Shim, list[dict[str, int]]] = {shim: [] for shim in SHIMS}
+            memory: dict[Shim, list[dict[str, int]]] = {shim: [] for shim in self.shims}
             for shim, by_id in self.shim_processes(ids).items():
                 missing = set(ids[shim]) - set(by_id)
                 if missing:
@@ -530,7 +561,7 @@ class Benchmark:
                                      f"{[processes.cmdline(p) for p in others]}")
             return create, memory, notes
         finally:
-            self.remove_containers([container_id for shim in SHIMS for container_id in ids[shim]])
+            self.remove_containers([container_id for shim in self.shims for container_id in ids[shim]])
 
     def _init_pid(self, container_id: str) -> int | None:
         try:
@@ -721,7 +752,9 @@ def render(marker: str, heading: str, command: str, host: list[str], bench: Benc
     lines = [f"<!-- BEGIN {marker} -->", f"## {heading}", "", "Command (as root, in the repository):", "",
              f"    {command}", ""]
     lines += host
-    lines += [f"- pyshim binary: `{bench.binaries[PY].resolve()}`; Go shim: `{bench.binaries[GO].resolve()}`",
+    lines += [f"- pyshim binary: `{bench.binaries[PY].resolve()}`; Go shim: `{bench.binaries[GO].resolve()}`"
+              + (f"; {bench.compare.label}: `{bench.compare.path}` (as runtime `{bench.compare.runtime}`)"
+                 if bench.compare else ""),
               f"- load average before / after: {load[0]} / {load[1]}; other containerd daemons running meanwhile: "
               f"{others}", ""]
     life_py, life_go = lifecycle[PY], lifecycle[GO]
@@ -770,7 +803,7 @@ def render(marker: str, heading: str, command: str, host: list[str], bench: Benc
               ""]
     if sd_py.origins:
         lines += [f"pyshim servers of the counted `start` runs: {describe_origins(sd_py.origins)}.", ""]
-    for shim in SHIMS:
+    for shim in bench.shims:
         for note in dict.fromkeys(start_delete[shim].notes):
             lines.append(f"- {shim.label} start/delete problem: {note}")
     lines.append("")
@@ -795,11 +828,43 @@ def render(marker: str, heading: str, command: str, host: list[str], bench: Benc
     lines += ["", f"Target idle RSS <= {TARGET_RATIO}x the Go shim: **{verdict(rss_ratio)}**.", ""]
     lines += [f"- {note}" for note in memory_notes]
     lines += render_breakdown(breakdown)
+    if bench.compare is not None:
+        lines += render_comparison(bench, bench.compare, lifecycle, start_delete, create, memory)
     if bench.failures:
         lines += ["", "Failures (excluded from the figures):", ""]
         lines += [f"- {failure}" for failure in dict.fromkeys(bench.failures)]
     lines += ["", f"<!-- END {marker} -->"]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)) + "\n"
+
+
+def render_comparison(bench: Benchmark, other: Shim, lifecycle: dict, start_delete: dict, create: dict,
+                      memory: dict) -> list[str]:
+    """Section 5: this pyshim against the other build and both against Go, from the same interleaved rounds."""
+    def row(name: str, samples: dict[Shim, Sequence[float]], unit: Callable[[float], str]) -> str:
+        py, was, go = (median(samples[shim]) for shim in (PY, other, GO))
+        return (f"| {name} | {unit(py)} | {unit(was)} | {unit(go)} | {ratio(py, was)} | {ratio(py, go)} | "
+                f"{ratio(was, go)} | {len(samples[PY])}/{len(samples[other])}/{len(samples[GO])} |")
+
+    shims = (PY, other, GO)
+    sd = {shim: start_delete[shim] for shim in shims}
+    lines = ["", f"### 5. This pyshim against {other.label}, same run", "",
+             f"`{other.label}` is `{other.path}`, run by the same containerd as runtime `{other.runtime}` and "
+             "interleaved with the two others round by round (the order rotates each round) in sections 1-3; the "
+             "figures are medians of those same rounds. Milliseconds and MiB; a ratio above 1 means the first is "
+             "slower or larger.", "",
+             f"| | pyshim | {other.label} | Go | pyshim / {other.label} | pyshim / Go | {other.label} / Go | runs |",
+             "|---|---|---|---|---|---|---|---|",
+             row("`ctr run --rm ... true`", lifecycle, ms),
+             row("`start`", {s: sd[s].start for s in shims}, ms),
+             row("start exited -> server answers", {s: sd[s].ready for s in shims}, ms),
+             row("`start` + ready", {s: [a + b for a, b in zip(sd[s].start, sd[s].ready, strict=True)]
+                                     for s in shims}, ms),
+             row("`delete`", {s: sd[s].delete for s in shims}, ms),
+             row("`ctr run -d ... sleep`", create, ms),
+             row("server RSS without a container", {s: sd[s].server_rss for s in shims}, mib)]
+    for key in ("Rss", "Pss", "Uss"):
+        lines.append(row(f"idle {key} per shim", {s: [m[key] for m in memory[s]] for s in shims}, mib))
+    return lines + [""]
 
 
 def describe_origins(origins: Counter) -> str:
@@ -869,7 +934,8 @@ def run_one(version: str, env: Environment, image: TestImage, args: argparse.Nam
     c = Containerd(version, env, log_dir=LOG_DIR)
     if args.no_forkserver:
         c.env["PYSHIM_FORKSERVER"] = "0"  # containerd passes it on to every `start`
-    bench = Benchmark(c, image, args.runs, args.idle)
+    compare = compare_shim(args.compare_shim, args.compare_label) if args.compare_shim else None
+    bench = Benchmark(c, image, args.runs, args.idle, compare)
     try:
         c.start()
         c.import_image(image)
@@ -895,9 +961,12 @@ def run_one(version: str, env: Environment, image: TestImage, args: argparse.Nam
     load_after = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     today = datetime.date.today().isoformat()
     variant = " forkserver=off" if args.no_forkserver else " forkserver=on"
+    if compare is not None:
+        variant += f" compare={args.compare_label}"
     marker = f"lifecycle containerd={server_version}{variant} date={today}"
     heading = (f"containerd {server_version} (`--containerd {version}`), {today}"
-               + (", pyshim without its fork server (`--no-forkserver`)" if args.no_forkserver else ""))
+               + (", pyshim without its fork server (`--no-forkserver`)" if args.no_forkserver else "")
+               + (f", beside {compare.label} (`--compare-shim`)" if compare is not None else ""))
     section = render(marker, heading, command, describe_host(env), bench, lifecycle, cleanups, origins, start_delete,
                      create,
                      memory, memory_notes, breakdown, (load_before, load_after), others)
@@ -916,12 +985,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-forkserver", action="store_true",
                         help="run pyshim without its fork server (PYSHIM_FORKSERVER=0 in containerd's environment): "
                              "every `start` forks the server itself, as before shim/forkserver existed")
+    parser.add_argument("--compare-shim", type=Path, metavar="PATH",
+                        help="another pyshim build's containerd-shim-pyshim-v2 (e.g. the code before a change), run as "
+                             f"a third runtime ({COMPARE_RUNTIME}) interleaved with the two others; section 5 gives "
+                             "the same-run ratios")
+    parser.add_argument("--compare-label", default="before",
+                        help="what to call the --compare-shim build in the report (default: before)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md",
                         help="Markdown file whose section for this containerd version and date is replaced "
                              "(default docs/benchmarks.md)")
     args = parser.parse_args(argv)
     if args.runs < 1 or args.idle < 1:
         parser.error("--runs and --idle must be at least 1")
+    if args.compare_shim is not None:
+        if not os.access(args.compare_shim, os.X_OK) or args.compare_shim.is_dir():
+            parser.error(f"--compare-shim {args.compare_shim}: not an executable file")
+        args.compare_shim = args.compare_shim.resolve()
+    if not re.fullmatch(r"[\w.+-]{1,40}", args.compare_label):
+        parser.error("--compare-label: letters, digits and . + - _ only (it goes into the report's section marker)")
     if reason := unavailable_reason():
         print(f"cannot run: {reason}", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ sys.path[:0] = [str(ROOT / "integration"), str(ROOT)]
 from harness.containerd import PYSHIM, Containerd  # noqa: E402
 from harness.environment import load_environment  # noqa: E402
 from harness.image import build_test_image  # noqa: E402
+from harness.tasks import task_pid  # noqa: E402
 
 from shim.tool.archive import human_size  # noqa: E402
 
@@ -43,14 +44,6 @@ def pyshim(containerd: Containerd, store: Path, *args: str) -> float:
     if result.returncode != 0:
         raise RuntimeError(f"pyshim {' '.join(args)} failed: {result.stderr}")
     return time.monotonic() - started
-
-
-def task_pid(containerd: Containerd, container_id: str) -> int:
-    for line in containerd.ctr("task", "ls").stdout.splitlines()[1:]:
-        fields = line.split()
-        if fields and fields[0] == container_id:
-            return int(fields[1])
-    raise LookupError(container_id)
 
 
 def wait_rss(pid: int, mib: int, timeout: float = 300) -> None:

@@ -157,11 +157,5 @@ def containerd(request: pytest.FixtureRequest, containerd_version: str, cgroup_v
     instance = Containerd(containerd_version, environment, log_dir=containerd_log_dir,
                           cgroup2=cgroup_view == CGROUP_V2)
     track_containerd(request, instance)
-    try:
-        instance.start()
-        instance.import_image(test_image)
+    with instance.serving(test_image):  # what the test itself did not clean up is printed with its output
         yield instance
-    finally:
-        for note in instance.stop():
-            # Shown with the test's captured output: what the test itself did not clean up.
-            print(f"containerd {containerd_version} teardown: {note}")

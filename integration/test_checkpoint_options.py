@@ -60,6 +60,7 @@ from harness.containerd import PYSHIM, RUNC_V2, Containerd
 from harness.grpc_client import ContainerdClient
 from harness.image import TestImage
 from harness.runc import Runc
+from harness.waiting import wait_until
 
 from shim.api.containerd.runc.options import oci_pb2
 
@@ -67,22 +68,10 @@ ANNOTATION = "io.pyshim.checkpoint."
 COUNTER = "i=0; while :; do i=$((i+1)); printf '%08d\\n' $i 1<> /data/counter; sleep 0.05; done"
 MiB = 1 << 20
 WAIT = 10.0
-POLL = 0.02
 HELPER_DIR = "/opt/lockhold"
 
 
 # --- containers, counters, checkpoints --------------------------------------------------------------------------------
-
-def wait_until(predicate, what: str, timeout: float = WAIT):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{what}: not after {timeout}s")
-        time.sleep(POLL)
-
 
 class Lab:
     """One test's containers on one containerd: each with its own host directory at /data; all removed at the end
@@ -184,7 +173,7 @@ def counter(data: Path) -> int | None:
 def counting(data: Path, at_least: int = 3) -> int:
     """Wait until the counter reaches at_least; its value then."""
     return wait_until(lambda: (value := counter(data)) is not None and value >= at_least and value,
-                      f"counter in {data} reaching {at_least}")
+                      WAIT, f"counter in {data} reaching {at_least}")
 
 
 def still_counting(data: Path) -> bool:
@@ -197,7 +186,7 @@ def still_counting(data: Path) -> bool:
 def resumes(data: Path, checkpointed: int) -> bool:
     """After a restore: the counter moves on from the checkpointed value (never starting again at 1)."""
     first = wait_until(lambda: (value := counter(data)) is not None and value != checkpointed and value,
-                       "restored counter writing")
+                       WAIT, "restored counter writing")
     counting(data, first + 3)
     return checkpointed < first <= checkpointed + 20
 
@@ -243,14 +232,8 @@ def helper_mount(binary: Path) -> str:
 @pytest.fixture(scope="module")
 def containerd2(environment, test_image, containerd_log_dir) -> Iterator[Containerd]:
     """One containerd 2.x for the tests of this module that need no other version."""
-    instance = Containerd("2", environment, log_dir=containerd_log_dir)
-    try:
-        instance.start()
-        instance.import_image(test_image)
+    with Containerd("2", environment, log_dir=containerd_log_dir).serving(test_image) as instance:
         yield instance
-    finally:
-        for note in instance.stop():
-            print(f"containerd 2 teardown: {note}")
 
 
 @pytest.fixture
@@ -322,16 +305,16 @@ def test_file_locks_restored_process_still_holds_its_lock(lab: Lab, lockhold_bin
 
     # Without file-locks CRIU refuses a task holding a lock; the task keeps it and runs on.
     refused, refused_data = lab.run(*holder, mounts=mounts)
-    wait_until(lambda: lock_status(refused_data)[0] >= 3, "lockhold holding")
+    wait_until(lambda: lock_status(refused_data)[0] >= 3, WAIT, "lockhold holding")
     failed = lab.checkpoint(refused, lab.path("refused"), check=False)
     assert failed.returncode != 0 and "--file-locks" in failed.stderr, failed.stderr
     assert lab.task(refused)[1] == "RUNNING" and not host_can_lock(refused_data / "lock")
     count = lock_status(refused_data)[0]
-    wait_until(lambda: lock_status(refused_data) >= (count + 3, "held"), "lockhold counting after the refusal")
+    wait_until(lambda: lock_status(refused_data) >= (count + 3, "held"), WAIT, "lockhold counting after the refusal")
 
     images = lab.path("locked")
     original, data = lab.run(*holder, annotations={"file-locks": "true"}, mounts=mounts)
-    wait_until(lambda: lock_status(data)[0] >= 3, "lockhold holding")
+    wait_until(lambda: lock_status(data)[0] >= 3, WAIT, "lockhold holding")
     lab.checkpoint(original, images, exit=True)
     assert lab.wait_status(original, "STOPPED") == "STOPPED" and record(images)["options"]["file_locks"] is True
     checkpointed = lock_status(data)
@@ -339,7 +322,7 @@ def test_file_locks_restored_process_still_holds_its_lock(lab: Lab, lockhold_bin
 
     restored, _ = lab.restore(images, data, mounts=mounts)
     after = wait_until(lambda: (status := lock_status(data))[0] > checkpointed[0] + 3 and status,
-                       "restored lockhold counting on")
+                       WAIT, "restored lockhold counting on")
     assert after[1] == "held" and after[0] <= checkpointed[0] + 40  # the same count, going on: restored, not rerun
     assert not host_can_lock(data / "lock")
     tried = lab.containerd.ctr("task", "exec", "--exec-id", "try", restored, f"{HELPER_DIR}/lockhold", "-t",
@@ -369,7 +352,8 @@ class Tmux:
 
     def wait_for(self, name: str, pattern: str) -> re.Match:
         try:
-            return wait_until(lambda: re.search(pattern, self.screen(name), re.MULTILINE), f"{pattern!r} in {name}")
+            return wait_until(lambda: re.search(pattern, self.screen(name), re.MULTILINE), WAIT,
+                              f"{pattern!r} in {name}")
         except AssertionError as exc:
             raise AssertionError(f"{exc}; the screen:\n{self.screen(name)}") from None
 
@@ -383,7 +367,7 @@ class Tmux:
         for pid in processes.children_of(shell):
             processes.kill_child_of(shell, pid)
         wait_until(lambda: not processes.children_of(shell) or self.screen(name).rstrip().endswith("EXIT=137"),
-                   f"the command of {name} killed")
+                   WAIT, f"the command of {name} killed")
 
     def kill(self) -> None:
         commands.run(["tmux", "-S", str(self.socket), "kill-server"], env=self.env, check=False, timeout=10)
@@ -543,7 +527,7 @@ def test_page_server_in_another_host_then_restore_there(lab: Lab):
                                    "page-server.log", "-v4"], env=lab.containerd.env, stdin=subprocess.DEVNULL,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
-            wait_until(lambda: listening(server.pid, port) or server.poll() is not None, "criu page-server up")
+            wait_until(lambda: listening(server.pid, port) or server.poll() is not None, WAIT, "criu page-server up")
             original, data = lab.run("sh", "-c", COUNTER, annotations={"page-server": f"{address}:{port}"})
             counting(data)
             lab.checkpoint(original, local, exit=True)
@@ -575,7 +559,7 @@ def test_lazy_restore_served_by_the_lazy_pages_daemon(lab: Lab):
     log = lab.bundle(restored) / "criu-lazy-pages.log"
     shim = lab.containerd.shim_pid(restored)
     wait_until(lambda: not [pid for pid in processes.children_of(shim) if "lazy-pages" in processes.cmdline(pid)],
-               "criu lazy-pages gone once every page is in")
+               WAIT, "criu lazy-pages gone once every page is in")
     text = log.read_text()
     assert "#PF" in text  # page faults served through userfaultfd, not pages copied in by the restore
     progress = {task: (int(done), int(total))  # the last word for each restored task
@@ -609,7 +593,7 @@ def test_lazy_dump_serving_its_own_pages_fails_and_the_task_runs_on(lab: Lab):
     shutil.copytree(partial_images(images)[0], copy)
     restored, restore = lab.restore(copy, data, annotations=lazy, check=False)
     failure = "failed after its page server was ready"
-    wait_until(lambda: failure in lab.containerd.log_tail(400), "the shim reporting the failed lazy dump", 60)
+    wait_until(lambda: failure in lab.containerd.log_tail(400), 60, "the shim reporting the failed lazy dump")
     reported = next(line for line in lab.containerd.log_tail(400).splitlines() if failure in line)
     # CRIU's cause, quoted from before its "Lazy pages transfer FAILED" (shim/criu/log.py), not the rlimit error
     assert "page-pipe: splice: -1: Bad file descriptor" in reported and "RLIMIT_NOFILE" not in reported
@@ -692,7 +676,7 @@ def test_criu_killed_mid_dump_leaves_the_task_running(lab: Lab):
     # 800 MiB of written memory: the dump takes long enough to be caught writing pages.
     original, data = lab.run("sh", "-c", f"dd if=/dev/zero bs=800M count=1 2>/dev/null | sleep 3600 & {COUNTER}")
     counting(data)
-    wait_until(lambda: _rss_kib(lab, original) > 700 * 1024, "800 MiB written")
+    wait_until(lambda: _rss_kib(lab, original) > 700 * 1024, WAIT, "800 MiB written")
     shim = lab.containerd.shim_pid(original)
     dumping = subprocess.Popen([*lab.containerd.ctr_argv(), "task", "checkpoint", "--image-path", str(images),
                                 original], env=lab.containerd.env, stdin=subprocess.DEVNULL,
@@ -705,7 +689,7 @@ def test_criu_killed_mid_dump_leaves_the_task_running(lab: Lab):
     try:
         criu, parent = wait_until(lambda: (found := criu_child(shim, lab.bundle(original))) and sum(
             p.stat().st_size for part in partial_images(images) for p in part.glob("pages-*.img")) > 64 << 20
-            and found, "CRIU writing dd's pages", timeout=30)
+            and found, 30, "CRIU writing dd's pages", poll=0.02)
         processes.kill_child_of(parent, criu)  # only while it is still its parent's child
         _, error = dumping.communicate(timeout=60)
     finally:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from harness import processes
 from harness.containerd import PYSHIM, Containerd
 from harness.image import TestImage
 from harness.tasks import remove, task_status, wait_status
+from harness.waiting import wait_until
 from test_checkpoint import counter, create_container, read_counter, resumed, start_counter, wait_counter
 
 pytestmark = pytest.mark.parametrize("containerd_version", ["2"], ids=lambda v: f"containerd-{v}")
@@ -53,16 +53,6 @@ def comm(pid: int) -> str:
         return ""
 
 
-def wait_for(predicate, what: str, timeout: float = WAIT):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"{what}: not within {timeout}s")
-
-
 def remove_checkpoint_images(containerd: Containerd) -> None:
     """ctr records each checkpoint of a runtime other than io.containerd.runc.v2 as an image named by the second
     (containerd.io/checkpoint/ID:TIME): two in one second collide unless the first is gone."""
@@ -76,7 +66,7 @@ def test_a_server_that_checkpoints_stays_lean(containerd: Containerd, test_image
     remove(containerd, warmup)
     container_id = start_counter(containerd, test_image, PYSHIM)
     try:
-        wait_for(lambda: with_token("forkserver-criu", containerd.pid), "the fork server's checkpoint spare")
+        wait_until(lambda: with_token("forkserver-criu", containerd.pid), WAIT, "the fork server's checkpoint spare")
         server = containerd.shim_pid(container_id)
         assert server is not None
         before = rss_kib(server)
@@ -99,12 +89,8 @@ def test_a_server_that_checkpoints_stays_lean(containerd: Containerd, test_image
 def no_forkserver(containerd_version: str, environment, test_image: TestImage, containerd_log_dir: Path):
     instance = Containerd(containerd_version, environment, log_dir=containerd_log_dir)
     instance.env["PYSHIM_FORKSERVER"] = "0"
-    try:
-        instance.start()
-        instance.import_image(test_image)
+    with instance.serving(test_image):
         yield instance
-    finally:
-        instance.stop()
 
 
 def test_without_a_fork_server_the_server_starts_its_worker(no_forkserver: Containerd, test_image: TestImage):
@@ -132,7 +118,7 @@ def test_a_worker_killed_mid_dump_fails_the_checkpoint_and_leaves_the_task_runni
         path = counter(containerd, container_id)
         wait_counter(path, lambda v: v >= 3)
         init = int((containerd.bundle(container_id) / "init.pid").read_text())
-        wait_for(lambda: any(int(_rss_of_child(init)) > 290 * 1024 for _ in [0]), "the hog's memory", timeout=60)
+        wait_until(lambda: any(int(_rss_of_child(init)) > 290 * 1024 for _ in [0]), 60, "the hog's memory")
         ctr = subprocess.Popen([*containerd.ctr_argv(), "task", "checkpoint", "--image-path", str(images),
                                 container_id], env=containerd.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
@@ -141,14 +127,14 @@ def test_a_worker_killed_mid_dump_fails_the_checkpoint_and_leaves_the_task_runni
             # started too) once its CRIU (a process of its session other than itself) is writing the hog's pages
             # into the partial image: the task is frozen then.
             bundle = str(containerd.bundle(container_id))
-            worker = wait_for(lambda: next((int(e) for e in os.listdir("/proc") if e.isdigit()
-                                            and comm(int(e)) == "pyshim-ckpt" and _cwd(int(e)) == bundle
-                                            and _session_members(int(e))), None),
-                              "a checkpoint worker running CRIU")
+            worker = wait_until(lambda: next((int(e) for e in os.listdir("/proc") if e.isdigit()
+                                              and comm(int(e)) == "pyshim-ckpt" and _cwd(int(e)) == bundle
+                                              and _session_members(int(e))), None),
+                                WAIT, "a checkpoint worker running CRIU", poll=0.02)
             # Who to stop is read before the pages are waited for: CRIU writes 300 MiB in a fraction of a second on
             # an idle machine, and a scan of /proc between the two let a dump finish first (seen in a CI run).
             session = _session_members(worker)
-            wait_for(lambda: _pages_written(images) > 1 * MiB, "CRIU writing pages", timeout=30)
+            wait_until(lambda: _pages_written(images) > 1 * MiB, 30, "CRIU writing pages", poll=0.02)
             # CRIU stopped where it is: it can neither finish nor notice its worker's death and resume the task
             # itself; only the server killing the worker's session and resuming the task ends this.
             _stop(session)  # the known ones at once, then any that came since
@@ -161,7 +147,7 @@ def test_a_worker_killed_mid_dump_fails_the_checkpoint_and_leaves_the_task_runni
                 ctr.wait()
         assert ctr.returncode != 0
         assert f"checkpoint worker pid {worker}" in stderr and "ended without an answer" in stderr, stderr
-        wait_for(lambda: not any(processes.is_running(p) for p in session), "CRIU ended with its worker", timeout=10)
+        wait_until(lambda: not any(processes.is_running(p) for p in session), 10, "CRIU ended with its worker")
         assert not images.exists()
         assert task_status(containerd, container_id) == "RUNNING"
         now = read_counter(path)

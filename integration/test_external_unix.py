@@ -25,13 +25,13 @@ from __future__ import annotations
 import json
 import os
 import socket
-import time
 from pathlib import Path
 
 import pytest
 from harness import ids, unixpeer
 from harness.containerd import PYSHIM, Containerd
 from harness.image import TestImage
+from harness.tasks import task_pid, task_status, wait_status
 
 from shim.netns import named
 from shim.netns.enter import socket_in
@@ -99,21 +99,6 @@ def read_line(connection: socket.socket) -> str:
     return data.decode().rstrip("\n")
 
 
-def task_status(containerd: Containerd, container_id: str) -> str:
-    for line in containerd.ctr("task", "ls").stdout.splitlines()[1:]:
-        fields = line.split()
-        if fields and fields[0] == container_id:
-            return fields[2]
-    return "ABSENT"
-
-
-def wait_status(containerd: Containerd, container_id: str, wanted: str) -> str:
-    deadline = time.monotonic() + TIMEOUT
-    while (status := task_status(containerd, container_id)) != wanted and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return status
-
-
 def container_flags(peers: Peers, helper: Path, images: Path, *, ext_unix_sk: bool, netns: str | None = None,
                     net_host: bool = False, inside: str | None = None) -> list[str]:
     """Mounts (the peers' directory at `inside`, by default its own path; the helper), network, annotations."""
@@ -136,14 +121,6 @@ def command(peers: Peers, *, inside: str | None = None, dgram: bool = True) -> l
 
 def socket_inode(pid: int, fd: int) -> int:
     return int(os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1])
-
-
-def task_pid(containerd: Containerd, container_id: str) -> int:
-    for line in containerd.ctr("task", "ls").stdout.splitlines()[1:]:
-        fields = line.split()
-        if fields and fields[0] == container_id:
-            return int(fields[1])
-    raise LookupError(container_id)
 
 
 def checkpoint(containerd: Containerd, container_id: str, images: Path):
@@ -221,7 +198,7 @@ def test_ext_unix_sk_checkpoint_and_restore_reconnect_both(containerd: Container
 
         dumped = checkpoint(containerd, original, images)
         assert dumped.returncode == 0, dumped.stderr
-        assert wait_status(containerd, original, "STOPPED") == "STOPPED"
+        assert wait_status(containerd, original, "STOPPED", TIMEOUT) == "STOPPED"
         assert read_line(connection) == "<EOF>"  # the dump ended the container's end of it
         record = json.loads((images / "pyshim-checkpoint.json").read_text())
         assert (record["options"]["ext_unix_sk"], record["options"]["leave_running"]) == (True, False)

@@ -27,6 +27,7 @@ from harness.containerd import PYSHIM, RUNC_V2, RUNTIMES, Containerd
 from harness.environment import Environment
 from harness.image import TestImage
 from harness.redis_image import build_redis_image, redis_files
+from harness.tasks import task_pid, task_status, wait_status
 
 PORT = "6379"
 # Data only in memory: no RDB snapshots, no append-only file.
@@ -82,29 +83,6 @@ def read_back(containerd: Containerd, container_id: str) -> dict[str, Reply]:
 
 def lo_flags(containerd: Containerd, container_id: str) -> int:
     return int(in_container(containerd, container_id, "cat", "/sys/class/net/lo/flags").stdout.strip(), 16)
-
-
-def task_status(containerd: Containerd, container_id: str) -> str:
-    for line in containerd.ctr("task", "ls").stdout.splitlines()[1:]:
-        fields = line.split()
-        if fields and fields[0] == container_id:
-            return fields[2]
-    return "ABSENT"
-
-
-def task_pid(containerd: Containerd, container_id: str) -> int:
-    for line in containerd.ctr("task", "ls").stdout.splitlines()[1:]:
-        fields = line.split()
-        if fields and fields[0] == container_id:
-            return int(fields[1])
-    raise LookupError(f"no task {container_id}")
-
-
-def wait_status(containerd: Containerd, container_id: str, wanted: str, timeout: float = 10) -> str:
-    deadline = time.monotonic() + timeout
-    while (status := task_status(containerd, container_id)) != wanted and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return status
 
 
 def wait_for_pong(containerd: Containerd, container_id: str, timeout: float = 10) -> None:

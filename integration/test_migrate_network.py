@@ -36,7 +36,7 @@ from harness.image import TestImage
 from harness.migration import TwoHosts, added, mode_skip_reason
 from harness.migration_lab import CONTAINER_ADDRESS, MigrationLab, RouteFollower
 from harness.netns_hosts import criu_locks, echo, no_echo
-from harness.tasks import remove, task_status
+from harness.tasks import remove, task_pid, task_status
 from harness.waiting import wait_until
 
 PORT = 7000
@@ -96,14 +96,6 @@ def start_server(hosts: TwoHosts, image: TestImage, netns: str) -> str:
     container_id = hosts.source.new_id("web")
     hosts.source.run(container_id, image, *SERVER, runtime=PYSHIM, extra=["--with-ns", f"network:{netns}"])
     return container_id
-
-
-def task_pid(containerd: Containerd, container_id: str) -> int:
-    for line in containerd.ctr("task", "ls").stdout.splitlines()[1:]:
-        fields = line.split()
-        if fields and fields[0] == container_id:
-            return int(fields[1])
-    raise AssertionError(f"no task {container_id}")
 
 
 def in_namespace(pid: int, netns_path: str) -> bool:

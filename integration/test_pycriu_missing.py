@@ -47,12 +47,8 @@ def containerd_without_pycriu(environment, test_image: TestImage, containerd_log
     empty.mkdir()
     # Inherited by `start`, the fork server and every shim server this containerd starts.
     instance.env["PYSHIM_PYCRIU_PATH"] = str(empty)
-    try:
-        instance.start()
-        instance.import_image(test_image)
+    with instance.serving(test_image):
         yield instance, empty
-    finally:
-        instance.stop()
 
 
 def test_containers_run_and_a_checkpoint_fails_before_touching_the_task(containerd_without_pycriu, test_image,

@@ -9,34 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-import time
-from pathlib import Path
 
 from harness.containerd import Containerd
 from harness.image import TestImage
+from test_checkpoint import read_counter, wait_counter
 
 # Written aside and renamed: a dump between the truncation and the write would leave an empty file.
 COUNTER_SCRIPT = ("i=0; while true; do i=$((i+1)); echo $i > /tmp/counter.new; mv /tmp/counter.new /tmp/counter; "
                   "sleep 0.05; done")
 SENTINEL = "sentinel"
-
-
-def read_counter(path: Path) -> int | None:
-    """The counter's value, or None while the file is missing or half-written."""
-    try:
-        return int(path.read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def wait_counter(path: Path, predicate, timeout: float = 10.0) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = read_counter(path)
-        if value is not None and predicate(value):
-            return value
-        time.sleep(0.02)
-    raise TimeoutError(f"{path}: still {path.read_text()!r} after {timeout}s")
 
 
 def test_runc_checkpoint_and_restore_keep_in_memory_state(containerd: Containerd, test_image: TestImage):

@@ -28,12 +28,8 @@ def containerd2(request, environment, test_image: TestImage, containerd_log_dir:
 
     instance = Containerd("2", environment, log_dir=containerd_log_dir)
     track_containerd(request, instance)
-    try:
-        instance.start()
-        instance.import_image(test_image)
+    with instance.serving(test_image):
         yield instance
-    finally:
-        instance.stop()
 
 
 def one_line_failure(result: subprocess.CompletedProcess) -> str:

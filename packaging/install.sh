@@ -47,7 +47,7 @@ readonly ONE_DAY=86400
 # openssh-client: `pyshim migrate` reaches the destination host through ssh (the destination needs an sshd).
 readonly SYSTEM_PACKAGES=(runc iptables ca-certificates iproute2 procps util-linux python3 openssh-client)
 
-# Libraries sid's criu 4.2.1 was found to need (shared/reference/environment.md). The script adds
+# Libraries sid's criu 4.2.1 was found to need (its ldd output on Debian 12 when the list was made). The script adds
 # whatever sid's dependency closure of criu says on top, and verifies the result with
 # LD_TRACE_LOADED_OBJECTS, so a change in sid shows up as an error rather than a silent mix.
 readonly CRIU_DOCUMENTED_LIBS=(libc6 libbsd0 libmd0 libgnutls30t64 libnettle8t64 libhogweed6t64 libgmp10

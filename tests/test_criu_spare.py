@@ -54,7 +54,11 @@ def spare(tmp_path):
     pid = os.fork()
     if pid == 0:
         ours.close()
-        criu_spare.main(theirs, path, server._close_all_but, lambda token: None)
+        # What the fork server's _detach does, its command line left as it is.
+        os.setsid()
+        server._close_all_but({0, 1, 2, theirs.fileno()})
+        os.chdir("/")
+        criu_spare.main(theirs, path)
     theirs.close()
     try:
         yield pid, path, ours

@@ -14,6 +14,7 @@ namespace too.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from . import cgroup2_view, cgroups, commands, ids, logs, mounts, processes
@@ -107,6 +108,19 @@ class Containerd:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    @contextlib.contextmanager
+    def serving(self, image: TestImage | None = None) -> Iterator[Containerd]:
+        """Started, image imported, for the block; stopped however it ends, and what stop() found left behind
+        printed (a test's captured output shows it)."""
+        try:
+            self.start()
+            if image is not None:
+                self.import_image(image)
+            yield self
+        finally:
+            for note in self.stop():
+                print(f"containerd {self.version} teardown: {note}")
 
     def start(self, timeout: float = START_TIMEOUT, configure: Callable[[Path], object] | None = None) -> None:
         """configure, if given, is called with the written config.toml's path before containerd starts."""

@@ -55,7 +55,7 @@ def nft_tables(namespace: str | None) -> list[tuple[str, str]]:
     (pyroute2) where nft is not installed."""
     if shutil.which("nft"):
         return netlock.nft_tables(_run_in(namespace, ["nft", "list", "tables"]))
-    return netlock._nft_list(refs.path_of(namespace) if namespace else "/proc/self/ns/net")
+    return netlock.nft_list(refs.path_of(namespace) if namespace else "/proc/self/ns/net")
 
 
 def criu_locks(namespace: str | None) -> list[str]:
@@ -125,6 +125,15 @@ class Hosts:
         named.remove(host.name)
         self.servers.pop(host.name, None)
         return rules
+
+    def __enter__(self) -> Hosts:
+        return self
+
+    def __exit__(self, kind: object, error: object, traceback: object) -> None:
+        """Every host removed; a test that ended well fails if anything was left behind in them."""
+        left = self.close()
+        if kind is None:
+            assert not left, f"left behind: {left}"
 
     def close(self) -> list[str]:
         """Remove every host; what was left behind, each as a note (empty when everything was tidy)."""

@@ -16,6 +16,15 @@ def task_status(containerd: Containerd, container_id: str) -> str:
     return "ABSENT"
 
 
+def task_pid(containerd: Containerd, container_id: str) -> int:
+    """The task's pid as `ctr task ls` shows it; LookupError when there is no such task."""
+    for line in containerd.ctr("task", "ls").stdout.splitlines()[1:]:
+        fields = line.split()
+        if fields and fields[0] == container_id:
+            return int(fields[1])
+    raise LookupError(f"no task {container_id}")
+
+
 def wait_status(containerd: Containerd, container_id: str, wanted: str, timeout: float = 10) -> str:
     deadline = time.monotonic() + timeout
     while (status := task_status(containerd, container_id)) != wanted and time.monotonic() < deadline:

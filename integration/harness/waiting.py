@@ -10,8 +10,10 @@ T = TypeVar("T")
 POLL = 0.05
 
 
-def wait_until(predicate: Callable[[], T], timeout: float = 15.0, what: str = "condition") -> T:
-    """predicate()'s first truthy value, polled for at most timeout seconds; AssertionError naming `what` then."""
+def wait_until(predicate: Callable[[], T], timeout: float = 15.0, what: str = "condition", *,
+               poll: float = POLL) -> T:
+    """predicate()'s first truthy value, polled every `poll` seconds for at most timeout seconds; AssertionError
+    naming `what` then. A test racing a process (stopping CRIU mid-dump) polls faster."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -19,4 +21,4 @@ def wait_until(predicate: Callable[[], T], timeout: float = 15.0, what: str = "c
             return value
         if time.monotonic() >= deadline:
             raise AssertionError(f"{what}: not within {timeout}s (last: {value!r})")
-        time.sleep(POLL)
+        time.sleep(poll)

@@ -6,7 +6,7 @@
 
 Modules: parse (pure parsers of the file formats), files (reading, absent files as None),
 locate (cgroup mode and the process's directories), v1 / v2 (building the Metrics
-messages), metrics (the Any for Task.Stats), oom and inotify (OOM watching), procs
+messages; rdma, the part both build alike), metrics (the Any for Task.Stats), oom and inotify (OOM watching), procs
 (joining a cgroup).
 """
 

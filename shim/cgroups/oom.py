@@ -26,6 +26,7 @@ from shim.cgroups import inotify
 from shim.cgroups.files import read_parsed
 from shim.cgroups.locate import Cgroup, CgroupNotFound, V1Cgroup
 from shim.cgroups.parse import parse_flat_keyed
+from shim.fdwait import readable
 
 
 class OomKillCounter:
@@ -59,16 +60,6 @@ def watch_oom(cgroup: Cgroup, *, poll_interval: float | None = None) -> AsyncGen
     return _watch_v2(cgroup.path)
 
 
-async def _readable(fd: int) -> None:
-    loop = asyncio.get_running_loop()
-    ready = loop.create_future()
-    loop.add_reader(fd, lambda: None if ready.done() else ready.set_result(None))
-    try:
-        await ready
-    finally:
-        loop.remove_reader(fd)
-
-
 async def _watch_v1(path: Path) -> AsyncGenerator[int, None]:
     efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
     try:
@@ -82,7 +73,7 @@ async def _watch_v1(path: Path) -> AsyncGenerator[int, None]:
         finally:
             os.close(control)
         while True:
-            await _readable(efd)
+            await readable(efd)
             try:
                 count = os.eventfd_read(efd)
             except BlockingIOError:
@@ -118,7 +109,7 @@ async def _watch_v2(path: Path) -> AsyncGenerator[int, None]:
         counter = OomKillCounter()
         counter.update(_read_events(path) or {})
         while True:
-            await _readable(fd)
+            await readable(fd)
             try:
                 events = inotify.parse_events(os.read(fd, 4096))
             except BlockingIOError:

@@ -21,10 +21,10 @@ from shim.cgroups.parse import (
     parse_flat_keyed,
     parse_limit,
     parse_partitions,
-    parse_rdma,
     parse_uint,
     parse_uint_list,
 )
+from shim.cgroups.rdma import fill_rdma
 
 NANOSECONDS = 1_000_000_000
 
@@ -98,7 +98,7 @@ def v1_metrics(cgroup: V1Cgroup, *, proc: Path = DEFAULT_PROC, clock_ticks: int 
     if (path := cgroup.path("hugetlb")) is not None:
         _hugetlb(path, metrics)
     if (path := cgroup.path("rdma")) is not None:
-        _rdma(path, metrics)
+        fill_rdma(path, metrics)
     return metrics
 
 
@@ -199,14 +199,3 @@ def _hugetlb(path: Path, metrics: pb.Metrics) -> None:
             max=read_parsed(path / f"{prefix}max_usage_in_bytes", parse_uint) or 0,
             failcnt=read_parsed(path / f"{prefix}failcnt", parse_uint) or 0,
         )
-
-
-def _rdma(path: Path, metrics: pb.Metrics) -> None:
-    current = read_parsed(path / "rdma.current", parse_rdma)
-    limit = read_parsed(path / "rdma.max", parse_rdma)
-    if current is None and limit is None:
-        return
-    metrics.rdma.SetInParent()
-    for target, lines in ((metrics.rdma.current, current), (metrics.rdma.limit, limit)):
-        for line in lines or []:
-            target.add(device=line.device, hca_handles=line.hca_handles, hca_objects=line.hca_objects)

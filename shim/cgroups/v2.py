@@ -23,9 +23,9 @@ from shim.cgroups.parse import (
     parse_io_stat,
     parse_limit,
     parse_pressure,
-    parse_rdma,
     parse_uint,
 )
+from shim.cgroups.rdma import fill_rdma
 
 CPU_STAT_FIELDS = (
     "usage_usec",
@@ -100,7 +100,7 @@ def v2_metrics(cgroup: V2Cgroup) -> pb.Metrics:
     _memory_events(path, metrics)
     _io(path, metrics)
     _hugetlb(path, metrics)
-    _rdma(path, metrics)
+    fill_rdma(path, metrics)
     return metrics
 
 
@@ -173,14 +173,3 @@ def _hugetlb(path: Path, metrics: pb.Metrics) -> None:
             current=read_parsed(path / f"hugetlb.{size}.current", parse_uint) or 0,
             max=read_parsed(path / f"hugetlb.{size}.max", _limit) or 0,
         )
-
-
-def _rdma(path: Path, metrics: pb.Metrics) -> None:
-    current = read_parsed(path / "rdma.current", parse_rdma)
-    limit = read_parsed(path / "rdma.max", parse_rdma)
-    if current is None and limit is None:
-        return
-    metrics.rdma.SetInParent()
-    for target, lines in ((metrics.rdma.current, current), (metrics.rdma.limit, limit)):
-        for line in lines or []:
-            target.add(device=line.device, hca_handles=line.hca_handles, hca_objects=line.hca_objects)

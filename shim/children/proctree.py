@@ -11,6 +11,19 @@ import os
 
 def parent_of(pid: int) -> int | None:
     """The parent pid from /proc/<pid>/stat, or None when the process is gone."""
+    fields = _stat_after_comm(pid)
+    return None if fields is None else int(fields[1])
+
+
+def session_of(pid: int) -> int | None:
+    """The session id from /proc/<pid>/stat, or None when the process is gone."""
+    fields = _stat_after_comm(pid)
+    return None if fields is None else int(fields[3])
+
+
+def _stat_after_comm(pid: int) -> list[bytes] | None:
+    """The fields of /proc/<pid>/stat after "pid (comm) ": state, ppid, pgrp, session, ... (comm may hold spaces
+    and parentheses, so the split starts after its last ")")."""
     try:
         fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -21,7 +34,7 @@ def parent_of(pid: int) -> int | None:
         return None
     finally:
         os.close(fd)
-    return int(stat[stat.rindex(b")") + 2:].split(None, 2)[1])  # after "pid (comm) state": comm may hold anything
+    return stat[stat.rindex(b")") + 2:].split()
 
 
 def children_by_parent() -> dict[int, list[int]]:

@@ -9,17 +9,20 @@ Modules:
 - errors: CriuError, CriuFailed, CriuMissing, CriuTimeout: what was asked, what CRIU said,
   the log lines that explain it.
 - log: quote() / log_excerpt(): the lines of a CRIU log that say why it failed (the last errors before FAILED,
-  known-harmless ones left out), one way for every error to quote them.
+  known-harmless ones left out), one way for every error to quote them; keep(): a log copied out of a work dir.
 - image_check: images a restore would hang or fail obscurely on (truncated pages, no inventory, a bad pstree).
 - options: checkpoint options (runc's and pyshim's) and where each comes from.
-- plan: from (container, options) to criu_opts or OCI runtime arguments; pure functions.
+- plan: from (container, options) to criu_opts or OCI runtime arguments (pure functions), and the one reader
+  of a container those take their facts from (facts_from_bundle).
 - images: image directories written aside, private, committed whole.
-- checkpoint: checkpointing a container (preflight, dump, commit of the image).
+- checkpoint: checkpointing a container (preflight, dump, commit of the image); what it reads of the container
+  and asks of CRIU is a Dumper (CriuDumper), one DumpJob per checkpoint.
 - external_unix: a container's unix sockets whose peer is outside it; what a checkpoint does with them.
 - restore: restoring a container through the OCI runtime's `restore`.
 - stats: CRIU's stats-dump / stats-restore, read with pycriu.
 - tcp: established TCP connections a checkpoint holds; a restore that would lose them refused.
 - loopback: `lo` up in the network namespace a restore creates (the action script CRIU runs, served by the shim).
 - netlock: CRIU's network lock a dump left in a namespace (iptables-save / nft output, its log and
-  inventory), removed when no restore will come there (failed dump, Delete, restore elsewhere).
+  inventory), removed when no restore will come there (failed dump, Delete, restore elsewhere), through a
+  namespace's Firewall (NamespaceFirewall: iptables under nsenter, nftables over netlink).
 """

@@ -57,10 +57,10 @@ class CriuAccess:
                                                runtime=runtime, paused=paused)
 
     async def release_network_lock(self, lock: object, why: str) -> None:
-        from shim.criu.netlock import Lock, release_logged
+        from shim.criu.netlock import Lock, NamespaceFirewall, release_logged
 
         assert isinstance(lock, Lock), f"not a network lock a checkpoint left: {lock!r}"
-        await release_logged(self.reaper, lock, why)
+        await release_logged(NamespaceFirewall(self.reaper), lock, why)
 
     async def restore(self, *, container_id: str, bundle: Bundle, image_path: str, work_path: str,
                       runtime: OciRuntime, stdio: tuple[int | None, int | None, int | None], pid_file: str,

@@ -13,13 +13,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from shim.background import BackgroundTasks
 from shim.bundle.config import Bundle
 from shim.children.reaper import Reaper
 from shim.criu import bindings, external_unix, images, netlock
 from shim.criu.errors import CriuError, CriuMissing
-from shim.criu.log import quote
+from shim.criu.log import keep, quote
 from shim.criu.options import CheckpointOptions, as_record
 from shim.criu.plan import ContainerFacts, dump_request, facts_from_bundle, runtime_checkpoint_args
 from shim.criu.rpc import CriuRpc, CriuVersion
@@ -52,21 +53,64 @@ class CheckpointFailed(ShimError):
     """A dump that did not happen; the task is running as before. Quotes CRIU's log."""
 
 
-class Checkpointer:
-    def __init__(self, reaper: Reaper, background: BackgroundTasks, *, criu: str = "criu") -> None:
-        self.rpc = CriuRpc(reaper, criu=criu)
-        self.background = background
-        self._version: CriuVersion | None = None
+@dataclass(frozen=True)
+class DumpJob:
+    """One checkpoint between its preflight and its committed image: the container, what was asked, and where the
+    dump writes (the image, aside until it is whole, and CRIU's work directory)."""
+
+    container_id: str
+    bundle: Bundle
+    pid: int
+    options: CheckpointOptions
+    runtime: OciRuntime
+    paused: bool | Callable[[], bool]  # whether containerd has the task paused; asked when a dump fails
+    facts: ContainerFacts
+    partial: images.PartialImage
+    work: str
+    own_work: bool  # the work directory is ours (no work-path was asked): removed at the end
+
+    @property
+    def dump_log(self) -> str:
+        return os.path.join(self.work, "dump.log")
+
+    def is_paused(self) -> bool:
+        return self.paused() if callable(self.paused) else self.paused
+
+
+class Dumper(Protocol):
+    """What a checkpoint reads of the container and asks of CRIU: CriuDumper, or a fake in unit tests. The
+    Checkpointer does the rest (the image aside and its commit, the logs kept, the freezer and the network lock
+    after a failure, the runc engine)."""
 
     async def preflight(self, options: CheckpointOptions) -> None:
         """Refuse, before touching the task, what this CRIU or kernel cannot do."""
+        ...
+
+    async def facts(self, container_id: str, bundle: Bundle, pid: int, options: CheckpointOptions) -> ContainerFacts:
+        """What the dump is told about the container."""
+        ...
+
+    async def dump(self, job: DumpJob, ready: asyncio.Event) -> None:
+        """The dump into job.partial through CRIU; ready is set once a lazy dump's page server listens. Raises
+        CriuError when CRIU did not dump."""
+        ...
+
+
+class CriuDumper:
+    """The Dumper that runs CRIU (`criu swrk`) and reads the container from its bundle and /proc."""
+
+    def __init__(self, rpc: CriuRpc, *, version: CriuVersion | None = None) -> None:
+        self.rpc = rpc
+        self.version = version  # asked of CRIU at the first preflight unless known (a worker is told it)
+
+    async def preflight(self, options: CheckpointOptions) -> None:
         try:
-            if self._version is None:
-                self._version = await self.rpc.version()
+            if self.version is None:
+                self.version = await self.rpc.version()
         except CriuMissing as exc:
             raise Unavailable(f"checkpoint needs CRIU >= 4.2, and it cannot be run: {exc}") from None
-        if tuple(self._version[:2]) < MIN_CRIU:
-            raise Unavailable(f"CRIU {'.'.join(map(str, self._version[:3]))} is too old: pyshim needs >= "
+        if tuple(self.version[:2]) < MIN_CRIU:
+            raise Unavailable(f"CRIU {'.'.join(map(str, self.version[:3]))} is too old: pyshim needs >= "
                               f"{'.'.join(map(str, MIN_CRIU))} (4.2 or newer on recent kernels)")
         wanted = {"mem_track": options.pre_dump or bool(options.parent_path), "lazy_pages": options.lazy_pages}
         if not any(wanted.values()):
@@ -81,17 +125,45 @@ class Checkpointer:
             raise FailedPrecondition("lazy-pages needs userfaultfd (CONFIG_USERFAULTFD), which this kernel or "
                                      "CRIU lacks: checkpoint without lazy-pages")
 
+    async def facts(self, container_id: str, bundle: Bundle, pid: int, options: CheckpointOptions) -> ContainerFacts:
+        facts = facts_from_bundle(bundle, pid)
+        if options.pre_dump:  # a pre-dump takes memory only, never sockets
+            return facts
+        return replace(facts, external_unix_sockets=await _external_unix_sockets(container_id, pid, options))
+
+    async def dump(self, job: DumpJob, ready: asyncio.Event) -> None:
+        rpc = bindings.rpc_messages()
+        descriptors = external_descriptors(job.runtime.state_dir(job.container_id), job.facts.pid)
+        images.write_private(os.path.join(job.partial.path, "descriptors.json"), json.dumps(descriptors).encode())
+        work_fd = os.open(job.work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            request = dump_request(rpc, job.options, job.facts, images_dir_fd=job.partial.fd, work_dir_fd=work_fd)
+
+            async def notified(script: str, pid: int, fds: list[int]) -> None:
+                log.debug("criu dump of %s: %s", job.container_id, script)
+                if script == "status-ready":  # a lazy dump's page server is listening
+                    ready.set()
+
+            await self.rpc.call(request, notify=notified, timeout=job.options.timeout)
+        finally:
+            os.close(work_fd)
+
+
+class Checkpointer:
+    def __init__(self, reaper: Reaper, background: BackgroundTasks, *, criu: str = "criu", dumper: Dumper | None = None,
+                 firewall: netlock.Firewall | None = None) -> None:
+        self.dumper = dumper or CriuDumper(CriuRpc(reaper, criu=criu))
+        self.firewall = firewall or netlock.NamespaceFirewall(reaper)
+        self.background = background
+
     async def checkpoint(self, *, container_id: str, bundle: Bundle, pid: int, options: CheckpointOptions,
                          runtime: OciRuntime, paused: bool | Callable[[], bool],
                          token: str | None = None) -> CheckpointResult:
         """token names the dump's own work directory and its partial image (images.own_work_dir / partial_path),
         so that the server that sent a worker this job finds what the worker left if it dies (its CRIU's log,
         hence the network lock it took); without one they get random names."""
-        await self.preflight(options)
-        facts = facts_from_bundle(bundle, pid)
-        if not options.pre_dump:  # a pre-dump takes memory only, never sockets
-            facts = replace(facts, external_unix_sockets=await _external_unix_sockets(
-                container_id, pid, options))
+        await self.dumper.preflight(options)
+        facts = await self.dumper.facts(container_id, bundle, pid, options)
         own_work = not options.work_path
         work = options.work_path or (images.own_work_dir(bundle.path, token) if token
                                      else tempfile.mkdtemp(prefix="criu-work-", dir=bundle.path))
@@ -102,93 +174,75 @@ class Checkpointer:
             if own_work:
                 shutil.rmtree(work, ignore_errors=True)
             raise
+        job = DumpJob(container_id, bundle, pid, options, runtime, paused, facts, partial, work, own_work)
         ready = asyncio.Event()
-        finishing = asyncio.ensure_future(self._complete(container_id, bundle, pid, options, runtime, paused, facts,
-                                                         partial, work, own_work, ready))
+        finishing = asyncio.ensure_future(self._complete(job, ready))
         lazy = options.lazy_pages and options.engine != "runc"
         return await until_ready(finishing, ready if lazy else None, image_path=options.image_path)
 
-    async def _complete(self, container_id: str, bundle: Bundle, pid: int, options: CheckpointOptions,
-                        runtime: OciRuntime, paused: bool | Callable[[], bool], facts: ContainerFacts,
-                        partial: images.PartialImage,
-                        work: str, own_work: bool, ready: asyncio.Event) -> CheckpointResult:
+    async def _complete(self, job: DumpJob, ready: asyncio.Event) -> CheckpointResult:
+        options, partial = job.options, job.partial
         try:
             if options.engine == "runc":
-                flags = runtime_checkpoint_args(options, image_path=partial.path, work_path=work)
-                await runtime.checkpoint(container_id, flags, timeout=options.timeout)
+                flags = runtime_checkpoint_args(options, image_path=partial.path, work_path=job.work)
+                await job.runtime.checkpoint(job.container_id, flags, timeout=options.timeout)
             else:
-                await self._dump(container_id, runtime, options, facts, partial, work, ready)
+                await self.dumper.dump(job, ready)
             # With a work directory CRIU writes its log and statistics there: keep both with the image.
             for name in ("dump.log", "stats-dump"):
-                _copy(os.path.join(work, name), os.path.join(partial.path, name))
+                keep(os.path.join(job.work, name), os.path.join(partial.path, name))
             forget_frozen_freezer(partial.path)
             stats = read_stats(partial.path)
-            network = network_record(partial.path, external_netns=facts.external_namespaces.get("network"),
+            network = network_record(partial.path, external_netns=job.facts.external_namespaces.get("network"),
                                      options=options)
-            lock = _lock_kept(options, bundle, pid, partial.path)
+            lock = _lock_kept(options, job.bundle, job.pid, partial.path)
             network["lock"] = lock.as_record() if lock else None
             partial.commit({
-                "format": FORMAT, "engine": options.engine, "container_id": container_id, "pid": pid,
-                "created": time.time(), "runtime": runtime.binary, "options": as_record(options), "stats": stats,
+                "format": FORMAT, "engine": options.engine, "container_id": job.container_id, "pid": job.pid,
+                "created": time.time(), "runtime": job.runtime.binary, "options": as_record(options), "stats": stats,
                 "network": network,
             })
         except BaseException as exc:
             partial.discard()
-            kept = _copy(os.path.join(work, "dump.log"), bundle.file("criu-dump.log"))
+            kept = keep(job.dump_log, job.bundle.file("criu-dump.log"))
             # A dead CRIU leaves the cgroup thawed whatever it found: a paused task (containerd
             # pauses every task it checkpoints) must stay paused for the Resume that follows.
             # Asked now, not at the start: a lazy dump fails after containerd's Resume.
-            (freeze if (paused() if callable(paused) else paused) else thaw)(facts.freezer_cgroup)
-            await self._release_failed_lock(options, bundle, pid, os.path.join(work, "dump.log"))
+            (freeze if job.is_paused() else thaw)(job.facts.freezer_cgroup)
+            await self._release_failed_lock(job)
             if isinstance(exc, RuntimeFailed):
                 raise CheckpointFailed(_runtime_failure(exc, kept)) from exc
-            if isinstance(exc, CheckpointFailed) and kept:  # the work dir and its log are about to go
-                raise CheckpointFailed(str(exc).replace(os.path.join(work, "dump.log"), kept)) from exc
+            if isinstance(exc, CriuError):
+                if kept:  # the work dir and its log are about to go: the error names the copy
+                    exc.log_moved(job.dump_log, kept)
+                raise CheckpointFailed(f"checkpoint of {job.container_id} failed; the task was left as it was. "
+                                       f"{exc}") from exc
             raise
         finally:
-            if own_work:
-                shutil.rmtree(work, ignore_errors=True)
+            if job.own_work:
+                shutil.rmtree(job.work, ignore_errors=True)
         stopped = not options.leave_running and not options.pre_dump
         if stopped and options.engine != "runc":
             # What `runc checkpoint` does after a dump that stops the task; the caller need not wait
             # for it (Delete's `runc delete` would do it too).
-            self.background.spawn(_destroy(runtime, container_id), f"runtime state of checkpointed {container_id}")
-        log.info("checkpointed %s into %s (%s engine): %s", container_id, options.image_path, options.engine,
+            self.background.spawn(_destroy(job.runtime, job.container_id),
+                                  f"runtime state of checkpointed {job.container_id}")
+        log.info("checkpointed %s into %s (%s engine): %s", job.container_id, options.image_path, options.engine,
                  summary(stats) or "no statistics")
         return CheckpointResult(options.image_path, options.engine, stats, stopped,
                                 network_lock=None if options.keep_network_lock else lock)
 
-    async def _release_failed_lock(self, options: CheckpointOptions, bundle: Bundle, pid: int, log_path: str) -> None:
+    async def _release_failed_lock(self, job: DumpJob) -> None:
         """A CRIU killed (or dead) mid-dump leaves its network lock, and the task running behind it cut off:
         remove it. A CRIU that failed on its own has unlocked already (its log says so)."""
         try:
-            lock = netlock.after_dump(options, config=bundle.config, pid=pid,
-                                      log_text=netlock.read_text(log_path))
+            lock = netlock.after_dump(job.options, config=job.bundle.config, pid=job.pid,
+                                      log_text=netlock.read_text(job.dump_log))
         except Exception as exc:  # noqa: BLE001 - the dump's own error is what the caller must see
             log.warning("could not tell whether the failed dump left CRIU's network lock: %s", exc)
             return
         if lock is not None:
-            await netlock.release_logged(self.rpc.reaper, lock, "the dump failed")
-
-    async def _dump(self, container_id: str, runtime: OciRuntime, options: CheckpointOptions,
-                    facts: ContainerFacts, partial: images.PartialImage, work: str, ready: asyncio.Event) -> None:
-        rpc = bindings.rpc_messages()
-        descriptors = external_descriptors(runtime.state_dir(container_id), facts.pid)
-        images.write_private(os.path.join(partial.path, "descriptors.json"), json.dumps(descriptors).encode())
-        work_fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            request = dump_request(rpc, options, facts, images_dir_fd=partial.fd, work_dir_fd=work_fd)
-
-            async def notified(script: str, pid: int, fds: list[int]) -> None:
-                log.debug("criu dump of %s: %s", container_id, script)
-                if script == "status-ready":  # a lazy dump's page server is listening
-                    ready.set()
-
-            await self.rpc.call(request, notify=notified, timeout=options.timeout)
-        except CriuError as exc:
-            raise CheckpointFailed(f"checkpoint of {container_id} failed; the task was left as it was. {exc}") from exc
-        finally:
-            os.close(work_fd)
+            await netlock.release_logged(self.firewall, lock, "the dump failed")
 
 
 async def until_ready(finishing: asyncio.Future, ready: asyncio.Event | None, *, image_path: str) -> CheckpointResult:
@@ -333,19 +387,11 @@ def _drop_frozen(dirs) -> bool:
 
 
 async def _destroy(runtime: OciRuntime, container_id: str) -> None:
+    """The runtime's state of a container whose checkpoint stopped it, removed."""
     try:
         await runtime.delete(container_id, force=True)
     except RuntimeFailed as exc:
-        log.warning("removing %s's runtime state after its checkpoint failed: %s", container_id, exc)
-
-
-def _copy(source: str, destination: str) -> str | None:
-    try:
-        shutil.copyfile(source, destination)
-        os.chmod(destination, 0o600)
-        return destination
-    except OSError:
-        return None
+        log.warning("removing %s's runtime state after the checkpoint that stopped it: %s", container_id, exc)
 
 
 def _runtime_failure(error: RuntimeFailed, kept_log: str | None) -> str:

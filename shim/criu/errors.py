@@ -26,6 +26,11 @@ class CriuError(ShimError):
         self.log_path = log_path
         self.log_lines = list(log_lines or [])
 
+    def log_moved(self, old: str, new: str) -> None:
+        """The log at old was copied to new before old's directory went: the error names the copy."""
+        if self.log_path == old:
+            self.log_path = new
+
     def _what(self) -> str:
         raise NotImplementedError
 

@@ -11,6 +11,7 @@ left out; a log without any (CRIU killed, or hung and killed) is quoted by its l
 from __future__ import annotations
 
 import os
+import shutil
 from collections import deque
 from collections.abc import Iterable
 
@@ -34,6 +35,29 @@ TAIL_BYTES = 4 << 20
 def quote(path: str | os.PathLike | None, *, source: str = "CRIU log") -> str:
     """". From the CRIU log <path>: <line> | <line>" for an error message, or "" when the log has nothing."""
     return format_quote(log_excerpt(path) if path else [], source=f"{source} {path}" if path else source)
+
+
+def keep(source: str | os.PathLike, destination: str | os.PathLike, *, max_bytes: int | None = None) -> str | None:
+    """Copy a file CRIU wrote in a work directory that is about to go (its log, its statistics) to where it stays:
+    private (0600), never written through a symlink. With max_bytes, a larger file keeps its two ends only, with a
+    line saying what was left out: a CRIU that looped until its timeout (a damaged image the checks did not catch)
+    logs tens of MB a second. The destination, or None when the source is not there or the copy failed."""
+    try:
+        with open(source, "rb") as original:
+            size = os.fstat(original.fileno()).st_size
+            fd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb") as copy:
+                os.fchmod(fd, 0o600)  # a file that was there keeps its mode through O_CREAT
+                if max_bytes is None or size <= max_bytes:
+                    shutil.copyfileobj(original, copy)
+                else:
+                    copy.write(original.read(max_bytes // 2))
+                    copy.write(f"\n[pyshim: {size - max_bytes} bytes of this {size}-byte log left out]\n".encode())
+                    original.seek(size - max_bytes // 2)
+                    shutil.copyfileobj(original, copy)
+        return os.fspath(destination)
+    except OSError:
+        return None
 
 
 def format_quote(lines: list[str], *, source: str) -> str:

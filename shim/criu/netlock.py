@@ -32,6 +32,7 @@ import logging
 import os
 import re
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 from shim.children.reaper import Reaper
 from shim.criu import bindings
@@ -234,7 +235,49 @@ def is_criu_table(family: str, name: str) -> bool:
 # -- inside a namespace ---------------------------------------------------------------------------------------
 
 
-def _nft_list(namespace: str) -> list[tuple[str, str]]:
+class Firewall(Protocol):
+    """A network namespace's packet filter, as removing a lock reads and changes it; the namespace is open at fd
+    while it is used. NamespaceFirewall is the real one; unit tests give a fake."""
+
+    async def iptables_save(self, fd: int, tool: str) -> str:
+        """What `tool` (iptables-save or ip6tables-save) prints in the namespace."""
+        ...
+
+    async def iptables_restore(self, fd: int, tool: str, commands: str) -> None:
+        """`tool -w --noflush` (iptables-restore or ip6tables-restore) fed commands in the namespace."""
+        ...
+
+    async def nft_tables(self, fd: int) -> list[tuple[str, str]]:
+        """(family, name) of every nftables table in the namespace."""
+        ...
+
+    async def nft_delete(self, fd: int, names: list[str]) -> None:
+        """Delete these inet tables in the namespace."""
+        ...
+
+
+class NamespaceFirewall:
+    """The namespace's own tools: iptables-save/-restore under nsenter (children of ours, so through the reaper),
+    nftables over netlink (pyroute2) from a thread that enters the namespace."""
+
+    def __init__(self, reaper: Reaper) -> None:
+        self.reaper = reaper
+
+    async def iptables_save(self, fd: int, tool: str) -> str:
+        return await _in_namespace(self.reaper, fd, [tool])
+
+    async def iptables_restore(self, fd: int, tool: str, commands: str) -> None:
+        await _in_namespace(self.reaper, fd, [tool, "-w", "--noflush"], input=commands.encode())
+
+    async def nft_tables(self, fd: int) -> list[tuple[str, str]]:
+        return await asyncio.to_thread(nft_list, f"/proc/self/fd/{fd}")
+
+    async def nft_delete(self, fd: int, names: list[str]) -> None:
+        await asyncio.to_thread(nft_delete, f"/proc/self/fd/{fd}", names)
+
+
+def nft_list(namespace: str) -> list[tuple[str, str]]:
+    """(family, name) of every nftables table in the namespace at path."""
     from pyroute2.nftables.main import NFTables
 
     from shim.netns.enter import run_in
@@ -247,7 +290,7 @@ def _nft_list(namespace: str) -> list[tuple[str, str]]:
     return run_in(namespace, work)
 
 
-def _nft_delete(namespace: str, names: list[str]) -> None:
+def nft_delete(namespace: str, names: list[str]) -> None:
     from pyroute2.nftables.main import NFTables
 
     from shim.netns.enter import run_in
@@ -293,53 +336,51 @@ def _open(lock: Lock) -> int | None:
     return fd
 
 
-async def held(reaper: Reaper, lock: Lock) -> Held | None:
+async def held(firewall: Firewall, lock: Lock) -> Held | None:
     """What of this lock its namespace holds now (None: the namespace is gone or another)."""
     fd = _open(lock)
     if fd is None:
         return None
     try:
         if lock.method == "nftables":
-            tables = await asyncio.to_thread(_nft_list, f"/proc/self/fd/{fd}")
+            tables = await firewall.nft_tables(fd)
             return Held({}, any(lock.owns_table(family, name) for family, name in tables))
-        return Held({save: iptables_jumps(await _in_namespace(reaper, fd, [save])) for save, _ in IPTABLES_TOOLS},
+        return Held({save: iptables_jumps(await firewall.iptables_save(fd, save)) for save, _ in IPTABLES_TOOLS},
                     False)
     finally:
         os.close(fd)
 
 
-async def release(reaper: Reaper, lock: Lock, *, before: Held | None = None) -> list[str]:
+async def release(firewall: Firewall, lock: Lock, *, before: Held | None = None) -> list[str]:
     """Remove this dump's lock from its namespace, if the namespace still exists and is the one locked; with
     `before`, only what was added since. What was removed, as readable lines (empty when nothing was there)."""
     fd = _open(lock)
     if fd is None:
         return []
     try:
-        path = f"/proc/self/fd/{fd}"
         if lock.method == "nftables":
             if before is not None and before.table:
                 return []
-            names = [name for family, name in await asyncio.to_thread(_nft_list, path)
-                     if lock.owns_table(family, name)]
+            names = [name for family, name in await firewall.nft_tables(fd) if lock.owns_table(family, name)]
             if names:
-                await asyncio.to_thread(_nft_delete, path, names)
+                await firewall.nft_delete(fd, names)
             return [f"nftables: table inet {name}" for name in names]
         removed = []
         for save, restore in IPTABLES_TOOLS:
             keep = before.jumps.get(save, {}) if before is not None else None
-            commands = iptables_release(await _in_namespace(reaper, fd, [save]), keep=keep)
+            commands = iptables_release(await firewall.iptables_save(fd, save), keep=keep)
             if commands:
-                await _in_namespace(reaper, fd, [restore, "-w", "--noflush"], input=commands.encode())
+                await firewall.iptables_restore(fd, restore, commands)
                 removed += [f"{save.split('-')[0]}: {line}" for line in commands.splitlines()[1:-1]]
         return removed
     finally:
         os.close(fd)
 
 
-async def release_logged(reaper: Reaper, lock: Lock, why: str, *, before: Held | None = None) -> list[str]:
+async def release_logged(firewall: Firewall, lock: Lock, why: str, *, before: Held | None = None) -> list[str]:
     """release(), logged, never raising: a lock that cannot be removed is reported, not fatal."""
     try:
-        removed = await release(reaper, lock, before=before)
+        removed = await release(firewall, lock, before=before)
     except Exception as exc:  # noqa: BLE001 - the caller's work must go on
         log.warning("CRIU's %s network lock in %s could not be removed (%s): %s", lock.method, lock.namespace, why,
                     exc)
@@ -385,7 +426,7 @@ def same_namespace(config: dict, lock: Lock) -> bool:
     return False
 
 
-async def after_restore(reaper: Reaper, record: dict | None, config: dict) -> list[str]:
+async def after_restore(firewall: Firewall, record: dict | None, config: dict) -> list[str]:
     """A restore elsewhere (another namespace; tcp-close included) of a checkpoint whose lock was kept past its
     task's Delete (keep-network-lock) means no restore is coming into the lock's namespace: remove it. A restore
     into that namespace had CRIU remove it; without keep-network-lock, Delete removed it."""
@@ -397,10 +438,10 @@ async def after_restore(reaper: Reaper, record: dict | None, config: dict) -> li
     except (TypeError, ValueError, AttributeError) as exc:
         log.warning("the checkpoint's record of its network lock is unreadable: %s", exc)
         return []
-    return await release_logged(reaper, lock, "its checkpoint was restored elsewhere")
+    return await release_logged(firewall, lock, "its checkpoint was restored elsewhere")
 
 
-async def before_restore(reaper: Reaper, image_path: str, config: dict) -> tuple[Lock, Held] | None:
+async def before_restore(firewall: Firewall, image_path: str, config: dict) -> tuple[Lock, Held] | None:
     """Before a restore into a namespace given by path: the lock a failing restore would leave there (CRIU locks
     the namespace with the checkpoint's method and run id, and a failed restore does not unlock), and what of it
     the namespace holds already (a lock kept for this restore stays). None when there is nothing to watch."""
@@ -414,16 +455,16 @@ async def before_restore(reaper: Reaper, image_path: str, config: dict) -> tuple
         if recorded is None or recorded[0] not in ("iptables", "nftables"):
             return None
         lock = Lock(recorded[0], recorded[1], namespace, os.stat(namespace).st_ino)
-        state = await held(reaper, lock)
+        state = await held(firewall, lock)
     except Exception as exc:  # noqa: BLE001 - the restore goes on; only its cleanup is weaker
         log.warning("the network lock of the restore's namespace could not be read: %s", exc)
         return None
     return None if state is None else (lock, state)
 
 
-async def after_failed_restore(reaper: Reaper, watched: tuple[Lock, Held] | None) -> list[str]:
+async def after_failed_restore(firewall: Firewall, watched: tuple[Lock, Held] | None) -> list[str]:
     """Remove the lock a failed restore added to its namespace (nothing that was there before it)."""
     if watched is None:
         return []
     lock, before = watched
-    return await release_logged(reaper, lock, "the restore failed", before=before)
+    return await release_logged(firewall, lock, "the restore failed", before=before)

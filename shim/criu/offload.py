@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from shim import errors
 from shim.background import BackgroundTasks
 from shim.bundle.config import Bundle
+from shim.children.proctree import session_of
 from shim.children.reaper import Reaper
 
 if TYPE_CHECKING:
@@ -139,7 +140,7 @@ class Worker:
             except OSError:
                 continue
             try:
-                if _session_of(pid) == self.pid:  # checked again under the pidfd: not a reused pid
+                if session_of(pid) == self.pid:  # checked again under the pidfd: not a reused pid
                     signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             except ProcessLookupError:
                 pass
@@ -275,7 +276,7 @@ class OffloadedCheckpointer:
             log.warning("could not tell whether the dead checkpoint worker's dump left CRIU's network lock: %s", exc)
             lock = None
         if lock is not None:
-            await netlock.release_logged(self.reaper, lock, "its checkpoint worker died")
+            await netlock.release_logged(netlock.NamespaceFirewall(self.reaper), lock, "its checkpoint worker died")
         if os.path.exists(log_path):
             try:
                 shutil.copyfile(log_path, os.path.join(bundle, "criu-dump.log"))
@@ -388,14 +389,5 @@ def _umask() -> int:
     return mask
 
 
-def _session_of(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    return int(stat[stat.rindex(b")") + 2:].split()[3])  # state ppid pgrp session
-
-
 def session_members(sid: int) -> list[int]:
-    return [int(e) for e in os.listdir("/proc") if e.isdigit() and int(e) != sid and _session_of(int(e)) == sid]
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and int(e) != sid and session_of(int(e)) == sid]

@@ -1,10 +1,12 @@
-"""From (container, options) to what CRIU or the OCI runtime is asked to do — pure functions.
+"""From (container, options) to what CRIU or the OCI runtime is asked to do.
 
 `dump_request` builds the criu_req that runc would send for `runc checkpoint` with the
 same options; `runtime_checkpoint_args` and `runtime_restore_args` render the flags for the
 runc engine and for restore; `restore_config` is the CRIU configuration file pyshim adds on
-restore for what runc has no flag for. Everything the container contributes comes in as a
-ContainerFacts, read from its Bundle (config.json as parsed at Create) and /proc by `facts_from_bundle`.
+restore for what runc has no flag for. These are pure functions: what the container contributes
+comes in as a ContainerFacts (and the user's CRIU configuration as text), and the one function
+that reads the container, `facts_from_bundle` (its Bundle, config.json as parsed at Create, and
+/proc), is the last section.
 """
 
 from __future__ import annotations
@@ -128,19 +130,15 @@ def runtime_restore_args(options: CheckpointOptions) -> list[str]:
     return args
 
 
-def restore_config(options: CheckpointOptions, *, user_config: str | None, action_script: str = "",
+def restore_config(options: CheckpointOptions, *, user_config: str = "", action_script: str = "",
                    cgroup_root: str = "") -> str:
-    """A CRIU configuration file for restore: the user's own (from org.criu.config or
-    runc.conf) followed by what pyshim adds. CRIU reads it after the RPC options, so the
-    lines here win. cgroup_root: the new container's cgroup on cgroup v2 (shim.cgroups.runc_path),
+    """A CRIU configuration file for restore: the user's own (the text of the file org.criu.config or
+    runc.conf names, "" for none) followed by what pyshim adds. CRIU reads it after the RPC options, so
+    the lines here win. cgroup_root: the new container's cgroup on cgroup v2 (shim.cgroups.runc_path),
     where the restored processes go instead of the cgroup they were dumped from."""
-    lines = []
-    if user_config:
-        try:
-            with open(user_config) as f:
-                lines += [line.rstrip("\n") for line in f]
-        except FileNotFoundError:
-            pass  # CRIU ignores a missing configuration file too
+    lines = user_config.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the newline that ends the last line, or an empty file
     lines.append("# added by pyshim")
     if options.tcp_close:
         lines.append("tcp-close")

@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import tempfile
+from collections.abc import Callable
 
 from shim.background import BackgroundTasks
 from shim.bundle.config import CRIU_CONFIG_ANNOTATION, Bundle
@@ -24,7 +25,7 @@ from shim.children.proctree import children_of, cmdline, parent_of
 from shim.children.reaper import Reaper
 from shim.children.spawn import spawn
 from shim.criu import image_check, images, loopback, netlock, unfinished
-from shim.criu.log import quote
+from shim.criu.log import keep, quote
 from shim.criu.options import (
     CheckpointOptions,
     OptionError,
@@ -37,6 +38,7 @@ from shim.criu.options import (
 from shim.criu.plan import DEFAULT_RUNC_CRIU_CONFIG, restore_config, runtime_restore_args
 from shim.criu.tcp import refuse_lost_connections
 from shim.errors import InvalidArgument, ShimError, Unavailable
+from shim.fdwait import readable
 from shim.oci.runner import RuntimeFailed
 from shim.oci.runtime import OciRuntime, is_gone
 from shim.rootfs import unmount
@@ -103,7 +105,7 @@ async def restore(reaper: Reaper, background: BackgroundTasks, *, container_id: 
     work = work_path or tempfile.mkdtemp(prefix="criu-restore-", dir=bundle.path)
     images.private_dir(work)
     annotations = bundle.annotations
-    user_config = annotations.get(CRIU_CONFIG_ANNOTATION, DEFAULT_RUNC_CRIU_CONFIG) or None
+    user_config = read_user_criu_config(annotations.get(CRIU_CONFIG_ANNOTATION, DEFAULT_RUNC_CRIU_CONFIG))
     criu_config = os.path.join(work, "pyshim-criu.conf")
     raises_loopback = creates_network_namespace(bundle)
     images.write_private(criu_config, restore_config(
@@ -113,7 +115,8 @@ async def restore(reaper: Reaper, background: BackgroundTasks, *, container_id: 
     restored = bundle.with_criu_config(criu_config)  # runc hands org.criu.config to CRIU as its config file
     lazy = lazy_request(annotations)
     flags = runtime_restore_args(options)
-    watched_lock = await netlock.before_restore(reaper, image_path, config)
+    firewall = netlock.NamespaceFirewall(reaper)
+    watched_lock = await netlock.before_restore(firewall, image_path, config)
     cgroups_path = bundle.cgroups_path
     cgroups_before = {path for path in made_cgroups.directories(cgroups_path) if path.is_dir()}
     # What `delete` needs to end and undo this restore should the server die before it is over (shim.criu.unfinished).
@@ -140,9 +143,9 @@ async def restore(reaper: Reaper, background: BackgroundTasks, *, container_id: 
         # with the call (shim.children.spawn.wait_or_kill), and what they left goes as after a failure.
         if daemon is not None:
             await daemon.stop()
-        kept = _keep_log(work, bundle.path)
+        kept = keep(os.path.join(work, "restore.log"), bundle.file("criu-restore.log"), max_bytes=KEPT_LOG_BYTES)
         await _clean_failed_restore(runtime, container_id, cgroups_path, cgroups_before)
-        await netlock.after_failed_restore(reaper, watched_lock)  # CRIU locked and did not unlock
+        await netlock.after_failed_restore(firewall, watched_lock)  # CRIU locked and did not unlock
         if isinstance(exc, asyncio.CancelledError):
             log.warning("restore of %s from %s stopped before it ended; runc and CRIU were killed and what they "
                         "left removed%s", container_id, image_path, quote(kept))
@@ -166,7 +169,7 @@ async def restore(reaper: Reaper, background: BackgroundTasks, *, container_id: 
         unfinished.forget(bundle.path)
     if daemon is not None:
         background.spawn(daemon.serve_for(options.timeout), f"criu lazy-pages (pid {daemon.pid}) for {container_id}")
-    await netlock.after_restore(reaper, images.read_record(image_path), config)
+    await netlock.after_restore(firewall, images.read_record(image_path), config)
     return restored
 
 
@@ -177,6 +180,18 @@ def _record(write, *args) -> None:
     except OSError as exc:
         log.warning("the restore's marker for `delete` (%s) could not be written: %s; a shim killed mid-restore "
                     "would leave runc and CRIU running", unfinished.MARKER, exc)
+
+
+def read_user_criu_config(path: str) -> str:
+    """The text of the CRIU configuration file the container names (org.criu.config; "" for none) or runc's
+    default one; "" when it does not exist, which CRIU ignores too."""
+    if not path:
+        return ""
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
 
 
 def _v2_cgroup_root(container_id: str, bundle: Bundle) -> str:
@@ -255,10 +270,12 @@ class LazyPages:
                  f" from the page server {page_server[0]}:{page_server[1]}" if page_server else "")
         return daemon
 
-    async def guard(self, restoring, container_id: str) -> None:
+    async def guard(self, restoring, container_id: str,
+                    stop_restore: Callable[[str], object] | None = None) -> None:
         """Await the restore; if the daemon fails first, nobody will serve the page faults the
         restored processes are already blocked in, and CRIU would wait for them until the
-        restore's timeout: kill the restore's CRIU so that runc fails now."""
+        restore's timeout: stop the restore now (stop_restore(container_id); by default
+        kill_restoring_criu, so that runc fails)."""
         restore = asyncio.ensure_future(restoring)
         try:
             done, _ = await asyncio.wait({restore, self.exited}, return_when=asyncio.FIRST_COMPLETED)
@@ -269,7 +286,7 @@ class LazyPages:
             self.failed = (f"criu lazy-pages exited with {self.exited.result().status} during the restore"
                            + quote(self.log_file, source="criu lazy-pages log"))
             log.warning("%s: %s; killing the restore's CRIU", container_id, self.failed)
-            _kill_restoring_criu(container_id)
+            (stop_restore or kill_restoring_criu)(container_id)
         await restore
 
     async def serve_for(self, timeout: float) -> None:
@@ -300,7 +317,7 @@ class LazyPages:
         self.exits.close()
 
 
-def _kill_restoring_criu(container_id: str) -> None:
+def kill_restoring_criu(container_id: str) -> None:
     """SIGKILL the CRIU of our `runc restore ... <container_id>` (runc then fails and says so)."""
     for runc in children_of(os.getpid()):
         argv = cmdline(runc)
@@ -322,13 +339,7 @@ def _kill_restoring_criu(container_id: str) -> None:
 
 async def _read_once(fd: int) -> bytes:
     """One read of a non-blocking pipe, waiting until it is readable (b"" at EOF)."""
-    loop = asyncio.get_running_loop()
-    readable = loop.create_future()
-    loop.add_reader(fd, lambda: None if readable.done() else readable.set_result(None))
-    try:
-        await readable
-    finally:
-        loop.remove_reader(fd)
+    await readable(fd)
     return os.read(fd, 1)
 
 
@@ -352,22 +363,3 @@ async def _clean_failed_restore(runtime: OciRuntime, container_id: str, cgroups_
                     ", ".join(map(str, left)))
 
 
-def _keep_log(work: str, bundle: str) -> str | None:
-    """The restore's log kept in the bundle, its two ends only when it is huge: a CRIU that looped until the
-    timeout (a damaged image the checks did not catch) logs tens of MB a second."""
-    source, kept = os.path.join(work, "restore.log"), os.path.join(bundle, "criu-restore.log")
-    try:
-        with open(source, "rb") as log:
-            size = os.fstat(log.fileno()).st_size
-            fd = os.open(kept, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "wb") as copy:
-                if size <= KEPT_LOG_BYTES:
-                    shutil.copyfileobj(log, copy)
-                else:
-                    copy.write(log.read(KEPT_LOG_BYTES // 2))
-                    copy.write(f"\n[pyshim: {size - KEPT_LOG_BYTES} bytes of this {size}-byte log left out]\n".encode())
-                    log.seek(size - KEPT_LOG_BYTES // 2)
-                    shutil.copyfileobj(log, copy)
-        return kept
-    except OSError:
-        return None

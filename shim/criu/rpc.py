@@ -41,6 +41,7 @@ from shim.children.spawn import spawn
 from shim.criu import bindings
 from shim.criu.errors import CriuFailed, CriuMissing, CriuTimeout
 from shim.criu.log import excerpt, log_excerpt
+from shim.fdwait import readable
 
 log = logging.getLogger(__name__)
 
@@ -360,13 +361,12 @@ async def _send(sock: socket.socket, data: bytes) -> bool:
 
 async def _receive(sock: socket.socket) -> tuple[bytes, list[int]] | None:
     """One packet and the fds that came with it; None at EOF (CRIU closed its end or died)."""
-    loop = asyncio.get_running_loop()
     while True:
         try:
             data, ancdata, flags, _ = sock.recvmsg(RECV_BUFFER, ANC_BUFFER, socket.MSG_CMSG_CLOEXEC)
             break
         except (BlockingIOError, InterruptedError):
-            await _readable(loop, sock.fileno())
+            await readable(sock.fileno())
         except ConnectionResetError:
             return None
     fds: list[int] = []
@@ -381,15 +381,6 @@ async def _receive(sock: socket.socket) -> tuple[bytes, list[int]] | None:
     if not data and not fds:
         return None
     return data, fds
-
-
-async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
-    ready = loop.create_future()
-    loop.add_reader(fd, lambda: None if ready.done() else ready.set_result(None))
-    try:
-        await ready
-    finally:
-        loop.remove_reader(fd)
 
 
 def _pidfd_open(pid: int) -> int | None:

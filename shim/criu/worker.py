@@ -221,9 +221,9 @@ async def _listen(reader: asyncio.StreamReader, paused: dict) -> None:
 async def _checkpoint(job: dict, paused: dict, writer, background: BackgroundTasks) -> dict:
     from shim.bundle.config import Bundle
     from shim.children.reaper import Reaper
-    from shim.criu.checkpoint import Checkpointer
+    from shim.criu.checkpoint import Checkpointer, CriuDumper
     from shim.criu.options import CheckpointOptions, from_record
-    from shim.criu.rpc import CriuVersion
+    from shim.criu.rpc import CriuRpc, CriuVersion
     from shim.oci.commands import RuntimeConfig
     from shim.oci.runner import Runner
     from shim.oci.runtime import OciRuntime
@@ -237,30 +237,30 @@ async def _checkpoint(job: dict, paused: dict, writer, background: BackgroundTas
     config = RuntimeConfig(**job["runtime"])
     runtime = OciRuntime(config, Runner(reaper, log_path=config.log))
     options = CheckpointOptions(**from_record(job["options"]), extra=dict(job.get("extra") or {})).validate()
-    checkpointer = Checkpointer(reaper, background)
+    # The version known: the server learnt it from an earlier worker, or the spare asked (no `criu swrk` for it).
+    known = job.get("criu_version") or PREFETCHED_VERSION
+    rpc = CriuRpc(reaper)
     if prepared is not None and prepared.criu is not None:
         if prepared.path == os.environ.get("PATH"):
-            checkpointer.rpc.adopt(prepared.criu)
+            rpc.adopt(prepared.criu)
         else:
             prepared.criu.close()  # it exits on EOF; the dump starts one with the server's PATH
-    known = job.get("criu_version") or PREFETCHED_VERSION
-    if known:
-        # The server learnt it from an earlier worker, or the spare asked: no `criu swrk` just for the version.
-        checkpointer._version = CriuVersion(*known)
+    criu = CriuDumper(rpc, version=CriuVersion(*known) if known else None)
+    checkpointer = Checkpointer(reaper, background, dumper=criu)
     result = await checkpointer.checkpoint(container_id=job["container_id"], bundle=Bundle.read(job["bundle"]),
                                            pid=int(job["pid"]), options=options, runtime=runtime,
                                            paused=lambda: paused["value"], token=job.get("token"))
     if result.completion is not None:  # a lazy dump: its page server is ready
-        writer.write(offload.encode({"ready": _record(result, checkpointer)}))
+        writer.write(offload.encode({"ready": _record(result, criu)}))
         await writer.drain()
         result = await result.completion
-    return _record(result, checkpointer)
+    return _record(result, criu)
 
 
-def _record(result, checkpointer) -> dict:
+def _record(result, criu) -> dict:
     return {"image_path": result.image_path, "engine": result.engine, "stats": dict(result.stats),
             "stopped": result.stopped, "network_lock": result.network_lock.as_record() if result.network_lock else None,
-            "criu_version": list(checkpointer._version) if checkpointer._version else None}
+            "criu_version": list(criu.version) if criu.version else None}
 
 
 def _error(exc: BaseException) -> dict:

@@ -33,16 +33,10 @@ def socket_path(directory: str, key: str) -> str:
     return wire.socket_path(directory, f"{key}-criu")
 
 
-def main(sock, path: str, close_all_but, mark) -> None:
-    """The spare's life: never returns. close_all_but and mark come from the fork server (its helpers)."""
+def main(sock, path: str) -> None:
+    """The spare's life, once the fork server has detached it (shim.forkserver.server._detach): never returns."""
     listener, inode = None, 0
     try:
-        os.setsid()
-        for signum in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signum, signal.SIG_DFL)
-        close_all_but({0, 1, 2, sock.fileno()})
-        os.chdir("/")
-        mark(TOKEN)
         for name in PRELOAD:
             try:
                 __import__(name)

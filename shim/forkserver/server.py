@@ -274,17 +274,18 @@ class ForkServer:
 
     def _make_spare(self) -> None:
         server_pid = os.getpid()
-        self.spare = self._fork_detached(lambda theirs: _spare_main(theirs, server_pid))
+        self.spare = self._fork_detached(SPARE_TOKEN, lambda theirs: _spare_main(theirs, server_pid))
 
     def _make_criu_spare(self) -> None:
         from shim.forkserver import criu_spare
 
         path = criu_spare.socket_path(self.directory, self.key)
-        self.criu_spare = self._fork_detached(lambda theirs: criu_spare.main(theirs, path, _close_all_but, _mark_as))
+        self.criu_spare = self._fork_detached(criu_spare.TOKEN, lambda theirs: criu_spare.main(theirs, path))
 
-    def _fork_detached(self, child_main: Callable[[socket.socket], object]) -> socket.socket:
-        """Double-fork a detached process that runs child_main on its end of a new socketpair (it never returns
-        here: the intermediate exits); our end, watched by the poller, tells when the process is gone."""
+    def _fork_detached(self, token: str, child_main: Callable[[socket.socket], object]) -> socket.socket:
+        """Double-fork a detached process (see _detach; token in its command line) that runs child_main on its end
+        of a new socketpair (it never returns here: the intermediate exits); our end, watched by the poller, tells
+        when the process is gone."""
         import socket
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -299,6 +300,7 @@ class ForkServer:
                 self._listening().detach()  # see _handle
                 ours.detach()
                 if os.fork() == 0:
+                    _detach(theirs, token)
                     child_main(theirs)
             finally:
                 os._exit(0)
@@ -398,12 +400,6 @@ class Request:
 def _spare_main(sock, server_pid: int) -> None:
     """The spare: detached, holding nothing but its socket to the fork server, it waits for one job."""
     try:
-        os.setsid()
-        for signum in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signum, signal.SIG_DFL)
-        _close_all_but({0, 1, 2, sock.fileno()})
-        os.chdir("/")
-        _mark_as_spare()
         sock.setblocking(True)
         try:
             fields, fds = wire.recv_frame(sock, max_fds=2)
@@ -424,9 +420,16 @@ def _spare_main(sock, server_pid: int) -> None:
         os._exit(0)
 
 
-def _mark_as_spare() -> None:
-    """`forkserver` becomes `forkserver-spare` in our command line (ps, and tools that look for the server)."""
-    _mark_as(SPARE_TOKEN)
+def _detach(sock, token: str) -> None:
+    """What a spare (a shim spare or the checkpoint spare) does first: a session of its own, the fork server's
+    signal handlers gone, nothing held but stdio and its socket to the fork server, the root as cwd, and
+    `forkserver` become token in its command line (ps, and tools that look for the server, tell them apart)."""
+    os.setsid()
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+    _close_all_but({0, 1, 2, sock.fileno()})
+    os.chdir("/")
+    _mark_as(token)
 
 
 def _mark_as(token: str) -> None:

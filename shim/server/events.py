@@ -43,11 +43,13 @@ def timestamp(seconds: float) -> Timestamp:
 class Publisher:
     def __init__(self, address: str, namespace: str, *,
                  connect: Callable[[str], Awaitable[Client]] = Client.connect,
-                 retry_delay: float = RETRY_DELAY) -> None:
+                 retry_delay: float = RETRY_DELAY,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.address = address
         self.namespace = namespace
         self._connect = connect
         self._retry_delay = retry_delay
+        self._sleep = sleep  # the retry schedule's clock; tests pass one that records instead of waiting
         self._queue: asyncio.Queue[events_pb2.ForwardRequest | None] = asyncio.Queue()
         self._client: Client | None = None
         self._sender: asyncio.Task | None = None
@@ -93,5 +95,5 @@ class Publisher:
                     self._client.close()
                     self._client = None
                 if attempt < ATTEMPTS:
-                    await asyncio.sleep(self._retry_delay * attempt)
+                    await self._sleep(self._retry_delay * attempt)
         log.error("gave up publishing %s after %d attempts", topic, ATTEMPTS)

@@ -17,6 +17,7 @@ import struct
 import tempfile
 import termios
 
+from shim.fdwait import readable
 from shim.stdio.errors import StdioError
 
 _MAX_NAME = 4096
@@ -47,7 +48,7 @@ class ConsoleSocket:
             async with asyncio.timeout(timeout):
                 conn, _ = await loop.sock_accept(self._sock)
                 with conn:
-                    return await _receive_fd(loop, conn, self.path)
+                    return await _receive_fd(conn, self.path)
         except TimeoutError:
             raise StdioError(f"the OCI runtime sent no console on {self.path} within {timeout:g}s") from None
 
@@ -58,13 +59,13 @@ class ConsoleSocket:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-async def _receive_fd(loop: asyncio.AbstractEventLoop, conn: socket.socket, path: str) -> tuple[int, str]:
+async def _receive_fd(conn: socket.socket, path: str) -> tuple[int, str]:
     while True:
         try:
             data, fds, flags, _ = socket.recv_fds(conn, _MAX_NAME, 1, socket.MSG_CMSG_CLOEXEC)
             break
         except BlockingIOError:
-            await _readable(loop, conn.fileno())
+            await readable(conn.fileno())
     name = data.decode(errors="replace")
     if not fds:
         raise StdioError(f"the OCI runtime connected to {path} but sent no pty master")
@@ -76,15 +77,6 @@ async def _receive_fd(loop: asyncio.AbstractEventLoop, conn: socket.socket, path
         raise StdioError(f"the OCI runtime sent something other than one pty master on {path}")
     os.set_blocking(master, False)
     return master, name
-
-
-async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
-    ready = loop.create_future()
-    loop.add_reader(fd, lambda: None if ready.done() else ready.set_result(None))
-    try:
-        await ready
-    finally:
-        loop.remove_reader(fd)
 
 
 def set_window_size(fd: int, width: int, height: int) -> None:

@@ -25,6 +25,7 @@ import signal
 from shim.background import BackgroundTasks
 from shim.children.reaper import Reaper
 from shim.children.spawn import spawn
+from shim.fdwait import readable
 from shim.stdio.errors import StdioError
 from shim.stdio.fds import Fd, plain_pipe
 from shim.stdio.uri import Target
@@ -73,15 +74,10 @@ class Logger:
             ready_w.close()
 
     async def _await_ready(self, ready: Fd, target: Target, timeout: float, exits) -> None:
-        loop = asyncio.get_running_loop()
-        readable = loop.create_future()
-        loop.add_reader(ready.fd, lambda: None if readable.done() else readable.set_result(None))
         try:
-            await asyncio.wait_for(readable, timeout)
+            await asyncio.wait_for(readable(ready.fd), timeout)
         except TimeoutError:
             raise StdioError(f"logger {self.path} did not signal readiness within {timeout:g}s") from None
-        finally:
-            loop.remove_reader(ready.fd)
         if os.read(ready.fd, 1) or not target.strict_ready:
             return  # binary://: closing fd 5 counts as ready, even by exiting (as upstream)
         exit = await _collect(exits, self.pid, 1.0)

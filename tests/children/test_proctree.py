@@ -23,6 +23,7 @@ def test_a_shell_and_its_child_as_proc_shows_them():
         assert proctree.children_of(shell.pid) == [sleeper]
         assert shell.pid in proctree.children_by_parent()[os.getpid()]
         assert proctree.cmdline(sleeper) == ["sleep", "30"]
+        assert proctree.session_of(sleeper) == proctree.session_of(shell.pid) == os.getsid(0)
     finally:
         for pid in proctree.descendants(shell.pid):
             os.kill(pid, 9)  # the sleep this test started (through its shell)
@@ -34,4 +35,5 @@ def test_a_shell_and_its_child_as_proc_shows_them():
             if shell.poll() is None:
                 shell.kill()
                 shell.wait(10)
-    assert proctree.parent_of(shell.pid) is None and proctree.cmdline(shell.pid) == []
+    assert proctree.parent_of(shell.pid) is None and proctree.session_of(shell.pid) is None
+    assert proctree.cmdline(shell.pid) == []

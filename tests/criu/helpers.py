@@ -84,3 +84,65 @@ def images_dir(tmp_path, name: str = "images") -> int:
     path = tmp_path / name
     path.mkdir(mode=0o700)
     return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+
+
+class FakeDumper:
+    """shim.criu.checkpoint's Dumper seam without CRIU or /proc: nothing is refused, the facts are the ones given
+    (by default a container at pid with nothing to declare), and the dump is dump(job), a coroutine function the test
+    writes (it may write CRIU's log into job.work, images into job.partial.path, or raise as CRIU would)."""
+
+    def __init__(self, dump, facts=None) -> None:
+        self._dump = dump
+        self._facts = facts
+
+    async def preflight(self, options) -> None:
+        pass
+
+    async def facts(self, container_id, bundle, pid, options):
+        from shim.criu.plan import ContainerFacts
+
+        return self._facts or ContainerFacts(rootfs="/", pid=pid)
+
+    async def dump(self, job, ready) -> None:
+        await self._dump(job)
+
+
+class FakeFirewall:
+    """shim.criu.netlock's Firewall seam, in memory: iptables-save output per tool, what iptables-restore was fed,
+    the nftables tables, the ones deleted; and the inode of every namespace asked about (it must be open then)."""
+
+    def __init__(self, *, iptables: str = "", tables=()) -> None:
+        self.saves = {"iptables-save": iptables, "ip6tables-save": iptables}
+        self.restored: list[tuple[str, str]] = []
+        self.tables = list(tables)
+        self.deleted: list[str] = []
+        self.namespaces: list[int] = []
+
+    def _seen(self, fd: int) -> None:
+        self.namespaces.append(os.fstat(fd).st_ino)
+
+    async def iptables_save(self, fd: int, tool: str) -> str:
+        self._seen(fd)
+        return self.saves[tool]
+
+    async def iptables_restore(self, fd: int, tool: str, commands: str) -> None:
+        self._seen(fd)
+        self.restored.append((tool, commands))
+
+    async def nft_tables(self, fd: int) -> list[tuple[str, str]]:
+        self._seen(fd)
+        return list(self.tables)
+
+    async def nft_delete(self, fd: int, names: list[str]) -> None:
+        self._seen(fd)
+        self.deleted.extend(names)
+
+
+class FailingFirewall(FakeFirewall):
+    """A namespace whose tools fail (nsenter, netlink)."""
+
+    async def iptables_save(self, fd: int, tool: str) -> str:
+        raise OSError("nsenter: exit status 1")
+
+    async def nft_tables(self, fd: int) -> list[tuple[str, str]]:
+        raise OSError("netlink: EPERM")

@@ -13,10 +13,11 @@ from shim.bundle.config import Bundle
 from shim.children.reaper import Reaper
 from shim.criu import checkpoint
 from shim.criu.checkpoint import Checkpointer, CheckpointFailed, forget_frozen_freezer
+from shim.criu.errors import CriuFailed
 from shim.criu.plan import ContainerFacts
 from shim.errors import FailedPrecondition, InvalidArgument
 
-from .helpers import run
+from .helpers import FakeDumper, FakeFirewall, run
 
 PERMS = {"mode": 0o100644, "uid": 0, "gid": 0}
 
@@ -66,25 +67,18 @@ class FakeRuntime:
 
 
 @pytest.mark.parametrize("paused,left", [(True, "FROZEN"), (False, "THAWED")])
-def test_a_failed_dump_leaves_the_freezer_as_the_task_was(tmp_path, monkeypatch, paused, left):
+def test_a_failed_dump_leaves_the_freezer_as_the_task_was(tmp_path, paused, left):
     freezer = tmp_path / "freezer"
     freezer.mkdir()
     (freezer / "freezer.state").write_text("THAWED" if paused else "FROZEN")  # what a killed CRIU may leave
     bundle = tmp_path / "bundle"
     bundle.mkdir()
 
-    async def no_preflight(self, options):
-        pass
+    async def dump_killed(job):
+        raise CriuFailed("dump", exit_status=137)
 
-    async def dump_killed(self, *args):
-        raise CheckpointFailed("criu dump failed: criu exited with status 137")
-
-    monkeypatch.setattr(Checkpointer, "preflight", no_preflight)
-    monkeypatch.setattr(Checkpointer, "_dump", dump_killed)
-    monkeypatch.setattr(checkpoint, "facts_from_bundle",
-                        lambda bundle, pid: ContainerFacts(rootfs="/", pid=pid, freezer_cgroup=str(freezer)))
-    monkeypatch.setattr(checkpoint, "_external_unix_sockets", _no_sockets)
-    checkpointer = Checkpointer(Reaper(), BackgroundTasks())  # nothing runs: preflight and _dump are fakes
+    checkpointer = Checkpointer(Reaper(), BackgroundTasks(), firewall=FakeFirewall(), dumper=FakeDumper(
+        dump_killed, ContainerFacts(rootfs="/", pid=1, freezer_cgroup=str(freezer))))
     options = checkpoint.CheckpointOptions(image_path=str(tmp_path / "image")).validate()
 
     with pytest.raises(CheckpointFailed, match="status 137"):
@@ -94,22 +88,11 @@ def test_a_failed_dump_leaves_the_freezer_as_the_task_was(tmp_path, monkeypatch,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "freezer"]  # no image, no partial one
 
 
-async def _no_sockets(container_id, pid, options):
-    return ()
+def fake_checkpointer(dump) -> Checkpointer:
+    return Checkpointer(Reaper(), BackgroundTasks(), dumper=FakeDumper(dump), firewall=FakeFirewall())
 
 
-def patched_checkpointer(monkeypatch, tmp_path, dump):
-    async def no_preflight(self, options):
-        pass
-
-    monkeypatch.setattr(Checkpointer, "preflight", no_preflight)
-    monkeypatch.setattr(Checkpointer, "_dump", dump)
-    monkeypatch.setattr(checkpoint, "facts_from_bundle", lambda bundle, pid: ContainerFacts(rootfs="/", pid=pid))
-    monkeypatch.setattr(checkpoint, "_external_unix_sockets", _no_sockets)
-    return Checkpointer(Reaper(), BackgroundTasks())
-
-
-async def _never_dumps(self, *args):
+async def _never_dumps(job):
     raise AssertionError("the dump must not start")
 
 
@@ -128,7 +111,7 @@ def test_an_unusable_image_path_is_refused_before_the_dump_leaving_nothing(tmp_p
         def refuse(target, token=None):
             raise PermissionError(13, "Permission denied", str(tmp_path / "read-only" / ".image.pyshim-partial-x"))
         monkeypatch.setattr(checkpoint.images, "prepare", refuse)
-    checkpointer = patched_checkpointer(monkeypatch, tmp_path, _never_dumps)
+    checkpointer = fake_checkpointer(_never_dumps)
     options = checkpoint.CheckpointOptions(image_path=str(tmp_path / where)).validate()
     with pytest.raises(error, match=message) as refused:
         run(checkpointer.checkpoint(container_id="c", bundle=Bundle(str(bundle), {}), pid=1, options=options,
@@ -138,20 +121,23 @@ def test_an_unusable_image_path_is_refused_before_the_dump_leaving_nothing(tmp_p
     assert sorted(p.name for p in (tmp_path / "read-only").iterdir()) == []
 
 
-def test_the_error_names_the_kept_dump_log_not_the_removed_work_dir(tmp_path, monkeypatch):
+def test_the_error_names_the_kept_dump_log_not_the_removed_work_dir(tmp_path):
     bundle = tmp_path / "bundle"
     bundle.mkdir()
+    cause = "(00.1) Error (criu/cr-dump.c:1): page-pipe: splice: Bad file descriptor"
 
-    async def dump_fails(self, container_id, runtime, options, facts, partial, work, ready):
-        (Path(work) / "dump.log").write_text("(00.1) Error (criu/cr-dump.c:1): Dumping FAILED.\n")
-        raise CheckpointFailed(f"criu dump failed. From the CRIU log {work}/dump.log: Dumping FAILED.")
+    async def dump_fails(job):  # as shim.criu.rpc raises it: the log in the work dir
+        (Path(job.work) / "dump.log").write_text(f"{cause}\n(00.2) Dumping FAILED.\n")
+        raise CriuFailed("dump", cr_errno=9, log_path=str(Path(job.work) / "dump.log"), log_lines=[cause])
 
-    checkpointer = patched_checkpointer(monkeypatch, tmp_path, dump_fails)
     options = checkpoint.CheckpointOptions(image_path=str(tmp_path / "image")).validate()
     with pytest.raises(CheckpointFailed) as failed:
-        run(checkpointer.checkpoint(container_id="c", bundle=Bundle(str(bundle), {}), pid=1, options=options,
-                                    runtime=FakeRuntime(), paused=False))
-    assert f"From the CRIU log {bundle}/criu-dump.log: Dumping FAILED." in str(failed.value)
+        run(fake_checkpointer(dump_fails).checkpoint(container_id="c", bundle=Bundle(str(bundle), {}), pid=1,
+                                                     options=options, runtime=FakeRuntime(), paused=False))
+    message = str(failed.value)
+    assert message.startswith("checkpoint of c failed; the task was left as it was. criu dump failed: errno 9")
+    assert message.endswith(f". From the CRIU log {bundle}/criu-dump.log: {cause}")
+    assert "criu-work-" not in message
     assert (bundle / "criu-dump.log").read_text().endswith("Dumping FAILED.\n")
 
 

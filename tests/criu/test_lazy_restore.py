@@ -7,7 +7,6 @@ import signal
 
 import pytest
 
-from shim.criu import restore as restore_module
 from shim.criu.restore import LazyPages, RestoreFailed, lazy_request
 
 from .helpers import reaping, run
@@ -85,8 +84,10 @@ def test_a_daemon_failing_during_the_restore_ends_it_now(tmp_path, fake_criu, mo
 
     async def scenario():
         criu_gone = asyncio.Event()
-        monkeypatch.setattr(restore_module, "_kill_restoring_criu",
-                            lambda container_id: (killed.append(container_id), criu_gone.set()))
+
+        def kill_criu(container_id: str) -> None:  # what kill_restoring_criu does to runc's CRIU
+            killed.append(container_id)
+            criu_gone.set()
 
         async def runc_restore():
             await asyncio.wait_for(criu_gone.wait(), 10)
@@ -95,7 +96,7 @@ def test_a_daemon_failing_during_the_restore_ends_it_now(tmp_path, fake_criu, mo
         async with reaping() as reaper:
             daemon = await LazyPages.start(reaper, image_path="/img", work=str(tmp_path), log_file=str(log))
             with pytest.raises(RuntimeError, match="criu failed"):
-                await daemon.guard(runc_restore(), "c2")
+                await daemon.guard(runc_restore(), "c2", stop_restore=kill_criu)
             await daemon.stop()
             return daemon.failed
 

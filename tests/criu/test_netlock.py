@@ -13,13 +13,13 @@ import pytest
 from shim.background import BackgroundTasks
 from shim.bundle.config import Bundle
 from shim.children.reaper import Reaper
-from shim.criu import checkpoint, netlock
+from shim.criu import netlock
 from shim.criu.checkpoint import Checkpointer, CheckpointFailed
+from shim.criu.errors import CriuTimeout
 from shim.criu.netlock import Lock
 from shim.criu.options import CheckpointOptions
-from shim.criu.plan import ContainerFacts
 
-from .helpers import run
+from .helpers import FailingFirewall, FakeDumper, FakeFirewall, run
 
 RUN_ID = "c639771c-6ce9-4760-99b2-972a7ba41aad"
 OTHER_RUN_ID = "9366f4b4-3c6f-4c4f-aba2-f52626768a79"
@@ -227,26 +227,8 @@ def test_after_dump_names_the_namespace_and_its_inode(tmp_path):
 
 # -- removing -------------------------------------------------------------------------------------------------
 
-class FakeNamespace:
-    """iptables-save / iptables-restore and the nftables tables of one namespace, in memory."""
-
-    def __init__(self, monkeypatch, *, iptables: str = IPTABLES_UNLOCKED, tables=()):
-        self.saves = {"iptables-save": iptables, "ip6tables-save": iptables}
-        self.restored: list[tuple[str, str]] = []
-        self.tables = list(tables)
-        self.deleted: list[str] = []
-
-        async def in_namespace(reaper, fd, argv, *, input=None):
-            assert os.fstat(fd)  # the namespace stays open while used
-            if argv[0].endswith("-save"):
-                return self.saves[argv[0]]
-            assert argv[1:] == ["-w", "--noflush"]
-            self.restored.append((argv[0], input.decode()))
-            return ""
-
-        monkeypatch.setattr(netlock, "_in_namespace", in_namespace)
-        monkeypatch.setattr(netlock, "_nft_list", lambda path: list(self.tables))
-        monkeypatch.setattr(netlock, "_nft_delete", lambda path, names: self.deleted.extend(names))
+def namespace_firewall(*, iptables: str = IPTABLES_UNLOCKED, tables=()) -> FakeFirewall:
+    return FakeFirewall(iptables=iptables, tables=tables)
 
 
 def a_namespace(tmp_path) -> tuple[str, int]:
@@ -255,49 +237,46 @@ def a_namespace(tmp_path) -> tuple[str, int]:
     return str(path), os.stat(path).st_ino
 
 
-def test_release_iptables_removes_the_dump_s_share_in_both_families(tmp_path, monkeypatch):
-    fake = FakeNamespace(monkeypatch, iptables=IPTABLES_TWO_LOCKS)
+def test_release_iptables_removes_the_dump_s_share_in_both_families(tmp_path):
+    fake = namespace_firewall(iptables=IPTABLES_TWO_LOCKS)
     path, inode = a_namespace(tmp_path)
-    removed = run(netlock.release(Reaper(), Lock("iptables", RUN_ID, path, inode)))
+    removed = run(netlock.release(fake, Lock("iptables", RUN_ID, path, inode)))
     assert fake.restored == [("iptables-restore", "*filter\n-D INPUT -j CRIU\n-D OUTPUT -j CRIU\nCOMMIT\n"),
                              ("ip6tables-restore", "*filter\n-D INPUT -j CRIU\n-D OUTPUT -j CRIU\nCOMMIT\n")]
     assert removed == ["iptables: -D INPUT -j CRIU", "iptables: -D OUTPUT -j CRIU", "ip6tables: -D INPUT -j CRIU",
                        "ip6tables: -D OUTPUT -j CRIU"]
+    assert set(fake.namespaces) == {inode}  # asked of the lock's namespace, open while it was used
 
 
-def test_release_nftables_deletes_the_dump_s_table_only(tmp_path, monkeypatch):
-    fake = FakeNamespace(monkeypatch, tables=netlock.nft_tables(NFT_RULESET))
+def test_release_nftables_deletes_the_dump_s_table_only(tmp_path):
+    fake = namespace_firewall(tables=netlock.nft_tables(NFT_RULESET))
     path, inode = a_namespace(tmp_path)
-    removed = run(netlock.release(Reaper(), Lock("nftables", RUN_ID, path, inode)))
+    removed = run(netlock.release(fake, Lock("nftables", RUN_ID, path, inode)))
     assert fake.deleted == [f"CRIU-{RUN_ID[:21]}"]
     assert removed == [f"nftables: table inet CRIU-{RUN_ID[:21]}"]
     assert fake.restored == []  # iptables untouched
 
 
-def test_release_leaves_a_namespace_that_is_gone_or_another_one(tmp_path, monkeypatch):
-    fake = FakeNamespace(monkeypatch, iptables=IPTABLES_LOCKED, tables=netlock.nft_tables(NFT_RULESET))
+def test_release_leaves_a_namespace_that_is_gone_or_another_one(tmp_path):
+    fake = namespace_firewall(iptables=IPTABLES_LOCKED, tables=netlock.nft_tables(NFT_RULESET))
     path, inode = a_namespace(tmp_path)
-    assert run(netlock.release(Reaper(), Lock("iptables", RUN_ID, str(tmp_path / "gone"), inode))) == []
-    assert run(netlock.release(Reaper(), Lock("nftables", RUN_ID, path, inode + 1))) == []
-    assert (fake.restored, fake.deleted) == ([], [])
+    assert run(netlock.release(fake, Lock("iptables", RUN_ID, str(tmp_path / "gone"), inode))) == []
+    assert run(netlock.release(fake, Lock("nftables", RUN_ID, path, inode + 1))) == []
+    assert (fake.restored, fake.deleted, fake.namespaces) == ([], [], [])
 
 
-def test_release_logged_never_raises(tmp_path, monkeypatch):
+def test_release_logged_never_raises(tmp_path):
     path, inode = a_namespace(tmp_path)
-
-    async def broken(reaper, fd, argv, *, input=None):
-        raise OSError("nsenter: exit status 1")
-
-    monkeypatch.setattr(netlock, "_in_namespace", broken)
-    assert run(netlock.release_logged(Reaper(), Lock("iptables", RUN_ID, path, inode), "test")) == []
+    for method in ("iptables", "nftables"):
+        assert run(netlock.release_logged(FailingFirewall(), Lock(method, RUN_ID, path, inode), "test")) == []
 
 
 def record(lock: Lock | None, keep: bool) -> dict:
     return {"options": {"keep_network_lock": keep}, "network": {"lock": lock.as_record() if lock else None}}
 
 
-def test_a_kept_lock_is_removed_by_a_restore_elsewhere_only(tmp_path, monkeypatch):
-    fake = FakeNamespace(monkeypatch, tables=netlock.nft_tables(NFT_RULESET))
+def test_a_kept_lock_is_removed_by_a_restore_elsewhere_only(tmp_path):
+    fake = namespace_firewall(tables=netlock.nft_tables(NFT_RULESET))
     path, inode = a_namespace(tmp_path)
     other = tmp_path / "other-netns"
     other.write_text("")
@@ -305,15 +284,15 @@ def test_a_kept_lock_is_removed_by_a_restore_elsewhere_only(tmp_path, monkeypatc
     here = config({"type": "network", "path": path})
     elsewhere = config({"type": "network", "path": str(other)})
     private = config({"type": "network"})
-    assert run(netlock.after_restore(Reaper(), record(lock, keep=True), here)) == []  # CRIU removed it there
-    assert run(netlock.after_restore(Reaper(), record(lock, keep=False), elsewhere)) == []  # Delete's to remove
-    assert run(netlock.after_restore(Reaper(), record(None, keep=True), elsewhere)) == []
-    assert run(netlock.after_restore(Reaper(), None, elsewhere)) == []
+    assert run(netlock.after_restore(fake, record(lock, keep=True), here)) == []  # CRIU removed it there
+    assert run(netlock.after_restore(fake, record(lock, keep=False), elsewhere)) == []  # Delete's to remove
+    assert run(netlock.after_restore(fake, record(None, keep=True), elsewhere)) == []
+    assert run(netlock.after_restore(fake, None, elsewhere)) == []
     assert fake.deleted == []
-    assert run(netlock.after_restore(Reaper(), record(lock, keep=True), private)) == [
+    assert run(netlock.after_restore(fake, record(lock, keep=True), private)) == [
         f"nftables: table inet CRIU-{RUN_ID[:21]}"]
     fake.deleted.clear()
-    run(netlock.after_restore(Reaper(), record(lock, keep=True), elsewhere))
+    run(netlock.after_restore(fake, record(lock, keep=True), elsewhere))
     assert fake.deleted == [f"CRIU-{RUN_ID[:21]}"]
 
 
@@ -329,24 +308,8 @@ class FakeRuntime:
         pass
 
 
-async def _no_sockets(container_id, pid, options):
-    return ()
-
-
-def checkpointer(monkeypatch, dump, released: list) -> Checkpointer:
-    async def no_preflight(self, options):
-        pass
-
-    async def release(reaper, lock, before=None):
-        released.append(lock)
-        return ["something"]
-
-    monkeypatch.setattr(Checkpointer, "preflight", no_preflight)
-    monkeypatch.setattr(Checkpointer, "_dump", dump)
-    monkeypatch.setattr(checkpoint, "facts_from_bundle", lambda bundle, pid: ContainerFacts(rootfs="/", pid=pid))
-    monkeypatch.setattr(checkpoint, "_external_unix_sockets", _no_sockets)
-    monkeypatch.setattr(netlock, "release", release)
-    return Checkpointer(Reaper(), BackgroundTasks())
+def checkpointer(dump, firewall: FakeFirewall) -> Checkpointer:
+    return Checkpointer(Reaper(), BackgroundTasks(), dumper=FakeDumper(dump), firewall=firewall)
 
 
 def a_bundle(tmp_path, namespace: str | None) -> Path:
@@ -358,61 +321,67 @@ def a_bundle(tmp_path, namespace: str | None) -> Path:
 
 
 @pytest.mark.parametrize("log,removed", [(DUMP_LOG_LOCKED, True), (DUMP_LOG_UNLOCKED, False)])
-def test_a_killed_dump_s_lock_is_removed_a_failed_one_unlocked_itself(tmp_path, monkeypatch, log, removed):
+def test_a_killed_dump_s_lock_is_removed_a_failed_one_unlocked_itself(tmp_path, log, removed):
     path, inode = a_namespace(tmp_path)
     bundle = a_bundle(tmp_path, path)
 
-    async def dump(self, container_id, runtime, options, facts, partial, work, *rest):
-        (Path(work) / "dump.log").write_text(log)
-        raise CheckpointFailed("criu dump of c: criu did not finish within 3s and was killed")
+    async def dump(job):
+        (Path(job.work) / "dump.log").write_text(log)
+        raise CriuTimeout("dump", 3.0)
 
-    released: list = []
+    firewall = namespace_firewall(iptables=IPTABLES_LOCKED)
     options = CheckpointOptions(image_path=str(tmp_path / "image"), tcp_established=True).validate()
     with pytest.raises(CheckpointFailed, match="killed"):
-        run(checkpointer(monkeypatch, dump, released).checkpoint(
+        run(checkpointer(dump, firewall).checkpoint(
             container_id="c", bundle=Bundle.read(str(bundle)), pid=1, options=options, runtime=FakeRuntime(),
             paused=False))
-    assert released == ([Lock("iptables", RUN_ID, path, inode)] if removed else [])
+    if removed:  # the dump's jumps, and the chain nothing else jumps to
+        assert firewall.restored == [(tool, "*filter\n-D INPUT -j CRIU\n-D OUTPUT -j CRIU\n-F CRIU\n-X CRIU\nCOMMIT\n")
+                                     for tool in ("iptables-restore", "ip6tables-restore")]
+        assert set(firewall.namespaces) == {inode}
+    else:
+        assert (firewall.restored, firewall.namespaces) == ([], [])
 
 
-def test_a_killed_dump_in_a_private_namespace_is_released_in_the_task_s(tmp_path, monkeypatch):
+def test_a_killed_dump_in_a_private_namespace_is_released_in_the_task_s(tmp_path):
     bundle = a_bundle(tmp_path, None)
 
-    async def dump(self, container_id, runtime, options, facts, partial, work, *rest):
-        (Path(work) / "dump.log").write_text(DUMP_LOG_LOCKED)
-        raise CheckpointFailed("killed")
+    async def dump(job):
+        (Path(job.work) / "dump.log").write_text(DUMP_LOG_LOCKED)
+        raise CriuTimeout("dump", 3.0)
 
-    released: list = []
+    firewall = namespace_firewall(tables=netlock.nft_tables(NFT_RULESET))
     options = CheckpointOptions(image_path=str(tmp_path / "image"), network_lock="nftables").validate()
     with pytest.raises(CheckpointFailed):
-        run(checkpointer(monkeypatch, dump, released).checkpoint(
+        run(checkpointer(dump, firewall).checkpoint(
             container_id="c", bundle=Bundle.read(str(bundle)), pid=os.getpid(), options=options, runtime=FakeRuntime(),
             paused=False))
-    assert [(lock.method, lock.namespace) for lock in released] == [("nftables", f"/proc/{os.getpid()}/ns/net")]
+    assert firewall.deleted == [f"CRIU-{RUN_ID[:21]}"]
+    assert set(firewall.namespaces) == {os.stat(f"/proc/{os.getpid()}/ns/net").st_ino}  # the task's own
 
 
 @pytest.mark.parametrize("keep", [False, True])
-def test_a_checkpoint_with_exit_records_its_lock_and_hands_it_to_delete_unless_kept(tmp_path, monkeypatch, keep):
+def test_a_checkpoint_with_exit_records_its_lock_and_hands_it_to_delete_unless_kept(tmp_path, keep):
     path, inode = a_namespace(tmp_path)
     bundle = a_bundle(tmp_path, path)
 
-    async def dump(self, container_id, runtime, options, facts, partial, work, *rest):
-        (Path(work) / "dump.log").write_text(DUMP_LOG_LOCKED)
-        inventory(Path(partial.path), 1, RUN_ID)
+    async def dump(job):
+        (Path(job.work) / "dump.log").write_text(DUMP_LOG_LOCKED)
+        inventory(Path(job.partial.path), 1, RUN_ID)
 
-    released: list = []
+    firewall = namespace_firewall(tables=netlock.nft_tables(NFT_RULESET))
     options = CheckpointOptions(image_path=str(tmp_path / "image"), tcp_established=True, leave_running=False,
                                 network_lock="nftables", keep_network_lock=keep).validate()
-    result = run(checkpointer(monkeypatch, dump, released).checkpoint(
+    result = run(checkpointer(dump, firewall).checkpoint(
         container_id="c", bundle=Bundle.read(str(bundle)), pid=1, options=options, runtime=FakeRuntime(), paused=False))
     lock = Lock("nftables", RUN_ID, path, inode)
     assert result.network_lock == (None if keep else lock)
     saved = json.loads((tmp_path / "image" / "pyshim-checkpoint.json").read_text())
     assert Lock.from_record(saved["network"]["lock"]) == lock
-    assert released == []  # nothing is removed before Delete
+    assert (firewall.deleted, firewall.namespaces) == ([], [])  # nothing is removed before Delete
 
 
-def test_a_checkpoint_that_leaves_the_task_running_or_its_namespace_private_hands_nothing(tmp_path, monkeypatch):
+def test_a_checkpoint_that_leaves_the_task_running_or_its_namespace_private_hands_nothing(tmp_path):
     path, _ = a_namespace(tmp_path)
     for namespace, leave_running in ((path, True), (None, False)):
         for child in tmp_path.glob("bundle"):
@@ -420,12 +389,12 @@ def test_a_checkpoint_that_leaves_the_task_running_or_its_namespace_private_hand
             child.rmdir()
         bundle = a_bundle(tmp_path, namespace)
 
-        async def dump(self, container_id, runtime, options, facts, partial, work, *rest):
-            (Path(work) / "dump.log").write_text(DUMP_LOG_LOCKED)
+        async def dump(job):
+            (Path(job.work) / "dump.log").write_text(DUMP_LOG_LOCKED)
 
         options = CheckpointOptions(image_path=str(tmp_path / f"image-{leave_running}"), tcp_established=True,
                                     leave_running=leave_running).validate()
-        result = run(checkpointer(monkeypatch, dump, []).checkpoint(
+        result = run(checkpointer(dump, namespace_firewall()).checkpoint(
             container_id="c", bundle=Bundle.read(str(bundle)), pid=1, options=options, runtime=FakeRuntime(),
             paused=False))
         assert result.network_lock is None
@@ -444,7 +413,7 @@ def test_releasing_what_a_failed_restore_added_keeps_what_was_there_before():
 
 
 @pytest.mark.parametrize("method", [0, 1])
-def test_a_failed_restore_s_lock_is_removed_and_a_kept_one_stays(tmp_path, monkeypatch, method):
+def test_a_failed_restore_s_lock_is_removed_and_a_kept_one_stays(tmp_path, method):
     images = tmp_path / "images"
     images.mkdir()
     inventory(images, method, RUN_ID)
@@ -453,36 +422,37 @@ def test_a_failed_restore_s_lock_is_removed_and_a_kept_one_stays(tmp_path, monke
     table = ("inet", f"CRIU-{RUN_ID[:21]}")
 
     # nothing there before the restore: what it left goes
-    fake = FakeNamespace(monkeypatch, iptables=IPTABLES_UNLOCKED)
-    watched = run(netlock.before_restore(Reaper(), str(images), restoring))
+    fake = namespace_firewall(iptables=IPTABLES_UNLOCKED)
+    watched = run(netlock.before_restore(fake, str(images), restoring))
     assert watched is not None and watched[0] == Lock(netlock.INVENTORY_METHODS[method], RUN_ID, path, inode)
     fake.saves = {"iptables-save": IPTABLES_LOCKED, "ip6tables-save": IPTABLES_LOCKED}
     fake.tables = [table]
-    removed = run(netlock.after_failed_restore(Reaper(), watched))
+    removed = run(netlock.after_failed_restore(fake, watched))
     assert removed == ([f"nftables: table inet {table[1]}"] if method else [
         "iptables: -D INPUT -j CRIU", "iptables: -D OUTPUT -j CRIU", "iptables: -F CRIU", "iptables: -X CRIU",
         "ip6tables: -D INPUT -j CRIU", "ip6tables: -D OUTPUT -j CRIU", "ip6tables: -F CRIU", "ip6tables: -X CRIU"])
 
     # a lock kept for this restore was there before it: it stays (iptables: only the restore's jumps go)
-    fake = FakeNamespace(monkeypatch, iptables=IPTABLES_LOCKED, tables=[table])
-    watched = run(netlock.before_restore(Reaper(), str(images), restoring))
+    fake = namespace_firewall(iptables=IPTABLES_LOCKED, tables=[table])
+    watched = run(netlock.before_restore(fake, str(images), restoring))
     fake.saves = {"iptables-save": IPTABLES_TWO_LOCKS, "ip6tables-save": IPTABLES_LOCKED}
-    removed = run(netlock.after_failed_restore(Reaper(), watched))
+    removed = run(netlock.after_failed_restore(fake, watched))
     assert removed == ([] if method else ["iptables: -D INPUT -j CRIU", "iptables: -D OUTPUT -j CRIU"])
     assert fake.deleted == []
 
 
-def test_nothing_is_watched_for_a_private_namespace_skip_or_a_foreign_image(tmp_path, monkeypatch):
-    FakeNamespace(monkeypatch)
+def test_nothing_is_watched_for_a_private_namespace_skip_or_a_foreign_image(tmp_path):
+    fake = namespace_firewall()
     images = tmp_path / "images"
     images.mkdir()
     path, _ = a_namespace(tmp_path)
-    assert run(netlock.before_restore(Reaper(), str(images), config({"type": "network", "path": path}))) is None
+    assert run(netlock.before_restore(fake, str(images), config({"type": "network", "path": path}))) is None
     inventory(images, 2, RUN_ID)  # skip
-    assert run(netlock.before_restore(Reaper(), str(images), config({"type": "network", "path": path}))) is None
+    assert run(netlock.before_restore(fake, str(images), config({"type": "network", "path": path}))) is None
     inventory(images, 0, RUN_ID)
-    assert run(netlock.before_restore(Reaper(), str(images), config({"type": "network"}))) is None
-    assert run(netlock.after_failed_restore(Reaper(), None)) == []
+    assert run(netlock.before_restore(fake, str(images), config({"type": "network"}))) is None
+    assert run(netlock.after_failed_restore(fake, None)) == []
+    assert fake.namespaces == []  # no namespace was even asked
 
 
 def test_a_restore_into_a_private_namespace_reads_no_image(tmp_path):

@@ -1,5 +1,5 @@
-"""Option by option: the CRIU request and runtime flags pyshim builds, against what runc sets
-(shared/reference/runc-criu-mapping.md §1-2)."""
+"""Option by option: the CRIU request and runtime flags pyshim builds, against what runc sets for the same
+options (runc's criu_opts for `runc checkpoint` and `runc restore`; the table in docs/checkpoint.md)."""
 
 import pycriu.rpc_pb2 as rpc
 import pytest
@@ -12,6 +12,7 @@ from shim.criu.plan import (
     runtime_checkpoint_args,
     runtime_restore_args,
 )
+from shim.criu.restore import read_user_criu_config
 
 FACTS = ContainerFacts(rootfs="/run/b/rootfs", pid=4242)
 
@@ -110,28 +111,32 @@ def test_restore_honours_the_checkpoint_options():
 def test_restore_config_appends_to_the_users_file(tmp_path):
     user = tmp_path / "runc.conf"
     user.write_text("log-level 4\n")
-    text = restore_config(CheckpointOptions(tcp_close=True, network_lock="skip"), user_config=str(user),
-                          action_script="/usr/lib/pyshim/criu-action")
+    assert read_user_criu_config(str(user)) == "log-level 4\n"
+    assert read_user_criu_config(str(tmp_path / "none")) == read_user_criu_config("") == ""
+    text = restore_config(CheckpointOptions(tcp_close=True, network_lock="skip"),
+                          user_config=read_user_criu_config(str(user)), action_script="/usr/lib/pyshim/criu-action")
     assert text.splitlines() == ["log-level 4", "# added by pyshim", "tcp-close", "network-lock skip",
                                  "action-script /usr/lib/pyshim/criu-action"]
-    established = restore_config(CheckpointOptions(tcp_established=True), user_config=None)
+    established = restore_config(CheckpointOptions(tcp_established=True), user_config="")
     assert established.splitlines() == ["# added by pyshim", "tcp-established", "network-lock iptables"]
+    unterminated = restore_config(CheckpointOptions(tcp_established=True), user_config="log-level 4\n\nshell-job")
+    assert unterminated.splitlines()[:4] == ["log-level 4", "", "shell-job", "# added by pyshim"]
 
 
 @pytest.mark.parametrize("mode", ["soft", "full", "strict", "ignore"])
 def test_restore_config_carries_the_cgroups_mode_runc_drops(mode):
     # runc 1.1 accepts `restore --manage-cgroups-mode` and never sends it: CRIU restored in soft
     # mode whatever the checkpoint said. The `key=value` form: CRIU's argument is optional.
-    text = restore_config(CheckpointOptions(manage_cgroups_mode=mode), user_config=None)
+    text = restore_config(CheckpointOptions(manage_cgroups_mode=mode), user_config="")
     assert f"manage-cgroups={mode}" in text.splitlines()
-    assert "manage-cgroups" not in restore_config(CheckpointOptions(), user_config=None)  # CRIU's default
+    assert "manage-cgroups" not in restore_config(CheckpointOptions(), user_config="")  # CRIU's default
 
 
 def test_restore_config_names_the_new_containers_cgroup_v2_as_cgroup_root():
     # runc 1.1 gives CRIU cgroup roots on v1 only; ":" is the unified hierarchy (CRIU's controller "")
-    text = restore_config(CheckpointOptions(), user_config=None, cgroup_root="/k8s.io/c1")
+    text = restore_config(CheckpointOptions(), user_config="", cgroup_root="/k8s.io/c1")
     assert "cgroup-root :/k8s.io/c1" in text.splitlines()
-    assert "cgroup-root" not in restore_config(CheckpointOptions(), user_config=None)
+    assert "cgroup-root" not in restore_config(CheckpointOptions(), user_config="")
 
 
 def test_request_annotation_and_host_precedence():

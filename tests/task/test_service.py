@@ -116,7 +116,12 @@ def test_lifecycle_events_and_exit_status(tmp_path):
 
 def test_exec_exit_is_published_before_init_exit(tmp_path):
     async def scenario(h):
-        await h.create("c2", ["sleep", "30"])
+        # A container with a pid namespace of its own: nothing is left to kill when its init exits, so the service
+        # goes straight to waiting for the exec (with none, it first runs the runtime's `kill --all`).
+        bundle = Path(h.bundle("c2", ["sleep", "30"]))
+        (bundle / "config.json").write_text(json.dumps({"process": {"args": ["sleep", "30"]},
+                                                        "linux": {"namespaces": [{"type": "pid"}]}}))
+        await h.service.Create(api.CreateTaskRequest(id="c2", bundle=str(bundle), options=h.options()), None)
         await h.call("Start", api.StartRequest(id="c2"))
         spec = pack(events.TaskIO())  # placeholder type; the value is what matters
         spec.value = json.dumps({"args": ["sleep", "30"]}).encode()
@@ -124,7 +129,14 @@ def test_exec_exit_is_published_before_init_exit(tmp_path):
         exec_started = await h.call("Start", api.StartRequest(id="c2", exec_id="e1"))
         pids = await h.call("Pids", api.PidsRequest(id="c2"))
         await h.call("Kill", api.KillRequest(id="c2", signal=9))
-        await asyncio.sleep(0.2)  # init is gone; its exit waits for the exec's
+        container = h.service.containers["c2"]
+        for _ in range(1000):  # bounded: until the reaper has the init's exit and the service has taken it
+            if container.init_exited:
+                break
+            await asyncio.sleep(0.01)
+        assert container.init_exited, "the init's exit never reached the service"
+        for _ in range(5):  # the exit's handling, scheduled then, runs until it waits for the exec (no I/O between)
+            await asyncio.sleep(0)
         early = list(h.publisher.topics())
         os.kill(exec_started.pid, signal.SIGTERM)
         exec_wait = await h.call("Wait", api.WaitRequest(id="c2", exec_id="e1"))
