@@ -2,33 +2,41 @@
 1.7), the destination reached through a private sshd on 127.0.0.1 (harness.sshd: its own host key, config and
 authorized_keys in the test's directory, started and ended by pid), whose sessions run the `pyshim` under test.
 
-Shown, in --stop-copy and --stream:
+Shown, in --stop-copy, --stream and --post-copy:
 - a busybox counter (its count in a shell variable: only the moved memory knows it) with rootfs changes goes on
   counting on the destination under the same id, with its file and its deletion; gone from the source;
 - redis with 20,000 keys in memory only answers DBSIZE 20000 and the values on the destination.
 Refusals before anything stops (the destination containerd's socket wrong, the container missing): exit 1 with the
 reason, the source running on, nothing on the destination. A failure after the dump (the destination's work directory
 on a full tmpfs): the container is restored on the source and counts on from its own value, nothing on the
-destination. --post-copy is refused with exit status 2 until the post-copy engine is wired in.
+destination (--post-copy: from the full images it kept in /dev/shm, not the split ones it sent). --post-copy's pages go
+to the destination's lazy restore through the same ssh connection after the container runs there (its report says how
+many and how long); nothing is left in /dev/shm once they have all moved.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
-from harness import commands
+from harness import commands, memfill, processes
 from harness.containerd import PYSHIM, Containerd
 from harness.environment import Environment, load_environment
 from harness.image import TestImage
 from harness.redis_image import build_redis_image
 from harness.sshd import Sshd, unavailable_reason
-from harness.tasks import remove, task_status
+from harness.tasks import remove, task_status, wait_status
+from test_postcopy import PORT, ask, processes_naming, wait_answering
 from test_tool_migrate import COUNTER, KEYS, REDIS_SERVER, read_counter, redis_cli, wait_counter_above, wait_for_pong
 
-MODES = ("stop-copy", "stream")
+MODES = ("stop-copy", "stream", "post-copy")
 REPORT_KEYS = {"mode", "container", "frozen_ms", "blackout_ms", "bytes_moved", "total_ms", "phases"}
 
 
@@ -100,9 +108,12 @@ class Migrate:
         leftovers = [p for p in self.dest_store.rglob("*")] if self.dest_store.exists() else []
         assert leftovers == [], leftovers
 
-    def nothing_left_here(self) -> None:
+    def nothing_left_here(self, container_id: str = "") -> None:
         leftovers = [p for p in self.source_store.rglob("*")] if self.source_store.exists() else []
         assert leftovers == [], leftovers
+        if container_id:  # --post-copy's dump in memory
+            memory = list(Path("/dev/shm").glob(f"pyshim-postcopy-{container_id}-*"))
+            assert memory == [], memory
 
 
 @pytest.fixture
@@ -142,8 +153,10 @@ def test_counter_moves_with_its_memory_and_rootfs_changes(migrate: Migrate, test
         # gone from the source: no task, no container; nothing left in either work directory
         assert source.ctr("containers", "ls", "-q").stdout.split() == []
         assert last is None
-        migrate.nothing_left_here()
+        migrate.nothing_left_here(container_id)
         assert not migrate.dest_store.exists() or list(migrate.dest_store.iterdir()) == []
+        if mode == "post-copy":  # the memory followed the running container
+            assert report["post_copy"]["pages"] > 0 and "pages" in report["phases"], report
     finally:
         remove(source, container_id)
         remove(destination, container_id)
@@ -190,8 +203,6 @@ def test_refusals_before_anything_stops(migrate: Migrate, test_image: TestImage,
         assert "nothing was stopped" in result.stderr and report == {}
         missing, _ = migrate.run("no-such-container")
         assert missing.returncode == 1 and "no container 'no-such-container'" in missing.stderr
-        postcopy, _ = migrate.run(container_id, "--post-copy")
-        assert postcopy.returncode == 2 and "--post-copy is not available" in postcopy.stderr
         bad_dest, _ = migrate.run(container_id, dest="tcp://host/run/containerd.sock")
         assert bad_dest.returncode == 1 and "the scheme must be ssh" in bad_dest.stderr
         # the source counted on through all of it; nothing reached the destination
@@ -255,7 +266,86 @@ def test_failure_after_the_dump_restores_the_container_here(migrate: Migrate, te
         assert value is not None and value > 3  # its own memory, not a fresh start at 1
         wait_counter_above(source, container_id, value)
         migrate.nothing_on_destination()
-        migrate.nothing_left_here()
+        migrate.nothing_left_here(container_id)
     finally:
         remove(source, container_id)
         commands.run(["umount", str(migrate.dest_store)], timeout=10, check=False)
+
+
+@pytest.fixture(scope="module")
+def memfill_image(environment: Environment, tmp_path_factory: pytest.TempPathFactory) -> TestImage:
+    if reason := memfill.unavailable_reason():
+        pytest.skip(reason)
+    return memfill.build_memfill_image(tmp_path_factory.mktemp("memfill"), busybox=environment.busybox)
+
+
+def test_post_copy_cut_after_the_container_runs_there_ends_it_with_its_cause(migrate: Migrate,
+                                                                              memfill_image: TestImage):
+    """--post-copy past its point of no return: the container runs on the destination, 64 MiB of its memory still
+    on the source (--bandwidth 4: 16 s of pages), when the ssh connection is cut (the ssh client SIGKILLed). The
+    destination's shim kills the container rather than let it read zeros (its log says why), no CRIU process is
+    left there, and the command fails naming the checkpoint it kept, whole, and how to restore it; restored so, the
+    container has all its memory."""
+    source, destination = migrate.source, migrate.destination
+    for host in (source, destination):
+        host.import_image(memfill_image)
+    container_id = source.new_id("memfill")
+    source.run(container_id, memfill_image, *memfill.command(64, PORT), runtime=PYSHIM)
+    kept: list[Path] = []
+    try:
+        wait_answering(source, container_id)
+        options = [flag for option in migrate.sshd.ssh_options() for flag in ("--ssh-option", option)]
+        process = subprocess.Popen(
+            [*tool_argv(), "--address", source.address, "--namespace", source.namespace, "--store",
+             str(migrate.source_store), "migrate", container_id, migrate.dest(), "--post-copy", "--bandwidth", "4",
+             *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)  # type: ignore[arg-type]
+        reader.start()
+        deadline = time.monotonic() + 120
+        committed = f"pyshim migrate: {container_id} runs on "  # the source's line, after the commit
+        while not any(line.startswith(committed) for line in lines) and time.monotonic() < deadline:
+            assert process.poll() is None, "".join(lines)
+            time.sleep(0.05)
+        ssh = [pid for pid in processes.children_of(process.pid) if processes.cmdline(pid)[:1] == ["ssh"]]
+        assert len(ssh) == 1, "".join(lines)
+        os.kill(ssh[0], signal.SIGKILL)  # the transport, cut
+        try:
+            status = process.wait(120)
+        finally:
+            if process.poll() is None:
+                process.kill()  # our child, by pid
+            reader.join(10)
+            print("".join(lines))
+        said = " ".join("".join(lines).split())
+        print(said)
+        assert status == 1 and f"post-copy of {container_id} failed after it started" in said, said
+        assert not list(Path("/dev/shm").glob(f"pyshim-postcopy-{container_id}-*"))
+        kept = list(migrate.source_store.glob(f".migrate-{container_id}-*"))
+        assert len(kept) == 1 and f"`pyshim restore {kept[0]} --name {container_id}`" in said, said
+        assert (kept[0] / "checkpoint" / "pages-1.img").stat().st_size >= 64 << 20  # whole: every page is here
+        assert wait_status(destination, container_id, "STOPPED", 60) == "STOPPED"
+        assert wait_for_log(destination, f"post-copy of {container_id} failed")
+        assert not processes_naming(str(migrate.dest_store))  # no lazy-pages, no receiver: nothing of the migration
+        # what the command said brings it back here, its memory whole
+        restored = subprocess.run([*tool_argv(), "--address", source.address, "--namespace", source.namespace,
+                                   "--store", str(migrate.source_store), "restore", str(kept[0]), "--name",
+                                   container_id, "--runtime-config", str(source.pyshim_config())],
+                                  capture_output=True, text=True, timeout=180)
+        assert restored.returncode == 0, restored.stderr
+        assert ask(source, container_id, "check") == "ok 64"
+    finally:
+        for directory in kept:
+            shutil.rmtree(directory, ignore_errors=True)
+        remove(source, container_id)
+        remove(destination, container_id)
+
+
+def wait_for_log(containerd: Containerd, text: str, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = next((line for line in containerd.log_tail(400).splitlines() if text in line), None)
+        if line:
+            return line
+        time.sleep(0.1)
+    raise AssertionError(f"{text!r} not in the log of {containerd.tmp} within {timeout}s")

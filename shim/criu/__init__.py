@@ -22,6 +22,10 @@ Modules:
 - stats: CRIU's stats-dump / stats-restore, read with pycriu.
 - tcp: established TCP connections a checkpoint holds; a restore that would lose them refused.
 - loopback: `lo` up in the network namespace a restore creates (the action script CRIU runs, served by the shim).
+- lazy_images: a dump's lazy pages split out of the images a post-copy destination restores from; their index.
+- page_protocol, page_server: CRIU's page-server protocol (sans-IO) and pyshim's page server answering a
+  destination's `criu lazy-pages` from the images (`python -m shim.criu.page_server`).
+- userfaultfd: a lazy restore's userfaultfds held by the shim, so that a daemon that dies cannot leave zeros.
 - netlock: CRIU's network lock a dump left in a namespace (iptables-save / nft output, its log and
   inventory), removed when no restore will come there (failed dump, Delete, restore elsewhere), through a
   namespace's Firewall (NamespaceFirewall: iptables under nsenter, nftables over netlink).

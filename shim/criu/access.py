@@ -9,7 +9,7 @@ checkpoint). A restore runs in the server: `runc restore` is a child of the shim
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from shim.background import BackgroundTasks
@@ -64,10 +64,12 @@ class CriuAccess:
 
     async def restore(self, *, container_id: str, bundle: Bundle, image_path: str, work_path: str,
                       runtime: OciRuntime, stdio: tuple[int | None, int | None, int | None], pid_file: str,
-                      console_socket: str, no_pivot: bool) -> Bundle:
+                      console_socket: str, no_pivot: bool,
+                      end_container: Callable[[str], Awaitable[None]] | None = None) -> Bundle:
         from shim.criu.restore import restore
 
         return await restore(self.reaper, self.background, container_id=container_id, bundle=bundle,
                              image_path=image_path, work_path=work_path, runtime=runtime, stdio=stdio,
-                             pid_file=pid_file, console_socket=console_socket, no_pivot=no_pivot)
+                             pid_file=pid_file, console_socket=console_socket, no_pivot=no_pivot,
+                             end_container=end_container)
 

@@ -112,6 +112,9 @@ class CriuDumper:
         if tuple(self.version[:2]) < MIN_CRIU:
             raise Unavailable(f"CRIU {'.'.join(map(str, self.version[:3]))} is too old: pyshim needs >= "
                               f"{'.'.join(map(str, MIN_CRIU))} (4.2 or newer on recent kernels)")
+        if options.page_server_unix:
+            raise InvalidArgument(f"page-server {options.page_server}: a dump sends its pages to, or serves them "
+                                  "at, ADDRESS:PORT; unix:PATH names a page server a lazy restore reads from")
         wanted = {"mem_track": options.pre_dump or bool(options.parent_path), "lazy_pages": options.lazy_pages}
         if not any(wanted.values()):
             return

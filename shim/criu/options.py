@@ -27,6 +27,7 @@ ENGINES = ("criu", "runc")
 NETWORK_LOCKS = ("", "iptables", "nftables", "skip")
 # Kernel filesystems: nothing of a checkpoint belongs there, and a write into them can change the host.
 KERNEL_FILESYSTEMS = ("/proc", "/sys", "/dev")
+UNIX_PREFIX = "unix:"  # page-server unix:PATH
 MAX_TIMEOUT = 7 * 24 * 3600.0  # a week: anything longer is a typo, and asyncio's timers want finite seconds
 
 
@@ -48,7 +49,7 @@ class CheckpointOptions:
     shell_job: bool = False
     lazy_pages: bool = False
     status_fd: bool = False  # a file descriptor cannot cross containerd: see `readiness`
-    page_server: str = ""  # ADDRESS:PORT
+    page_server: str = ""  # ADDRESS:PORT, or unix:PATH for a lazy restore
     file_locks: bool = False
     pre_dump: bool = False
     manage_cgroups_mode: str = ""
@@ -73,10 +74,12 @@ class CheckpointOptions:
         for ns in self.empty_ns:
             if ns != "network":
                 raise OptionError(f"empty-ns {ns!r}: only 'network' is supported (as in runc)")
-        if self.page_server:
+        if self.page_server_unix:
+            check_path("page-server", self.page_server_unix, final_link_ok=True)
+        elif self.page_server:
             host, _, port = self.page_server.rpartition(":")
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise OptionError(f"page-server {self.page_server!r}: expected ADDRESS:PORT")
+                raise OptionError(f"page-server {self.page_server!r}: expected ADDRESS:PORT or unix:PATH")
         for name in ("image_path", "work_path"):
             if getattr(self, name):
                 check_path(name.replace("_", "-"), getattr(self, name))
@@ -93,8 +96,14 @@ class CheckpointOptions:
         return self
 
     @property
+    def page_server_unix(self) -> str:
+        """The path of `unix:PATH`: a page server on a unix socket, for a lazy restore (pyshim's page server,
+        reached through a migration's ssh connection); "" otherwise."""
+        return self.page_server[len(UNIX_PREFIX):] if self.page_server.startswith(UNIX_PREFIX) else ""
+
+    @property
     def page_server_address(self) -> tuple[str, int] | None:
-        if not self.page_server:
+        if not self.page_server or self.page_server_unix:
             return None
         host, _, port = self.page_server.rpartition(":")
         return host.strip("[]"), int(port)

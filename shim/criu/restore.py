@@ -5,7 +5,10 @@ leaves for users to repeat in /etc/criu/runc.conf.
 A lazy restore (lazy-pages asked for by the restoring container's annotations or the host
 file) runs `criu lazy-pages` beside `runc restore --lazy-pages`: the daemon serves the restored
 processes' page faults through userfaultfd, from the images or, with page-server, from a page
-server elsewhere, and is killed if it has not finished within the options' timeout."""
+server elsewhere (ADDRESS:PORT, or unix:PATH: pyshim's page server of a post-copy migration, connected to
+here). The container runs while its memory still comes; if the daemon fails or has not finished within
+the options' timeout, the container is killed (the shim holds the userfaultfds meanwhile, so no process
+reads a zero page where its memory should be: shim.criu.userfaultfd)."""
 
 from __future__ import annotations
 
@@ -15,8 +18,9 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from shim.background import BackgroundTasks
 from shim.bundle.config import CRIU_CONFIG_ANNOTATION, Bundle
@@ -25,6 +29,8 @@ from shim.children.proctree import children_of, cmdline, parent_of
 from shim.children.reaper import Reaper
 from shim.children.spawn import spawn
 from shim.criu import image_check, images, loopback, netlock, unfinished
+from shim.criu.lazy_images import RECORD_KEY as POST_COPY
+from shim.criu.lazy_images import lazy_pages_left
 from shim.criu.log import keep, quote
 from shim.criu.options import (
     CheckpointOptions,
@@ -37,6 +43,7 @@ from shim.criu.options import (
 )
 from shim.criu.plan import DEFAULT_RUNC_CRIU_CONFIG, restore_config, runtime_restore_args
 from shim.criu.tcp import refuse_lost_connections
+from shim.criu.userfaultfd import UserfaultfdHold
 from shim.errors import InvalidArgument, ShimError, Unavailable
 from shim.fdwait import readable
 from shim.oci.runner import RuntimeFailed
@@ -47,6 +54,9 @@ log = logging.getLogger(__name__)
 LAZY_PAGES_LOG = "criu-lazy-pages.log"  # in the bundle: the daemon outlives the restore's work dir
 KEPT_LOG_BYTES = 16 << 20  # of a failed restore's log kept in the bundle
 LAZY_PAGES_READY = 10.0  # seconds for `criu lazy-pages` to listen before the restore gives up
+HOLD_SCAN = 0.1  # seconds between looks for the daemon's new userfaultfds (a restored process forked)
+PS_SOCKET_FD = 4  # the page server's connection in `criu lazy-pages --ps-socket`
+EndContainer = Callable[[str], Awaitable[None]]
 
 
 class RestoreFailed(ShimError):
@@ -75,8 +85,11 @@ def creates_network_namespace(bundle: Bundle) -> bool:
 
 async def restore(reaper: Reaper, background: BackgroundTasks, *, container_id: str, bundle: Bundle, image_path: str,
                   work_path: str, runtime: OciRuntime, stdio: tuple[int | None, int | None, int | None],
-                  pid_file: str, console_socket: str = "", no_pivot: bool = False) -> Bundle:
-    """Restore the container; the bundle as it now is (its config.json names the CRIU configuration used)."""
+                  pid_file: str, console_socket: str = "", no_pivot: bool = False,
+                  end_container: EndContainer | None = None) -> Bundle:
+    """Restore the container; the bundle as it now is (its config.json names the CRIU configuration used).
+    end_container(reason) is called when a lazy restore's memory stops coming after the restore returned (its
+    daemon failed, or did not finish in time): it must kill the container's processes."""
     try:
         check_restore_paths(image_path, work_path)
     except OptionError as exc:
@@ -93,6 +106,9 @@ async def restore(reaper: Reaper, background: BackgroundTasks, *, container_id: 
                     image_path, exc)
     options = restore_options(bundle, image_path)
     config = bundle.config
+    record = images.read_record(image_path)
+    lazy = lazy_request(bundle.annotations) or post_copy_request(record)
+    _refuse_partial_images(container_id, image_path, record, lazy)
     if options.manage_cgroups_mode in ("full", "strict"):
         from shim.criu.checkpoint import forget_frozen_freezer
 
@@ -113,7 +129,6 @@ async def restore(reaper: Reaper, background: BackgroundTasks, *, container_id: 
         action_script=os.path.join(work, loopback.SCRIPT) if raises_loopback else "",
         cgroup_root=_v2_cgroup_root(container_id, bundle)).encode())
     restored = bundle.with_criu_config(criu_config)  # runc hands org.criu.config to CRIU as its config file
-    lazy = lazy_request(annotations)
     flags = runtime_restore_args(options)
     firewall = netlock.NamespaceFirewall(reaper)
     watched_lock = await netlock.before_restore(firewall, image_path, config)
@@ -130,7 +145,8 @@ async def restore(reaper: Reaper, background: BackgroundTasks, *, container_id: 
         if lazy is not None:
             daemon = await LazyPages.start(reaper, image_path=image_path, work=work,
                                            log_file=bundle.file(LAZY_PAGES_LOG),
-                                           page_server=lazy.page_server_address)
+                                           page_server=lazy.page_server_address,
+                                           page_server_unix=lazy.page_server_unix)
             _record(unfinished.add_process, bundle.path, marker, daemon.pid)
             flags.append("--lazy-pages")
         restoring = runtime.restore(container_id, bundle=bundle.path, pid_file=pid_file, image_path=image_path,
@@ -168,7 +184,8 @@ async def restore(reaper: Reaper, background: BackgroundTasks, *, container_id: 
             shutil.rmtree(work, ignore_errors=True)
         unfinished.forget(bundle.path)
     if daemon is not None:
-        background.spawn(daemon.serve_for(options.timeout), f"criu lazy-pages (pid {daemon.pid}) for {container_id}")
+        background.spawn(daemon.serve_for(options.timeout, container_id, end_container),
+                         f"criu lazy-pages (pid {daemon.pid}) for {container_id}")
     await netlock.after_restore(firewall, images.read_record(image_path), config)
     return restored
 
@@ -212,6 +229,30 @@ def _v2_cgroup_root(container_id: str, bundle: Bundle) -> str:
         return ""
 
 
+def post_copy_request(record: dict | None) -> CheckpointOptions | None:
+    """The lazy restore images split for post-copy ask for: `pyshim migrate --post-copy` names its page server in
+    their record (post_copy.page_server), so the restored container's own annotations stay as they were."""
+    server = ((record or {}).get(POST_COPY) or {}).get("page_server") if isinstance(record, dict) else None
+    if not server:
+        return None
+    try:
+        return resolve(from_host_config(), {"lazy_pages": True, "page_server": str(server)})
+    except OptionError as exc:
+        raise InvalidArgument(f"post-copy restore: the checkpoint's page server: {exc}") from None
+
+
+def _refuse_partial_images(container_id: str, image_path: str, record: dict | None,
+                           lazy: CheckpointOptions | None) -> None:
+    """Images split for post-copy lack the pages their page server keeps: restored without it, the processes would
+    find zeros there (CRIU maps a lazy page nobody serves to a zero page)."""
+    left = lazy_pages_left(record)
+    if left and (lazy is None or not lazy.page_server):
+        raise InvalidArgument(f"restore of {container_id}: checkpoint {image_path} leaves {left} pages on the "
+                              "page server of a post-copy migration; restore it with lazy-pages and page-server "
+                              "naming that server (annotations io.pyshim.checkpoint.lazy-pages=true, "
+                              "io.pyshim.checkpoint.page-server=ADDRESS:PORT or unix:PATH)")
+
+
 def lazy_request(annotations: dict[str, str]) -> CheckpointOptions | None:
     """The options of a lazy restore when the restoring container asks for one (lazy-pages, and
     page-server for pages served from elsewhere than the images), else None. Only the host file
@@ -237,20 +278,29 @@ class LazyPages:
 
     @classmethod
     async def start(cls, reaper: Reaper, *, image_path: str, work: str, log_file: str,
-                    page_server: tuple[str, int] | None = None) -> LazyPages:
+                    page_server: tuple[str, int] | None = None, page_server_unix: str = "") -> LazyPages:
         """Start the daemon and return once it listens on work/lazy-pages.socket, where the
-        restore's CRIU (same work dir) connects."""
+        restore's CRIU (same work dir) connects. A page server on a unix socket is connected to here and
+        handed to the daemon (--ps-socket): CRIU itself connects to TCP addresses only."""
         argv = ["criu", "lazy-pages", "--images-dir", image_path, "--work-dir", work, "--log-file", log_file,
                 "-v4", "--status-fd", "3"]
-        if page_server:
+        fds = {}
+        connected = None
+        if page_server_unix:
+            connected = await _connect_unix(page_server_unix)
+            argv += ["--page-server", "--ps-socket", str(PS_SOCKET_FD)]
+            fds[PS_SOCKET_FD] = connected.fileno()
+        elif page_server:
             argv += ["--page-server", "--address", page_server[0], "--port", str(page_server[1])]
         ready, status = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         exits = reaper.subscribe()
         try:
             try:
-                pid = spawn(argv, pass_fds={3: status})
+                pid = spawn(argv, pass_fds={3: status, **fds})
             finally:
                 os.close(status)
+                if connected is not None:
+                    connected.close()
             daemon = cls(pid, os.pidfd_open(pid), exits, log_file)
         except OSError as exc:
             exits.close()
@@ -266,8 +316,9 @@ class LazyPages:
             await daemon.stop()
             why = "exited" if said == b"" else f"was not ready within {LAZY_PAGES_READY:g}s"
             raise RestoreFailed(f"criu lazy-pages {why}" + quote(log_file, source="criu lazy-pages log"))
-        log.info("criu lazy-pages (pid %d) serves %s%s", pid, image_path,
-                 f" from the page server {page_server[0]}:{page_server[1]}" if page_server else "")
+        source = (f" from the page server unix:{page_server_unix}" if page_server_unix else
+                  f" from the page server {page_server[0]}:{page_server[1]}" if page_server else "")
+        log.info("criu lazy-pages (pid %d) serves %s%s", pid, image_path, source)
         return daemon
 
     async def guard(self, restoring, container_id: str,
@@ -289,19 +340,40 @@ class LazyPages:
             (stop_restore or kill_restoring_criu)(container_id)
         await restore
 
-    async def serve_for(self, timeout: float) -> None:
-        """Let the daemon serve the restored container (the caller runs this in the background); kill it after
-        timeout."""
-        done, _ = await asyncio.wait({self.exited}, timeout=timeout)
-        if not done:
-            log.warning("criu lazy-pages (pid %d) still running after %gs; killing it (log %s)", self.pid, timeout,
-                        self.log_file)
-            await self.stop()
-            return
-        status = self.exited.result().status
-        (log.info if status == 0 else log.warning)("criu lazy-pages (pid %d) exited with %d (log %s)", self.pid,
-                                                   status, self.log_file)
-        self._close()
+    async def serve_for(self, timeout: float, container_id: str = "",
+                        end_container: EndContainer | None = None) -> None:
+        """Let the daemon serve the restored container (the caller runs this in the background), holding its
+        userfaultfds (shim.criu.userfaultfd). If it fails, or has not moved every page within timeout (then it is
+        killed), the container is ended through end_container: memory that can no longer come must not be read
+        as zeros."""
+        hold = UserfaultfdHold(self.pid, self.pidfd)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            while not self.exited.done() and (remaining := deadline - loop.time()) > 0:
+                hold.take()
+                await asyncio.wait({self.exited}, timeout=min(HOLD_SCAN, remaining))
+            if self.exited.done() and self.exited.result().status == 0:
+                log.info("criu lazy-pages (pid %d) moved every page of %s and exited (log %s)", self.pid,
+                         container_id, self.log_file)
+                return
+            if self.exited.done():
+                why = f"criu lazy-pages exited with {self.exited.result().status}"
+            else:
+                why = f"criu lazy-pages had not moved every page after {timeout:g}s (killed)"
+                await self.stop()
+            reason = (f"post-copy of {container_id} failed: {why}; the container was killed, since the memory "
+                      "not moved yet can no longer come and must not be read as zeros"
+                      + quote(self.log_file, source="criu lazy-pages log"))
+            log.error("%s", reason)
+            if end_container is not None:
+                try:
+                    await end_container(reason)
+                except Exception:  # noqa: BLE001 - logged: the userfaultfds are let go below all the same
+                    log.exception("ending %s after its lost memory", container_id)
+        finally:
+            hold.release()  # after the kill: a process waiting in a fault is woken by it, not fed a zero page
+            self._close()
 
     async def stop(self) -> None:
         if not self.exited.done():
@@ -335,6 +407,18 @@ def kill_restoring_criu(container_id: str) -> None:
                 pass
             finally:
                 os.close(pidfd)
+
+
+async def _connect_unix(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, path), LAZY_PAGES_READY)
+    except (OSError, TimeoutError) as exc:
+        sock.close()
+        raise RestoreFailed(f"cannot reach the page server at unix:{path}: {exc or 'timed out'}") from None
+    sock.setblocking(True)  # CRIU reads it blocking
+    return sock
 
 
 async def _read_once(fd: int) -> bytes:

@@ -8,7 +8,7 @@ is imported but the options' type.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -48,6 +48,7 @@ class Checkpointer(Protocol):
 class Restorer(Protocol):
     async def restore(self, *, container_id: str, bundle: Bundle, image_path: str, work_path: str,
                       runtime: OciRuntime, stdio: RuntimeStdio, pid_file: str, console_socket: str,
-                      no_pivot: bool) -> Bundle:
+                      no_pivot: bool, end_container: Callable[[str], Awaitable[None]] | None = None) -> Bundle:
         """Restore the container from image_path through the OCI runtime; the bundle as the restore left it (its
-        config.json names the CRIU configuration the restore used)."""
+        config.json names the CRIU configuration the restore used). end_container(reason) is called if a lazy
+        restore's memory stops coming after the restore returned: it must kill the container's processes."""

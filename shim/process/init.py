@@ -113,7 +113,7 @@ class InitProcess(BaseProcess):
         self._restoring = asyncio.ensure_future(self.restorer.restore(
             container_id=self.id, bundle=self.bundle, image_path=self.checkpoint_image,
             work_path=self.checkpoint_work, runtime=self.runtime, stdio=io.runtime_stdio, pid_file=self.pid_file,
-            console_socket=io.console_socket, no_pivot=self.no_pivot))
+            console_socket=io.console_socket, no_pivot=self.no_pivot, end_container=self._end_after_lost_memory))
         try:
             self.bundle = await self._restoring
         except asyncio.CancelledError:
@@ -127,6 +127,15 @@ class InitProcess(BaseProcess):
             await io.receive_console(timeout=10)
         io.close_after_start()
         self.pid = self._read_pid()
+
+    async def _end_after_lost_memory(self, reason: str) -> None:
+        """A lazy restore's memory stopped coming (shim.criu.restore logged why): SIGKILL every process of the
+        container; the init's exit (status 137) ends the task as any kill does."""
+        try:
+            await self.runtime.kill(self.id, 9, all=True)
+        except RuntimeFailed as exc:
+            if not is_gone(exc):
+                raise
 
     async def _stop_restore(self) -> None:
         """End the restore Start is running, if one is (the task was killed before it was restored): runc and CRIU

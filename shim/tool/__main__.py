@@ -155,7 +155,9 @@ def _migrate_parsers(commands) -> None:
 
                       exit status: 0 the container runs on the destination and is gone here; 1 it did not move (it
                       runs on here, nothing is left on the destination; the message says if even that failed);
-                      2 a usage error, or a mode this build cannot run.
+                      2 a usage error. With --post-copy the container runs on the destination before its memory
+                      has moved: a failure after that (the connection lost before the last page) is exit status 1
+                      with the container ended there by its shim and its full images kept here.
                     """)
     migrate.add_argument("container", metavar="CONTAINER")
     migrate.add_argument("dest", metavar="DEST", help="ssh://[user@]host[:port]/path/of/containerd.sock[?namespace=NS]")
@@ -164,8 +166,9 @@ def _migrate_parsers(commands) -> None:
                        help="dump, move, restore (the default)")
     modes.add_argument("--stream", dest="mode", action="store_const", const="stream",
                        help="send the memory pages to the destination while dumping (CRIU's page server)")
-    # Refused (exit 2) until the post-copy engine is wired in; not offered by --help until then.
-    modes.add_argument("--post-copy", dest="mode", action="store_const", const="post-copy", help=argparse.SUPPRESS)
+    modes.add_argument("--post-copy", dest="mode", action="store_const", const="post-copy",
+                       help="resume on the destination before the memory has moved: pages follow on demand and in "
+                            "the background through the same ssh connection")
     migrate.set_defaults(mode="stop-copy")
     migrate.add_argument("--tcp-close", action="store_true",
                          help="close established TCP connections on the destination instead of keeping them")
@@ -175,6 +178,9 @@ def _migrate_parsers(commands) -> None:
     migrate.add_argument("--ssh-option", metavar="OPT", action="append", default=[],
                          help="an ssh_config setting for the connection, as Keyword=value (passed to ssh as -o), e.g. "
                               "IdentityFile=/root/.ssh/migrate; repeatable")
+    migrate.add_argument("--bandwidth", type=float, default=0.0, metavar="MIB",
+                         help="--post-copy: send the pages at most MIB MiB/s (as virsh migrate --bandwidth; default: "
+                              "as fast as the connection goes)")
     migrate.add_argument("--report-json", metavar="FILE", help="also write the report to FILE")
     migrate.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
                          help="give up (and roll back) after this long (default: %(default)g)")

@@ -7,8 +7,9 @@ which ssh carries back as progress) and answers the source's requests one by one
                  namespace and addresses); a private work directory for the images
     pages        (--stream) a `criu page-server` fed with the P frames, until the source says the dump ended
     archive      the checkpoint archive (D frames) unpacked into the work directory as it arrives
-    restore      the container restored from it under the same id; answers `running` with the pid
-    commit       the source has let go: the migration is done, the images go
+    restore      the container restored from it under the same id; answers `running` with the pid (--post-copy: the
+                 shim's lazy restore reads the pages through a unix socket here, relayed to the source)
+    commit       the source has let go: the migration is done, the images go (--post-copy: once every page is in)
     abort        undo everything
 
 Whatever happens before `commit` (an error, the source's abort, the connection lost, even after `running`) undoes
@@ -35,7 +36,7 @@ from shim.api.containerd.types import task_pb2
 from shim.tool import archive, restore, tarsafe
 from shim.tool.containerd_api import ContainerdClient
 from shim.tool.errors import ToolError, from_os, from_rpc
-from shim.tool.migrate import frames, network
+from shim.tool.migrate import frames, network, postcopy
 from shim.tool.migrate.channel import Channel, ChannelClosed
 from shim.tool.migrate.pagestream import PageServer
 from shim.tool.store import Store
@@ -44,6 +45,7 @@ from shim.tool.store import Store
 # container, between `running` and `commit` it removes its own task: generous, but bounded.
 IDLE_TIMEOUT = 3600.0
 RUNTIME_OPTIONS_TYPE = "runtimeoptions.v1.Options"
+POST_COPY_SETTLE = 3.0  # seconds a post-copy container must still run after its daemon ended to count as running
 
 
 def say(text: str) -> None:
@@ -61,6 +63,7 @@ class Receiver:
         self.client: ContainerdClient | None = None
         self.work: str | None = None  # the private directory: checkpoint/ (the images) and the archive's files
         self.page_server: PageServer | None = None
+        self.lazy_pages: postcopy.DestinationPages | None = None  # --post-copy's relay for the shim's daemon
         self.container_id = ""
         self.prepared: dict = {}
         self.restored = False  # a container (and maybe a task) of ours exists
@@ -92,7 +95,42 @@ class Receiver:
         except BaseException:
             self.undo()
             raise
+        self._finish_post_copy()
         return 0
+
+    def _finish_post_copy(self) -> None:
+        """After the commit of a post-copy migration: relay pages until the shim's daemon has every one (or has
+        failed, and its shim has ended the container); then the work directory goes."""
+        if self.lazy_pages is None:
+            return
+        if not self.lazy_pages.wait(IDLE_TIMEOUT):
+            say("pyshim migrate-receive: the page transfer did not end in time; its relay is closed")
+        self.lazy_pages.close()
+        self.lazy_pages = None
+        if self.work:
+            archive.remove_tree(self.work)
+            self.work = None
+        try:
+            self.channel.send_message("post-copy-done", state=self._state_after_pages())
+        except ChannelClosed:
+            pass  # the source is gone (it had every page served, or it keeps its checkpoint)
+
+    def _state_after_pages(self) -> str:
+        """The container's state once the shim's daemon has ended: "stopped" when its shim killed it (the daemon
+        failed: shim.criu.restore), "running" when it still runs POST_COPY_SETTLE seconds later (the shim kills
+        within a fraction of that when the daemon fails)."""
+        assert self.client is not None
+        deadline = time.monotonic() + POST_COPY_SETTLE
+        while True:
+            try:
+                running = self.client.task(self.container_id).status == 2  # RUNNING
+            except grpc.RpcError:
+                running = False
+            if not running:
+                return "stopped"
+            if time.monotonic() >= deadline:
+                return "running"
+            time.sleep(0.05)
 
     def on_prepare(self, message: dict) -> None:
         self.container_id = str(message["container"])
@@ -194,6 +232,12 @@ class Receiver:
             runtime_config=self.args.runtime_config, runtime_config_path=config_path, runtime_options=runtime_options,
             labels={**(prepared.get("labels") or {}), "io.pyshim.migration": str(prepared.get("migration") or "")},
             log=None, timeout=float(message.get("restore_timeout") or 600), store=self.args.store)
+        if message.get("post_copy"):
+            try:
+                self.lazy_pages = postcopy.DestinationPages(self.channel, self.container_id)
+                postcopy.name_page_server(os.path.join(work, archive.CHECKPOINT_DIR), self.lazy_pages.address)
+            except OSError as exc:
+                raise from_os(exc, "opening the page relay for the lazy restore on the destination") from None
         say(f"restoring {self.container_id}")
         self.restored = True  # from here undo() looks for a container of ours
         try:
@@ -221,7 +265,7 @@ class Receiver:
 
     def on_commit(self, message: dict) -> None:
         self.committed = True
-        if self.work:
+        if self.work and self.lazy_pages is None:  # post-copy's daemon reads the images until its last page
             archive.remove_tree(self.work)
             self.work = None
         self.channel.send_message("committed")
@@ -241,6 +285,9 @@ class Receiver:
         if self.page_server is not None:
             self.page_server.stop()
             self.page_server = None
+        if self.lazy_pages is not None:
+            self.lazy_pages.close()  # the shim's daemon fails: its restore, or its container, ends
+            self.lazy_pages = None
         if self.restored and self.client is not None:
             _remove_container(self.client, self.container_id, self.prepared.get("snapshotter") or "overlayfs",
                               str(self.prepared.get("migration") or ""))

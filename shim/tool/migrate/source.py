@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,10 +32,11 @@ from collections.abc import Iterator
 import grpc
 
 from shim.api.containerd.types import task_pb2
+from shim.criu import lazy_images
 from shim.tool import archive, checkpoint, options, rootfs
 from shim.tool.containerd_api import ContainerdClient
 from shim.tool.errors import ToolError, from_os, from_rpc
-from shim.tool.migrate import frames, lock, network, transport
+from shim.tool.migrate import frames, lock, network, postcopy, transport
 from shim.tool.migrate.channel import ArchiveWriter, ChannelClosed
 from shim.tool.migrate.dest import Destination, parse
 from shim.tool.migrate.pagestream import SourceRelay, replay
@@ -44,7 +46,7 @@ RECORDING = "pages.stream"  # beside checkpoint/ in the staging directory, never
 
 
 class UsageRefusal(ToolError):
-    """A mode this build cannot run: exit status 2, as a usage error."""
+    """A usage error the parser cannot see (an option of another mode): exit status 2."""
 
 
 def progress(text: str) -> None:
@@ -52,9 +54,13 @@ def progress(text: str) -> None:
 
 
 def check_mode(args) -> None:
-    if args.mode == "post-copy":
-        raise UsageRefusal("--post-copy is not available in this pyshim yet (the post-copy engine is still being "
-                           "built): use --stop-copy (the default) or --stream; nothing was done")
+    """Options that belong to another mode are refused, not ignored."""
+    bandwidth = getattr(args, "bandwidth", 0.0) or 0.0
+    if bandwidth and args.mode != "post-copy":
+        raise UsageRefusal("--bandwidth limits the pages --post-copy sends after the container runs on the "
+                           f"destination; with --{args.mode} it would limit nothing. Nothing was done")
+    if not bandwidth >= 0:
+        raise UsageRefusal(f"--bandwidth {bandwidth:g}: give MiB per second, above 0. Nothing was done")
 
 
 def migrate(args, client: ContainerdClient) -> int:
@@ -89,6 +95,9 @@ class Migration:
         self.relay: SourceRelay | None = None
         self.pyshim_record: dict = {}
         self.dumped = False
+        self.memory: str | None = None  # --post-copy: the tmpfs directory the dump goes to, kept until pages moved
+        self.pages: postcopy.SourcePages | None = None
+        self._shown = 0.0
 
     def _phase(self, name: str, since: float) -> float:
         now = time.monotonic()
@@ -109,6 +118,8 @@ class Migration:
         finally:
             if self.relay is not None:
                 self.relay.close()
+            if self.pages is not None:
+                self.pages.close()
             if self.session is not None:
                 self.session.close()
 
@@ -137,11 +148,17 @@ class Migration:
             raise from_os(exc, f"making a staging directory in {store.root}") from None
         if self.mode == "stream":
             self._start_page_stream()
+        if self.mode == "post-copy":
+            try:
+                self.memory = postcopy.memory_directory(self.id)
+            except OSError as exc:
+                self._abort()
+                raise from_os(exc, f"making a directory for the dump in {postcopy.MEMORY_DIR}") from None
         chosen = self._dump_options(spec, netns)
         progress(f"checkpointing {self.id} ({self.mode}{': pages streamed to the destination' if self.relay else ''})")
         try:
             with self.client.lease(), _interrupt_deferred() as interrupted:
-                self.client.checkpoint(self.id, options.request_options(chosen, self._images()),
+                self.client.checkpoint(self.id, options.request_options(chosen, self._dumped_images()),
                                        timeout=self._deadline_left())
         except grpc.RpcError as exc:
             why = self._page_server_fate()
@@ -156,6 +173,11 @@ class Migration:
         try:
             if interrupted:
                 raise KeyboardInterrupt  # after the dump: the way back restores the container here
+            if self.memory is not None:
+                split = lazy_images.split(self._dumped_images(), self._images())
+                progress(f"post-copy: {archive.human_size(split.lazy_pages * lazy_images.PAGE_SIZE)} of memory stay "
+                         f"here until the destination asks for them; "
+                         f"{archive.human_size(split.eager_pages * lazy_images.PAGE_SIZE)} go with the images")
             self.pyshim_record = checkpoint._complete(self.staging, self.client, record, task, chosen,
                                                       ignore_rootfs=False)
             if self.relay is not None:
@@ -167,7 +189,10 @@ class Migration:
             t = self._phase("transfer", t)
             progress(f"restoring {self.id} on the destination")
             left = self._deadline_left()
-            self._ask("restore", expect="running", timeout=left, restore_timeout=left)
+            if self.memory is not None:
+                self._start_page_server()
+            self._ask("restore", expect="running", timeout=left, restore_timeout=left,
+                      post_copy=self.memory is not None)
             t_running = time.monotonic()
             t = self._phase("restore", t)
         except BaseException as exc:
@@ -182,10 +207,13 @@ class Migration:
         progress(f"{self.id} runs on {self.dest.host}; removing it here")
         self._remove_source()
         t = self._phase("commit", t)
+        moved = self._wait_pages() if self.pages is not None else None
+        if moved is not None:
+            t = self._phase("pages", t)
         stats = self.pyshim_record.get("stats") or {}
         frozen_ms = round(float(stats.get("frozen_time", 0)) / 1000, 1)
         assert self.session is not None and self.session.channel is not None
-        return {
+        report = {
             "mode": self.mode,
             "container": self.id,
             "frozen_ms": frozen_ms,
@@ -194,6 +222,73 @@ class Migration:
             "total_ms": round((time.monotonic() - self.started) * 1000, 1),
             "phases": self.phases,
         }
+        if moved is not None:
+            report["post_copy"] = moved
+        return report
+
+    # --- post-copy ---------------------------------------------------------------------------------------------
+
+    def _dumped_images(self) -> str:
+        """Where the dump writes: the staging directory's images, or for --post-copy the tmpfs."""
+        return os.path.join(self.memory, "images") if self.memory is not None else self._images()
+
+    def _start_page_server(self) -> None:
+        assert self.session is not None and self.session.channel is not None
+        self.pages = postcopy.SourcePages(self.session.channel, self._dumped_images(), report=self._page_progress,
+                                          rate=(getattr(self.args, "bandwidth", 0.0) or 0.0) * (1 << 20))
+
+    def _page_progress(self, event: dict) -> None:
+        now = time.monotonic()
+        if now - self._shown >= 1.0 or event.get("served") == event.get("total"):
+            self._shown = now
+            page = lazy_images.PAGE_SIZE
+            progress(f"post-copy: {archive.human_size(int(event['served']) * page)} of "
+                     f"{archive.human_size(int(event['total']) * page)} moved")
+
+    def _wait_pages(self) -> dict:
+        """After the commit: the container runs there; its memory is still moving. Until the last page the images
+        stay here; a failure now ends the container there (its shim kills it rather than let it read zeros)."""
+        assert self.pages is not None and self.session is not None
+        try:
+            moved = self.pages.wait(max(60.0, self.args.timeout - (time.monotonic() - self.started)))
+            if moved["served"] < moved["pages"]:
+                # Not every page was asked for: processes that exited or unmapped memory, or a daemon that gave
+                # up (whose shim then kills the container). The destination says which.
+                try:
+                    state = self.session.answer(expect="post-copy-done", timeout=60)["state"]
+                except (ChannelClosed, TimeoutError, frames.ProtocolError, transport.RemoteRefusal) as exc:
+                    state = f"unknown ({exc})"
+                if state != "running":
+                    raise ToolError(f"the destination's lazy-pages daemon ended after {moved['served']} of "
+                                    f"{moved['pages']} pages and the container is {state} there")
+                progress(f"post-copy: {moved['pages'] - moved['served']} pages were never asked for (their "
+                         "processes exited or unmapped them); the container runs on there")
+        except ToolError as exc:
+            kept = self._keep_whole_checkpoint()
+            raise ToolError(f"post-copy of {self.id} failed after it started on {self.dest.host}: {exc}. The "
+                            "destination's shim ends the container there (its memory can no longer all come, and "
+                            f"it is never left running on zeros). Its checkpoint is kept here, whole: {kept}") from None
+        self.pages.remove_images()
+        self.memory = None
+        if self.staging:
+            archive.remove_tree(self.staging)
+            self.staging = None
+        progress(f"post-copy: every page of {self.id} moved ({archive.human_size(moved['page_bytes'])})")
+        return moved
+
+    def _keep_whole_checkpoint(self) -> str:
+        """The checkpoint as `pyshim restore` takes it: the full images from memory in place of the split ones."""
+        assert self.memory is not None and self.staging is not None
+        images, memory, staging = self._images(), self.memory, self.staging
+        self.memory = self.staging = None  # kept, whatever happens below
+        try:
+            archive.remove_tree(images)
+            shutil.move(os.path.join(memory, "images"), images)
+            archive.remove_tree(memory)
+        except OSError as exc:
+            return (f"the images in {os.path.join(memory, 'images')}, the rest in {staging} (moving them together "
+                    f"failed: {exc})")
+        return f"`pyshim restore {staging} --name {self.id}` brings the container back here"
 
     def _check_source(self):
         record, task = checkpoint.running_task(self.client, self.id)
@@ -335,7 +430,7 @@ class Migration:
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.NOT_FOUND:
                     progress(f"warning: removing the container {self.id} here failed: {exc.details()}")
-        if self.staging:
+        if self.staging and self.pages is None:  # --post-copy keeps its checkpoint until the last page moved
             archive.remove_tree(self.staging)
             self.staging = None
         if task_problem:
@@ -359,6 +454,12 @@ class Migration:
         if self.staging:
             archive.remove_tree(self.staging)
             self.staging = None
+        self._remove_memory()
+
+    def _remove_memory(self) -> None:
+        if self.memory is not None:
+            archive.remove_tree(self.memory)
+            self.memory = None
 
     def roll_back(self, why: BaseException) -> None:
         """After the dump, before the commit: the destination undoes, the container is restored here."""
@@ -380,6 +481,7 @@ class Migration:
         if self.staging:
             archive.remove_tree(self.staging)
             self.staging = None
+        self._remove_memory()
         progress(f"{self.id} runs on here again")
 
     def _abort_remote_only(self) -> None:
@@ -395,7 +497,10 @@ class Migration:
         from shim.tool.restore import _task_options
 
         assert self.staging is not None
-        images = self._images()
+        images = self._dumped_images()  # --post-copy: the full images in memory, not the split ones sent
+        if self.pages is not None:
+            self.pages.close()
+            self.pages = None
         if self.relay is not None:
             replay(os.path.join(self.staging, RECORDING), images, os.path.join(self.staging, "replay.log"))
         record = self.client.container(self.id)
