@@ -123,10 +123,13 @@ def test_a_worker_killed_mid_dump_fails_the_checkpoint_and_leaves_the_task_runni
                                 container_id], env=containerd.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
         try:
-            # The worker (comm pyshim-ckpt) once its CRIU (a process of its session other than itself) is writing
-            # the hog's pages into the partial image: the task is frozen then.
+            # The worker (comm pyshim-ckpt, working in the bundle: the one waiting for the next job has its CRIU
+            # started too) once its CRIU (a process of its session other than itself) is writing the hog's pages
+            # into the partial image: the task is frozen then.
+            bundle = str(containerd.bundle(container_id))
             worker = wait_until(lambda: next((int(e) for e in os.listdir("/proc") if e.isdigit()
-                                              and comm(int(e)) == "pyshim-ckpt" and _session_members(int(e))), None),
+                                              and comm(int(e)) == "pyshim-ckpt" and _cwd(int(e)) == bundle
+                                              and _session_members(int(e))), None),
                                 WAIT, "a checkpoint worker running CRIU", poll=0.02)
             # Who to stop is read before the pages are waited for: CRIU writes 300 MiB in a fraction of a second on
             # an idle machine, and a scan of /proc between the two let a dump finish first (seen in a CI run).
@@ -151,6 +154,13 @@ def test_a_worker_killed_mid_dump_fails_the_checkpoint_and_leaves_the_task_runni
         wait_counter(path, lambda v: v >= (now or 0) + 3)  # counting, so not frozen
     finally:
         remove(containerd, container_id)
+
+
+def _cwd(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return ""
 
 
 def _pages_written(images: Path) -> int:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -291,6 +292,76 @@ def test_a_failed_or_killed_dump_leaves_no_lock_and_the_task_answering(container
                 assert echo(fresh, "a new connection") == "a new connection"
     finally:
         if pid_file.exists():  # the script CRIU left sleeping when pyshim killed it
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        remove(containerd, original)
+    assert criu_locks(server.name) == []
+
+
+def session_of(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_bytes()
+    return int(stat[stat.rindex(b")") + 2:].split()[3])  # state ppid pgrp session
+
+
+@pytest.mark.parametrize("method", ["iptables", "nftables"])
+def test_a_worker_killed_after_criu_locked_leaves_no_lock_and_the_task_answering(containerd: Containerd,
+                                                                                 test_image: TestImage, hosts: Hosts,
+                                                                                 method: str):
+    """The checkpoint worker (comm pyshim-ckpt) SIGKILLed while its CRIU holds the network lock (a CRIU action
+    script sleeping at post-dump, with a client connection established): the server kills the worker's session,
+    finds the lock in the dead CRIU's log, removes it, and the task serves new connections."""
+    server = hosts.server(0)
+    script, pid_file = containerd.tmp / "post-dump.sh", containerd.tmp / "post-dump.pid"
+    script.write_text(POST_DUMP_SCRIPT.format(what="sleep until the test kills the worker", pid_file=pid_file,
+                                              action="exec sleep 60"))
+    script.chmod(0o755)
+    criu_config = containerd.tmp / "criu-dump.conf"
+    criu_config.write_text(f"action-script {script}\n")
+    images = containerd.tmp / "checkpoint"
+    original = start_server(containerd, test_image, PYSHIM, server, server_flags(
+        containerd, images, f"{OPTION}network-lock={method}", f"{OPTION}timeout=120",
+        f"org.criu.config={criu_config}"))
+    try:
+        with hosts.connect(server, PORT) as client:
+            assert echo(client, "before") == "before"
+            ctr = subprocess.Popen([*containerd.ctr_argv(), "task", "checkpoint", "--image-path", str(images),
+                                    original], env=containerd.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+            try:
+                deadline = time.monotonic() + 60
+                while not pid_file.exists() and ctr.poll() is None:
+                    assert time.monotonic() < deadline, "CRIU never reached post-dump"
+                    time.sleep(0.02)
+                locked = lock_kind(criu_locks(server.name))
+                worker = session_of(int(pid_file.read_text()))
+                assert Path(f"/proc/{worker}/comm").read_text().strip() == "pyshim-ckpt"
+                os.kill(worker, signal.SIGKILL)
+                _, stderr = ctr.communicate(timeout=60)
+            finally:
+                if ctr.poll() is None:
+                    ctr.kill()
+                    ctr.wait()
+            message = " ".join(stderr.split())
+            print(f"{method}: lock while CRIU slept: {locked}; ctr: {message[-300:]}")
+            assert locked == method
+            assert ctr.returncode != 0 and f"checkpoint worker pid {worker}" in message, message
+            assert "ended without an answer" in message, message
+            assert criu_locks(server.name) == [], "no lock left"
+            assert status(containerd, original) == "RUNNING"
+            assert not images.exists()
+            log = containerd.log_path.read_text(errors="replace")
+            assert f"removed CRIU's {method} network lock from {server.path} (its checkpoint worker died)" in log
+            print(f"{method}, worker killed: the established connection gives {no_echo(client, 'still here')}")
+            with hosts.connect(server, PORT, timeout=5) as fresh:
+                assert echo(fresh, "a new connection") == "a new connection"
+            # Nothing of the dead worker's dump stays: its work dir and partial image.
+            bundle = containerd.bundle(original)
+            assert not list(bundle.glob("criu-work-*")), list(bundle.glob("criu-work-*"))
+            assert not list(images.parent.glob(f".{images.name}.pyshim-partial-*"))
+    finally:
+        if pid_file.exists():  # the script, if the session kill missed it
             try:
                 os.kill(int(pid_file.read_text()), signal.SIGKILL)
             except (ProcessLookupError, ValueError):

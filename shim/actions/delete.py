@@ -12,7 +12,7 @@ import sys
 import time
 
 from shim.actions.cmdline import ShimArgs
-from shim.bundle.layout import ADDRESS_FILE, INIT_PID_FILE, RUNTIME_FILE, read_settings
+from shim.bundle.layout import ADDRESS_FILE, INIT_PID_FILE, RESTORE_MARKER, RUNTIME_FILE, read_settings
 from shim.oci import commands
 from shim.rootfs.unmount import unmount_all
 
@@ -107,12 +107,23 @@ def delete(args: ShimArgs) -> int:
     runtime = commands.RuntimeConfig(binary=settings.get("binary") or "runc",
                                      root=commands.runtime_root(settings.get("root", ""), args.namespace),
                                      systemd_cgroup=settings.get("systemd_cgroup") == "1")
+    # A restore the server did not see through (it died mid-restore) left its marker: end runc and CRIU, unmount
+    # criu-root, before anything else (shim.criu.unfinished). One stat when there is none, the common case.
+    marker = os.path.join(bundle, RESTORE_MARKER)
+    restoring = os.path.exists(marker)
+    if restoring:
+        from shim.criu import unfinished
+
+        facts = unfinished.load(marker)
+        unfinished.end(facts)
     # runc and crun keep a container's state in <root>/<id>. Without it `delete --force` finds nothing to do, but
     # costs a runtime start-up (6 ms here) on containerd's path after every shim exit: the common case, since the
     # task's Delete already removed it.
     if os.path.lexists(os.path.join(runtime.root, args.id)):
         # A wedged runtime: unmounting and reporting still matter.
         run_quietly(commands.delete(runtime, args.id, force=True), RUNTIME_DELETE_TIMEOUT)
+    if restoring:
+        unfinished.remove_leftovers(facts, marker)
     unmount_all(os.path.join(bundle, "rootfs"))
     remove_dead_socket(bundle)
     try:

@@ -16,6 +16,7 @@ ADDRESS_FILE = "address"
 INIT_PID_FILE = "init.pid"
 RUNTIME_FILE = "pyshim-runtime"  # which OCI runtime and root Create used; read by delete
 RUNTIME_LOG = "log.json"
+RESTORE_MARKER = "restoring.json"  # a restore in progress, for delete to end (shim.criu.unfinished)
 
 
 def group_id(bundle: str, container_id: str) -> str:

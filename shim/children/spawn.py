@@ -11,7 +11,7 @@ import asyncio
 import fcntl
 import os
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -60,9 +60,11 @@ def spawn(argv: Sequence[str], *, stdin: int | None = None, stdout: int | None =
 
 async def run(reaper: Reaper, argv: Sequence[str], *, input: bytes | None = None, timeout: float | None = None,
               stdio: tuple[int | None, int | None, int | None] | None = None, pass_fds: Mapping[int, int] | None = None,
-              env: Mapping[str, str] | None = None, cwd: str | None = None) -> Completed:
+              env: Mapping[str, str] | None = None, cwd: str | None = None,
+              started: Callable[[int], object] | None = None) -> Completed:
     """Run a command to completion. Output is captured in memory files unless stdio is given
-    (then the command writes where the caller says, e.g. a container's pipes)."""
+    (then the command writes where the caller says, e.g. a container's pipes); started(pid) right after the
+    spawn (it must not raise)."""
     captured = [os.memfd_create("stdout"), os.memfd_create("stderr")]
     stdin_fd = None
     try:
@@ -73,6 +75,8 @@ async def run(reaper: Reaper, argv: Sequence[str], *, input: bytes | None = None
         fds = stdio or (stdin_fd, captured[0], captured[1])
         with reaper.subscribe() as exits:
             pid = spawn(argv, stdin=fds[0], stdout=fds[1], stderr=fds[2], pass_fds=pass_fds, env=env, cwd=cwd)
+            if started is not None:
+                started(pid)
             exit = await wait_or_kill(exits.wait(pid), pid, timeout)
         return Completed(tuple(argv), exit.status, _read_all(captured[0]), _read_all(captured[1]))
     finally:

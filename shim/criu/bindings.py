@@ -103,3 +103,10 @@ def image_codec() -> ModuleType:
     """pycriu.images: CRIU's image files to and from dicts (load, dump)."""
     pycriu()
     return importlib.import_module("pycriu.images")
+
+
+def image_messages() -> ModuleType:
+    """pycriu's image message classes (pycriu.images.pb): decoding one kind of image without pycriu's
+    conversion to dicts."""
+    pycriu()
+    return importlib.import_module("pycriu.images.pb")

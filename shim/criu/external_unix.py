@@ -199,11 +199,15 @@ class _Diag:
 # -- finding them -------------------------------------------------------------------------------
 
 
-def find(init_pid: int) -> list[ExternalUnixSocket]:
-    """The container's unix sockets whose peer is outside it. Blocking (procfs, netlink, a
-    thread per foreign network namespace): call it from a worker thread."""
-    holders: dict[int, list[tuple[int, int]]] = {}  # socket inode -> [(pid, fd)]
-    namespaces: dict[int, int] = {}  # netns inode -> a pid in it
+Holders = tuple[dict[int, list[tuple[int, int]]], dict[int, int]]
+
+
+def socket_holders(init_pid: int) -> Holders:
+    """Which of the container's processes hold which sockets: (socket inode -> [(pid, fd)], network namespace
+    inode -> a pid in it). procfs reads only (a few ms at most): a checkpoint calls it inline, and asks the kernel
+    about the sockets (find(), netlink, in a thread) only when there are some."""
+    holders: dict[int, list[tuple[int, int]]] = {}
+    namespaces: dict[int, int] = {}
     for pid in process_tree(init_pid):
         fds = socket_fds(pid)
         for fd, inode in fds.items():
@@ -213,6 +217,13 @@ def find(init_pid: int) -> list[ExternalUnixSocket]:
                 namespaces.setdefault(_netns(pid), pid)
             except OSError:
                 pass  # gone meanwhile
+    return holders, namespaces
+
+
+def find(init_pid: int, held: Holders | None = None) -> list[ExternalUnixSocket]:
+    """The container's unix sockets whose peer is outside it (held: socket_holders(init_pid), when known already).
+    Blocking (procfs, netlink, a thread per foreign network namespace): call it from a worker thread."""
+    holders, namespaces = held if held is not None else socket_holders(init_pid)
     if not holders:
         return []  # nothing to ask the kernel (and pyroute2 is not even imported)
     own = _netns("self")
@@ -232,8 +243,8 @@ def find(init_pid: int) -> list[ExternalUnixSocket]:
     for inode in sorted(holders.keys() & known.keys()):  # the unix ones
         sk = known[inode]
         if sk.peer and sk.peer not in holders:
-            held = tuple(Holder(pid, _comm(pid), fd) for pid, fd in sorted(holders[inode]))
-            external.append(ExternalUnixSocket(holders=held, socket=sk, peer=known.get(sk.peer)))
+            by = tuple(Holder(pid, _comm(pid), fd) for pid, fd in sorted(holders[inode]))
+            external.append(ExternalUnixSocket(holders=by, socket=sk, peer=known.get(sk.peer)))
     return sorted(external, key=lambda e: (e.holders[0].pid, e.holders[0].fd))
 
 

@@ -58,9 +58,19 @@ class PartialImage:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _sibling(target: str, kind: str) -> str:
+def _sibling(target: str, kind: str, token: str | None = None) -> str:
     parent, name = os.path.split(target.rstrip("/"))
-    return os.path.join(parent, f".{name}.pyshim-{kind}-{secrets.token_hex(4)}")
+    return os.path.join(parent, f".{name}.pyshim-{kind}-{token or secrets.token_hex(4)}")
+
+
+def partial_path(target: str, token: str) -> str:
+    """Where a dump named by token writes its image before the commit (prepare(target, token))."""
+    return _sibling(os.path.normpath(target), "partial", token)
+
+
+def own_work_dir(bundle: str, token: str) -> str:
+    """The work directory a dump named by token makes in the bundle when it is given none: CRIU's log is there."""
+    return os.path.join(bundle, f"criu-work-{token}")
 
 
 def write_private(path: str, data: bytes) -> None:
@@ -71,8 +81,9 @@ def write_private(path: str, data: bytes) -> None:
         os.close(fd)
 
 
-def prepare(target: str) -> PartialImage:
-    """A private directory beside `target` for a dump to write into."""
+def prepare(target: str, token: str | None = None) -> PartialImage:
+    """A private directory beside `target` for a dump to write into; its name ends with token when given (so that
+    whoever started the dump can find it: partial_path()), else with a random one."""
     if not target or not os.path.isabs(target):
         raise ImageError(f"image path {target!r} must be absolute")
     target = os.path.normpath(target)
@@ -81,7 +92,7 @@ def prepare(target: str) -> PartialImage:
         raise ImageError(f"image path {target} is a symbolic link; refusing to follow it")
     if not os.path.isdir(parent):
         raise ImageError(f"image path {target}: parent directory {parent} does not exist")
-    path = _sibling(target, "partial")
+    path = _sibling(target, "partial", token)
     os.mkdir(path, 0o700)
     return PartialImage(target, path)
 

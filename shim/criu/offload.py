@@ -175,13 +175,15 @@ class OffloadedCheckpointer:
             "paused": is_paused(), "env": dict(os.environ), "server_pid": os.getpid(), "umask": _umask(),
             "namespace": self.namespace,
             "debug": logging.getLogger().isEnabledFor(logging.DEBUG), "criu_version": self._criu_version,
+            # Names the dump's own work dir and partial image: found again here if the worker dies (_leftovers).
+            "token": os.urandom(6).hex(),
         }
         worker, sent = await self._connect(job)
         watching = asyncio.ensure_future(_forward_paused(worker, is_paused, job["paused"]))
         try:
             if not sent:
                 worker.send({"job": job})
-            message = await self._answer(worker, container_id, runtime, is_paused)
+            message = await self._answer(worker, job, options, runtime, is_paused)
         except BaseException:
             watching.cancel()
             worker.close()
@@ -191,13 +193,13 @@ class OffloadedCheckpointer:
             worker.close()
             return self._result(message)
         # A lazy dump: its page server is up; the final answer comes when its pages have been served.
-        completion = self.background.spawn(self._later(worker, watching, container_id, runtime, is_paused),
+        completion = self.background.spawn(self._later(worker, watching, job, options, runtime, is_paused),
                                            f"lazy checkpoint of {container_id} (worker {worker.pid})")
         return Checkpointed(message["ready"], completion)
 
-    async def _later(self, worker: Worker, watching: asyncio.Future, container_id: str, runtime, is_paused):
+    async def _later(self, worker: Worker, watching: asyncio.Future, job: dict, options, runtime, is_paused):
         try:
-            return self._result(await self._answer(worker, container_id, runtime, is_paused))
+            return self._result(await self._answer(worker, job, options, runtime, is_paused))
         finally:
             watching.cancel()
             worker.close()
@@ -208,8 +210,9 @@ class OffloadedCheckpointer:
             self._criu_version = record["criu_version"]
         return Checkpointed(record)
 
-    async def _answer(self, worker: Worker, container_id: str, runtime, is_paused) -> dict:
+    async def _answer(self, worker: Worker, job: dict, options, runtime, is_paused) -> dict:
         """The worker's next "ready" or "result"; its "error" raised; its death handled and raised."""
+        container_id = job["container_id"]
         try:
             message = await read_message(worker.reader)
         except ValueError as exc:
@@ -217,7 +220,7 @@ class OffloadedCheckpointer:
         else:
             broken = ""
         if message is None:
-            await self._after_death(worker, container_id, runtime, is_paused)
+            await self._after_death(worker, job, options, runtime, is_paused)
             status = ""
             if worker.exited is not None and worker.exited.done():
                 status = f", exit status {worker.exited.result().status}"
@@ -233,14 +236,16 @@ class OffloadedCheckpointer:
             return message
         raise errors.ShimError(f"checkpoint of {container_id}: unexpected answer from the {worker.describe()}")
 
-    async def _after_death(self, worker: Worker, container_id: str, runtime, is_paused) -> None:
+    async def _after_death(self, worker: Worker, job: dict, options, runtime, is_paused) -> None:
         """A worker died mid-checkpoint: nothing of it may stay, and the task must be as it was."""
+        container_id = job["container_id"]
         worker.kill_session()
         if worker.exited is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(worker.exited), 5)
             except TimeoutError:
                 pass
+        await self._leftovers(job, options)
         # CRIU freezes the task while it dumps and may have died with it frozen (or thawed a paused one).
         try:
             await (runtime.pause(container_id) if is_paused() else runtime.resume(container_id))
@@ -248,6 +253,39 @@ class OffloadedCheckpointer:
             log.debug("after the checkpoint worker of %s died: %s", container_id, exc)
         log.error("checkpoint worker of %s (pid %d) died; its session was killed and the task left %s",
                   container_id, worker.pid, "paused" if is_paused() else "running")
+
+    async def _leftovers(self, job: dict, options) -> None:
+        """What a dead worker's dump left: CRIU's network lock (a CRIU killed after it locked the namespace leaves
+        the task cut off behind it; its log says whether it locked, and which lock), its own work dir (the log
+        kept in the bundle as criu-dump.log, as after a failed dump) and its partial image (process memory)."""
+        import shutil
+
+        from shim.bundle.config import Bundle
+        from shim.criu import images, netlock
+
+        bundle, token = job["bundle"], str(job.get("token") or "")
+        if not token:
+            return
+        own_work = images.own_work_dir(bundle, token)
+        work = options.work_path or own_work
+        log_path = os.path.join(work, "dump.log")
+        try:
+            lock = netlock.after_dump(options, config=Bundle.read(bundle).config, pid=int(job["pid"]),
+                                      log_text=netlock.read_text(log_path))
+        except Exception as exc:  # noqa: BLE001 - the worker's death is what the caller must see
+            log.warning("could not tell whether the dead checkpoint worker's dump left CRIU's network lock: %s", exc)
+            lock = None
+        if lock is not None:
+            await netlock.release_logged(netlock.NamespaceFirewall(self.reaper), lock, "its checkpoint worker died")
+        if os.path.exists(log_path):
+            try:
+                shutil.copyfile(log_path, os.path.join(bundle, "criu-dump.log"))
+            except OSError:
+                pass
+        if not options.work_path:
+            shutil.rmtree(own_work, ignore_errors=True)
+        if options.image_path:
+            shutil.rmtree(images.partial_path(options.image_path, token), ignore_errors=True)
 
     async def _connect(self, job: dict) -> tuple[Worker, bool]:
         """A worker that said hello, and whether it has the job already."""
@@ -273,7 +311,7 @@ class OffloadedCheckpointer:
             return None
         # The key names this code and this containerd: a spare found there runs what this server runs.
         path = criu_spare.socket_path(wire.run_dir(),
-                                      wire.server_key(wire.source_digest(), self.containerd_pid, start))
+                                      wire.server_key(wire.code_digest(), self.containerd_pid, start))
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)

@@ -28,7 +28,7 @@ from shim.cgroups import made as made_cgroups
 from shim.children.proctree import children_of, cmdline, parent_of
 from shim.children.reaper import Reaper
 from shim.children.spawn import spawn
-from shim.criu import image_check, images, loopback, netlock
+from shim.criu import image_check, images, loopback, netlock, unfinished
 from shim.criu.lazy_images import RECORD_KEY as POST_COPY
 from shim.criu.lazy_images import lazy_pages_left
 from shim.criu.log import keep, quote
@@ -134,6 +134,10 @@ async def restore(reaper: Reaper, background: BackgroundTasks, *, container_id: 
     watched_lock = await netlock.before_restore(firewall, image_path, config)
     cgroups_path = bundle.cgroups_path
     cgroups_before = {path for path in made_cgroups.directories(cgroups_path) if path.is_dir()}
+    # What `delete` needs to end and undo this restore should the server die before it is over (shim.criu.unfinished).
+    marker = {"id": container_id, "state_dir": runtime.state_dir(container_id), "work": work, "own_work": own_work,
+              "cgroups_path": cgroups_path, "cgroups_before": sorted(map(str, cgroups_before)), "processes": []}
+    _record(unfinished.record, bundle.path, marker)
     daemon = hook = None
     try:
         if raises_loopback:
@@ -143,10 +147,12 @@ async def restore(reaper: Reaper, background: BackgroundTasks, *, container_id: 
                                            log_file=bundle.file(LAZY_PAGES_LOG),
                                            page_server=lazy.page_server_address,
                                            page_server_unix=lazy.page_server_unix)
+            _record(unfinished.add_process, bundle.path, marker, daemon.pid)
             flags.append("--lazy-pages")
         restoring = runtime.restore(container_id, bundle=bundle.path, pid_file=pid_file, image_path=image_path,
                                     work_path=work, stdio=stdio, console_socket=console_socket, no_pivot=no_pivot,
-                                    flags=flags, timeout=options.timeout)
+                                    flags=flags, timeout=options.timeout,
+                                    started=lambda pid: _record(unfinished.add_process, bundle.path, marker, pid))
         await (restoring if daemon is None else daemon.guard(restoring, container_id))
     except (RuntimeFailed, asyncio.CancelledError) as exc:
         # Cancelled: the task was killed mid-restore, or containerd's connection closed; runc and CRIU were killed
@@ -176,11 +182,21 @@ async def restore(reaper: Reaper, background: BackgroundTasks, *, container_id: 
         unmount.unmount_all(work)
         if own_work:
             shutil.rmtree(work, ignore_errors=True)
+        unfinished.forget(bundle.path)
     if daemon is not None:
         background.spawn(daemon.serve_for(options.timeout, container_id, end_container),
                          f"criu lazy-pages (pid {daemon.pid}) for {container_id}")
     await netlock.after_restore(firewall, images.read_record(image_path), config)
     return restored
+
+
+def _record(write, *args) -> None:
+    """Write the restore's marker for `delete`; a failure to is logged, never the restore's end."""
+    try:
+        write(*args)
+    except OSError as exc:
+        log.warning("the restore's marker for `delete` (%s) could not be written: %s; a shim killed mid-restore "
+                    "would leave runc and CRIU running", unfinished.MARKER, exc)
 
 
 def read_user_criu_config(path: str) -> str:
@@ -423,36 +439,11 @@ async def _clean_failed_restore(runtime: OciRuntime, container_id: str, cgroups_
     except RuntimeFailed as exc:
         if not is_gone(exc):
             log.warning("cleaning up the failed restore of %s: %s", container_id, exc)
-    _remove_unfinished_state(runtime.state_dir(container_id))
+    for problem in unfinished.remove_unfinished_state(runtime.state_dir(container_id)):
+        log.warning("cleaning up the failed restore of %s: %s", container_id, problem)
     left = made_cgroups.remove_made(cgroups_path, cgroups_before)
     if left:
         log.warning("the failed restore of %s left cgroups still in use: %s", container_id,
                     ", ".join(map(str, left)))
-
-
-def _remove_unfinished_state(state: str) -> None:
-    """runc's state dir for the id when `runc delete` could not remove it because runc was killed before writing
-    state.json: its files, and empty directories only (rmdir), so nothing is removed through a mount. A state
-    with state.json is runc's to remove (runc delete said why it did not)."""
-    try:
-        entries = os.listdir(state)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        log.warning("cannot read %s left by a failed restore: %s", state, exc)
-        return
-    if "state.json" in entries:
-        return
-    for name in entries:
-        path = os.path.join(state, name)
-        try:
-            if os.path.isdir(path) and not os.path.islink(path):
-                os.rmdir(path)
-            else:
-                os.unlink(path)
-        except OSError as exc:
-            log.warning("cannot remove %s left by a failed restore: %s", path, exc)
-    with contextlib.suppress(OSError):
-        os.rmdir(state)
 
 

@@ -28,6 +28,7 @@ import array
 import asyncio
 import logging
 import os
+import select
 import signal
 import socket
 from collections.abc import Awaitable, Callable, Mapping
@@ -35,7 +36,7 @@ from typing import Any, NamedTuple, TypeAlias
 
 from google.protobuf.message import DecodeError
 
-from shim.children.reaper import Exit, Reaper
+from shim.children.reaper import Exit, Reaper, Subscription
 from shim.children.spawn import spawn
 from shim.criu import bindings
 from shim.criu.errors import CriuFailed, CriuMissing, CriuTimeout
@@ -99,6 +100,19 @@ class CriuRpc:
         self.criu = criu
         self.timeout = timeout
         self.env = env
+        self._started: Started | None = None  # a `criu swrk` started ahead, for the next call
+
+    def start_ahead(self) -> Started:
+        """Start the `criu swrk` the next call will talk to, now (a checkpoint worker does this while it waits
+        for a job: CRIU's exec and start-up, about 4 ms, are then off the checkpoint's path). It waits for its
+        request; it exits when its socket closes (our process dies). Raises CriuMissing."""
+        if self._started is None:
+            self._started = _start(self, {})
+        return self._started
+
+    def adopt(self, started: Started) -> None:
+        """Use a `criu swrk` another CriuRpc on the same reaper started ahead (start_ahead) for the next call."""
+        self._started = started
 
     async def call(self, req: CriuReq, *, notify: Notify | None = None, timeout: float | None = None,
                    pass_fds: Mapping[int, int] | None = None, check: bool = True) -> CriuResp:
@@ -177,35 +191,22 @@ class _Call:
     async def run(self, payload: bytes, notify: Notify | None, extra: dict[int, int], check: bool):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
-        self.output = os.memfd_create("criu-output", os.MFD_CLOEXEC)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        started, self.rpc._started = self.rpc._started, None
+        if started is None or extra or not started.waiting():
+            if started is not None:  # one that cannot serve this call (fds to pass, or gone): it exits on EOF
+                started.close()
+            started = _start(self.rpc, extra, self.action)
+        self.pid, self.pidfd, self.output = started.pid, started.pidfd, started.output
         try:
-            with self.rpc.reaper.subscribe() as exits:
-                try:
-                    self.pid = spawn([self.rpc.criu, "swrk", str(SOCKET_FD)], stdout=self.output,
-                                     stderr=self.output, pass_fds={SOCKET_FD: theirs.fileno(), **extra},
-                                     env=self.rpc.env)
-                except OSError as exc:
-                    raise CriuMissing(self.action, reason=f"cannot start {self.rpc.criu!r}: {exc}") from exc
-                finally:
-                    # Only CRIU may hold its end: when CRIU dies, our recv must see EOF.
-                    theirs.close()
-                # Taken before the loop runs again, so before the reaper can reap CRIU: a kill
-                # through it can never hit a recycled pid, even between the reap and the moment
-                # our waiting task learns of it.
-                self.pidfd = _pidfd_open(self.pid)
-                self.exited = asyncio.ensure_future(exits.wait(self.pid))
-                try:
-                    return await self._run(ours, payload, notify, deadline, check)
-                finally:
-                    if not self.exited.done():  # cancelled, or an unexpected error: never leave CRIU behind
-                        self._kill()
-                        await asyncio.shield(self.exited)
+            self.exited = asyncio.ensure_future(started.exits.wait(self.pid))
+            try:
+                return await self._run(started.sock, payload, notify, deadline, check)
+            finally:
+                if not self.exited.done():  # cancelled, or an unexpected error: never leave CRIU behind
+                    self._kill()
+                    await asyncio.shield(self.exited)
         finally:
-            ours.close()
-            os.close(self.output)
-            if self.pidfd is not None:
-                os.close(self.pidfd)
+            started.close()
 
     async def _run(self, sock: socket.socket, payload: bytes, notify: Notify | None, deadline: float, check: bool):
         sock.setblocking(False)
@@ -304,6 +305,49 @@ class _Call:
         with open(f"/proc/self/fd/{self.output}", "rb") as output:
             lines += excerpt(output)
         return {"log_path": path, "log_lines": lines, "pid": self.pid}
+
+
+class Started:
+    """A `criu swrk` process and our end of its socket, its output file, the reaper's subscription that reports its
+    exit (taken before the spawn) and a pidfd (taken before the loop could reap it: a kill through it never hits a
+    recycled pid)."""
+
+    def __init__(self, pid: int, pidfd: int | None, sock: socket.socket, output: int, exits: Subscription) -> None:
+        self.pid, self.pidfd, self.sock, self.output, self.exits = pid, pidfd, sock, output, exits
+
+    def waiting(self) -> bool:
+        """Whether the process is still there to take a request (its pidfd is readable once it has exited)."""
+        if self.pidfd is None:
+            return True  # no pidfd (old kernel): a dead one fails its call, which says why
+        return not select.select([self.pidfd], [], [], 0)[0]
+
+    def close(self) -> None:
+        """Our ends: the socket (a CRIU still waiting exits on EOF), the output file, the pidfd, the subscription."""
+        self.sock.close()
+        if self.output >= 0:
+            os.close(self.output)
+            self.output = -1
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+        self.exits.close()
+
+
+def _start(rpc: CriuRpc, extra: Mapping[int, int], action: str = "swrk") -> Started:
+    output = os.memfd_create("criu-output", os.MFD_CLOEXEC)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    exits = rpc.reaper.subscribe()
+    try:
+        pid = spawn([rpc.criu, "swrk", str(SOCKET_FD)], stdout=output, stderr=output,
+                    pass_fds={SOCKET_FD: theirs.fileno(), **extra}, env=rpc.env)
+    except OSError as exc:
+        exits.close()
+        ours.close()
+        os.close(output)
+        raise CriuMissing(action, reason=f"cannot start {rpc.criu!r}: {exc}") from exc
+    finally:
+        theirs.close()  # only CRIU may hold its end: when CRIU dies, our recv must see EOF
+    return Started(pid, _pidfd_open(pid), ours, output, exits)
 
 
 async def _send(sock: socket.socket, data: bytes) -> bool:

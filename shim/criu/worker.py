@@ -13,12 +13,18 @@ its session is what the server kills if it dies mid-dump.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
+from typing import TYPE_CHECKING
 
 from shim.background import BackgroundTasks
 from shim.criu import offload
+
+if TYPE_CHECKING:
+    from shim.children.reaper import Reaper
+    from shim.criu.rpc import Started
 
 log = logging.getLogger(__name__)
 CLEANUP_GRACE = 60.0  # for what the dump left to do after the answer (`runc delete` of a stopped task)
@@ -45,13 +51,43 @@ def prefetch() -> None:
         log.debug("CRIU version not prefetched: %s", exc)
 
 
-def prepare() -> asyncio.Runner:
+class Prepared:
+    """What a waiting worker made before its job: its reaper, the `criu swrk` its dump will talk to (None when CRIU
+    could not start: the checkpoint then says why), and the PATH that CRIU was started with (the network lock runs
+    iptables-restore through it: a job with another PATH gets a CRIU started with the server's)."""
+
+    def __init__(self, reaper: Reaper, criu: Started | None, path: str | None) -> None:
+        self.reaper = reaper
+        self.criu = criu
+        self.path = path
+
+
+PREPARED: Prepared | None = None
+
+
+def prepare(*, ahead: bool = False) -> asyncio.Runner:
     """What a worker needs before its job, done by a waiting worker before it takes a connection (off the
-    checkpoint's path): a session of its own and an event loop."""
+    checkpoint's path): a session of its own and an event loop; with ahead (the fork server's checkpoint spare's
+    waiting worker), also its reaper, a `criu swrk` waiting for the dump's request (its exec and start-up, about
+    4 ms, off the path) and asyncio.to_thread's executor thread (the scan for external unix sockets)."""
+    global PREPARED
     if os.getsid(0) != os.getpid():
         os.setsid()
     runner = asyncio.Runner()
-    runner.get_loop()
+    loop = runner.get_loop()
+    if ahead:
+        from shim.children.reaper import Reaper
+        from shim.criu.rpc import CriuRpc
+
+        reaper = Reaper()
+        reaper.install(loop)
+        try:
+            criu = CriuRpc(reaper).start_ahead()
+        except Exception as exc:  # noqa: BLE001 - CRIU missing: the checkpoint starts its own and says why
+            log.debug("no criu swrk started ahead: %s", exc)
+            criu = None
+        runner.run(asyncio.to_thread(int))
+        PREPARED = Prepared(reaper, criu, os.environ.get("PATH"))
     return runner
 
 
@@ -68,13 +104,15 @@ def main(fd: int, runner: asyncio.Runner | None = None) -> int:
 
 
 async def _serve(conn: socket.socket) -> int:
-    reader, writer = await asyncio.open_unix_connection(sock=conn)
-    writer.write(offload.encode({"hello": os.getpid(), "protocol": offload.PROTOCOL}))
-    message = await offload.read_message(reader)
+    # The hello and the job, on the blocking socket before any stream is made: a server that found this worker
+    # through the checkpoint spare sent the job with its connection, so it is there already.
+    conn.sendall(offload.encode({"hello": os.getpid(), "protocol": offload.PROTOCOL}))
+    message = _read_message(conn)
     if message is None or "job" not in message:
         return 1
     if _closed(conn):  # the server gave up waiting for the hello and started another worker: not ours to do
         return 1
+    reader, writer = await asyncio.open_unix_connection(sock=conn)
     job = message["job"]
     if job.get("protocol") != offload.PROTOCOL:
         writer.write(offload.encode({"error": {"kind": "Unavailable", "message": (
@@ -101,6 +139,34 @@ async def _serve(conn: socket.socket) -> int:
     return 0
 
 
+def _read_message(conn: socket.socket) -> dict | None:
+    """One length-prefixed JSON message from a blocking socket (offload's framing); None at EOF or when malformed."""
+    header = _read_exactly(conn, offload.HEADER)
+    if header is None:
+        return None
+    length = int.from_bytes(header, "big")
+    payload = _read_exactly(conn, length) if length <= offload.MAX_MESSAGE else None
+    try:
+        message = json.loads(payload) if payload is not None else None
+    except ValueError:
+        return None
+    return message if isinstance(message, dict) else None
+
+
+def _read_exactly(conn: socket.socket, size: int) -> bytes | None:
+    chunks, left = [], size
+    while left:
+        try:
+            chunk = conn.recv(left)
+        except OSError:
+            return None
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
 def _closed(conn: socket.socket) -> bool:
     """Whether the server has closed the connection (EOF waiting behind what was read)."""
     try:
@@ -124,9 +190,11 @@ def _become_server(job: dict) -> None:
     if os.getppid() != server_pid:  # an exec'd worker is the server's child, in its cgroups already
         from shim.cgroups.procs import join_like
 
+        criu = [PREPARED.criu.pid] if PREPARED is not None and PREPARED.criu is not None else []
         try:
-            for note in join_like(server_pid, os.getpid()):
-                log.warning("checkpoint worker: %s", note)
+            for pid in (os.getpid(), *criu):  # the worker, and the CRIU it started ahead
+                for note in join_like(server_pid, pid):
+                    log.warning("checkpoint worker: %s", note)
         except Exception as exc:  # noqa: BLE001 - placement is best effort, as the server's own
             log.warning("checkpoint worker: cgroups of the shim server not joined: %s", exc)
     try:
@@ -160,18 +228,28 @@ async def _checkpoint(job: dict, paused: dict, writer, background: BackgroundTas
     from shim.oci.runner import Runner
     from shim.oci.runtime import OciRuntime
 
-    reaper = Reaper()
-    reaper.install(asyncio.get_running_loop())
+    prepared = PREPARED
+    if prepared is not None:
+        reaper = prepared.reaper
+    else:
+        reaper = Reaper()
+        reaper.install(asyncio.get_running_loop())
     config = RuntimeConfig(**job["runtime"])
     runtime = OciRuntime(config, Runner(reaper, log_path=config.log))
     options = CheckpointOptions(**from_record(job["options"]), extra=dict(job.get("extra") or {})).validate()
     # The version known: the server learnt it from an earlier worker, or the spare asked (no `criu swrk` for it).
     known = job.get("criu_version") or PREFETCHED_VERSION
-    criu = CriuDumper(CriuRpc(reaper), version=CriuVersion(*known) if known else None)
+    rpc = CriuRpc(reaper)
+    if prepared is not None and prepared.criu is not None:
+        if prepared.path == os.environ.get("PATH"):
+            rpc.adopt(prepared.criu)
+        else:
+            prepared.criu.close()  # it exits on EOF; the dump starts one with the server's PATH
+    criu = CriuDumper(rpc, version=CriuVersion(*known) if known else None)
     checkpointer = Checkpointer(reaper, background, dumper=criu)
     result = await checkpointer.checkpoint(container_id=job["container_id"], bundle=Bundle.read(job["bundle"]),
                                            pid=int(job["pid"]), options=options, runtime=runtime,
-                                           paused=lambda: paused["value"])
+                                           paused=lambda: paused["value"], token=job.get("token"))
     if result.completion is not None:  # a lazy dump: its page server is ready
         writer.write(offload.encode({"ready": _record(result, criu)}))
         await writer.drain()

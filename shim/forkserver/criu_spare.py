@@ -133,7 +133,7 @@ def _fork_waiting(sock, listener, taken_r: int, taken_w: int) -> int:
         from shim.criu.worker import main as worker_main
         from shim.criu.worker import prepare
 
-        runner = prepare()  # its session and event loop, made now rather than on the checkpoint's path
+        runner = prepare(ahead=True)  # its session, event loop and CRIU, made now rather than on the checkpoint's path
         while True:
             conn, _ = listener.accept()
             if wire.trusted_uid(wire.peer_credentials(conn)[1]):

@@ -469,6 +469,7 @@ def _become_shim(conn, request: Request, start_pid: int, server_pid: int, interm
             key, _, value = item.partition(b"=")
             os.environb[key] = value
         sys.argv = list(request.argv)
+        wire.SERVED_DIGEST = request.digest  # the fork server's own: checked equal in _handle
         notes = _match_start(start_pid, request)
         if intermediate is not None:
             _wait_reparented(intermediate)

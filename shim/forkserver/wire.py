@@ -28,6 +28,16 @@ _FD_BYTES = 4
 LAUNCH_PATH = tuple(sys.path)
 
 
+# The digest of the code this process runs, when a fork server forked it as a shim server (the fork server checked
+# that its imports match it): a server's checkpoint finds its checkpoint spare without hashing the tree again.
+SERVED_DIGEST: str | None = None
+
+
+def code_digest() -> str:
+    """The digest of the code this process runs: the one it was forked with, else the code on disk now."""
+    return SERVED_DIGEST or source_digest()
+
+
 class ProtocolError(ValueError):
     pass
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from shim.children.reaper import Reaper
 from shim.children.spawn import Completed, run
@@ -60,11 +60,11 @@ class Runner:
     async def __call__(self, argv: Sequence[str], *, input: bytes | None = None,
                        stdio: tuple[int | None, int | None, int | None] | None = None,
                        pass_fds: Mapping[int, int] | None = None, timeout: float = DEFAULT_TIMEOUT,
-                       cwd: str | None = None) -> Completed:
+                       cwd: str | None = None, started: Callable[[int], object] | None = None) -> Completed:
         offset = _size(self.log_path)
         try:
             result = await run(self.reaper, argv, input=input, stdio=stdio, pass_fds=pass_fds, timeout=timeout,
-                               cwd=cwd)
+                               cwd=cwd, started=started)
         except FileNotFoundError:
             raise RuntimeFailed(argv, 127, f"{argv[0]}: executable not found in PATH") from None
         except TimeoutError as exc:

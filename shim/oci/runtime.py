@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from shim.children.spawn import Completed
@@ -86,10 +87,11 @@ class OciRuntime:
 
     async def restore(self, id: str, *, bundle: str, pid_file: str, image_path: str, work_path: str, stdio: Stdio,
                       console_socket: str = "", no_pivot: bool = False, flags: list[str] | tuple[str, ...] = (),
-                      timeout: float) -> None:
+                      timeout: float, started: Callable[[int], object] | None = None) -> None:
+        """started(pid) is called as soon as the runtime is spawned (the restore records it for `delete`)."""
         await self.run(commands.restore(self.config, id, bundle=bundle, pid_file=pid_file, image_path=image_path,
                                         work_path=work_path, console_socket=console_socket, no_pivot=no_pivot,
-                                        flags=flags), stdio=stdio, cwd=bundle, timeout=timeout)
+                                        flags=flags), stdio=stdio, cwd=bundle, timeout=timeout, started=started)
 
     def state_dir(self, id: str) -> str:
         return os.path.join(self.config.root, id)

@@ -108,7 +108,7 @@ def test_an_unusable_image_path_is_refused_before_the_dump_leaving_nothing(tmp_p
     bundle.mkdir()
     if where.startswith("read-only"):
         # root ignores modes: make the directory creation itself fail as on a read-only mount
-        def refuse(target):
+        def refuse(target, token=None):
             raise PermissionError(13, "Permission denied", str(tmp_path / "read-only" / ".image.pyshim-partial-x"))
         monkeypatch.setattr(checkpoint.images, "prepare", refuse)
     checkpointer = fake_checkpointer(_never_dumps)
@@ -198,3 +198,20 @@ def test_a_plain_dump_waits_for_the_whole_dump():
 
     result = run(scenario())
     assert result.completion is None and result.stopped and result.stats == {"frozen_time": 1}
+
+
+def test_a_frozen_state_in_a_child_cgroup_is_dropped_too(tmp_path):
+    def prop(name, value):
+        return {"name": name, "value": value, "perms": PERMS}
+
+    image = {"magic": "CGROUP", "entries": [{"controllers": [{"cnames": ["freezer"], "dirs": [{
+        "dir_name": "ns", "dir_perms": PERMS, "properties": [prop("freezer.state", "FROZEN")],
+        "children": [{"dir_name": "c", "dir_perms": PERMS, "properties": [prop("freezer.state", "FROZEN"),
+                                                                          prop("notify_on_release", "1")]}]}]}]}]}
+    with open(tmp_path / "cgroup.img", "wb") as f:
+        pycriu.images.dump(image, f)
+    assert forget_frozen_freezer(str(tmp_path)) is True
+    with open(tmp_path / "cgroup.img", "rb") as f:
+        top = pycriu.images.load(f)["entries"][0]["controllers"][0]["dirs"][0]
+    assert top.get("properties", []) == []
+    assert [p["name"] for p in top["children"][0]["properties"]] == ["notify_on_release"]

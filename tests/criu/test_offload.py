@@ -91,7 +91,8 @@ def test_a_worker_that_dies_fails_the_checkpoint_kills_its_session_and_resumes_t
             runtime = FakeRuntime()
             checkpointer = offload.OffloadedCheckpointer(None, BackgroundTasks())
             with pytest.raises(offload.WorkerGone) as caught:
-                await checkpointer._answer(gone, "c1", runtime, lambda: False)
+                await checkpointer._answer(gone, {"container_id": "c1", "bundle": "/nonexistent", "pid": 1}, None,
+                                           runtime, lambda: False)
             gone.close()
             return members, runtime.calls, str(caught.value)
 

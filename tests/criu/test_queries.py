@@ -1,8 +1,11 @@
 """VERSION, FEATURE_CHECK and CHECK against the installed CRIU, compared with what the machine
 says by other means (criu's CLI, the kernel config)."""
 
+import asyncio
 import gzip
+import os
 import re
+import signal
 
 from shim.children.spawn import run as run_command
 from shim.criu.rpc import CriuRpc
@@ -59,3 +62,25 @@ def test_check_passes():
             return await CriuRpc(reaper).check()
 
     assert run(scenario()) is None
+
+
+def test_a_criu_started_ahead_serves_the_next_call_and_a_dead_one_is_replaced():
+    async def scenario():
+        async with reaping() as reaper:
+            rpc = CriuRpc(reaper)
+            ahead = rpc.start_ahead()
+            first = await rpc.version()
+            served = ahead.pid
+            ahead = rpc.start_ahead()
+            os.kill(ahead.pid, signal.SIGKILL)  # dies while it waits for its request
+            for _ in range(200):
+                if not ahead.waiting():
+                    break
+                await asyncio.sleep(0.01)
+            dead_waiting = ahead.waiting()
+            second = await rpc.version()  # a fresh CRIU answers instead
+            return first, second, served, dead_waiting
+
+    first, second, served, dead_waiting = run(scenario())
+    assert first == second and served > 0
+    assert dead_waiting is False
