@@ -9,11 +9,11 @@ Shown, in --stop-copy, --stream and --post-copy:
 --pre-copy on this kernel (no soft-dirty tracking): exit 2 naming CONFIG_MEM_SOFT_DIRTY and the modes that work,
 before anything is dumped or sent; the source runs on with its pid and count, nothing on the destination (its rounds
 cannot run here). Refusals before anything stops (the destination containerd's socket wrong, the container missing):
-exit 1 with the reason, the source running on, nothing on the destination. A failure after the dump (the
-destination's work directory on a full tmpfs): the container is restored on the source and counts on from its own value, nothing on the
-destination (--post-copy: from the full images it kept in /dev/shm, not the split ones it sent). --post-copy's pages go
-to the destination's lazy restore through the same ssh connection after the container runs there (its report says how
-many and how long); nothing is left in /dev/shm once they have all moved.
+exit 1 with the reason, the source running on, nothing on the destination. A failure after the dump (the destination's
+work directory on a full tmpfs): the container is restored on the source and counts on from its own value, nothing on
+the destination (--post-copy: from the full images it kept in /dev/shm, not the split ones it sent). --post-copy's
+pages go to the destination's lazy restore through the same ssh connection after the container runs there (its report
+says how many and how long); nothing is left in /dev/shm once they have all moved.
 """
 
 from __future__ import annotations
