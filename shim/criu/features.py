@@ -24,5 +24,5 @@ def missing(feature: str, *, criu: str | None = None, timeout: float = 30) -> st
         return f"`criu check --feature {feature}` could not run: {exc}"
     if result.returncode == 0:
         return ""
-    said = " ".join((result.stderr + result.stdout).split())
+    said = " ".join((result.stderr + result.stdout).split()).rstrip(".")
     return f"`criu check --feature {feature}` failed: {said[:300] or f'exit status {result.returncode}'}"
