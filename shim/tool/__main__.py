@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _migrate_parsers(commands) -> None:
+    from shim.tool.migrate import precopy
+
     migrate = _page(commands, "migrate", help="move a running container to another host's containerd over ssh",
                     description="""
                       Move a running container (under pyshim) to another host's containerd: checkpoint it here,
@@ -155,9 +157,10 @@ def _migrate_parsers(commands) -> None:
 
                       exit status: 0 the container runs on the destination and is gone here; 1 it did not move (it
                       runs on here, nothing is left on the destination; the message says if even that failed);
-                      2 a usage error. With --post-copy the container runs on the destination before its memory
-                      has moved: a failure after that (the connection lost before the last page) is exit status 1
-                      with the container ended there by its shim and its full images kept here.
+                      2 a usage error, or --pre-copy where CRIU here cannot track dirty memory (nothing done).
+                      With --post-copy the container runs on the destination before its memory has moved: a failure
+                      after that (the connection lost before the last page) is exit status 1 with the container
+                      ended there by its shim and its full images kept here.
                     """)
     migrate.add_argument("container", metavar="CONTAINER")
     migrate.add_argument("dest", metavar="DEST", help="ssh://[user@]host[:port]/path/of/containerd.sock[?namespace=NS]")
@@ -169,6 +172,12 @@ def _migrate_parsers(commands) -> None:
     modes.add_argument("--post-copy", dest="mode", action="store_const", const="post-copy",
                        help="resume on the destination before the memory has moved: pages follow on demand and in "
                             "the background through the same ssh connection")
+    modes.add_argument("--pre-copy", dest="pre_copy", type=int, nargs="?", const=precopy.DEFAULT_ROUNDS,
+                       metavar="ROUNDS",
+                       help="dump the memory ROUNDS times while the container runs (default %(const)s, at most "
+                            f"{precopy.MAX_ROUNDS}), each round sent as it is made, then the final dump of what "
+                            "changed since; needs the kernel's soft-dirty tracking (CONFIG_MEM_SOFT_DIRTY), refused "
+                            "before anything is dumped without it")
     migrate.set_defaults(mode="stop-copy")
     migrate.add_argument("--tcp-close", action="store_true",
                          help="close established TCP connections on the destination instead of keeping them")

@@ -4,5 +4,6 @@ The source side (`source.py`) checkpoints the container through its containerd a
 destination only through ssh (`transport.py`), which runs the destination's `pyshim migrate-receive`
 (`receiver.py`): the two speak a framed protocol (`frames.py`, `channel.py`) over ssh's stdin and stdout, and the
 receiver talks to the destination's containerd. `--stream` carries CRIU's page-server connection in the same
-protocol (`pagestream.py`).
+protocol (`pagestream.py`), `--post-copy` its lazy pages (`postcopy.py`); `--pre-copy` plans its rounds in
+`precopy.py`.
 """

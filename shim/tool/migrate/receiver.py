@@ -5,6 +5,8 @@ which ssh carries back as progress) and answers the source's requests one by one
 
     prepare      can this containerd take the container? (socket, id free, image unpacked, runtime options, network
                  namespace and addresses); a private work directory for the images
+    round        (--pre-copy) one round's pre-dump images (D frames) unpacked into round-N/ of the work directory,
+                 beside checkpoint/, so that each images directory's `parent` link holds here as it did there
     pages        (--stream) a `criu page-server` fed with the P frames, until the source says the dump ended
     archive      the checkpoint archive (D frames) unpacked into the work directory as it arrives
     restore      the container restored from it under the same id; answers `running` with the pid (--post-copy: the
@@ -36,7 +38,7 @@ from shim.api.containerd.types import task_pb2
 from shim.tool import archive, restore, tarsafe
 from shim.tool.containerd_api import ContainerdClient
 from shim.tool.errors import ToolError, from_os, from_rpc
-from shim.tool.migrate import frames, network, postcopy
+from shim.tool.migrate import frames, network, postcopy, precopy
 from shim.tool.migrate.channel import Channel, ChannelClosed
 from shim.tool.migrate.pagestream import PageServer
 from shim.tool.store import Store
@@ -194,6 +196,29 @@ class Receiver:
         received = self.page_server.received
         self.page_server = None
         self.channel.send_message("pages-done", received=received)
+
+    def on_round(self, message: dict) -> None:
+        """A --pre-copy round: its images under round-N/ and nothing else."""
+        work = self._work()
+        name = str(message.get("round") or "")
+        if not precopy.is_round(name):
+            raise frames.ProtocolError(f"a pre-copy round named {name!r}")
+        reader = self.channel.archive_reader(timeout=IDLE_TIMEOUT)
+        try:
+            try:
+                with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
+                    for member in tar:
+                        if member.name != name and not member.name.startswith(name + "/"):
+                            raise ToolError(f"pre-copy {name} from the source holds {member.name!r}, outside {name}/")
+                        tarsafe.extract(tar, member, work, data=True)
+            finally:
+                reader.drain()
+        except tarsafe.REFUSED as exc:
+            raise ToolError(f"pre-copy {name} from the source holds an entry refused here ({exc})") from None
+        except OSError as exc:
+            raise from_os(exc, f"unpacking pre-copy {name} into {work} on the destination") from None
+        say(f"took pre-copy {name}")
+        self.channel.send_message("round-received", bytes=reader.count)
 
     def on_archive(self, message: dict) -> None:
         work = self._work()

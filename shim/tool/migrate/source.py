@@ -2,6 +2,8 @@
 
     preflight   the container runs here under pyshim on an overlay snapshot; ssh reaches the destination's
                 receiver, which checks its containerd can take the container (and its network identity)
+    pre-copy    (--pre-copy N) N pre-dumps while the task runs, each sent to the destination as it is made
+                (shim/tool/migrate/precopy.py); the preflight first refuses when CRIU here cannot track dirty memory
     dump        the shim checkpoints the task with exit (CRIU kills it with its TCP sockets in repair mode, so no
                 FIN or RST leaves), established connections kept, the network lock kept past Delete; --stream sends
                 the pages to the destination's page server during the dump
@@ -32,11 +34,11 @@ from collections.abc import Iterator
 import grpc
 
 from shim.api.containerd.types import task_pb2
-from shim.criu import lazy_images
+from shim.criu import features, lazy_images
 from shim.tool import archive, checkpoint, options, rootfs
 from shim.tool.containerd_api import ContainerdClient
 from shim.tool.errors import ToolError, from_os, from_rpc
-from shim.tool.migrate import frames, lock, network, postcopy, transport
+from shim.tool.migrate import frames, lock, network, postcopy, precopy, transport
 from shim.tool.migrate.channel import ArchiveWriter, ChannelClosed
 from shim.tool.migrate.dest import Destination, parse
 from shim.tool.migrate.pagestream import SourceRelay, replay
@@ -55,6 +57,12 @@ def progress(text: str) -> None:
 
 def check_mode(args) -> None:
     """Options that belong to another mode are refused, not ignored."""
+    rounds = getattr(args, "pre_copy", None)
+    if rounds is not None:
+        args.mode = "pre-copy"
+        problem = precopy.check_rounds(rounds)
+        if problem:
+            raise UsageRefusal(problem)
     bandwidth = getattr(args, "bandwidth", 0.0) or 0.0
     if bandwidth and args.mode != "post-copy":
         raise UsageRefusal("--bandwidth limits the pages --post-copy sends after the container runs on the "
@@ -127,6 +135,7 @@ class Migration:
         t = self.started
         progress(f"checking {self.id} here and {self.dest.display()}")
         record, task, spec = self._check_source()
+        rounds = self._check_dirty_tracking()
         netns = network.namespace_path(spec)
         prepare = self._prepare_message(record, spec, netns)
         self.session = transport.Session(self.dest, self.args.ssh_option).open(min(60.0, self._deadline_left()))
@@ -154,7 +163,12 @@ class Migration:
             except OSError as exc:
                 self._abort()
                 raise from_os(exc, f"making a directory for the dump in {postcopy.MEMORY_DIR}") from None
+        if rounds:
+            self._pre_copy(rounds)
+            t = self._phase("pre-copy", t)
         chosen = self._dump_options(spec, netns)
+        if rounds:
+            chosen["parent-path"] = precopy.final_parent(rounds)
         progress(f"checkpointing {self.id} ({self.mode}{': pages streamed to the destination' if self.relay else ''})")
         try:
             with self.client.lease(), _interrupt_deferred() as interrupted:
@@ -225,6 +239,43 @@ class Migration:
         if moved is not None:
             report["post_copy"] = moved
         return report
+
+    # --- pre-copy ----------------------------------------------------------------------------------------------
+
+    def _check_dirty_tracking(self) -> list[precopy.Round]:
+        """--pre-copy's rounds, once CRIU here has said it can track dirty memory: refused before anything else."""
+        if self.mode != "pre-copy":
+            return []
+        problem = features.missing(features.DIRTY_TRACKING)
+        if problem:
+            raise UsageRefusal(precopy.refusal(self.id, problem))
+        return precopy.plan(self.args.pre_copy)
+
+    def _pre_copy(self, rounds: list[precopy.Round]) -> None:
+        """Each round pre-dumped (the task runs on) and sent as it is made. A failure here stopped nothing: the
+        destination undoes, the staging directory goes."""
+        assert self.staging is not None
+        for one in rounds:
+            progress(f"pre-copy round {one.number} of {len(rounds)}: dumping {self.id}'s memory while it runs")
+            try:
+                with self.client.lease():
+                    self.client.checkpoint(self.id, options.request_options(
+                        one.options(max(30, int(self._deadline_left()))), os.path.join(self.staging, one.directory)),
+                        timeout=self._deadline_left())
+                sent = self._send_tar("round", [one.directory], expect="round-received", round=one.directory)
+            except grpc.RpcError as exc:
+                self._abort()
+                raise ToolError(f"{from_rpc(exc, f'pre-copy round {one.number} of {self.id}')}; {self.id} runs on "
+                                "here, nothing was left on the destination") from None
+            except (ChannelClosed, TimeoutError, frames.ProtocolError) as exc:
+                assert self.session is not None
+                failure = self.session.failure(f"sending pre-copy round {one.number}", exc)
+                self._abort()
+                raise ToolError(f"{failure}; {self.id} runs on here, nothing was left on the destination") from None
+            except BaseException:
+                self._abort()
+                raise
+            progress(f"pre-copy round {one.number}: sent {archive.human_size(sent)}")
 
     # --- post-copy ---------------------------------------------------------------------------------------------
 
@@ -361,17 +412,23 @@ class Migration:
             raise ToolError(self.session.failure(f"'{message_type}' on the destination", exc)) from None
 
     def _send_archive(self) -> None:
+        assert self.staging is not None
+        # --pre-copy's rounds went as they were made; checkpoint/parent links to the last of them
+        names = [name for name in archive._entries(self.staging) if name != RECORDING and not precopy.is_round(name)]
+        sent = self._send_tar("archive", names, expect="archive-received")
+        progress(f"sent the checkpoint: {archive.human_size(sent)}")
+
+    def _send_tar(self, message_type: str, names: list[str], *, expect: str, **fields) -> int:
+        """Entries of the staging directory as one tar stream after a message; the bytes the destination took."""
         assert self.session is not None and self.session.channel is not None and self.staging is not None
         channel = self.session.channel
-        channel.send_message("archive")
+        channel.send_message(message_type, **fields)
         writer = ArchiveWriter(channel)
         with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
-            for name in archive._entries(self.staging):
-                if name != RECORDING:
-                    tar.add(os.path.join(self.staging, name), arcname=name, filter=archive._owned_by_root)
+            for name in names:
+                tar.add(os.path.join(self.staging, name), arcname=name, filter=archive._owned_by_root)
         writer.finish()
-        answer = self.session.answer(expect="archive-received", timeout=self._deadline_left())
-        progress(f"sent the checkpoint: {archive.human_size(answer['bytes'])}")
+        return int(self.session.answer(expect=expect, timeout=self._deadline_left())["bytes"])
 
     def _commit(self) -> None:
         """The point of no return: the destination runs; once it has taken the commit it keeps the container."""
