@@ -32,7 +32,7 @@ from harness.containerd import PYSHIM
 from harness.image import TestImage
 from harness.migration import TwoHosts, added, descendants_named
 from harness.migration_lab import CONTAINER_ADDRESS
-from harness.tasks import remove, task_status
+from harness.tasks import remove, task_pid, task_status
 from harness.waiting import wait_until
 from test_migrate_network import memfill_image, offered_mode, two_hosts  # noqa: F401 - the fixtures
 
@@ -218,11 +218,26 @@ def test_destination_disk_full(offered_mode: str, two_hosts: TwoHosts, workload:
 
 # --- CRIU killed on either side ------------------------------------------------------------------------------
 
+def tracer_of(pid: int) -> int:
+    """The pid ptrace-attached to pid (CRIU seizes the tasks it dumps), 0 when none."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("TracerPid:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def kill_first_criu(roots: Callable[[], list[int]], process: subprocess.Popen, parent: str | None,
-                    timeout: float = 120) -> str:
+                    dumping: int | None = None, timeout: float = 120) -> str:
+    """SIGKILL the first CRIU below roots (with parent: whose parent is called that; with dumping: only the CRIU
+    that has seized that pid, not the idle `criu swrk` a waiting checkpoint worker starts ahead)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:
         for pid in descendants_named(roots(), "criu", parent=parent):
+            if dumping is not None and tracer_of(dumping) != pid:
+                continue
             pidfd = processes.open_pidfd(pid)
             if pidfd is None:
                 continue
@@ -241,8 +256,10 @@ def test_criu_killed(offered_mode: str, two_hosts: TwoHosts, workload: Workload,
     # `runc restore` runs under the destination's shim
     roots = two_hosts.source.adopted if side == "source" else two_hosts.destination.adopted
     parent = None if side == "source" else "runc"
+    # on the source, the CRIU dumping the workload (it has seized the task's init)
+    dumping = task_pid(two_hosts.source, workload.id) if side == "source" else None
     returncode, stderr, note = migrate_while(two_hosts, workload.id, workload.flags(),
-                                             lambda process: kill_first_criu(roots, process, parent))
+                                             lambda process: kill_first_criu(roots, process, parent, dumping))
     print(f"CRIU killed on the {side} ({note}): exit {returncode}\nstderr: {stderr[-3000:]}")
     assert returncode != 0
     assert_clear_error(stderr)
