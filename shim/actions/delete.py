@@ -14,34 +14,23 @@ import time
 from shim.actions.cmdline import ShimArgs
 from shim.bundle.layout import ADDRESS_FILE, INIT_PID_FILE, RESTORE_MARKER, RUNTIME_FILE, read_settings
 from shim.oci import commands
+from shim.protowire import encode_varint
 from shim.rootfs.unmount import unmount_all
 
 RUNTIME_DELETE_TIMEOUT = 3.0
 KILLED = 128 + 9
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
 def encode_delete_response(pid: int, exit_status: int, exited_at: float) -> bytes:
     """containerd.task.v2.DeleteResponse{pid 1, exit_status 2, exited_at 3} in protobuf wire form."""
     seconds, nanos = divmod(int(exited_at * 1e9), 10**9)
-    stamp = (b"\x08" + _varint(seconds) if seconds else b"") + (b"\x10" + _varint(nanos) if nanos else b"")
+    stamp = (b"\x08" + encode_varint(seconds) if seconds else b"") + (b"\x10" + encode_varint(nanos) if nanos else b"")
     out = b""
     if pid:
-        out += b"\x08" + _varint(pid)
+        out += b"\x08" + encode_varint(pid)
     if exit_status:
-        out += b"\x10" + _varint(exit_status)
-    return out + b"\x1a" + _varint(len(stamp)) + stamp
+        out += b"\x10" + encode_varint(exit_status)
+    return out + b"\x1a" + encode_varint(len(stamp)) + stamp
 
 
 def run_quietly(argv: list[str], timeout: float) -> int | None:

@@ -22,6 +22,8 @@ import shutil
 import struct
 from dataclasses import dataclass, field
 
+from shim.protowire import encode_varint
+
 IMG_COMMON_MAGIC = 0x54564319  # criu/include/magic.h
 PAGEMAP_MAGIC = 0x56084025
 PE_PARENT = 1 << 0
@@ -74,18 +76,6 @@ class Pagemap:
 
 # -- protobuf, the little these two messages need ------------------------------------------------------------------
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
 def _read_varint(data: bytes, offset: int) -> tuple[int, int]:
     value = shift = 0
     while True:
@@ -113,13 +103,14 @@ def _fields(message: bytes) -> dict[int, int]:
 
 
 def encode_entry(entry: PagemapEntry) -> bytes:
-    out = _varint(1 << 3) + _varint(entry.vaddr) + _varint(2 << 3) + _varint(entry.compat_nr_pages)
+    out = (encode_varint(1 << 3) + encode_varint(entry.vaddr)
+           + encode_varint(2 << 3) + encode_varint(entry.compat_nr_pages))
     if entry.in_parent is not None:
-        out += _varint(3 << 3) + _varint(int(entry.in_parent))
+        out += encode_varint(3 << 3) + encode_varint(int(entry.in_parent))
     if entry.flags is not None:
-        out += _varint(4 << 3) + _varint(entry.flags)
+        out += encode_varint(4 << 3) + encode_varint(entry.flags)
     if entry.nr_pages is not None:
-        out += _varint(5 << 3) + _varint(entry.nr_pages)
+        out += encode_varint(5 << 3) + encode_varint(entry.nr_pages)
     return out
 
 
@@ -162,7 +153,7 @@ def read_pagemap(path: str) -> Pagemap:
 
 def write_pagemap(path: str, pagemap: Pagemap) -> None:
     out = bytearray(struct.pack("<II", IMG_COMMON_MAGIC, PAGEMAP_MAGIC))
-    for message in [_varint(1 << 3) + _varint(pagemap.pages_id), *map(encode_entry, pagemap.entries)]:
+    for message in [encode_varint(1 << 3) + encode_varint(pagemap.pages_id), *map(encode_entry, pagemap.entries)]:
         out += struct.pack("<I", len(message)) + message
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "wb") as f:
