@@ -131,11 +131,7 @@ class InitProcess(BaseProcess):
     async def _end_after_lost_memory(self, reason: str) -> None:
         """A lazy restore's memory stopped coming (shim.criu.restore logged why): SIGKILL every process of the
         container; the init's exit (status 137) ends the task as any kill does."""
-        try:
-            await self.runtime.kill(self.id, 9, all=True)
-        except RuntimeFailed as exc:
-            if not is_gone(exc):
-                raise
+        await self.kill_all()
 
     async def _stop_restore(self) -> None:
         """End the restore Start is running, if one is (the task was killed before it was restored): runc and CRIU
