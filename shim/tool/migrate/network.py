@@ -33,8 +33,10 @@ def addresses_of(path: str) -> list[str]:
 
 def users_of(path: str) -> list[str]:
     """Processes running in the namespace at path ("pid (command)"), at most five."""
+    from shim.netns.inodes import inode_of
+
     try:
-        inode = os.stat(path).st_ino
+        inode = inode_of(path)
     except OSError:
         return []
     found = []
@@ -42,7 +44,7 @@ def users_of(path: str) -> list[str]:
         if not name.isdigit():
             continue
         try:
-            if os.stat(f"/proc/{name}/ns/net").st_ino != inode:
+            if inode_of(f"/proc/{name}/ns/net") != inode:
                 continue
             with open(f"/proc/{name}/comm") as f:
                 found.append(f"{name} ({f.read().strip()})")
