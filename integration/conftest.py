@@ -13,6 +13,9 @@ host (harness.cgroup2_view; test id `containerd-2-cgroup-v2`, the others `-host-
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +31,8 @@ _RUN_DIR_EXISTED = GO_SHIM_SOCKET_DIR.parent.exists()
 # The cgroup views a `cgroup_v2` test runs in; the v2 one on this containerd version only (CI time).
 HOST_CGROUPS, CGROUP_V2 = "host-cgroups", "cgroup-v2"
 CGROUP_V2_CONTAINERD = "2"
+# The containerd versions of a two-host test not parametrized on them: "2", or SOURCE-to-DESTINATION ("1.7-to-2").
+TWO_HOSTS_DEFAULT = "PYSHIM_TWO_HOSTS_CONTAINERD"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -82,6 +87,42 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 def track_containerd(request: pytest.FixtureRequest, instance: Containerd) -> None:
     """Attach instance's log tail to the test's report if it fails (for fixtures that make their own containerd)."""
     request.node.stash.setdefault(_containerds_of_item, []).append(instance)
+
+
+def two_host_versions(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """(source, destination) containerd versions of a two-host fixture: its parameter ("1.7", or "1.7-to-2" for a
+    host upgraded before the other), else $PYSHIM_TWO_HOSTS_CONTAINERD, else 2.x on both."""
+    spec = getattr(request, "param", None) or os.environ.get(TWO_HOSTS_DEFAULT) or "2"
+    source, _, destination = spec.partition("-to-")
+    versions = (source, destination or source)
+    unknown = [version for version in versions if version not in CONTAINERD_VERSIONS]
+    if unknown:
+        raise pytest.UsageError(f"two hosts {spec!r}: no containerd {unknown[0]!r} (one of {CONTAINERD_VERSIONS}, "
+                                "or SOURCE-to-DESTINATION)")
+    return versions
+
+
+@contextlib.contextmanager
+def two_containerds(request: pytest.FixtureRequest, environment: Environment, test_image: TestImage,
+                    log_dir: Path) -> Iterator[list[Containerd]]:
+    """A source and a destination containerd of two_host_versions(request), started, the test image imported into
+    both; stopped afterwards."""
+    instances: list[Containerd] = []
+    try:
+        for version in two_host_versions(request):
+            instance = Containerd(version, environment, log_dir=log_dir)
+            track_containerd(request, instance)
+            instances.append(instance)
+            instance.start()
+            instance.import_image(test_image)
+        yield instances
+    finally:
+        for instance in instances:
+            instance.stop()
+
+
+def two_hosts_id(spec: str) -> str:
+    return f"containerd-{spec}"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -62,22 +62,12 @@ def sshd(tmp_path: Path):
 
 @pytest.fixture
 def hosts(request, environment: Environment, test_image: TestImage, containerd_log_dir: Path):
-    """Two started containerds of one version (2.x unless the test says), the test image imported into both."""
-    from conftest import track_containerd
+    """A source and a destination containerd (2.x unless the test or $PYSHIM_TWO_HOSTS_CONTAINERD says: conftest's
+    two_host_versions), the test image imported into both."""
+    from conftest import two_containerds
 
-    version = getattr(request, "param", "2")
-    instances = []
-    try:
-        for _ in range(2):
-            instance = Containerd(version, environment, log_dir=containerd_log_dir)
-            track_containerd(request, instance)
-            instances.append(instance)
-            instance.start()
-            instance.import_image(test_image)
+    with two_containerds(request, environment, test_image, containerd_log_dir) as instances:
         yield instances
-    finally:
-        for instance in instances:
-            instance.stop()
 
 
 class Migrate:
@@ -131,7 +121,7 @@ def check_report(report: dict, mode: str, container_id: str) -> None:
     assert {"preflight", "dump", "transfer", "restore", "commit"} <= set(report["phases"])
 
 
-@pytest.mark.parametrize("hosts", ["2", "1.7"], indirect=True, ids=lambda v: f"containerd-{v}")
+@pytest.mark.parametrize("hosts", ["2", "1.7", "1.6"], indirect=True, ids=lambda v: f"containerd-{v}")
 @pytest.mark.parametrize("mode", MODES)
 def test_counter_moves_with_its_memory_and_rootfs_changes(migrate: Migrate, test_image: TestImage, mode: str):
     source, destination = migrate.source, migrate.destination

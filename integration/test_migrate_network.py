@@ -47,9 +47,10 @@ REPORT_FIELDS = {"mode", "container", "frozen_ms", "blackout_ms", "bytes_moved",
 
 @pytest.fixture
 def two_hosts(request, environment: Environment, test_image: TestImage, containerd_log_dir: Path, tmp_path: Path):
-    """Source and destination containerd 2.x with the test image, the network lab, the destination's sshd.
-    Everything is torn down afterwards and the lab asserted empty."""
-    from conftest import track_containerd
+    """Source and destination containerd (2.x unless the test or $PYSHIM_TWO_HOSTS_CONTAINERD says: conftest's
+    two_host_versions) with the test image, the network lab, the destination's sshd. Everything is torn down
+    afterwards and the lab asserted empty."""
+    from conftest import track_containerd, two_host_versions
 
     if reason := sshd_module.unavailable_reason():
         pytest.skip(reason)
@@ -58,8 +59,8 @@ def two_hosts(request, environment: Environment, test_image: TestImage, containe
     sshd = sshd_module.Sshd(tmp_path / "sshd", tool=environment.tool)
     hosts: TwoHosts | None = None
     try:
-        for _ in range(2):
-            instance = Containerd("2", environment, log_dir=containerd_log_dir)
+        for version in two_host_versions(request):
+            instance = Containerd(version, environment, log_dir=containerd_log_dir)
             track_containerd(request, instance)
             instances.append(instance)
             instance.start()
