@@ -121,7 +121,8 @@ def check_report(report: dict, mode: str, container_id: str) -> None:
     assert {"preflight", "dump", "transfer", "restore", "commit"} <= set(report["phases"])
 
 
-@pytest.mark.parametrize("hosts", ["2", "1.7", "1.6"], indirect=True, ids=lambda v: f"containerd-{v}")
+# 2.x; 1.7 and 1.6 on both hosts; 1.7 to 2.x, a rolling upgrade's move
+@pytest.mark.parametrize("hosts", ["2", "1.7", "1.6", "1.7-to-2"], indirect=True, ids=lambda v: f"containerd-{v}")
 @pytest.mark.parametrize("mode", MODES)
 def test_counter_moves_with_its_memory_and_rootfs_changes(migrate: Migrate, test_image: TestImage, mode: str):
     source, destination = migrate.source, migrate.destination

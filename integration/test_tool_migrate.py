@@ -1,7 +1,8 @@
 """The `pyshim` command moving containers between two containerds ("hosts"): export, copy, restore under a new name.
 
-Two private containerds of one version stand for two hosts; the only thing that goes from one to the other is the
-archive file (copied to a directory of the second). Workloads:
+Two private containerds of one version (2.x, 1.7 and 1.6; restoring into a given namespace on 2.x only) stand for
+two hosts; the only thing that goes from one to the other is the archive file (copied to a directory of the second).
+Workloads:
 - a busybox shell counting in a shell variable (only the restored memory knows it) and writing each value to
   /tmp/count; before the checkpoint it writes /root/marker and deletes /etc/group, so its rootfs changes are one
   new file and one whiteout;
@@ -36,6 +37,7 @@ COUNTER = ("rm /etc/group; echo written-before-checkpoint > /root/marker; "
 REDIS_SERVER = ("redis-server", "--bind", "127.0.0.1", "--port", "6379", "--save", "", "--appendonly", "no",
                 "--daemonize", "no", "--loglevel", "warning", "--enable-debug-command", "yes")
 KEYS = 20000
+EVERY_CONTAINERD = pytest.mark.parametrize("hosts", ["2", "1.7", "1.6"], indirect=True, ids=lambda v: f"containerd-{v}")
 def tool_command() -> list[str]:
     """The installed command (PYSHIM_TOOL, the .deb's /usr/bin/pyshim); a developer's env without one runs the
     checkout's."""
@@ -108,7 +110,7 @@ def exec_in(containerd: Containerd, container_id: str, *command: str, exec_id: s
     return containerd.ctr("task", "exec", "--exec-id", exec_id, container_id, *command, timeout=30).stdout
 
 
-@pytest.mark.parametrize("hosts", ["2", "1.7"], indirect=True, ids=lambda v: f"containerd-{v}")
+@EVERY_CONTAINERD
 @pytest.mark.parametrize("suffix", [".tar", ".tar.gz"])
 def test_counter_moves_to_the_other_host_with_its_rootfs_changes(hosts, test_image: TestImage, tmp_path: Path,
                                                                   suffix: str):
@@ -168,7 +170,7 @@ def wait_for_pong(containerd: Containerd, container_id: str) -> None:
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("hosts", ["2", "1.7"], indirect=True, ids=lambda v: f"containerd-{v}")
+@EVERY_CONTAINERD
 def test_redis_with_20k_keys_moves_in_a_zstd_archive_and_checkpointctl_reads_it(
         hosts, redis_image: TestImage, tmp_path: Path):
     source, target = hosts
@@ -232,7 +234,7 @@ def test_redis_with_20k_keys_moves_in_a_zstd_archive_and_checkpointctl_reads_it(
         remove(target, restored)
 
 
-@pytest.mark.parametrize("hosts", ["2", "1.7"], indirect=True, ids=lambda v: f"containerd-{v}")
+@EVERY_CONTAINERD
 def test_checkpoint_image_moves_through_ctr_images_export_and_import(hosts, test_image: TestImage, tmp_path: Path):
     """--create-image: the checkpoint as an ordinary OCI image in the source's image store, moved by `ctr images
     export` / `ctr images import` (not unpacked: it is no filesystem), restored on the other host by its name."""
