@@ -682,10 +682,10 @@ def test_criu_killed_mid_dump_leaves_the_task_running(lab: Lab):
                                 original], env=lab.containerd.env, stdin=subprocess.DEVNULL,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # Killed while it writes dd's pages, 64 MiB into them: CRIU dumps the tree's root (the counting shell, the
-    # container's init) first and has cured it by then. A process CRIU is inside of when it dies (its parasite code
-    # injected, from infection to cure) cannot survive: only CRIU held its original registers. Killing at the first
-    # written page could land in the init's cure (seen once in CI: "16417 is going to execute the syscall 15", then
-    # the init died); no shim can bring such a process back.
+    # container's init) first and has cured it by then. A process CRIU is stepping through its injected code by
+    # ptrace when it dies (infection, cure) cannot survive: only CRIU held its original registers. Killing at the
+    # first written page could land in the init's cure (seen once in CI: "16417 is going to execute the syscall 15",
+    # then the init died); no shim can bring such a process back (docs/checkpoint.md).
     try:
         criu, parent = wait_until(lambda: (found := criu_child(shim, lab.bundle(original))) and sum(
             p.stat().st_size for part in partial_images(images) for p in part.glob("pages-*.img")) > 64 << 20
