@@ -196,6 +196,7 @@ def _migrate_parsers(commands) -> None:
     # The destination's side, run there by ssh: not for people (no help line, so not listed).
     receive = commands.add_parser("migrate-receive", formatter_class=_formatter)
     receive.add_argument("--runtime-config", metavar="FILE")
+    receive.add_argument("--forced", action="store_true")  # an ssh key's forced command (shim.tool.migrate.restricted)
 
 
 def _create_parser(actions) -> None:
