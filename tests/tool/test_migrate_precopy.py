@@ -20,6 +20,7 @@ from shim.criu import features
 from shim.tool import archive
 from shim.tool.errors import ToolError
 from shim.tool.migrate import precopy, source, transport
+from shim.tool.migrate import receiver as receiver_module
 from shim.tool.migrate.channel import Channel
 from shim.tool.migrate.dest import parse
 from shim.tool.migrate.receiver import Receiver
@@ -228,3 +229,12 @@ def test_the_receiver_takes_a_round_only_under_its_own_directory(linked, tmp_pat
     with pytest.raises(transport.RemoteRefusal, match="holds 'round-2', outside round-1/"):
         run._send_tar("round", ["round-2"], expect="round-received", round="round-1")
     assert not work.exists()  # refused: everything this side made is undone
+
+
+def test_a_destination_that_does_not_list_rounds_is_refused_before_anything_is_dumped(linked):
+    make, work, receiver, served = linked
+    assert "round" in receiver_module.REQUESTS and "prepare" in receiver_module.REQUESTS
+    assert precopy.destination_refusal("web", {"host": "b", "requests": receiver_module.REQUESTS}) is None
+    older = {"type": "hello", "protocol_name": "pyshim-migrate", "protocol": 1, "host": "host-b"}  # no requests
+    said = precopy.destination_refusal("web", older)
+    assert said is not None and "the pyshim on host-b does not take them" in said and "--stream" in said

@@ -75,8 +75,9 @@ class Receiver:
     # --- the conversation ----------------------------------------------------------------------------------------
 
     def serve(self) -> int:
+        # requests: what this receiver serves, so that a source can refuse a mode an older receiver lacks up front
         self.channel.send_message("hello", protocol_name=frames.HELLO, protocol=frames.PROTOCOL_VERSION,
-                                  host=os.uname().nodename)
+                                  host=os.uname().nodename, requests=REQUESTS)
         try:
             if self.refusal:
                 self.channel.next_message(IDLE_TIMEOUT, waiting_for="request")
@@ -429,3 +430,6 @@ def _forced_refusal(args) -> str | None:
     from shim.tool.migrate import restricted
 
     return restricted.refusal(args, os.environ.get("SSH_ORIGINAL_COMMAND"), build_parser().parse_args)
+
+
+REQUESTS = sorted(name[3:].replace("_", "-") for name in vars(Receiver) if name.startswith("on_"))

@@ -139,6 +139,8 @@ class Migration:
         netns = network.namespace_path(spec)
         prepare = self._prepare_message(record, spec, netns)
         self.session = transport.Session(self.dest, self.args.ssh_option).open(min(60.0, self._deadline_left()))
+        if rounds and (refused := precopy.destination_refusal(self.id, self.session.hello)):
+            raise UsageRefusal(refused)
         try:
             prepared = self.session.request("prepare", expect="prepared", timeout=self._deadline_left(), **prepare)
         except (ChannelClosed, TimeoutError, frames.ProtocolError) as exc:
