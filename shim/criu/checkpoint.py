@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from shim.background import BackgroundTasks
@@ -24,7 +24,7 @@ from shim.criu.log import keep, quote
 from shim.criu.options import CheckpointOptions, as_record
 from shim.criu.plan import ContainerFacts, dump_request, facts_from_bundle, runtime_checkpoint_args
 from shim.criu.rpc import CriuRpc, CriuVersion
-from shim.criu.stats import read_stats, summary
+from shim.criu.stats import read_stats, summary, within
 from shim.criu.tcp import network_record
 from shim.errors import FailedPrecondition, Interrupted, InvalidArgument, ShimError, Unavailable
 from shim.oci.runner import RuntimeFailed
@@ -75,6 +75,7 @@ class DumpJob:
     partial: images.PartialImage
     work: str
     own_work: bool  # the work directory is ours (no work-path was asked): removed at the end
+    started: float = field(default_factory=time.monotonic)
 
     @property
     def dump_log(self) -> str:
@@ -202,7 +203,7 @@ class Checkpointer:
             for name in ("dump.log", "stats-dump"):
                 keep(os.path.join(job.work, name), os.path.join(partial.path, name))
             forget_frozen_freezer(partial.path)
-            stats = read_stats(partial.path)
+            stats = within(read_stats(partial.path), int((time.monotonic() - job.started) * 1e6))
             network = network_record(partial.path, external_netns=job.facts.external_namespaces.get("network"),
                                      options=options)
             lock = _lock_kept(options, job.bundle, job.pid, partial.path)
