@@ -121,10 +121,6 @@ def two_containerds(request: pytest.FixtureRequest, environment: Environment, te
             instance.stop()
 
 
-def two_hosts_id(spec: str) -> str:
-    return f"containerd-{spec}"
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _nothing_left_on_the_network():
     """No network namespace, veth, iptables or nftables rule the tests made is left at the end of the session

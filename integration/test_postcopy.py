@@ -5,10 +5,10 @@ harness/memfill.c (its own image), which fills 256 MiB (64 MiB on 1.6 and 1.7) o
 pattern (word i = i * K ^ SEED) and answers `ping` and `check` on a TCP port in the container's network namespace
 (the test connects from inside it, through nsenter). It is checkpointed with exit into a tmpfs (the source's
 memory); shim.criu.lazy_images.split makes the images the destination restores from (every page CRIU marks lazy
-left out: ~300 KiB instead of 257 MiB); pyshim's page server
-(python -m shim.criu.page_server, rate-limited as a network link would be) serves the rest on 127.0.0.1 from the
-tmpfs. The "destination" restores through pyshim with the annotations lazy-pages=true and
-page-server=127.0.0.1:PORT: the shim runs `criu lazy-pages --page-server` beside `runc restore --lazy-pages`.
+left out: ~300 KiB instead of 257 MiB); pyshim's page server (python -m shim.criu.page_server, rate-limited as a
+network link would be) serves the rest on 127.0.0.1 from the tmpfs. The "destination" restores through pyshim with
+the annotations lazy-pages=true and page-server=127.0.0.1:PORT: the shim runs `criu lazy-pages --page-server` beside
+`runc restore --lazy-pages`.
 
 - The task is RUNNING while most of its pages are still on the source (the page server's progress lines, with
   times, against the time the restore returned), memfill reads all its memory back intact (`check` -> `ok 256`,
