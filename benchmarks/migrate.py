@@ -197,7 +197,7 @@ class Bench:
         sshd = self.hosts.sshd
         options = [flag for option in sshd.ssh_options() for flag in ("-o", option)]
         forced = ["-c", cipher] if cipher else []
-        scp = subprocess.run(["scp", "-v", "-q", "-r", "-P", str(sshd.port), *options, *forced, str(images),
+        scp = subprocess.run(["scp", "-v", "-r", "-P", str(sshd.port), *options, *forced, str(images),
                               f"root@127.0.0.1:{copied}"], check=True, timeout=600, stdin=subprocess.DEVNULL,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         moved = sum(p.stat().st_size for p in copied.rglob("*") if p.is_file())
