@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -186,6 +187,34 @@ def test_redis_with_20k_keys_moves(migrate: Migrate, redis_image: TestImage, mod
         assert report["bytes_moved"] > 1 << 20  # the keys are megabytes of heap
         assert redis_cli(destination, container_id, "DBSIZE", exec_id="size") == str(KEYS)
         assert redis_cli(destination, container_id, "GET", "key:12345", exec_id="get") == "value:12345"
+        assert source.ctr("containers", "ls", "-q").stdout.split() == []
+    finally:
+        remove(source, container_id)
+        remove(destination, container_id)
+
+
+def test_a_restricted_key_migrates_within_its_settings_and_refuses_the_rest(migrate: Migrate, test_image: TestImage):
+    """The destination's authorized_keys lets the key run only `pyshim ... migrate-receive --forced` with the
+    destination's socket, namespace, store and runtime options (docs/migrate.md, Restricted keys)."""
+    source, destination = migrate.source, migrate.destination
+    migrate.sshd.restrict(shlex.join([
+        "pyshim", "--address", destination.address, "--namespace", destination.namespace, "--store",
+        str(migrate.dest_store), "migrate-receive", "--runtime-config", str(destination.pyshim_config()), "--forced"]))
+    container_id = source.new_id("counter")
+    source.run(container_id, test_image, "sh", "-c", COUNTER, runtime=PYSHIM)
+    try:
+        before = wait_counter_above(source, container_id, 2)
+        refused, _ = migrate.run(container_id, "--stop-copy", dest=migrate.dest(namespace="elsewhere"))
+        assert refused.returncode == 1, refused.stderr
+        assert "this ssh key only migrates into containerd" in refused.stderr, refused.stderr
+        assert "the source asked for namespace 'elsewhere'" in refused.stderr, refused.stderr
+        assert task_status(source, container_id) == "RUNNING"
+        wait_counter_above(source, container_id, before)
+        migrate.nothing_on_destination()
+
+        result, _ = migrate.run(container_id, "--stop-copy")
+        assert result.returncode == 0, result.stderr
+        assert task_status(destination, container_id) == "RUNNING"
         assert source.ctr("containers", "ls", "-q").stdout.split() == []
     finally:
         remove(source, container_id)

@@ -9,17 +9,26 @@ the transfer runs during the dump):
   the destination's store holds part of the transfer;
 - the destination's disk is full: DEST's store= is a 32 MiB tmpfs, the container holds 256 MiB (stop-copy: the
   archive does not fit; stream: the page server's images do not), the command's --timeout at 120 s;
-- CRIU is killed (SIGKILL, by pid) on the source while it dumps, or on the destination while it restores.
+- CRIU is killed (SIGKILL, by pid) on the source while it writes the workload's pages, or on the destination while
+  it restores.
 Each: the command fails with a message naming the cause, the source's task is RUNNING, its counter goes on from its
 value and its memory checks intact, its connection still answers (a dump whose CRIU was killed loses the connection,
 as with any checkpoint: then a new connection must work), no CRIU lock is left in either namespace, and compared with
 before the migration neither host holds a new container, task, snapshot, content blob, image, lease, mount, ssh
 session, process or work file.
+
+What no runtime can bring back, shown instead: the workload itself killed while CRIU dumps it (as the OOM killer
+would). The command then says the source's task did not survive (with its exit status) rather than that it runs on,
+and the same "nothing left on either host" holds. (A CRIU SIGKILLed in the fraction of a millisecond while it steps
+a process through its injected code takes that process with it, the same outcome; the shim reports it the same way,
+with the signal the process died of: unit tests in tests/task/test_checkpoint_fate.py.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import subprocess
 import time
@@ -40,6 +49,7 @@ PORT = 7001
 MIB = 256
 SMALL_DISK_MIB = 32
 MIGRATE_TIMEOUT = 120  # seconds: --timeout of the command where a failure could leave it waiting
+PAGES_BEFORE_KILL = 32 << 20  # bytes of the workload's memory CRIU has written when it (or the workload) is killed
 
 
 class Workload:
@@ -78,6 +88,22 @@ class Workload:
             sock.settimeout(30)
         assert memfill.pongs(sock) > self.count, "the counter went on from its value"
         assert memfill.ask(sock, "check") == f"ok {MIB}", "the memory's pattern is intact"
+        self.assert_nothing_added()
+
+    def assert_source_lost(self, stderr: str, exit_status: int) -> None:
+        """The source's task ended during the dump: said so, with its exit status; the container and its stopped
+        task kept on the source for the user; nothing on the destination; nothing else left on either host."""
+        hosts = self.hosts
+        assert task_status(hosts.source, self.id) == "STOPPED"
+        assert task_status(hosts.destination, self.id) == "ABSENT"
+        assert f"{self.id}'s task here did not survive the failed dump (exit status {exit_status})" in stderr, stderr
+        assert "runs on" not in stderr, stderr
+        self.assert_nothing_added(but={"source tasks": [f"{self.id} STOPPED"]})
+
+    def assert_nothing_added(self, but: dict[str, list[str]] | None = None) -> None:
+        """No CRIU lock in either namespace; compared with before the migration, nothing new on either host (but
+        what `but` names)."""
+        hosts = self.hosts
         for netns in (self.on_a, self.on_b):
             assert hosts.lab.rules_in(netns.rsplit("/", 1)[1]) == [], f"rules left in {netns}"
         # processes and sessions end on their own once the command has: bounded wait for that outcome
@@ -86,7 +112,7 @@ class Workload:
         def nothing_left() -> bool:
             nonlocal left
             left = added(self.before, hosts.residue())
-            return not left
+            return left == (but or {})
 
         try:
             wait_until(nothing_left, timeout=20, what="nothing left on either host")
@@ -229,36 +255,46 @@ def tracer_of(pid: int) -> int:
     return 0
 
 
+def pages_written(criu: int) -> int:
+    """Bytes in the pages-*.img files CRIU has open (0 when none): how far it is into writing memory."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{criu}/fd"):
+            with contextlib.suppress(OSError):
+                if re.search(r"/pages-\d+\.img$", os.readlink(f"/proc/{criu}/fd/{fd}")):
+                    total += os.stat(f"/proc/{criu}/fd/{fd}").st_size
+    return total
+
+
 def kill_first_criu(roots: Callable[[], list[int]], process: subprocess.Popen, parent: str | None,
                     dumping: int | None = None, timeout: float = 120) -> str:
-    """SIGKILL the first CRIU below roots (with parent: whose parent is called that; with dumping: only the CRIU
-    that has seized that pid, not the idle `criu swrk` a waiting checkpoint worker starts ahead)."""
+    """SIGKILL the first CRIU below roots (with parent: whose parent is called that). With dumping: the CRIU that
+    has seized that pid (not the idle `criu swrk` a waiting checkpoint worker starts ahead), once it has written
+    PAGES_BEFORE_KILL bytes of its memory: CRIU then waits on its parasite in the task, which puts the task back as
+    it was when CRIU's end of their socket closes. (Killed while it steps the task through its injected code, a few
+    tenths of a millisecond around infection and cure, CRIU takes the task with it: see the module's docstring.)"""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:
         for pid in descendants_named(roots(), "criu", parent=parent):
-            if dumping is not None and tracer_of(dumping) != pid:
+            if dumping is not None and (tracer_of(dumping) != pid or pages_written(pid) < PAGES_BEFORE_KILL):
                 continue
-            pidfd = processes.open_pidfd(pid)
-            if pidfd is None:
-                continue
-            try:
-                processes.send_signal(pidfd, signal.SIGKILL)
-            finally:
-                os.close(pidfd)
-            return f"criu {pid} ({' '.join(processes.cmdline(pid))[:120]}) killed"
-        time.sleep(0.01)
+            return kill_by_pid(pid, f"criu {pid} ({' '.join(processes.cmdline(pid))[:120]})")
+        time.sleep(0.005)
     raise AssertionError(f"no CRIU process seen (command exit {process.poll()})")
 
 
-# A CRIU SIGKILLed while its parasite code runs inside the task (after the seize) can take the task down with it:
-# the source then does not run on. pyshim does not yet recover from that (issue 11 stays open on it); the case is
-# kept, marked, so that each run still shows which way it went.
-CRIU_KILLED_IN_THE_TASK = pytest.mark.xfail(
-    reason="a CRIU killed while its parasite runs in the task can kill the task; the source is not recovered yet",
-    strict=False)
+def kill_by_pid(pid: int, what: str) -> str:
+    pidfd = processes.open_pidfd(pid)
+    if pidfd is None:
+        raise AssertionError(f"{what} was gone before it could be killed")
+    try:
+        processes.send_signal(pidfd, signal.SIGKILL)
+    finally:
+        os.close(pidfd)
+    return f"{what} killed"
 
 
-@pytest.mark.parametrize("side", [pytest.param("source", marks=CRIU_KILLED_IN_THE_TASK), "destination"])
+@pytest.mark.parametrize("side", ["source", "destination"])
 def test_criu_killed(offered_mode: str, two_hosts: TwoHosts, workload: Workload, side: str):  # noqa: F811
     # the source: the dump's CRIU (the shim's checkpoint worker runs it); the destination: the restore's, which
     # `runc restore` runs under the destination's shim
@@ -271,5 +307,28 @@ def test_criu_killed(offered_mode: str, two_hosts: TwoHosts, workload: Workload,
     print(f"CRIU killed on the {side} ({note}): exit {returncode}\nstderr: {stderr[-3000:]}")
     assert returncode != 0
     assert_clear_error(stderr)
+    if side == "source":
+        assert "the task runs on" in stderr and "CRIU was killed before it finished" in stderr, stderr
     # CRIU dies holding the source's TCP connection in repair mode: the connection does not survive a killed dump
     workload.assert_source_runs_on(connection_kept=side != "source")
+
+
+def test_source_task_killed_mid_dump(offered_mode: str, two_hosts: TwoHosts, workload: Workload):  # noqa: F811
+    """The workload SIGKILLed while CRIU writes its pages: nothing to roll back to; the command says so."""
+    init = task_pid(two_hosts.source, workload.id)
+
+    def kill_the_workload(process: subprocess.Popen) -> str:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            criu = tracer_of(init)
+            if criu and pages_written(criu) >= PAGES_BEFORE_KILL:
+                return kill_by_pid(init, f"the workload's init {init}")
+            time.sleep(0.005)
+        raise AssertionError(f"CRIU never wrote {PAGES_BEFORE_KILL} bytes of pages (command exit {process.poll()})")
+
+    returncode, stderr, note = migrate_while(two_hosts, workload.id, workload.flags(), kill_the_workload)
+    print(f"workload killed mid-dump ({note}): exit {returncode}\nstderr: {stderr[-3000:]}")
+    assert returncode == 1
+    assert_clear_error(stderr)
+    assert "the task did not survive it: its init was killed by SIGKILL (exit status 137)" in stderr, stderr
+    workload.assert_source_lost(stderr, 137)

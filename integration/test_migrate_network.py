@@ -92,9 +92,11 @@ def offered_mode(request: pytest.FixtureRequest, environment: Environment) -> st
     return mode
 
 
-def start_server(hosts: TwoHosts, image: TestImage, netns: str) -> str:
+def start_server(hosts: TwoHosts, image: TestImage, netns: str, network_lock: str = "") -> str:
+    """The echo server in netns on host A; network_lock: its checkpoints' CRIU lock method ("": the default)."""
     container_id = hosts.source.new_id("web")
-    hosts.source.run(container_id, image, *SERVER, runtime=PYSHIM, extra=["--with-ns", f"network:{netns}"])
+    lock = ["--annotation", f"io.pyshim.checkpoint.network-lock={network_lock}"] if network_lock else []
+    hosts.source.run(container_id, image, *SERVER, runtime=PYSHIM, extra=["--with-ns", f"network:{netns}", *lock])
     return container_id
 
 
@@ -115,15 +117,18 @@ def echo_bulk(sock, size: int = 64 * 1024) -> bool:
     return received == payload
 
 
-@pytest.mark.parametrize("mode", ["stop-copy", "stream", "post-copy"])
+@pytest.mark.parametrize("mode, network_lock", [("stop-copy", ""), ("stream", ""), ("post-copy", ""),
+                                                ("stop-copy", "nftables")])
 def test_one_tcp_connection_survives_the_move_and_the_address_is_served_from_b(offered_mode: str,
                                                                                two_hosts: TwoHosts,
-                                                                               test_image: TestImage, mode: str):
+                                                                               test_image: TestImage, mode: str,
+                                                                               network_lock: str):
+    """network_lock nftables: CRIU's lock on A is an nftables table, which the command removes after the commit."""
     lab = two_hosts.lab
     on_a = lab.container_netns(lab.a)
     on_b = lab.container_netns(lab.b)
     lab.serve(CONTAINER_ADDRESS, lab.a)
-    container_id = start_server(two_hosts, test_image, on_a)
+    container_id = start_server(two_hosts, test_image, on_a, network_lock)
     try:
         with lab.connect(CONTAINER_ADDRESS, PORT) as client:
             client.settimeout(20)  # retransmissions across the blackout

@@ -24,3 +24,8 @@ class InvalidArgument(ShimError):
 
 class Unavailable(ShimError):
     """A dependency (CRIU, the OCI runtime) is missing or unusable on this host."""
+
+
+class Interrupted(ShimError):
+    """The process doing the work (CRIU, a checkpoint worker) died before it finished: what it had begun on the task
+    was not undone by it, so the task's fate must be looked at rather than assumed."""

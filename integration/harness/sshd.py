@@ -133,6 +133,12 @@ class Sshd:
             time.sleep(0.05)
         return False
 
+    def restrict(self, forced_command: str) -> None:
+        """The client key allowed only forced_command (authorized_keys' command=, with every forwarding off), as an
+        operator restricts a migration key; sshd reads authorized_keys at each login."""
+        key = Path(f"{self.client_key}.pub").read_text().strip()
+        (self.directory / "authorized_keys").write_text(f'command="{forced_command}",restrict {key}\n')
+
     @property
     def pid(self) -> int:
         assert self._process is not None, "sshd not started"

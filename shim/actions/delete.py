@@ -17,7 +17,7 @@ from shim.oci import commands
 from shim.protowire import encode_varint
 from shim.rootfs.unmount import unmount_all
 
-RUNTIME_DELETE_TIMEOUT = 3.0
+RUNTIME_DELETE_TIMEOUT = 3.0  # with shim.criu.unfinished.GONE_WAIT (1 s) before it: within containerd's 5 s
 KILLED = 128 + 9
 
 

@@ -12,21 +12,21 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from shim.background import BackgroundTasks
 from shim.bundle.config import Bundle
 from shim.children.reaper import Reaper
 from shim.criu import bindings, external_unix, images, netlock
-from shim.criu.errors import CriuError, CriuMissing
+from shim.criu.errors import CriuError, CriuFailed, CriuMissing, CriuTimeout
 from shim.criu.log import keep, quote
 from shim.criu.options import CheckpointOptions, as_record
 from shim.criu.plan import ContainerFacts, dump_request, facts_from_bundle, runtime_checkpoint_args
 from shim.criu.rpc import CriuRpc, CriuVersion
-from shim.criu.stats import read_stats, summary
+from shim.criu.stats import read_stats, summary, within
 from shim.criu.tcp import network_record
-from shim.errors import FailedPrecondition, InvalidArgument, ShimError, Unavailable
+from shim.errors import FailedPrecondition, Interrupted, InvalidArgument, ShimError, Unavailable
 from shim.oci.runner import RuntimeFailed
 from shim.oci.runtime import OciRuntime
 
@@ -50,7 +50,14 @@ class CheckpointResult:
 
 
 class CheckpointFailed(ShimError):
-    """A dump that did not happen; the task is running as before. Quotes CRIU's log."""
+    """A dump that did not happen, CRIU having undone what it did to the task. Quotes CRIU's log. What became of
+    the task is said by its owner (shim.process.init), who sees its exit."""
+
+
+class DumpInterrupted(CheckpointFailed, Interrupted):
+    """A dump whose CRIU died (killed, timed out) before it finished: it did not undo what it was doing to the task.
+    A process CRIU was stepping through its injected code at that instant cannot go on (only CRIU held its
+    registers): it dies when it next runs."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,7 @@ class DumpJob:
     partial: images.PartialImage
     work: str
     own_work: bool  # the work directory is ours (no work-path was asked): removed at the end
+    started: float = field(default_factory=time.monotonic)
 
     @property
     def dump_log(self) -> str:
@@ -195,7 +203,7 @@ class Checkpointer:
             for name in ("dump.log", "stats-dump"):
                 keep(os.path.join(job.work, name), os.path.join(partial.path, name))
             forget_frozen_freezer(partial.path)
-            stats = read_stats(partial.path)
+            stats = within(read_stats(partial.path), int((time.monotonic() - job.started) * 1e6))
             network = network_record(partial.path, external_netns=job.facts.external_namespaces.get("network"),
                                      options=options)
             lock = _lock_kept(options, job.bundle, job.pid, partial.path)
@@ -214,12 +222,13 @@ class Checkpointer:
             (freeze if job.is_paused() else thaw)(job.facts.freezer_cgroup)
             await self._release_failed_lock(job)
             if isinstance(exc, RuntimeFailed):
-                raise CheckpointFailed(_runtime_failure(exc, kept)) from exc
+                raise CheckpointFailed(f"{exc}{quote(kept)}") from exc
             if isinstance(exc, CriuError):
                 if kept:  # the work dir and its log are about to go: the error names the copy
                     exc.log_moved(job.dump_log, kept)
-                raise CheckpointFailed(f"checkpoint of {job.container_id} failed; the task was left as it was. "
-                                       f"{exc}") from exc
+                if cut_short(exc):
+                    raise DumpInterrupted(f"CRIU was killed before it finished: {exc}") from exc
+                raise CheckpointFailed(str(exc)) from exc
             raise
         finally:
             if job.own_work:
@@ -397,5 +406,10 @@ async def _destroy(runtime: OciRuntime, container_id: str) -> None:
         log.warning("removing %s's runtime state after the checkpoint that stopped it: %s", container_id, exc)
 
 
-def _runtime_failure(error: RuntimeFailed, kept_log: str | None) -> str:
-    return f"{error}; the task was left as it was" + quote(kept_log)
+def cut_short(error: CriuError) -> bool:
+    """Whether CRIU was killed (by a signal, or by us at its deadline) before its final answer, rather than failing
+    and undoing its work on the task itself (a CRIU that gives up exits with a status of its own)."""
+    if isinstance(error, CriuTimeout):
+        return True
+    return (isinstance(error, CriuFailed) and not isinstance(error, CriuMissing) and error.response is None
+            and error.notification is None and error.exit_status is not None and error.exit_status > 128)

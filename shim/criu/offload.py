@@ -50,11 +50,12 @@ EXEC_CODE = ("import sys, json; sys.path[:] = json.loads(sys.argv[1]); "
              "from shim.criu.worker import main; sys.exit(main(3))")
 # Exceptions a worker reports by name, raised again here as the same kind (the task service maps kinds to codes).
 KINDS = {cls.__name__: cls for cls in (errors.NotFound, errors.AlreadyExists, errors.FailedPrecondition,
-                                       errors.InvalidArgument, errors.Unavailable)}
+                                       errors.InvalidArgument, errors.Unavailable, errors.Interrupted)}
 
 
-class WorkerGone(errors.ShimError):
-    """The worker ended (killed, crashed) before it answered; the task was resumed or re-paused as it was."""
+class WorkerGone(errors.Interrupted):
+    """The worker ended (killed, crashed) before it answered; its CRIU was killed with it and the task resumed or
+    re-paused as it was (whether every process of it survived CRIU's death is its owner's to say)."""
 
 
 def encode(message: dict) -> bytes:
@@ -224,10 +225,10 @@ class OffloadedCheckpointer:
             status = ""
             if worker.exited is not None and worker.exited.done():
                 status = f", exit status {worker.exited.result().status}"
-            raise WorkerGone(f"checkpoint of {container_id} failed: the {worker.describe()} ended without an "
-                             f"answer{status}{': ' + broken if broken else ''}; CRIU was stopped with it and the "
-                             f"task was left {'paused' if is_paused() else 'running'}. The shim's log and the "
-                             "kernel log may say why it died; retry the checkpoint")
+            raise WorkerGone(f"the {worker.describe()} ended without an answer{status}"
+                             f"{': ' + broken if broken else ''}; CRIU was stopped with it and the task "
+                             f"{'kept paused' if is_paused() else 'resumed'}. The shim's log and the kernel log may "
+                             "say why it died; retry the checkpoint")
         if "error" in message:
             error = message["error"]
             kind = KINDS.get(error.get("kind"), errors.ShimError)

@@ -31,7 +31,10 @@ from shim.bundle.layout import RESTORE_MARKER as MARKER
 from shim.bundle.layout import write_atomically
 from shim.forkserver.wire import process_start_time as start_time
 
-GONE_WAIT = 3.0  # seconds for killed processes to be gone (within containerd's 5 s for `delete`)
+# Seconds for SIGKILLed processes to be gone: they go within milliseconds, and one still there after a second is
+# stuck in the kernel and would not go in three either. With the runtime's delete after it (3 s at most,
+# shim/actions/delete.py) the action stays within containerd's 5 s for `delete`.
+GONE_WAIT = 1.0
 
 
 def path(bundle: str) -> str:

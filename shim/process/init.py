@@ -4,15 +4,17 @@ restored from a checkpoint when Create named one."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import time
 from typing import TYPE_CHECKING, Any
 
 from shim.background import BackgroundTasks
 from shim.bundle.config import Bundle
 from shim.children.reaper import Exit
-from shim.errors import FailedPrecondition, NotFound, Unavailable
+from shim.errors import FailedPrecondition, Interrupted, InvalidArgument, NotFound, ShimError, Unavailable
 from shim.oci.runner import RuntimeFailed
 from shim.oci.runtime import OciRuntime, is_gone
 from shim.process.base import BaseProcess, Stdio
@@ -25,6 +27,14 @@ if TYPE_CHECKING:
     from shim.stdio.process_io import ProcessIO
 
 log = logging.getLogger(__name__)
+
+# How long a task thawed after its CRIU died mid-dump is watched for the exit that says it did not survive: a process
+# CRIU was stepping through its injected code dies as soon as it runs (SIGTRAP or SIGSEGV), within milliseconds.
+DEATH_AFTER_CRIU_S = 1.0
+# How long the reaper is given to report the exit of an init that is already dead in the kernel.
+EXIT_REPORTED_S = 2.0
+# Errors of a checkpoint refused before the task was touched: nothing to tell about the task.
+REFUSALS = (InvalidArgument, FailedPrecondition, Unavailable, NotFound)
 
 
 class InitProcess(BaseProcess):
@@ -146,12 +156,42 @@ class InitProcess(BaseProcess):
         self.check("checkpoint")
         if self.checkpointer is None:
             raise Unavailable(f"cannot checkpoint {self.id}: this shim was started without checkpoint support")
-        result = await self.checkpointer.checkpoint(container_id=self.id, bundle=self.bundle, pid=self.pid,
-                                                    options=options, runtime=self.runtime,
-                                                    paused=lambda: self.state is State.PAUSED)
+        try:
+            result = await self.checkpointer.checkpoint(container_id=self.id, bundle=self.bundle, pid=self.pid,
+                                                        options=options, runtime=self.runtime,
+                                                        paused=lambda: self.state is State.PAUSED)
+        except ShimError as exc:
+            if isinstance(exc, REFUSALS):
+                raise
+            raise await self._checkpoint_failed(exc) from exc
         self.network_lock = result.network_lock
         self.lazy_dump = result.completion
         return result
+
+    async def _checkpoint_failed(self, error: ShimError) -> ShimError:
+        """The failed dump's error with what became of the task, as seen, never assumed: a CRIU that failed undid
+        its work and the task runs on, unless it died meanwhile (killed, out of memory); a CRIU that died before it
+        finished may have taken a process with it."""
+        interrupted = isinstance(error, Interrupted)
+        if interrupted and self.state is State.PAUSED:
+            # Frozen again, its processes cannot show yet whether they survived: the Resume that follows will.
+            return _reworded(error, f"checkpoint of {self.id} failed; the task stays paused. If CRIU died while it "
+                             "was stepping a process through its injected code, that process cannot go on: it dies "
+                             f"when the task resumes, and its exit is reported as usual. {error}")
+        grace = DEATH_AFTER_CRIU_S if interrupted else EXIT_REPORTED_S if not _alive(self.pid) else 0
+        if grace:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wait(), grace)
+        if not self.exited and _alive(self.pid):
+            fate = "the task runs on" if interrupted else "the task was left as it was"
+            return _reworded(error, f"checkpoint of {self.id} failed; {fate}. {error}")
+        how = describe_exit(self.exit_status) if self.exited else "ended"
+        cause = (" (CRIU died while stepping it through CRIU's injected code, and only CRIU held its registers)"
+                 if interrupted and self.exited and self.exit_status in (128 + signal.SIGTRAP, 128 + signal.SIGSEGV)
+                 else "")
+        log.error("task %s did not survive its failed checkpoint: its init %s%s", self.id, how, cause)
+        return _reworded(error, f"checkpoint of {self.id} failed, and the task did not survive it: its init {how} "
+                         f"during the dump{cause}. {error}")
 
     def checkpoint_completed(self, result: CheckpointOutcome) -> None:
         """A lazy dump has served its pages: the network lock it left is the one Delete removes."""
@@ -231,3 +271,26 @@ class InitProcess(BaseProcess):
     def shares_host_pid_namespace(self) -> bool:
         """True when the container has no pid namespace of its own: its processes outlive init."""
         return not self.bundle.has_own_namespace("pid")
+
+
+def _reworded(error: ShimError, message: str) -> ShimError:
+    """error's kind (the shim.errors class the task service maps to a status code) with message."""
+    kind = next(cls for cls in type(error).__mro__ if cls.__module__ == ShimError.__module__)
+    return kind(message)
+
+
+def _alive(pid: int) -> bool:
+    """Whether the process runs (or is frozen, or stopped) rather than being a zombie or gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return False
+
+
+def describe_exit(status: int) -> str:
+    """An exit status as containerd reports it (128 + N for a process killed by signal N), in words."""
+    if 128 < status < 128 + 65:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(status - 128).name} (exit status {status})"
+    return f"exited with status {status}"

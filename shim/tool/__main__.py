@@ -196,6 +196,7 @@ def _migrate_parsers(commands) -> None:
     # The destination's side, run there by ssh: not for people (no help line, so not listed).
     receive = commands.add_parser("migrate-receive", formatter_class=_formatter)
     receive.add_argument("--runtime-config", metavar="FILE")
+    receive.add_argument("--forced", action="store_true")  # an ssh key's forced command (shim.tool.migrate.restricted)
 
 
 def _create_parser(actions) -> None:
@@ -219,7 +220,8 @@ def _create_parser(actions) -> None:
                      left where the checkpoint is expected: it is assembled under a hidden name and renamed at the
                      end. The paths and image names written are printed on stdout, one a line.
 
-                     exit status: 0 checkpointed; 1 otherwise (the task is left as it was), with the reason.
+                     exit status: 0 checkpointed; 1 otherwise, with the reason and what became of the task
+                     (left as it was, unless it died during the dump: the message then says so).
                    """)
     create.add_argument("container", metavar="CONTAINER")
     mode = create.add_mutually_exclusive_group()

@@ -23,6 +23,8 @@ def from_rpc(exc, what: str, *, not_found: str | None = None, exists: str | None
         return ToolError(f"{precondition}: {detail}")
     if code == "UNAVAILABLE" and "connect" in (detail or "").lower():
         return ToolError(f"{what}: containerd is not answering ({detail}); is it running, and is --address right?")
+    if detail and detail.lower().startswith(what.lower().removeprefix("the ") + " failed"):
+        return ToolError(detail)  # the shim's words already say what failed: not twice
     return ToolError(f"{what} failed: {detail or code}")
 
 

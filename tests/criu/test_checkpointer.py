@@ -13,9 +13,9 @@ from shim.bundle.config import Bundle
 from shim.children.reaper import Reaper
 from shim.criu import checkpoint
 from shim.criu.checkpoint import Checkpointer, CheckpointFailed, forget_frozen_freezer
-from shim.criu.errors import CriuFailed
+from shim.criu.errors import CriuFailed, CriuTimeout
 from shim.criu.plan import ContainerFacts
-from shim.errors import FailedPrecondition, InvalidArgument
+from shim.errors import FailedPrecondition, Interrupted, InvalidArgument
 
 from .helpers import FakeDumper, FakeFirewall, run
 
@@ -135,10 +135,37 @@ def test_the_error_names_the_kept_dump_log_not_the_removed_work_dir(tmp_path):
         run(fake_checkpointer(dump_fails).checkpoint(container_id="c", bundle=Bundle(str(bundle), {}), pid=1,
                                                      options=options, runtime=FakeRuntime(), paused=False))
     message = str(failed.value)
-    assert message.startswith("checkpoint of c failed; the task was left as it was. criu dump failed: errno 9")
+    assert message.startswith("criu dump failed: errno 9")  # the task's fate is the init process's to add
+    assert not isinstance(failed.value, checkpoint.DumpInterrupted)
     assert message.endswith(f". From the CRIU log {bundle}/criu-dump.log: {cause}")
     assert "criu-work-" not in message
     assert (bundle / "criu-dump.log").read_text().endswith("Dumping FAILED.\n")
+
+
+@pytest.mark.parametrize("criu_error, interrupted", [
+    (CriuFailed("dump", reason="criu ended the conversation without a final response", exit_status=137), True),
+    (CriuTimeout("dump", 30), True),
+    (CriuFailed("dump", cr_errno=9), False),  # CRIU answered: it undid its work
+    (CriuFailed("dump", notification="network-lock", reason="boom", exit_status=1), False),  # CRIU aborted itself
+    (CriuFailed("dump", reason="criu ended the conversation without a final response", exit_status=1), False),
+])
+def test_a_criu_that_died_before_it_finished_is_told_apart(tmp_path, criu_error, interrupted):
+    """Only a dump whose CRIU died (killed, timed out) may have left a process it was stepping unable to go on:
+    that one is a DumpInterrupted (an errors.Interrupted across the worker boundary), so the init looks at the task."""
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+
+    async def dump_fails(job):
+        raise criu_error
+
+    options = checkpoint.CheckpointOptions(image_path=str(tmp_path / "image")).validate()
+    with pytest.raises(CheckpointFailed) as failed:
+        run(fake_checkpointer(dump_fails).checkpoint(container_id="c", bundle=Bundle(str(bundle), {}), pid=1,
+                                                     options=options, runtime=FakeRuntime(), paused=False))
+    assert isinstance(failed.value, Interrupted) is interrupted
+    assert str(failed.value).startswith("CRIU was killed before it finished: criu dump" if interrupted
+                                        else "criu dump failed")
+    assert not (tmp_path / "image").exists()
 
 
 def test_a_lazy_dump_returns_when_its_page_server_is_ready():

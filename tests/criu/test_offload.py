@@ -100,7 +100,7 @@ def test_a_worker_that_dies_fails_the_checkpoint_kills_its_session_and_resumes_t
         assert len(members) == 1
         assert victim.wait(timeout=5) == -9
         assert calls == [("resume", "c1")]
-        assert f"checkpoint worker pid {victim.pid}" in message and "left running" in message
+        assert f"checkpoint worker pid {victim.pid}" in message and "the task resumed" in message
         for pid in members:
             # SIGKILL is delivered asynchronously: on a loaded host the member can still show running for a moment.
             for _ in range(100):

@@ -14,11 +14,13 @@ import grpc
 import pytest
 
 from shim.api.containerd.runc.options import oci_pb2
+from shim.api.containerd.types import task_pb2
 from shim.api.pyshim.checkpoint.v1 import options_pb2
 from shim.criu import features
 from shim.tool import archive
 from shim.tool.errors import ToolError
 from shim.tool.migrate import precopy, source, transport
+from shim.tool.migrate import receiver as receiver_module
 from shim.tool.migrate.channel import Channel
 from shim.tool.migrate.dest import parse
 from shim.tool.migrate.receiver import Receiver
@@ -99,9 +101,15 @@ class FakeClient:
 
     namespace = "default"
 
-    def __init__(self, fail_at: int = 0) -> None:
+    def __init__(self, fail_at: int = 0, status_after_failure: int = task_pb2.RUNNING) -> None:
         self.asked: list[tuple[str, str, bool]] = []
         self.fail_at = fail_at
+        self.status = task_pb2.RUNNING
+        self.status_after_failure = status_after_failure
+
+    def task(self, container_id):
+        return task_pb2.Process(container_id=container_id, status=self.status,
+                                exit_status=137 if self.status == task_pb2.STOPPED else 0)
 
     @contextlib.contextmanager
     def lease(self):
@@ -112,6 +120,7 @@ class FakeClient:
         named = options_pb2.CheckpointOptionsExtension.FromString(request.value).options
         self.asked.append((os.path.basename(runc.image_path), runc.parent_path, named.get("pre-dump") == "true"))
         if len(self.asked) == self.fail_at:
+            self.status = self.status_after_failure
             raise FailedCheckpoint()
         os.makedirs(runc.image_path, exist_ok=True)
         if runc.parent_path:
@@ -202,6 +211,16 @@ def test_a_failed_round_aborts_the_destination_and_stops_nothing(linked):
     assert not work.exists()  # the receiver undid round-1 and its work directory on the abort
 
 
+def test_a_round_that_ended_the_task_says_so_rather_than_that_it_runs_on(linked):
+    make, work, receiver, served = linked
+    run = make(FakeClient(fail_at=1, status_after_failure=task_pb2.STOPPED))
+    with pytest.raises(ToolError) as failed:
+        run._pre_copy(precopy.plan(2))
+    message = str(failed.value)
+    assert "web's task here did not survive the failed dump (exit status 137)" in message and "runs on" not in message
+    assert not work.exists()
+
+
 def test_the_receiver_takes_a_round_only_under_its_own_directory(linked, tmp_path):
     make, work, receiver, served = linked
     run = make(FakeClient())
@@ -210,3 +229,12 @@ def test_the_receiver_takes_a_round_only_under_its_own_directory(linked, tmp_pat
     with pytest.raises(transport.RemoteRefusal, match="holds 'round-2', outside round-1/"):
         run._send_tar("round", ["round-2"], expect="round-received", round="round-1")
     assert not work.exists()  # refused: everything this side made is undone
+
+
+def test_a_destination_that_does_not_list_rounds_is_refused_before_anything_is_dumped(linked):
+    make, work, receiver, served = linked
+    assert "round" in receiver_module.REQUESTS and "prepare" in receiver_module.REQUESTS
+    assert precopy.destination_refusal("web", {"host": "b", "requests": receiver_module.REQUESTS}) is None
+    older = {"type": "hello", "protocol_name": "pyshim-migrate", "protocol": 1, "host": "host-b"}  # no requests
+    said = precopy.destination_refusal("web", older)
+    assert said is not None and "the pyshim on host-b does not take them" in said and "--stream" in said

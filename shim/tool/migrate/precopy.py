@@ -71,3 +71,14 @@ def refusal(container_id: str, problem: str) -> str:
             f"track dirty memory ({problem}). Nothing was done: {container_id} runs on here untouched and nothing "
             "was sent to the destination. Migrate it with --stream (pages sent while the one dump runs) or "
             "--post-copy (pages follow after it runs there), or from a host whose kernel has CONFIG_MEM_SOFT_DIRTY")
+
+
+def destination_refusal(container_id: str, hello: dict) -> str | None:
+    """Why the destination cannot take the rounds, from its greeting (which lists the requests it serves; a
+    receiver older than the rounds lists none): None when it can."""
+    if "round" in (hello.get("requests") or ()):
+        return None
+    host = hello.get("host") or "the destination"
+    return (f"--pre-copy sends {container_id}'s memory in rounds, and the pyshim on {host} does not take them (an "
+            "older pyshim): install this version there, or migrate with --stream or --post-copy. Nothing was done: "
+            f"{container_id} runs on here untouched")

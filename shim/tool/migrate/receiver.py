@@ -59,9 +59,10 @@ def say(text: str) -> None:
 
 
 class Receiver:
-    def __init__(self, args, channel: Channel) -> None:
+    def __init__(self, args, channel: Channel, *, refusal: str | None = None) -> None:
         self.args = args
         self.channel = channel
+        self.refusal = refusal  # why every request is refused (a restricted key's forced command said no)
         self.client: ContainerdClient | None = None
         self.work: str | None = None  # the private directory: checkpoint/ (the images) and the archive's files
         self.page_server: PageServer | None = None
@@ -74,9 +75,15 @@ class Receiver:
     # --- the conversation ----------------------------------------------------------------------------------------
 
     def serve(self) -> int:
+        # requests: what this receiver serves, so that a source can refuse a mode an older receiver lacks up front
         self.channel.send_message("hello", protocol_name=frames.HELLO, protocol=frames.PROTOCOL_VERSION,
-                                  host=os.uname().nodename)
+                                  host=os.uname().nodename, requests=REQUESTS)
         try:
+            if self.refusal:
+                self.channel.next_message(IDLE_TIMEOUT, waiting_for="request")
+                self.channel.send_message("error", message=self.refusal)
+                say(f"pyshim migrate-receive: refused: {self.refusal}")
+                return 1
             while not self.committed:
                 message = self.channel.next_message(IDLE_TIMEOUT, waiting_for="request")
                 kind = message["type"]
@@ -412,8 +419,21 @@ def receive(args) -> int:
     os.close(devnull)
     sys.stdout = sys.stderr
     channel = Channel(read_fd, write_fd, peer="the source").start()
-    receiver = Receiver(args, channel)
+    receiver = Receiver(args, channel, refusal=_forced_refusal(args))
     try:
         return receiver.serve()
     finally:
         channel.close_sending()
+
+
+def _forced_refusal(args) -> str | None:
+    """Run as a restricted ssh key's forced command (--forced): why the source's request cannot be served, if so."""
+    if not getattr(args, "forced", False):
+        return None
+    from shim.tool.__main__ import build_parser
+    from shim.tool.migrate import restricted
+
+    return restricted.refusal(args, os.environ.get("SSH_ORIGINAL_COMMAND"), build_parser().parse_args)
+
+
+REQUESTS = sorted(name[3:].replace("_", "-") for name in vars(Receiver) if name.startswith("on_"))

@@ -138,6 +138,8 @@ class Migration:
         netns = network.namespace_path(spec)
         prepare = self._prepare_message(record, spec, netns)
         self.session = transport.Session(self.dest, self.args.ssh_option).open(min(60.0, self._deadline_left()))
+        if rounds and (refused := precopy.destination_refusal(self.id, self.session.hello)):
+            raise UsageRefusal(refused)
         try:
             prepared = self.session.request("prepare", expect="prepared", timeout=self._deadline_left(), **prepare)
         except (ChannelClosed, TimeoutError, frames.ProtocolError) as exc:
@@ -176,7 +178,7 @@ class Migration:
         except grpc.RpcError as exc:
             why = self._page_server_fate()
             self._abort()
-            raise ToolError(f"{from_rpc(exc, f'the checkpoint of {self.id}')}{why}; {self.id} runs on here, nothing "
+            raise ToolError(f"{from_rpc(exc, f'the checkpoint of {self.id}')}{why}; {self._fate_here()}, nothing "
                             "was left on the destination") from None
         except BaseException:
             self._abort()
@@ -264,8 +266,8 @@ class Migration:
                 sent = self._send_tar("round", [one.directory], expect="round-received", round=one.directory)
             except grpc.RpcError as exc:
                 self._abort()
-                raise ToolError(f"{from_rpc(exc, f'pre-copy round {one.number} of {self.id}')}; {self.id} runs on "
-                                "here, nothing was left on the destination") from None
+                raise ToolError(f"{from_rpc(exc, f'pre-copy round {one.number} of {self.id}')}; "
+                                f"{self._fate_here()}, nothing was left on the destination") from None
             except (ChannelClosed, TimeoutError, frames.ProtocolError) as exc:
                 assert self.session is not None
                 failure = self.session.failure(f"sending pre-copy round {one.number}", exc)
@@ -498,6 +500,19 @@ class Migration:
             time.sleep(0.02)
 
     # --- the way back ------------------------------------------------------------------------------------------
+
+    def _fate_here(self) -> str:
+        """After a dump that failed: the source's task as containerd has it. A dump whose CRIU died mid-way (or a
+        task killed meanwhile) can end the task: then the container is not said to run on."""
+        try:
+            task = self.client.task(self.id)
+        except grpc.RpcError as exc:
+            return f"what became of {self.id}'s task here is unknown ({from_rpc(exc, 'looking it up')})"
+        if task.status in (task_pb2.RUNNING, task_pb2.PAUSED):
+            return f"{self.id} runs on here"
+        return (f"{self.id}'s task here did not survive the failed dump (exit status {task.exit_status}): the task "
+                f"and the container are kept, stopped, for you to look at and remove (`ctr -n {self.client.namespace} "
+                f"task rm {self.id}`)")
 
     def _abort(self) -> None:
         """Before the dump: tell the destination to undo; nothing here was stopped."""
