@@ -26,7 +26,6 @@ from collections.abc import Callable
 
 from shim.tool.migrate import frames
 
-CHUNK = 1 << 20  # the payload of a bulk frame (archive data, a file's contents)
 # What bulk bytes that end in a file (a file's contents in the archive, the page stream's recording) travel and are
 # written in. Not 1 MiB: on Linux 6.x ext4 a write(2) of 1 MiB into the page cache was measured ten times slower
 # than four of 256 KiB (for 1 GiB: 2-3 s of system time against 0.2 s); frames of 256 KiB cost little (4096 a GiB).
@@ -93,7 +92,7 @@ class Channel:
     def send_message(self, message_type: str, **fields) -> None:
         self.send(frames.CONTROL, frames.message_payload(message_type, **fields))
 
-    def send_file(self, kind: bytes, fd: int, offset: int, count: int, *, chunk: int = CHUNK) -> None:
+    def send_file(self, kind: bytes, fd: int, offset: int, count: int, *, chunk: int = PIECE) -> None:
         """count bytes of the regular file fd from offset, in frames of `chunk` (the last one shorter), moved by
         sendfile(2) from the page cache into the pipe. A file shorter than count (cut while being sent) or a read
         error: the frame under way is completed with zeros, so that the stream stays whole, and the OSError is
@@ -133,7 +132,7 @@ class Channel:
         return self._copy_from_file(fd, offset, length)  # a file system without sendfile
 
     def _copy_from_file(self, fd: int, offset: int, length: int) -> int:
-        data = os.pread(fd, min(length, CHUNK), offset)
+        data = os.pread(fd, min(length, PIECE), offset)
         try:
             self._write_all([data])
         except OSError as exc:
@@ -334,7 +333,7 @@ class ArchiveReader:
         if target < self.position:
             raise OSError(errno.ESPIPE, f"the archive stream reads forward only (seek to {offset}, whence {whence}, "
                                         f"at {self.position})")
-        while self.position < target and self.read(min(target - self.position, CHUNK)):
+        while self.position < target and self.read(min(target - self.position, PIECE)):
             pass
         return self.position
 
