@@ -27,8 +27,8 @@ from collections.abc import Callable
 from shim.tool.migrate import frames
 
 # What bulk bytes that end in a file (a file's contents in the archive, the page stream's recording) travel and are
-# written in. Not 1 MiB: on Linux 6.x ext4 a write(2) of 1 MiB into the page cache was measured ten times slower
-# than four of 256 KiB (for 1 GiB: 2-3 s of system time against 0.2 s); frames of 256 KiB cost little (4096 a GiB).
+# written in. Not 1 MiB: on Linux 6.18's ext4 a write(2) of 1 MiB into the page cache was measured 3 to 10 times
+# slower than four of 256 KiB (for 1 GiB: 0.7-3 s of system time against 0.2-0.3 s); frames of 256 KiB cost little.
 PIECE = 256 << 10
 PIPE_SIZE = 1 << 20  # what the pipes to ssh are widened to, within /proc/sys/fs/pipe-max-size
 PIPE_MAX_SIZE = "/proc/sys/fs/pipe-max-size"
