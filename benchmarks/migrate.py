@@ -24,6 +24,12 @@ through B's sshd (the copy a user makes between hosts, encrypted like the migrat
 CriuImagePath=<copy> in its runtime options and `ctr task start` (the restore), then the source removed. Modes
 `pyshim migrate` does not offer are reported as such. Results: medians over the runs, written as a dated section at
 the top of docs/benchmarks.md (`--out`), with the command line, the load average and the median run's phases.
+
+A mode may name the ssh cipher it must use, `MODE:CIPHER` (`baseline:aes128-gcm@openssh.com` is `scp -c`, a
+migrate mode gets `--ssh-option Ciphers=CIPHER`): ssh's encryption bounds the transfer, so a comparison holds only
+between rows of the same cipher. Each row says the cipher ssh negotiated (read from ssh's own debug output: scp -v,
+migrate's ssh with LogLevel=DEBUG1). The tool and shim measured are those of the environment (PYSHIM_ENV_FILE):
+another checkout's launchers measure that checkout's code with this script.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -59,6 +66,20 @@ PORT = 7002
 MODES = ("baseline", "stop-copy", "stream", "post-copy")
 TAIL = 0.5  # seconds of answers counted after the move ended
 TCP_ESTABLISHED = "io.pyshim.checkpoint.tcp-established=true"
+NEGOTIATED = re.compile(r"kex: client->server cipher: (\S+)")
+
+
+def negotiated_cipher(ssh_debug: str) -> str:
+    """The cipher of the last connection in ssh's debug output (the migration's own, after any probe)."""
+    found = NEGOTIATED.findall(ssh_debug)
+    return found[-1] if found else "?"
+
+
+def mode_argument(text: str) -> str:
+    mode = text.split(":", 1)[0]
+    if mode not in MODES:
+        raise argparse.ArgumentTypeError(f"{text!r}: MODE or MODE:CIPHER, MODE one of {', '.join(MODES)}")
+    return text
 
 
 class Pinger:
@@ -109,6 +130,7 @@ class Result:
     total: float
     moved: int
     phases: str = ""  # migrate's report: where its time went
+    cipher: str = "?"  # what ssh negotiated
 
 
 @dataclass
@@ -127,7 +149,8 @@ class Bench:
         client = memfill.wait_ready(lambda: lab.connect(CONTAINER_ADDRESS, PORT, timeout=2), timeout=120)
         return container_id, on_a, on_b, client
 
-    def one(self, mib: int, mode: str) -> Result:
+    def one(self, mib: int, variant: str) -> Result:
+        mode, _, cipher = variant.partition(":")
         container_id, on_a, on_b, client = self.start_workload(mib)
         pinger = Pinger(client).start()
         time.sleep(0.2)  # a steady rhythm before the move
@@ -135,8 +158,8 @@ class Bench:
             with RouteFollower(self.hosts.lab, self.hosts.destination, container_id, CONTAINER_ADDRESS,
                                self.hosts.lab.b):
                 started = time.monotonic()
-                frozen, moved, phases = (self.baseline(container_id, mib, on_b) if mode == "baseline"
-                                         else self.migrate(container_id, mode, on_b))
+                frozen, moved, phases, used = (self.baseline(container_id, mib, on_b, cipher) if mode == "baseline"
+                                               else self.migrate(container_id, mode, on_b, cipher))
                 ended = time.monotonic()
             time.sleep(TAIL)
         finally:
@@ -151,16 +174,19 @@ class Bench:
         for netns in (on_a, on_b):
             if left := self.hosts.lab.remove_container_netns(netns):
                 raise RuntimeError(f"{mode} {mib} MiB: left in {netns}: {left}")
-        return Result(pinger.longest_gap(started, ended + TAIL), frozen, ended - started, moved, phases)
+        return Result(pinger.longest_gap(started, ended + TAIL), frozen, ended - started, moved, phases, used)
 
-    def migrate(self, container_id: str, mode: str, on_b: str) -> tuple[float, int, str]:
-        run = self.hosts.migrate(container_id, f"--{mode}", "--dest-netns", on_b, timeout=1200)
+    def migrate(self, container_id: str, mode: str, on_b: str, cipher: str) -> tuple[float, int, str, str]:
+        forced = ["--ssh-option", f"Ciphers={cipher}"] if cipher else []
+        run = self.hosts.migrate(container_id, f"--{mode}", "--dest-netns", on_b, *forced, "--ssh-option",
+                                 "LogLevel=DEBUG1", timeout=1200)
         if run.returncode != 0:
             raise RuntimeError(f"pyshim migrate --{mode} failed: {run.stderr[-2000:]}")
         phases = ", ".join(f"{name} {ms / 1000:.2f}" for name, ms in (run.report.get("phases") or {}).items())
-        return run.report.get("frozen_ms", float("nan")) / 1000, int(run.report.get("bytes_moved", 0)), phases
+        return (run.report.get("frozen_ms", float("nan")) / 1000, int(run.report.get("bytes_moved", 0)), phases,
+                negotiated_cipher(run.stderr))
 
-    def baseline(self, container_id: str, mib: int, on_b: str) -> tuple[float, int, str]:
+    def baseline(self, container_id: str, mib: int, on_b: str, cipher: str) -> tuple[float, int, str, str]:
         source, destination = self.hosts.source, self.hosts.destination
         images = source.tmp / f"checkpoint-{container_id}"
         started = time.monotonic()
@@ -170,8 +196,10 @@ class Bench:
         copied = destination.tmp / f"checkpoint-{container_id}"
         sshd = self.hosts.sshd
         options = [flag for option in sshd.ssh_options() for flag in ("-o", option)]
-        subprocess.run(["scp", "-q", "-r", "-P", str(sshd.port), *options, str(images), f"root@127.0.0.1:{copied}"],
-                       check=True, timeout=600, stdin=subprocess.DEVNULL)
+        forced = ["-c", cipher] if cipher else []
+        scp = subprocess.run(["scp", "-v", "-r", "-P", str(sshd.port), *options, *forced, str(images),
+                              f"root@127.0.0.1:{copied}"], check=True, timeout=600, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         moved = sum(p.stat().st_size for p in copied.rglob("*") if p.is_file())
         restore_started = time.monotonic()
         runtime_options = destination.tmp / f"{container_id}.toml"
@@ -185,7 +213,8 @@ class Bench:
         shutil.rmtree(images, ignore_errors=True)
         shutil.rmtree(copied, ignore_errors=True)
         return stats.get("frozen_time", float("nan")) / 1e6, moved, f"checkpoint {copy_started - started:.2f}, " \
-            f"scp {restore_started - copy_started:.2f}, restore {time.monotonic() - restore_started:.2f}"
+            f"scp {restore_started - copy_started:.2f}, restore {time.monotonic() - restore_started:.2f}", \
+            negotiated_cipher(scp.stderr)
 
     def remove(self, container_id: str) -> None:
         for host in (self.hosts.destination, self.hosts.source):
@@ -198,22 +227,23 @@ def median(values: list[float]) -> float:
 
 
 def render(command: str, loads: tuple[tuple[float, ...], tuple[float, ...]], rows: list[tuple], runs: int,
-           skipped: dict[str, str], revision: str) -> str:
+           skipped: dict[str, str], revision: str, tool: str) -> str:
     today = datetime.date.today().isoformat()
     sizes = sorted({mib for mib, _, _ in rows})
     lines = [f"## Live migration between two hosts: {', '.join(str(m) for m in sizes)} MiB ({today})", "",
              f"    {command}", "",
-             f"Checkout {revision}; containerd 2.x, runc, CRIU and the workload as in `benchmarks/migrate.py`'s "
+             f"Script from checkout {revision}, tool {tool}; containerd 2.x, runc, CRIU and the workload as in "
+             "`benchmarks/migrate.py`'s "
              f"docstring; medians of {runs} run(s). Load average (1/5/15 min) at the start "
              f"{'/'.join(f'{x:.2f}' for x in loads[0])}, at the end {'/'.join(f'{x:.2f}' for x in loads[1])} "
              "(2 cores, shared with other jobs).", "",
-             "| touched memory | mode | downtime (longest gap, 1 ms pings) | CRIU frozen | total | moved | "
-             "phases of the median run (s) |",
-             "|---|---|---|---|---|---|---|"]
+             "| touched memory | mode | ssh cipher | downtime (longest gap, 1 ms pings) | CRIU frozen | total | moved "
+             "| phases of the median run (s) |",
+             "|---|---|---|---|---|---|---|---|"]
     for mib, mode, result in rows:
         frozen = "n/a" if result.frozen != result.frozen else f"{result.frozen * 1000:.0f} ms"
-        lines.append(f"| {mib} MiB | {mode} | {result.downtime * 1000:.0f} ms | {frozen} | {result.total:.2f} s | "
-                     f"{result.moved / (1 << 20):.1f} MiB | {result.phases} |")
+        lines.append(f"| {mib} MiB | {mode} | {result.cipher} | {result.downtime * 1000:.0f} ms | {frozen} | "
+                     f"{result.total:.2f} s | {result.moved / (1 << 20):.1f} MiB | {result.phases} |")
     lines.append("")
     for mode, reason in skipped.items():
         lines.append(f"- {mode}: not measured: {reason}")
@@ -224,7 +254,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), type=mode_argument,
+                        help=f"MODE or MODE:CIPHER (that ssh cipher forced), MODE one of {', '.join(MODES)}")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args()
     command = "/opt/pyshim/venv/bin/python benchmarks/migrate.py " + " ".join(sys.argv[1:])
@@ -246,8 +277,8 @@ def main() -> int:
         (work / "migrate").mkdir()
         hosts = TwoHosts(instances[0], instances[1], lab, sshd, environment.tool, work / "migrate")
         bench = Bench(hosts, image)
-        skipped = {mode: reason for mode in args.modes if mode != "baseline"
-                   if (reason := mode_skip_reason(environment.tool, mode))}
+        skipped = {variant: reason for variant in args.modes if not variant.startswith("baseline")
+                   if (reason := mode_skip_reason(environment.tool, variant.split(":", 1)[0]))}
         rows = []
         for mib in args.mib:
             for mode in [m for m in args.modes if m not in skipped]:
@@ -256,16 +287,18 @@ def main() -> int:
                     result = bench.one(mib, mode)
                     print(f"{mib} MiB {mode} run {run + 1}: downtime {result.downtime * 1000:.0f} ms, frozen "
                           f"{result.frozen * 1000:.0f} ms, total {result.total:.2f} s, moved "
-                          f"{result.moved / (1 << 20):.1f} MiB ({result.phases})", flush=True)
+                          f"{result.moved / (1 << 20):.1f} MiB, cipher {result.cipher} ({result.phases})", flush=True)
                     results.append(result)
                 middle = sorted(results, key=lambda r: r.total)[len(results) // 2]
                 rows.append((mib, mode, Result(median([r.downtime for r in results]),
                                                median([r.frozen for r in results]),
                                                median([r.total for r in results]),
-                                               int(median([r.moved for r in results])), middle.phases)))
+                                               int(median([r.moved for r in results])), middle.phases,
+                                               "/".join(sorted({r.cipher for r in results})))))
         revision = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                                   text=True).stdout.strip()
-        section = render(command, (loads_start, os.getloadavg()), rows, args.runs, skipped, revision)
+        section = render(command, (loads_start, os.getloadavg()), rows, args.runs, skipped, revision,
+                         str(environment.tool))
         print(section)
         document = args.out.read_text() if args.out.exists() else "# Benchmarks\n"
         head, found, rest = document.partition("\n## ")

@@ -417,3 +417,73 @@ def test_a_failed_restore_leaves_no_lock_but_a_kept_one(containerd: Containerd, 
                 remove(containerd, failed, started=False)
             if restored:
                 remove(containerd, restored)
+
+
+HOLDING_RESTORE_SCRIPT = """#!/bin/sh
+# CRIU action script: the restore stops after the namespaces are set up (and locked) until it is killed; READY says so.
+[ "$CRTOOLS_SCRIPT_ACTION" = post-setup-namespaces ] || exit 0
+touch {ready}
+exec sleep 120
+"""
+
+
+@pytest.mark.parametrize("method", ["iptables", "nftables"])
+def test_a_shim_killed_mid_restore_leaves_no_lock(containerd: Containerd, test_image: TestImage, hosts: Hosts,
+                                                  method: str):
+    """The shim SIGKILLed while CRIU, restoring into a namespace given by path, holds its lock there: containerd runs
+    the dead shim's `delete`, which ends runc and CRIU (shim.criu.unfinished) and removes the lock the restore took
+    (recorded in the restore's marker with what the namespace held before); the namespace serves a restore again."""
+    server = hosts.server(0)
+    original, client, images = checkpointed(containerd, test_image, hosts, server, f"{OPTION}network-lock={method}")
+    ready = containerd.tmp / f"restore-holding-{method}"
+    script = containerd.tmp / f"hold-restore-{method}.sh"
+    script.write_text(HOLDING_RESTORE_SCRIPT.format(ready=ready))
+    script.chmod(0o755)
+    criu_config = containerd.tmp / f"criu-hold-{method}.conf"
+    criu_config.write_text(f"action-script {script}\n")
+    held = restored = None
+    with client:
+        try:
+            remove(containerd, original)
+            assert criu_locks(server.name) == []  # the dump's lock went with the original's Delete
+            held = containerd.new_id("held")
+            options = containerd.tmp / f"{held}.toml"
+            options.write_text(f'Root = "{containerd.runc_root}"\nCriuImagePath = "{images}"\n')
+            containerd.ctr("containers", "create", "--runtime", PYSHIM, "--runtime-config-path", str(options),
+                           "--with-ns", f"network:{server.path}",
+                           *annotations(f"{OPTION}network-lock={method}", f"org.criu.config={criu_config}"),
+                           test_image.ref, held, "sh")
+            starting = subprocess.Popen([*containerd.ctr_argv(), "task", "start", "-d", "--fifo-dir",
+                                         str(containerd.fifo_dir), held], env=containerd.env,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            try:
+                deadline = time.monotonic() + 60
+                while not ready.exists():
+                    assert time.monotonic() < deadline and starting.poll() is None, "the restore never held"
+                    time.sleep(0.02)
+                assert lock_kind(criu_locks(server.name)) == method  # CRIU's restore lock, as the shim dies
+                shim = containerd.shim_pid(held)
+                assert shim is not None
+                containerd.kill_adopted(shim, signal.SIGKILL)
+                _, error = starting.communicate(timeout=60)
+            finally:
+                if starting.poll() is None:
+                    starting.kill()
+                    starting.wait()
+            assert starting.returncode != 0
+            # containerd runs the dead shim's `delete` when it sees the connection close: bounded wait for its work
+            deadline = time.monotonic() + 20
+            while criu_locks(server.name) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert criu_locks(server.name) == [], "the killed restore's lock is gone"
+            remove(containerd, held, started=False)
+            held = None
+            restored, result, _ = restore(containerd, test_image, images, server, f"{OPTION}network-lock={method}")
+            assert result.returncode == 0, result.stderr
+            assert echo(client, "after") == "after"
+            assert criu_locks(server.name) == []
+        finally:
+            if held:
+                remove(containerd, held, started=False)
+            if restored:
+                remove(containerd, restored)

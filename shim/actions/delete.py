@@ -105,6 +105,7 @@ def delete(args: ShimArgs) -> int:
 
         facts = unfinished.load(marker)
         unfinished.end(facts)
+        unfinished.release_network_lock(facts)
     # runc and crun keep a container's state in <root>/<id>. Without it `delete --force` finds nothing to do, but
     # costs a runtime start-up (6 ms here) on containerd's path after every shim exit: the common case, since the
     # task's Delete already removed it.

@@ -276,6 +276,33 @@ class NamespaceFirewall:
         await asyncio.to_thread(nft_delete, f"/proc/self/fd/{fd}", names)
 
 
+class CommandFirewall:
+    """The same tools for a process without a reaper (the shim's `delete` action): iptables under nsenter as plain
+    child processes (their output captured: `delete`'s stdout is its answer to containerd), nftables as above."""
+
+    async def iptables_save(self, fd: int, tool: str) -> str:
+        return await asyncio.to_thread(_run_in_namespace, fd, [tool])
+
+    async def iptables_restore(self, fd: int, tool: str, commands: str) -> None:
+        await asyncio.to_thread(_run_in_namespace, fd, [tool, "-w", "--noflush"], commands)
+
+    async def nft_tables(self, fd: int) -> list[tuple[str, str]]:
+        return await asyncio.to_thread(nft_list, f"/proc/self/fd/{fd}")
+
+    async def nft_delete(self, fd: int, names: list[str]) -> None:
+        await asyncio.to_thread(nft_delete, f"/proc/self/fd/{fd}", names)
+
+
+def _run_in_namespace(fd: int, argv: list[str], input: str | None = None) -> str:
+    import subprocess
+
+    result = subprocess.run(["nsenter", f"--net=/proc/self/fd/{fd}", *argv], input=input, capture_output=True,
+                            text=True, pass_fds=(fd,), timeout=TIMEOUT, stdin=None if input else subprocess.DEVNULL)
+    if result.returncode != 0:
+        raise OSError(f"{' '.join(argv)}: exit status {result.returncode}: {result.stderr.strip()[-300:]}")
+    return result.stdout
+
+
 def nft_list(namespace: str) -> list[tuple[str, str]]:
     """(family, name) of every nftables table in the namespace at path."""
     from pyroute2.nftables.main import NFTables
@@ -322,6 +349,17 @@ class Held:
 
     jumps: dict[str, dict[str, int]]
     table: bool
+
+    def as_record(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_record(cls, record: dict | None) -> Held | None:
+        if not isinstance(record, dict):
+            return None
+        jumps = record.get("jumps") or {}
+        return cls({str(tool): {str(chain): int(n) for chain, n in chains.items()} for tool, chains in jumps.items()},
+                   bool(record.get("table")))
 
 
 def _open(lock: Lock) -> int | None:

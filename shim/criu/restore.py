@@ -136,7 +136,9 @@ async def restore(reaper: Reaper, background: BackgroundTasks, *, container_id: 
     cgroups_before = {path for path in made_cgroups.directories(cgroups_path) if path.is_dir()}
     # What `delete` needs to end and undo this restore should the server die before it is over (shim.criu.unfinished).
     marker = {"id": container_id, "state_dir": runtime.state_dir(container_id), "work": work, "own_work": own_work,
-              "cgroups_path": cgroups_path, "cgroups_before": sorted(map(str, cgroups_before)), "processes": []}
+              "cgroups_path": cgroups_path, "cgroups_before": sorted(map(str, cgroups_before)), "processes": [],
+              "network_lock": {"lock": watched_lock[0].as_record(), "held": watched_lock[1].as_record()}
+              if watched_lock else None}
     _record(unfinished.record, bundle.path, marker)
     daemon = hook = None
     try:

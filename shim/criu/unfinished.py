@@ -10,6 +10,7 @@ up or not. `delete` reads nothing more than the marker's absence in the common c
 1. end(): SIGKILL each recorded process whose start time is still the recorded one, with its descendants (CRIU and
    the restored tree; every pidfd taken and the parent checked again before a signal), wait (bounded) until they
    are gone, unmount criu-root and whatever CRIU left mounted in the restore's work dir (CRIU's cgroup yard);
+   release_network_lock(): the lock CRIU took in a namespace given by path (recorded with what it held before);
 2. `delete` runs `runc delete --force` as it always does when runc has state for the id;
 3. remove_leftovers(): runc's state dir when runc never wrote state.json (files and empty dirs only, nothing
    through a mount), the cgroups the restore made (rmdir only, never a parent), the restore's own work dir, the
@@ -143,6 +144,27 @@ def _wait_gone(pidfds: list[int], timeout: float) -> None:
         for fd, _ in poller.poll(remaining * 1000):
             left.discard(fd)
             poller.unregister(fd)
+
+
+def release_network_lock(facts: dict, firewall=None) -> list[str]:
+    """After end(): the network lock the restore's CRIU took in a namespace given by path, and did not live to
+    remove, removed (what the namespace held before the restore stays). What was removed, or why it could not be,
+    as readable lines. Imports asyncio and shim.criu.netlock only when there is a lock to remove."""
+    recorded = facts.get("network_lock")
+    if not isinstance(recorded, dict):
+        return []
+    import asyncio
+
+    from shim.criu import netlock
+
+    lock = netlock.Lock.from_record(recorded.get("lock"))
+    if lock is None:
+        return []
+    try:
+        return asyncio.run(netlock.release(firewall or netlock.CommandFirewall(), lock,
+                                           before=netlock.Held.from_record(recorded.get("held"))))
+    except Exception as exc:  # noqa: BLE001 - delete goes on: the rest of the clean-up matters as much
+        return [f"CRIU's {lock.method} network lock in {lock.namespace} could not be removed: {exc}"]
 
 
 def remove_leftovers(facts: dict, marker: str) -> list[str]:

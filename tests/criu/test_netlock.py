@@ -465,3 +465,34 @@ def test_a_restore_into_a_private_namespace_reads_no_image(tmp_path):
     result = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     assert (result.stdout.split(), result.stderr) == (["None", "False"], "")
+
+
+# -- after a server killed mid-restore (shim.criu.unfinished, run by the `delete` action) -------------------------
+
+def test_delete_removes_what_a_killed_restore_added_and_keeps_what_was_there(tmp_path):
+    """The marker carries the lock and what the namespace held before the restore (a lock kept for it): `delete`
+    removes only the restore's own jump per chain and family, after a round trip through the marker's JSON."""
+    from shim.criu import unfinished
+
+    path, inode = a_namespace(tmp_path)
+    lock = Lock("iptables", RUN_ID, path, inode)
+    before = run(netlock.held(namespace_firewall(iptables=IPTABLES_LOCKED), lock))  # one jump each: kept
+    facts = json.loads(json.dumps({"network_lock": {"lock": lock.as_record(), "held": before.as_record()}}))
+    after = namespace_firewall(iptables=IPTABLES_TWO_LOCKS)  # the restore's CRIU added one more, then died
+    removed = unfinished.release_network_lock(facts, after)
+    assert after.restored == [("iptables-restore", "*filter\n-D INPUT -j CRIU\n-D OUTPUT -j CRIU\nCOMMIT\n"),
+                              ("ip6tables-restore", "*filter\n-D INPUT -j CRIU\n-D OUTPUT -j CRIU\nCOMMIT\n")]
+    assert len(removed) == 4
+    assert unfinished.release_network_lock({}, after) == []  # no lock recorded: nothing imported, nothing asked
+    assert unfinished.release_network_lock({"network_lock": None}, after) == []
+
+
+def test_delete_says_why_a_lock_could_not_be_removed_and_goes_on(tmp_path):
+    from shim.criu import unfinished
+
+    from .helpers import FailingFirewall
+
+    path, inode = a_namespace(tmp_path)
+    facts = {"network_lock": {"lock": Lock("iptables", RUN_ID, path, inode).as_record(), "held": None}}
+    said = unfinished.release_network_lock(facts, FailingFirewall())
+    assert said == [f"CRIU's iptables network lock in {path} could not be removed: nsenter: exit status 1"]

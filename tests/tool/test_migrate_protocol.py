@@ -1,45 +1,34 @@
 """pyshim migrate's framed protocol: frames across any split, refusal of what is not the protocol, the channel over
-a pair of pipes (control messages, the archive stream with its end, page bytes both ways, end of stream)."""
+a pair of pipes (control messages, the archive stream with its end, a file's bytes by sendfile, page bytes both ways,
+end of stream)."""
 
 from __future__ import annotations
 
 import io
 import os
-import tarfile
 import threading
 
 import pytest
 
-from shim.tool.migrate import frames
-from shim.tool.migrate.channel import ArchiveWriter, Channel, ChannelClosed
+from shim.tool.migrate import frames, tarstream
+from shim.tool.migrate.channel import Channel, ChannelClosed
 
 
-def test_frames_survive_any_split():
-    stream = (frames.encode_message("hello", protocol_name=frames.HELLO, protocol=frames.PROTOCOL_VERSION)
-              + frames.encode(frames.ARCHIVE, b"x" * 70_000) + frames.encode(frames.ARCHIVE, b"")
-              + frames.encode(frames.PAGES, bytes(range(256))))
-    for step in (1, 3, 4096, len(stream)):
-        decoder = frames.Decoder()
-        got = []
-        for offset in range(0, len(stream), step):
-            got += decoder.feed(stream[offset:offset + step])
-        assert [(f.kind, len(f.payload)) for f in got] == [(b"J", len(got[0].payload)), (b"D", 70_000), (b"D", 0),
-                                                           (b"P", 256)]
-        assert got[0].message()["type"] == "hello"
-        assert decoder.pending() == 0 and decoder.received == len(got[0].payload) + 70_000 + 256
-
-
-def test_what_is_not_the_protocol_is_refused_at_once():
+def test_a_header_says_kind_and_length_and_refuses_what_is_not_ours():
+    assert frames.parse_header(frames.header(frames.ARCHIVE, 70_000)) == (b"D", 70_000)
+    assert frames.encode(frames.PAGES, b"abc") == b"P\x00\x00\x00\x03abc"
     with pytest.raises(frames.ProtocolError, match="not pyshim's migrate protocol"):
-        frames.Decoder().feed(b"Welcome to host-b!\n")  # a shell startup file writing to stdout
+        frames.parse_header(b"Welco")  # a shell startup file writing to stdout
     with pytest.raises(frames.ProtocolError):
-        frames.Decoder().feed(frames.HEADER.pack(b"J", frames.MAX_PAYLOAD + 1))
+        frames.parse_header(frames.HEADER.pack(b"J", frames.MAX_PAYLOAD + 1))
     with pytest.raises(frames.ProtocolError, match="not JSON"):
         frames.Frame(b"J", b"{nope").message()
     with pytest.raises(frames.ProtocolError, match="with a type"):
         frames.Frame(b"J", b"[1, 2]").message()
     with pytest.raises(ValueError):
         frames.encode(b"X", b"")
+    with pytest.raises(ValueError):
+        frames.header(frames.ARCHIVE, frames.MAX_PAYLOAD + 1)
 
 
 def test_hello_names_the_protocol_and_its_version():
@@ -48,12 +37,6 @@ def test_hello_names_the_protocol_and_its_version():
         frames.check_hello({"type": "hello", "protocol_name": frames.HELLO, "protocol": 99})
     with pytest.raises(frames.ProtocolError, match="did not greet"):
         frames.check_hello({"type": "prepared"})
-
-
-def test_an_incomplete_frame_is_pending():
-    decoder = frames.Decoder()
-    assert decoder.feed(frames.encode(frames.PAGES, b"abcdef")[:7]) == []
-    assert decoder.pending() == 7
 
 
 @pytest.fixture
@@ -68,29 +51,94 @@ def pair():
         channel.close_sending()
 
 
+def test_frames_survive_any_split():
+    stream = (frames.encode_message("hello", protocol_name=frames.HELLO, protocol=frames.PROTOCOL_VERSION)
+              + frames.encode(frames.ARCHIVE, b"x" * 70_000) + frames.encode(frames.ARCHIVE, b"")
+              + frames.encode(frames.PAGES, bytes(range(256))) + frames.encode_message("done"))
+    for step in (1, 3, 4096, len(stream)):
+        read_fd, write_fd = os.pipe()
+        ours_read, ours_write = os.pipe()
+        pages = io.BytesIO()
+        channel = Channel(read_fd, ours_write, peer="b")
+        channel.on_pages = pages.write
+        channel.start()
+
+        def write(step=step, write_fd=write_fd):
+            for offset in range(0, len(stream), step):
+                os.write(write_fd, stream[offset:offset + step])
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        assert channel.next_message(5)["type"] == "hello"
+        reader = channel.archive_reader(timeout=5)
+        assert bytes(reader.read(-1)) == b"x" * 70_000 and reader.done
+        assert channel.next_message(5)["type"] == "done"  # frames keep their order: the pages came before
+        assert pages.getvalue() == bytes(range(256))
+        writer.join(5)
+        assert channel.received == len(stream) - 5 * frames.HEADER.size
+        for fd in (write_fd, ours_read):
+            os.close(fd)
+        channel.close_sending()
+
+
+def test_a_stream_ending_inside_a_frame_says_so():
+    read_fd, write_fd = os.pipe()
+    ours_read, ours_write = os.pipe()
+    channel = Channel(read_fd, ours_write, peer="b").start()
+    os.write(write_fd, frames.encode(frames.PAGES, b"abcdef")[:7])
+    os.close(write_fd)
+    with pytest.raises(ChannelClosed, match="in the middle of a frame"):
+        channel.next_message(5)
+    os.close(ours_read)
+    channel.close_sending()
+
+
 def test_messages_and_an_archive_cross_the_channel(pair, tmp_path):
     a, b = pair
     a.send_message("prepare", container="c1", labels={"x": "y"})
     assert b.next_message(5) == {"type": "prepare", "container": "c1", "labels": {"x": "y"}}
     payload = os.urandom(3 << 20)
-    (tmp_path / "pages.img").write_bytes(payload)
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "pages.img").write_bytes(payload)
 
-    def send_archive():
-        writer = ArchiveWriter(a)
-        with tarfile.open(fileobj=writer, mode="w|") as tar:  # type: ignore[call-overload]
-            tar.add(tmp_path / "pages.img", arcname="checkpoint/pages.img")
-        writer.finish()
-
-    sender = threading.Thread(target=send_archive)
+    sender = threading.Thread(target=tarstream.send_tree, args=(a, str(tmp_path), ["checkpoint"]))
     sender.start()  # the archive is larger than the channel's queue and a pipe: the reader must keep up
     reader = b.archive_reader(timeout=10)
-    with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
-        member = next(iter(tar))
-        extracted = tar.extractfile(member)
-        assert extracted is not None and extracted.read() == payload
+    with tarstream.reading(reader) as tar:
+        names = [member.name for member in tar]
+        assert names == ["checkpoint", "checkpoint/pages.img"]
     reader.drain()
     sender.join(10)
     assert reader.done and a.sent == b.received >= len(payload)
+
+
+def test_a_file_cut_while_sent_leaves_the_stream_whole(pair, tmp_path):
+    """send_file promised `count` bytes in each header: a file that has fewer gets zeros, and the error."""
+    a, b = pair
+    path = tmp_path / "pages.img"
+    path.write_bytes(b"p" * 1000)
+    with open(path, "rb") as f, pytest.raises(OSError, match="ended at byte 1000"):
+        a.send_file(frames.ARCHIVE, f.fileno(), 0, 2500, chunk=2000)
+    a.send_message("after")
+    reader = b.archive_reader(timeout=5)
+    assert bytes(reader.read(2000)) == b"p" * 1000 + bytes(1000)
+    assert b.next_message(5)["type"] == "after"  # the frame was completed: what follows is read as frames
+
+
+def test_the_archive_reader_hands_whole_frames_over_and_reads_forward_only(pair):
+    a, b = pair
+    first, second = os.urandom(1000), os.urandom(3000)
+    a.send(frames.ARCHIVE, first)
+    a.send(frames.ARCHIVE, second)
+    a.send(frames.ARCHIVE, b"")
+    reader = b.archive_reader(timeout=5)
+    whole = reader.read(1000)
+    assert isinstance(whole, bytearray) and whole == first  # the buffer the frame was read into: no copy
+    assert reader.read(100) == second[:100] and reader.tell() == 1100
+    assert reader.seek(2000) == 2000
+    with pytest.raises(OSError, match="forward only"):
+        reader.seek(10)
+    assert reader.read(5000) == second[1000:] and reader.read(10) == b"" and reader.done
 
 
 def test_page_bytes_go_to_their_handler_both_ways(pair):

@@ -1,4 +1,5 @@
-"""The framed protocol between `pyshim migrate` and `pyshim migrate-receive`, without I/O (bytes in, frames out).
+"""The framed protocol between `pyshim migrate` and `pyshim migrate-receive`, without I/O (shim/tool/migrate/channel.py
+reads and writes the frames).
 
 A frame is one byte saying what it carries, four bytes of payload length (big-endian) and the payload:
 
@@ -22,6 +23,8 @@ PAGES = b"P"
 KINDS = (CONTROL, ARCHIVE, PAGES)
 HEADER = struct.Struct(">cI")
 MAX_PAYLOAD = 8 << 20  # a chunk is at most 1 MiB; anything far larger is not our protocol
+# A payload as it is sent (a file's bytes, a view of a buffer) or received (a buffer the frame was read into).
+Payload = bytes | bytearray | memoryview
 PROTOCOL_VERSION = 1
 HELLO = "pyshim-migrate"
 
@@ -33,7 +36,7 @@ class ProtocolError(Exception):
 @dataclass(frozen=True)
 class Frame:
     kind: bytes
-    payload: bytes
+    payload: bytes | bytearray
 
     def message(self) -> dict:
         """A control frame's JSON object."""
@@ -46,12 +49,25 @@ class Frame:
         return value
 
 
-def encode(kind: bytes, payload: bytes = b"") -> bytes:
+def header(kind: bytes, length: int) -> bytes:
+    """The five bytes before a payload of `length` bytes."""
     if kind not in KINDS:
         raise ValueError(f"unknown frame kind {kind!r}")
-    if len(payload) > MAX_PAYLOAD:
-        raise ValueError(f"frame payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
-    return HEADER.pack(kind, len(payload)) + payload
+    if length > MAX_PAYLOAD:
+        raise ValueError(f"frame payload of {length} bytes exceeds {MAX_PAYLOAD}")
+    return HEADER.pack(kind, length)
+
+
+def parse_header(data: bytes) -> tuple[bytes, int]:
+    """A frame's kind and payload length from its five bytes; ProtocolError when they cannot be ours."""
+    kind, length = HEADER.unpack_from(data)
+    if kind not in KINDS or length > MAX_PAYLOAD:
+        raise ProtocolError(f"not pyshim's migrate protocol (read {data[:40]!r})")
+    return kind, length
+
+
+def encode(kind: bytes, payload: bytes = b"") -> bytes:
+    return header(kind, len(payload)) + payload
 
 
 def message_payload(message_type: str, **fields) -> bytes:
@@ -60,33 +76,6 @@ def message_payload(message_type: str, **fields) -> bytes:
 
 def encode_message(message_type: str, **fields) -> bytes:
     return encode(CONTROL, message_payload(message_type, **fields))
-
-
-class Decoder:
-    """Bytes in (any split), whole frames out; a ProtocolError as soon as the bytes cannot be ours."""
-
-    def __init__(self) -> None:
-        self._buffer = bytearray()
-        self.received = 0  # payload bytes of complete frames
-
-    def feed(self, data: bytes) -> list[Frame]:
-        self._buffer += data
-        frames = []
-        while len(self._buffer) >= HEADER.size:
-            kind, length = HEADER.unpack_from(self._buffer)
-            if kind not in KINDS or length > MAX_PAYLOAD:
-                raise ProtocolError(f"not pyshim's migrate protocol (read {bytes(self._buffer[:40])!r})")
-            end = HEADER.size + length
-            if len(self._buffer) < end:
-                break
-            frames.append(Frame(kind, bytes(self._buffer[HEADER.size:end])))
-            del self._buffer[:end]
-            self.received += length
-        return frames
-
-    def pending(self) -> int:
-        """Bytes of an incomplete frame held (non-zero at end of stream: the peer stopped mid-frame)."""
-        return len(self._buffer)
 
 
 def check_hello(message: dict) -> None:

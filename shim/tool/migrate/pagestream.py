@@ -19,7 +19,7 @@ import threading
 
 from shim.tool.errors import ToolError
 from shim.tool.migrate import frames
-from shim.tool.migrate.channel import Channel, ChannelClosed
+from shim.tool.migrate.channel import PIECE, Channel, ChannelClosed
 
 CHUNK = 1 << 20
 ACCEPT_POLL = 0.2
@@ -91,13 +91,11 @@ class SourceRelay:
                 return
             self.connection = connection
             self.channel.on_pages = self._to_criu
-            while True:
-                data = connection.recv(CHUNK)
-                if not data:
-                    break
-                self._recording.write(data)
-                self.channel.send(frames.PAGES, data)
-                self.relayed += len(data)
+            buffer = memoryview(bytearray(PIECE))  # one buffer for the whole dump: the bytes are written before
+            while n := connection.recv_into(buffer):  # the next recv, to the recording and into the channel
+                self._recording.write(buffer[:n])
+                self.channel.send(frames.PAGES, buffer[:n])
+                self.relayed += n
             self.channel.send(frames.PAGES, b"")
         except (OSError, ChannelClosed) as exc:
             self.error = str(exc)
@@ -111,7 +109,7 @@ class SourceRelay:
             self._recording.close()
             self._ended.set()
 
-    def _to_criu(self, data: bytes) -> None:
+    def _to_criu(self, data: frames.Payload) -> None:
         connection = self.connection
         if connection is None:
             return
@@ -170,7 +168,7 @@ class PageServer:
         self._thread = threading.Thread(target=self._answers, name="migrate-page-server", daemon=True)
         self._thread.start()
 
-    def _from_source(self, data: bytes) -> None:
+    def _from_source(self, data: frames.Payload) -> None:
         if self.failed:
             return  # the page server is gone: what still comes is dropped (the source's dump fails)
         try:
@@ -255,7 +253,7 @@ def replay(recording: str, images_dir: str, log_file: str, timeout: float = 300.
         raise ToolError(f"rebuilding the dumped memory: criu page-server exit status {status}{log_tail(log_file)}")
 
 
-def _discard(data: bytes) -> None:
+def _discard(data: frames.Payload) -> None:
     pass
 
 

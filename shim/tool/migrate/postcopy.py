@@ -77,7 +77,7 @@ class _Relay:
         finally:
             self.ended.set()
 
-    def _from_peer(self, data: bytes) -> None:
+    def _from_peer(self, data: frames.Payload) -> None:
         sock = self.socket
         if sock is None:
             return

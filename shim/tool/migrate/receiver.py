@@ -38,7 +38,7 @@ from shim.api.containerd.types import task_pb2
 from shim.tool import archive, restore, tarsafe
 from shim.tool.containerd_api import ContainerdClient
 from shim.tool.errors import ToolError, from_os, from_rpc
-from shim.tool.migrate import frames, network, postcopy, precopy
+from shim.tool.migrate import frames, network, postcopy, precopy, tarstream
 from shim.tool.migrate.channel import Channel, ChannelClosed
 from shim.tool.migrate.pagestream import PageServer
 from shim.tool.store import Store
@@ -213,7 +213,7 @@ class Receiver:
         reader = self.channel.archive_reader(timeout=IDLE_TIMEOUT)
         try:
             try:
-                with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
+                with tarstream.reading(reader) as tar:
                     for member in tar:
                         if member.name != name and not member.name.startswith(name + "/"):
                             raise ToolError(f"pre-copy {name} from the source holds {member.name!r}, outside {name}/")
@@ -222,6 +222,8 @@ class Receiver:
                 reader.drain()
         except tarsafe.REFUSED as exc:
             raise ToolError(f"pre-copy {name} from the source holds an entry refused here ({exc})") from None
+        except tarfile.TarError as exc:
+            raise ToolError(f"pre-copy {name} from the source is damaged or was cut short ({exc})") from None
         except OSError as exc:
             raise from_os(exc, f"unpacking pre-copy {name} into {work} on the destination") from None
         say(f"took pre-copy {name}")
@@ -233,13 +235,15 @@ class Receiver:
         say("receiving the checkpoint archive")
         try:
             try:
-                with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
+                with tarstream.reading(reader) as tar:
                     for member in tar:
                         tarsafe.extract(tar, member, work, data=True)
             finally:
                 reader.drain()  # the source sends to the end whatever happened here: take it all
         except tarsafe.REFUSED as exc:
             raise ToolError(f"the archive from the source holds an entry refused here ({exc})") from None
+        except tarfile.TarError as exc:
+            raise ToolError(f"the archive from the source is damaged or was cut short ({exc})") from None
         except OSError as exc:
             raise from_os(exc, f"unpacking the checkpoint into {work} on the destination") from None
         archive.check_layout(work, "the migrated checkpoint")

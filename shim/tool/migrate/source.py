@@ -25,7 +25,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -38,8 +37,8 @@ from shim.criu import features, lazy_images
 from shim.tool import archive, checkpoint, options, rootfs
 from shim.tool.containerd_api import ContainerdClient
 from shim.tool.errors import ToolError, from_os, from_rpc
-from shim.tool.migrate import frames, lock, network, postcopy, precopy, transport
-from shim.tool.migrate.channel import ArchiveWriter, ChannelClosed
+from shim.tool.migrate import frames, lock, network, postcopy, precopy, tarstream, transport
+from shim.tool.migrate.channel import ChannelClosed
 from shim.tool.migrate.dest import Destination, parse
 from shim.tool.migrate.pagestream import SourceRelay, replay
 from shim.tool.store import Store
@@ -425,11 +424,10 @@ class Migration:
         assert self.session is not None and self.session.channel is not None and self.staging is not None
         channel = self.session.channel
         channel.send_message(message_type, **fields)
-        writer = ArchiveWriter(channel)
-        with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
-            for name in names:
-                tar.add(os.path.join(self.staging, name), arcname=name, filter=archive._owned_by_root)
-        writer.finish()
+        try:
+            tarstream.send_tree(channel, self.staging, names, filter=archive._owned_by_root)
+        except OSError as exc:
+            raise from_os(exc, f"reading the checkpoint in {self.staging} to send it") from None
         return int(self.session.answer(expect=expect, timeout=self._deadline_left())["bytes"])
 
     def _commit(self) -> None:

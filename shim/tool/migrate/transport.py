@@ -17,7 +17,7 @@ import threading
 import time
 
 from shim.tool.errors import ToolError
-from shim.tool.migrate import frames
+from shim.tool.migrate import cipher, frames
 from shim.tool.migrate.channel import Channel, ChannelClosed
 from shim.tool.migrate.dest import Destination
 
@@ -31,8 +31,7 @@ FIXED_OPTIONS = ("BatchMode=yes", "ClearAllForwardings=yes", "RequestTTY=no", "S
 
 def check_ssh_option(option: str) -> str:
     """An ssh_config setting (`Keyword=value` or `Keyword value`), passed as `-o` (ssh's other flags are not)."""
-    keyword = option.replace("=", " ").split(" ", 1)[0]
-    if not option or option.startswith("-") or not keyword.isalnum() or "\n" in option:
+    if not option or option.startswith("-") or not cipher.keyword(option).isalnum() or "\n" in option:
         raise ToolError(f"--ssh-option {option!r}: give an ssh_config setting as Keyword=value (passed to ssh as "
                         "-o), e.g. IdentityFile=/root/.ssh/migrate or UserKnownHostsFile=/etc/pyshim/known_hosts")
     return option
@@ -48,12 +47,17 @@ def remote_command(dest: Destination) -> list[str]:
     return argv
 
 
-def ssh_argv(dest: Destination, ssh_options: list[str], *, connect_timeout: float) -> list[str]:
+def ssh_argv(dest: Destination, ssh_options: list[str], *, connect_timeout: float,
+             cipher_preference: str | None = None) -> list[str]:
+    """cipher_preference: a `Ciphers=` setting (shim/tool/migrate/cipher.py), after the user's options, which it
+    thus cannot override."""
     argv = ["ssh", "-T", "-x", "-a"]
     for option in (*FIXED_OPTIONS, f"ConnectTimeout={max(1, int(connect_timeout))}"):
         argv += ["-o", option]
     for option in ssh_options:
         argv += ["-o", check_ssh_option(option)]
+    if cipher_preference:
+        argv += ["-o", cipher_preference]
     if dest.port:
         argv += ["-p", str(dest.port)]
     if dest.user:
@@ -67,7 +71,9 @@ class Session:
 
     def __init__(self, dest: Destination, ssh_options: list[str], *, echo=None) -> None:
         self.dest = dest
-        self.argv = ssh_argv(dest, ssh_options, connect_timeout=30)
+        argv = ssh_argv(dest, ssh_options, connect_timeout=30)
+        self.cipher_preference = cipher.preference(argv[:argv.index("--")], dest.host, ssh_options)
+        self.argv = ssh_argv(dest, ssh_options, connect_timeout=30, cipher_preference=self.cipher_preference)
         self.echo = echo or (lambda line: print(f"  destination: {line}", file=sys.stderr, flush=True))
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=20)
         self.process: subprocess.Popen | None = None
@@ -75,6 +81,9 @@ class Session:
         self.hello: dict = {}
 
     def open(self, timeout: float = HELLO_TIMEOUT) -> Session:
+        if self.cipher_preference:
+            print(f"pyshim migrate: ssh asks for {cipher.AES_GCM} first (this CPU has AES instructions; "
+                  "--ssh-option Ciphers=... chooses otherwise)", file=sys.stderr, flush=True)
         try:
             self.process = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                             stderr=subprocess.PIPE, bufsize=0, start_new_session=True)
