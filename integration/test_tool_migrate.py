@@ -38,6 +38,8 @@ REDIS_SERVER = ("redis-server", "--bind", "127.0.0.1", "--port", "6379", "--save
                 "--daemonize", "no", "--loglevel", "warning", "--enable-debug-command", "yes")
 KEYS = 20000
 EVERY_CONTAINERD = pytest.mark.parametrize("hosts", ["2", "1.7", "1.6"], indirect=True, ids=lambda v: f"containerd-{v}")
+
+
 def tool_command() -> list[str]:
     """The installed command (PYSHIM_TOOL, the .deb's /usr/bin/pyshim); a developer's env without one runs the
     checkout's."""
