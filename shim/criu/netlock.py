@@ -83,14 +83,18 @@ class Lock:
 def log_state(text: str) -> tuple[bool, str]:
     """(whether CRIU's log shows the network locked and not unlocked since, the dump's run id). CRIU logs
     "net: Lock network" whatever the method (skip included) and "net: Unlock network" when it unlocks; in RPC mode
-    it logs two run ids, the service's and then the dump's."""
-    locked, run_id = False, ""
+    it logs two run ids, the service's and then the dump's. An unlock CRIU could not carry out stays a lock: CRIU
+    enters the namespace through its root task's /proc entry, and when that task died during the dump it logs
+    "Unlock network", then "Can't open <pid>/ns/net on procfs", and leaves its rules."""
+    locked, unlocking, run_id = False, False, ""
     for line in text.splitlines():
         if "net: Lock network" in line:
-            locked = True
+            locked, unlocking = True, False
         elif "net: Unlock network" in line:
-            locked = False
-        elif not locked and (match := _RUN_ID.search(line)):
+            locked, unlocking = False, True
+        elif unlocking and "Error" in line and "/ns/net on procfs" in line:
+            locked, unlocking = True, False
+        elif not locked and not unlocking and (match := _RUN_ID.search(line)):
             run_id = match.group(1)
     return locked, run_id
 

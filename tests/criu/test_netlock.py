@@ -174,6 +174,20 @@ def test_the_log_says_whether_the_lock_is_still_held_and_the_dump_s_run_id():
     assert netlock.log_state("") == (False, "")
 
 
+def test_an_unlock_criu_could_not_carry_out_is_still_a_lock():
+    """The dumped task died mid-dump: CRIU's unlock cannot enter the namespace through its /proc entry (CRIU 4.2.1's
+    log, as integration/test_migrate_failures.py::test_source_task_killed_mid_dump saw it)."""
+    failed_unlock = DUMP_LOG_LOCKED + (
+        "(00.171937) net: Unlock network\n"
+        "(00.171960) Running network-unlock scripts\n"
+        "(00.172510) Error (criu/util.c:412): Can't open 6190: No such file or directory\n"
+        "(00.172518) Error (criu/namespaces.c:235): Can't open 6190/ns/net on procfs: No such file or directory\n"
+        "(00.172553) Error (criu/cr-dump.c:1975): Dumping FAILED.\n")
+    assert netlock.log_state(failed_unlock) == (True, RUN_ID)
+    # the same error before any lock is not an unlock that failed
+    assert netlock.log_state("(00.1) Error (criu/namespaces.c:235): Can't open 7/ns/net on procfs: x\n") == (False, "")
+
+
 def inventory(path: Path, method: int, run_id: str) -> None:
     with open(path / "inventory.img", "wb") as f:
         pycriu.images.dump({"magic": "INVENTORY", "entries": [{
