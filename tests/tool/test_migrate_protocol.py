@@ -39,18 +39,6 @@ def test_hello_names_the_protocol_and_its_version():
         frames.check_hello({"type": "prepared"})
 
 
-@pytest.fixture
-def pair():
-    """Two channels joined by two pipes, as the source and the receiver are through ssh."""
-    a_read, b_write = os.pipe()
-    b_read, a_write = os.pipe()
-    a = Channel(a_read, a_write, peer="b").start()
-    b = Channel(b_read, b_write, peer="a").start()
-    yield a, b
-    for channel in (a, b):
-        channel.close_sending()
-
-
 def test_frames_survive_any_split():
     stream = (frames.encode_message("hello", protocol_name=frames.HELLO, protocol=frames.PROTOCOL_VERSION)
               + frames.encode(frames.ARCHIVE, b"x" * 70_000) + frames.encode(frames.ARCHIVE, b"")

@@ -12,18 +12,7 @@ import pytest
 
 from shim.tool import archive, tarsafe
 from shim.tool.migrate import frames, tarstream
-from shim.tool.migrate.channel import PIECE, Channel
-
-
-@pytest.fixture
-def pair():
-    a_read, b_write = os.pipe()
-    b_read, a_write = os.pipe()
-    a = Channel(a_read, a_write, peer="b").start()
-    b = Channel(b_read, b_write, peer="a").start()
-    yield a, b
-    for channel in (a, b):
-        channel.close_sending()
+from shim.tool.migrate.channel import PIECE
 
 
 @pytest.fixture
