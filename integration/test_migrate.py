@@ -130,8 +130,8 @@ def test_counter_moves_with_its_memory_and_rootfs_changes(request: pytest.Fixtur
     source, destination = migrate.source, migrate.destination
     flags = [f"--{mode}"]
     if mode == "post-copy":
-        # Open (issue 11): this counter forks a `sleep` every 50 ms while its pages move. In about 1 of 10 runs with
-        # the installed command (Debian's Python 3.11.2) the destination's `criu lazy-pages` then spins (state R, its
+        # Open (issue 11): this counter forks a `sleep` every 50 ms while its pages move. In 3 of about 60 runs under
+        # Debian's Python 3.11.2 (the installed command's) the destination's `criu lazy-pages` then spins (state R, its
         # log ending at a uffd EXIT or a uffd_copy) and no page request reaches the source, which waits until its
         # --timeout; not root-caused (not seen with the venv's Python 3.11.7 in 30 runs, nor before the new data
         # path in 27). Not strict: each run shows which way it went; the timeout keeps a hang to 90 s.
