@@ -281,8 +281,9 @@ class NamespaceFirewall:
 
 
 class CommandFirewall:
-    """The same tools for a process without a reaper (the shim's `delete` action): iptables under nsenter as plain
-    child processes (their output captured: `delete`'s stdout is its answer to containerd), nftables as above."""
+    """The same tools for a process without a reaper (the shim's `delete` action, the pyshim command): iptables under
+    nsenter as plain child processes (their output captured: `delete`'s stdout is its answer to containerd),
+    nftables as above."""
 
     async def iptables_save(self, fd: int, tool: str) -> str:
         return await asyncio.to_thread(_run_in_namespace, fd, [tool])
