@@ -556,7 +556,7 @@ def test_lazy_restore_served_by_the_lazy_pages_daemon(lab: Lab):
 
     restored, _ = lab.restore(images, data, annotations={"lazy-pages": "true"})
     assert resumes(data, checkpointed)
-    log = lab.bundle(restored) / "criu-lazy-pages.log"
+    log = lab.bundle(restored) / "lazy-pages.log"
     shim = lab.containerd.shim_pid(restored)
     wait_until(lambda: not [pid for pid in processes.children_of(shim) if "lazy-pages" in processes.cmdline(pid)],
                WAIT, "criu lazy-pages gone once every page is in")

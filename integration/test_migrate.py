@@ -125,18 +125,12 @@ def check_report(report: dict, mode: str, container_id: str) -> None:
 # 2.x; 1.7 and 1.6 on both hosts; 1.7 to 2.x, a rolling upgrade's move
 @pytest.mark.parametrize("hosts", ["2", "1.7", "1.6", "1.7-to-2"], indirect=True, ids=lambda v: f"containerd-{v}")
 @pytest.mark.parametrize("mode", MODES)
-def test_counter_moves_with_its_memory_and_rootfs_changes(request: pytest.FixtureRequest, migrate: Migrate,
-                                                          test_image: TestImage, mode: str):
+def test_counter_moves_with_its_memory_and_rootfs_changes(migrate: Migrate, test_image: TestImage, mode: str):
     source, destination = migrate.source, migrate.destination
     flags = [f"--{mode}"]
     if mode == "post-copy":
-        # Open (issue 11): this counter forks a `sleep` every 50 ms while its pages move. In 3 of about 60 runs under
-        # Debian's Python 3.11.2 (the installed command's) the destination's `criu lazy-pages` then spins (state R, its
-        # log ending at a uffd EXIT or a uffd_copy) and no page request reaches the source, which waits until its
-        # --timeout; not root-caused (not seen with the venv's Python 3.11.7 in 30 runs, nor before the new data
-        # path in 27). Not strict: each run shows which way it went; the timeout keeps a hang to 90 s.
-        request.applymarker(pytest.mark.xfail(reason="post-copy of a forking workload can wedge criu lazy-pages "
-                                                     "(issue 11, open)", strict=False))
+        # This counter forks a `sleep` every 50 ms while its pages move: with CRIU's own lazy-pages daemon it wedged
+        # 3 times in about 60 runs (docs/migrate.md). The timeout bounds a hang should one come back.
         flags += ["--timeout", "90"]
     container_id = source.new_id("counter")
     source.run(container_id, test_image, "sh", "-c", COUNTER, runtime=PYSHIM)

@@ -6,6 +6,9 @@
  * on PORT, one line per request, any number of clients (poll):
  *   ping   -> "pong N"   N: requests served so far (state only the process's memory holds)
  *   check  -> "ok MIB" when every word still holds its pattern, "bad I" naming the first word that does not
+ *   drop   -> "dropped N": one page in every 64 KiB given back (madvise MADV_DONTNEED), then written again with
+ *             its pattern: what an allocator freeing and reusing memory does (a lazy restore gets a REMOVE event)
+ *   forkcheck -> "child ok MIB" / "child bad I": a forked child checks every word, as check does, and exits
  * Static (gcc -static): no library of the host is needed inside the container.
  */
 #include <errno.h>
@@ -17,6 +20,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #define MAX_CLIENTS 32
@@ -46,6 +50,28 @@ static long check(void) {
     return -1;
 }
 
+static size_t drop(void) {
+    size_t page = (size_t)sysconf(_SC_PAGESIZE), step = 64 * 1024, count = 0;
+    for (size_t offset = 0; offset + page <= words * sizeof(uint64_t); offset += step, count++) {
+        if (madvise((char *)memory + offset, page, MADV_DONTNEED) != 0)
+            perror("madvise");
+        for (size_t i = offset / sizeof(uint64_t); i < (offset + page) / sizeof(uint64_t); i++)
+            memory[i] = (uint64_t)i * K ^ SEED;
+    }
+    return count;
+}
+
+/* The child's exit status: 0 when every word holds its pattern, 1 otherwise (the index is not passed back). */
+static long forkcheck(void) {
+    pid_t child = fork();
+    if (child == 0)
+        _exit(check() < 0 ? 0 : 1);
+    int status = 0;
+    if (child < 0 || waitpid(child, &status, 0) != child)
+        return -2;
+    return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? -1 : 1;
+}
+
 static void answer(int fd, const char *line) {
     char out[96];
     int n;
@@ -55,6 +81,12 @@ static void answer(int fd, const char *line) {
     } else if (strcmp(line, "check") == 0) {
         long bad = check();
         n = bad < 0 ? snprintf(out, sizeof out, "ok %zu\n", mib) : snprintf(out, sizeof out, "bad %ld\n", bad);
+    } else if (strcmp(line, "drop") == 0) {
+        n = snprintf(out, sizeof out, "dropped %zu\n", drop());
+    } else if (strcmp(line, "forkcheck") == 0) {
+        long result = forkcheck();
+        n = result == -1 ? snprintf(out, sizeof out, "child ok %zu\n", mib)
+                         : snprintf(out, sizeof out, "child bad %ld\n", result);
     } else {
         n = snprintf(out, sizeof out, "unknown\n");
     }

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import struct
 import sys
-from dataclasses import dataclass
+from typing import NamedTuple
 
 HEADER = struct.Struct("=I4xQQQ")  # native order, CRIU's alignment made explicit
 STATUS = struct.Struct("=i")
@@ -43,8 +43,7 @@ class ProtocolError(ValueError):
     """Bytes a lazy-pages daemon would not send: the session cannot go on."""
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):  # a NamedTuple, not a dataclass: the lazy-pages daemon's start-up is on a restore's path
     command: int  # PS_IOV_* without flags
     flags: int
     nr_pages: int

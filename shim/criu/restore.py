@@ -3,11 +3,13 @@ options the checkpoint was taken with (recorded beside its images) — which the
 leaves for users to repeat in /etc/criu/runc.conf.
 
 A lazy restore (lazy-pages asked for by the restoring container's annotations or the host
-file) runs `criu lazy-pages` beside `runc restore --lazy-pages`: the daemon serves the restored
-processes' page faults through userfaultfd, from the images or, with page-server, from a page
+file) runs a lazy-pages daemon beside `runc restore --lazy-pages`: it serves the restored processes'
+page faults through userfaultfd, from the images (`criu lazy-pages`) or, with page-server, from a page
 server elsewhere (ADDRESS:PORT, or unix:PATH: pyshim's page server of a post-copy migration, connected to
-here). The container runs while its memory still comes; if the daemon fails or has not finished within
-the options' timeout, the container is killed (the shim holds the userfaultfds meanwhile, so no process
+here) through pyshim's own daemon (shim.criu.lazy_daemon: CRIU's can wedge a process for good when it unmaps
+memory whose pages are on their way; reading local images it has no such window). The container runs
+while its memory still comes; if the daemon fails or has not finished within the options' timeout, the
+container is killed (the shim holds the userfaultfds meanwhile, so no process
 reads a zero page where its memory should be: shim.criu.userfaultfd)."""
 
 from __future__ import annotations
@@ -51,11 +53,14 @@ from shim.oci.runtime import OciRuntime, is_gone
 from shim.rootfs import unmount
 
 log = logging.getLogger(__name__)
-LAZY_PAGES_LOG = "criu-lazy-pages.log"  # in the bundle: the daemon outlives the restore's work dir
+LAZY_PAGES_LOG = "lazy-pages.log"  # in the bundle (either daemon's): it outlives the restore's work dir
 KEPT_LOG_BYTES = 16 << 20  # of a failed restore's log kept in the bundle
-LAZY_PAGES_READY = 10.0  # seconds for `criu lazy-pages` to listen before the restore gives up
+LAZY_PAGES_READY = 10.0  # seconds for the lazy-pages daemon to listen before the restore gives up
 HOLD_SCAN = 0.1  # seconds between looks for the daemon's new userfaultfds (a restored process forked)
-PS_SOCKET_FD = 4  # the page server's connection in `criu lazy-pages --ps-socket`
+PS_SOCKET_FD = 4  # the page server's connection, handed to the daemon (--ps-socket)
+# pyshim's lazy-pages daemon in a fresh interpreter that sees the shim's package where the shim does
+LAZY_DAEMON_CODE = ("import sys, json; sys.path[:] = json.loads(sys.argv[1]); "
+                    "from shim.criu.lazy_daemon import main; sys.exit(main(sys.argv[2:]))")
 EndContainer = Callable[[str], Awaitable[None]]
 
 
@@ -187,7 +192,7 @@ async def restore(reaper: Reaper, background: BackgroundTasks, *, container_id: 
         unfinished.forget(bundle.path)
     if daemon is not None:
         background.spawn(daemon.serve_for(options.timeout, container_id, end_container),
-                         f"criu lazy-pages (pid {daemon.pid}) for {container_id}")
+                         f"{daemon.name} (pid {daemon.pid}) for {container_id}")
     await netlock.after_restore(firewall, images.read_record(image_path), config)
     return restored
 
@@ -267,14 +272,42 @@ def lazy_request(annotations: dict[str, str]) -> CheckpointOptions | None:
     return asked if asked.lazy_pages else None
 
 
-class LazyPages:
-    """One `criu lazy-pages` daemon, started and waited for through the reaper."""
+def lazy_daemon_command() -> list[str]:
+    import json
+    import sys
 
-    def __init__(self, pid: int, pidfd: int, exits, log_file: str) -> None:
+    return [sys.executable, "-IS", "-c", LAZY_DAEMON_CODE, json.dumps(sys.path)]
+
+
+def daemon_argv(*, image_path: str, work: str, log_file: str, page_server: tuple[str, int] | None,
+                page_server_unix: str) -> tuple[str, list[str]]:
+    """(its name, its command line): CRIU's daemon for the images here, pyshim's for a page server."""
+    common = ["--images-dir", image_path, "--work-dir", work, "--log-file", log_file]
+    if page_server_unix:
+        return LAZY_DAEMON, [*lazy_daemon_command(), *common, "--status-fd", "3", "--ps-socket", str(PS_SOCKET_FD)]
+    if page_server:
+        return LAZY_DAEMON, [*lazy_daemon_command(), *common, "--status-fd", "3", "--address", page_server[0],
+                             "--port", str(page_server[1])]
+    return "criu lazy-pages", ["criu", "lazy-pages", *common, "-v4", "--status-fd", "3"]
+
+
+LAZY_DAEMON = "pyshim's lazy-pages daemon"
+
+
+def _log_name(daemon: str) -> str:
+    return "lazy-pages daemon's log" if daemon == LAZY_DAEMON else f"{daemon} log"
+
+
+class LazyPages:
+    """One lazy-pages daemon, started and waited for through the reaper."""
+
+    def __init__(self, pid: int, pidfd: int, exits, log_file: str, name: str = "criu lazy-pages") -> None:
         self.pid = pid
         self.pidfd = pidfd
         self.exits = exits
         self.log_file = log_file
+        self.name = name
+        self.log_name = _log_name(name)
         self.exited = asyncio.ensure_future(exits.wait(pid))
         self.failed = ""  # why the restore failed because of the daemon, if it did
 
@@ -283,17 +316,14 @@ class LazyPages:
                     page_server: tuple[str, int] | None = None, page_server_unix: str = "") -> LazyPages:
         """Start the daemon and return once it listens on work/lazy-pages.socket, where the
         restore's CRIU (same work dir) connects. A page server on a unix socket is connected to here and
-        handed to the daemon (--ps-socket): CRIU itself connects to TCP addresses only."""
-        argv = ["criu", "lazy-pages", "--images-dir", image_path, "--work-dir", work, "--log-file", log_file,
-                "-v4", "--status-fd", "3"]
+        handed to the daemon (--ps-socket)."""
+        name, argv = daemon_argv(image_path=image_path, work=work, log_file=log_file, page_server=page_server,
+                                 page_server_unix=page_server_unix)
         fds = {}
         connected = None
         if page_server_unix:
             connected = await _connect_unix(page_server_unix)
-            argv += ["--page-server", "--ps-socket", str(PS_SOCKET_FD)]
             fds[PS_SOCKET_FD] = connected.fileno()
-        elif page_server:
-            argv += ["--page-server", "--address", page_server[0], "--port", str(page_server[1])]
         ready, status = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         exits = reaper.subscribe()
         try:
@@ -303,11 +333,11 @@ class LazyPages:
                 os.close(status)
                 if connected is not None:
                     connected.close()
-            daemon = cls(pid, os.pidfd_open(pid), exits, log_file)
+            daemon = cls(pid, os.pidfd_open(pid), exits, log_file, name)
         except OSError as exc:
             exits.close()
             os.close(ready)
-            raise RestoreFailed(f"cannot start criu lazy-pages: {exc}") from None
+            raise RestoreFailed(f"cannot start {name}: {exc}") from None
         try:
             said = await asyncio.wait_for(_read_once(ready), LAZY_PAGES_READY)
         except TimeoutError:
@@ -317,10 +347,10 @@ class LazyPages:
         if said != b"\0":
             await daemon.stop()
             why = "exited" if said == b"" else f"was not ready within {LAZY_PAGES_READY:g}s"
-            raise RestoreFailed(f"criu lazy-pages {why}" + quote(log_file, source="criu lazy-pages log"))
+            raise RestoreFailed(f"{name} {why}" + quote(log_file, source=_log_name(name)))
         source = (f" from the page server unix:{page_server_unix}" if page_server_unix else
                   f" from the page server {page_server[0]}:{page_server[1]}" if page_server else "")
-        log.info("criu lazy-pages (pid %d) serves %s%s", pid, image_path, source)
+        log.info("%s (pid %d) serves %s%s", name, pid, image_path, source)
         return daemon
 
     async def guard(self, restoring, container_id: str,
@@ -336,8 +366,8 @@ class LazyPages:
             restore.cancel()
             raise
         if restore not in done and self.exited.result().status != 0:
-            self.failed = (f"criu lazy-pages exited with {self.exited.result().status} during the restore"
-                           + quote(self.log_file, source="criu lazy-pages log"))
+            self.failed = (f"{self.name} exited with {self.exited.result().status} during the restore"
+                           + quote(self.log_file, source=self.log_name))
             log.warning("%s: %s; killing the restore's CRIU", container_id, self.failed)
             (stop_restore or kill_restoring_criu)(container_id)
         await restore
@@ -356,17 +386,17 @@ class LazyPages:
                 hold.take()
                 await asyncio.wait({self.exited}, timeout=min(HOLD_SCAN, remaining))
             if self.exited.done() and self.exited.result().status == 0:
-                log.info("criu lazy-pages (pid %d) moved every page of %s and exited (log %s)", self.pid,
+                log.info("%s (pid %d) moved every page of %s and exited (log %s)", self.name, self.pid,
                          container_id, self.log_file)
                 return
             if self.exited.done():
-                why = f"criu lazy-pages exited with {self.exited.result().status}"
+                why = f"{self.name} exited with {self.exited.result().status}"
             else:
-                why = f"criu lazy-pages had not moved every page after {timeout:g}s (killed)"
+                why = f"{self.name} had not moved every page after {timeout:g}s (killed)"
                 await self.stop()
             reason = (f"post-copy of {container_id} failed: {why}; the container was killed, since the memory "
                       "not moved yet can no longer come and must not be read as zeros"
-                      + quote(self.log_file, source="criu lazy-pages log"))
+                      + quote(self.log_file, source=self.log_name))
             log.error("%s", reason)
             if end_container is not None:
                 try:

@@ -1,5 +1,6 @@
 """The lazy restore's page-fault daemon: who asks for it, when it counts as ready, and that it
-never outlives its bound (a fake `criu lazy-pages` on PATH stands in for CRIU)."""
+never outlives its bound (a fake on PATH stands in for `criu lazy-pages`, and for pyshim's daemon where a page server
+is named)."""
 
 import asyncio
 import os
@@ -27,6 +28,7 @@ def fake_criu(tmp_path, monkeypatch):
         path.write_text(script)
         path.chmod(0o755)
         monkeypatch.setenv("PATH", f"{path.parent}:{os.environ['PATH']}")
+        monkeypatch.setattr(restore_module, "lazy_daemon_command", lambda: [str(path), "pyshim-daemon"])
 
     return install
 
@@ -56,8 +58,8 @@ def test_ready_daemon_serves_then_is_killed_at_its_bound(tmp_path, fake_criu, mo
     status, pidfd = run(scenario())
     assert status == 128 + signal.SIGKILL and pidfd == -1  # killed at the bound, its pidfd closed
     assert (tmp_path / "args").read_text().split() == [
-        "lazy-pages", "--images-dir", "/img", "--work-dir", str(tmp_path), "--log-file", "/b/lazy.log", "-v4",
-        "--status-fd", "3", "--page-server", "--address", "10.0.0.2", "--port", "27"]
+        "pyshim-daemon", "--images-dir", "/img", "--work-dir", str(tmp_path), "--log-file", "/b/lazy.log",
+        "--status-fd", "3", "--address", "10.0.0.2", "--port", "27"]
 
 
 def test_daemon_dying_before_ready_fails_the_restore_with_its_log(tmp_path, fake_criu, monkeypatch):
@@ -154,7 +156,7 @@ def test_a_daemon_done_leaves_the_container_alone(tmp_path, fake_criu):
 
 
 def test_a_page_server_on_a_unix_socket_is_connected_and_handed_over(tmp_path, fake_criu, monkeypatch):
-    # The fake daemon says what its fd 4 is and answers through it, as CRIU would use --ps-socket 4.
+    # The fake daemon says what its fd 4 is and answers through it, as the daemon uses --ps-socket 4.
     fake_criu('#!/bin/sh\necho "$@" > "$ARGS_FILE"\nreadlink /proc/self/fd/4 >> "$ARGS_FILE"\n'
               'printf "\\0" >&3\nexec 3>&-\necho hello >&4\nexit 0\n')
     monkeypatch.setenv("ARGS_FILE", str(tmp_path / "args"))
@@ -178,7 +180,8 @@ def test_a_page_server_on_a_unix_socket_is_connected_and_handed_over(tmp_path, f
     finally:
         listener.close()
     args, fd = (tmp_path / "args").read_text().splitlines()
-    assert args.split()[-3:] == ["--page-server", "--ps-socket", "4"] and fd.startswith("socket:[")
+    assert args.split()[0] == "pyshim-daemon" and args.split()[-2:] == ["--ps-socket", "4"]
+    assert fd.startswith("socket:[")
     assert said == b"hello\n"
 
 

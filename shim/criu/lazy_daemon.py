@@ -1,0 +1,591 @@
+"""pyshim's lazy-pages daemon: it feeds a lazily restored container the memory a page server still holds, in
+place of `criu lazy-pages --page-server`.
+
+`criu restore --lazy-pages` hands each restored process's userfaultfd to whoever listens on lazy-pages.socket in
+its work directory (its pid in the checkpoint, then the fd), and says when the restore has finished. This daemon
+listens there, asks the page server (CRIU's page-server protocol: shim.criu.page_protocol) for a page when a process
+faults on it and for the rest in the background, and copies what comes into the processes (UFFDIO_COPY). It exits 0
+once every process has every page; 1 when it cannot go on (the page server lost, a bad answer), with the reason in
+its log: the shim then ends the container, whose memory can no longer all come.
+
+Why not CRIU's own daemon: CRIU 4.2's keeps each page request as an entry of its list of ranges and recognises the
+answer by the entry's start. When the process unmaps or drops (madvise) part of a range whose answer is on its way,
+CRIU splits or trims that entry, so no answer ever matches what is left of it; a later fault there is taken for
+one already asked for, never asked for again, and the process waits forever while the daemon spins (seen with a
+shell that forks while its pages move, and made certain by dropping a page inside a range being fetched:
+docs/migrate.md). Here a request is only a range of checkpoint pages in flight; an answer is copied into whatever
+each process still lacks of it at that moment, and a fault is asked for again whenever nothing in flight covers it.
+
+Run as `python -m shim.criu.lazy_daemon --images-dir DIR --work-dir DIR --log-file FILE --status-fd N
+(--ps-socket FD | --address HOST --port PORT)`, as the shim does (shim.criu.restore).
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import errno
+import os
+import select
+import socket
+import struct
+import sys
+import time
+
+from shim.criu import page_protocol as protocol
+from shim.criu import uffd
+from shim.criu.missing_pages import PAGE_SIZE, MissingPages
+
+SOCKET_NAME = "lazy-pages.socket"  # in the work directory, where `criu restore` connects
+RESTORE_FINISHED = 0x52535446  # what `criu restore` sends after its last process
+PID = struct.Struct("=i")
+FAULT_PAGES = 16  # asked for around a fault: neighbours are usually next
+BACKGROUND_STEP = 64 << 10  # a background request grows by this while no process faults, as CRIU's do
+BACKGROUND_MAX = 4 << 20
+BACKGROUND_IN_FLIGHT = 2  # so that the link does not idle between an answer and the next request
+RETRY_WAIT = 0.001  # seconds between tries of a copy refused while a process's mappings change
+RETRIES = 2000
+PROGRESS_EVERY = 1.0
+MESSAGES = 64  # userfaultfd messages read at once
+SEND_TIMEOUT = 30.0
+
+
+class DaemonError(Exception):
+    """The daemon cannot go on: the restored processes can no longer get all their memory."""
+
+
+class Process:
+    """One restored process (one userfaultfd), known by the pid its pages have in the checkpoint."""
+
+    __slots__ = ("pid", "fd", "missing", "name", "waiting", "gone")
+
+    def __init__(self, pid: int, fd: int, missing: MissingPages, name: str) -> None:
+        self.pid = pid
+        self.fd = fd
+        self.missing = missing
+        self.name = name
+        self.waiting: set[int] = set()  # pages it faulted on, not served yet
+        self.gone = False
+
+
+class Request:
+    """Pages [vaddr, vaddr + pages) of checkpoint process pid, asked for and not answered yet."""
+
+    __slots__ = ("pid", "vaddr", "pages", "background")
+
+    def __init__(self, pid: int, vaddr: int, pages: int, background: bool) -> None:
+        self.pid = pid
+        self.vaddr = vaddr
+        self.pages = pages
+        self.background = background
+
+    def __repr__(self) -> str:
+        return f"Request({self.pid}, {self.vaddr:#x}, {self.pages}, background={self.background})"
+
+    def covers(self, pid: int, address: int) -> bool:
+        return pid == self.pid and self.vaddr <= address < self.vaddr + self.pages * PAGE_SIZE
+
+
+class PageSource:
+    """The page server's connection: requests out, answers in, in order (the protocol has no request ids)."""
+
+    def __init__(self, sock: socket.socket, *, force_close: bool) -> None:
+        self.sock = sock
+        self.force_close = force_close
+        self.in_flight: collections.deque[Request] = collections.deque()
+        self._header = bytearray()
+        self._answer: protocol.Request | None = None
+        self._data = bytearray()
+        self._filled = 0
+        self.bytes = 0
+        sock.setblocking(False)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def ask(self, request: Request) -> None:
+        self._send(protocol.encode_header(protocol.PS_IOV_GET, nr_pages=request.pages, vaddr=request.vaddr,
+                                          dst_id=request.pid))
+        self.in_flight.append(request)
+
+    def _send(self, data: bytes) -> None:
+        """Requests are 32 bytes: the socket takes them at once unless the page server stopped reading."""
+        view = memoryview(data)
+        deadline = time.monotonic() + SEND_TIMEOUT
+        while view:
+            try:
+                view = view[self.sock.send(view):]
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise DaemonError(f"the page server has not read a request for {SEND_TIMEOUT:g} s") from None
+                select.select([], [self.sock], [], 1)
+            except OSError as exc:
+                raise DaemonError(f"the page server's connection failed: {exc}") from None
+
+    def answers(self) -> list[tuple[Request, int, bytearray]]:
+        """Read what has come: (request, its first page's address, pages) for each answer completed."""
+        done: list[tuple[Request, int, bytearray]] = []
+        while True:
+            chunk: bytes | memoryview
+            try:
+                if self._answer is None:
+                    chunk = self.sock.recv(protocol.HEADER.size - len(self._header))
+                else:
+                    view = memoryview(self._data)[self._filled:]
+                    chunk = view[:self.sock.recv_into(view)]
+            except BlockingIOError:
+                return done
+            except OSError as exc:
+                raise DaemonError(f"the page server's connection failed: {exc}") from None
+            if not chunk:
+                raise DaemonError(f"the page server closed the connection with {len(self.in_flight)} requests "
+                                  "unanswered")
+            if self._answer is None:
+                self._header += chunk
+                if len(self._header) == protocol.HEADER.size:
+                    self._start_answer(protocol.decode_header(bytes(self._header)))
+                    self._header.clear()
+            else:
+                self._filled += len(chunk)
+            if self._answer is not None and self._filled == len(self._data):
+                request = self.in_flight.popleft()
+                done.append((request, self._answer.vaddr, self._data))
+                self.bytes += len(self._data)
+                self._answer, self._data, self._filled = None, bytearray(), 0
+
+    def _start_answer(self, answer: protocol.Request) -> None:
+        if not self.in_flight:
+            raise DaemonError(f"the page server sent {answer.name} when nothing was asked")
+        asked = self.in_flight[0]
+        if answer.command not in (protocol.PS_IOV_ADD_F, protocol.PS_IOV_ADD) or answer.pid != asked.pid or \
+                answer.vaddr != asked.vaddr or not 0 < answer.nr_pages <= asked.pages:
+            raise DaemonError(f"the page server answered {answer.name} of {answer.nr_pages} pages of process "
+                              f"{answer.pid} at {answer.vaddr:#x} to a request for {asked.pages} pages of process "
+                              f"{asked.pid} at {asked.vaddr:#x}")
+        self._answer = answer
+        self._data = bytearray(answer.nr_pages * PAGE_SIZE)
+
+    def close(self) -> None:
+        """End the session as CRIU's daemon does: CLOSE (FORCE_CLOSE on a socket handed over), then its status."""
+        self.sock.setblocking(True)
+        self.sock.settimeout(10)
+        try:
+            self.sock.sendall(protocol.encode_header(protocol.PS_IOV_FORCE_CLOSE if self.force_close
+                                                     else protocol.PS_IOV_CLOSE))
+            status = self.sock.recv(protocol.STATUS.size)
+        except OSError as exc:
+            raise DaemonError(f"the page server did not answer the close: {exc}") from None
+        finally:
+            self.sock.close()
+        if len(status) != protocol.STATUS.size or protocol.STATUS.unpack(status)[0] != 0:
+            raise DaemonError(f"the page server closed the session with {status!r}")
+
+
+class Daemon:
+    def __init__(self, lazy: dict[int, list[tuple[int, int]]], source: PageSource, listener: socket.socket,
+                 log: Log) -> None:
+        self.lazy = lazy  # checkpoint pid -> its lazy runs (address, pages)
+        self.source = source
+        self.listener = listener
+        self.log = log
+        self.epoll = select.epoll()
+        self.restore: socket.socket | None = None
+        self.registration = bytearray()
+        self.passed_fds: collections.deque[int] = collections.deque()
+        self.restore_finished = False
+        self.processes: dict[int, Process] = {}  # by userfaultfd
+        self.retries: list[tuple[Process, int, bytearray, int]] = []
+        self.background_pages = BACKGROUND_STEP // PAGE_SIZE
+        self.counts = collections.Counter[str]()
+        self.started = time.monotonic()
+        self.total = sum(pages for runs in lazy.values() for _, pages in runs)
+
+    # -- the loop --------------------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.epoll.register(self.listener.fileno(), select.EPOLLIN)
+        self.epoll.register(self.source.fileno(), select.EPOLLIN)
+        last_progress = time.monotonic()
+        while not self._done():
+            for fd, _ in self.epoll.poll(RETRY_WAIT if self.retries else PROGRESS_EVERY, MESSAGES):
+                if fd == self.listener.fileno():
+                    self._accept()
+                elif self.restore is not None and fd == self.restore.fileno():
+                    self._registrations()
+                elif fd == self.source.fileno():
+                    for request, vaddr, data in self.source.answers():
+                        self._deliver(request, vaddr, data)
+                elif (process := self.processes.get(fd)) is not None:
+                    self._events(process)
+            self._retry()
+            self._chase()
+            self._background()
+            if time.monotonic() - last_progress >= PROGRESS_EVERY:
+                last_progress = time.monotonic()
+                self.log.write(f"progress: {self._summary()}")
+        self.source.close()
+        self.log.write(f"done in {time.monotonic() - self.started:.3f} s: {self._summary()}")
+
+    def _done(self) -> bool:
+        return self.restore_finished and not self.source.in_flight and \
+            not self.retries and all(process.gone or not process.missing for process in self.processes.values())
+
+    def _summary(self) -> str:
+        left = sum(p.missing.pages for p in self.processes.values() if not p.gone)
+        counts = self.counts
+        return (f"{counts['copied'] // PAGE_SIZE} pages copied, {counts['dropped'] // PAGE_SIZE} dropped or unmapped "
+                f"before they came, {left} missing in {self._alive()} processes, "
+                f"{counts['faults']} faults, {counts['zero']} zero pages, {counts['requests']} requests, "
+                f"{self.source.bytes} bytes from the page server")
+
+    def _alive(self) -> int:
+        return sum(not p.gone for p in self.processes.values())
+
+    # -- the restore's registrations ----------------------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        connection, _ = self.listener.accept()
+        self.epoll.unregister(self.listener.fileno())
+        self.listener.close()
+        self.restore = connection
+        connection.setblocking(False)
+        self.epoll.register(connection.fileno(), select.EPOLLIN)
+
+    def _registrations(self) -> None:
+        assert self.restore is not None
+        try:
+            data, fds, _, _ = socket.recv_fds(self.restore, 4096, 16)
+        except BlockingIOError:
+            return
+        self.passed_fds.extend(fds)
+        self.registration += data
+        while len(self.registration) >= PID.size:
+            pid = PID.unpack_from(self.registration)[0]
+            if pid == RESTORE_FINISHED:
+                del self.registration[:PID.size]
+                self.restore_finished = True
+                self.log.write("the restore has finished")
+            elif pid <= 0:  # a zombie: nothing to serve
+                del self.registration[:PID.size]
+            elif len(self.registration) > PID.size and self.passed_fds:  # the fd comes with one byte of its own
+                del self.registration[:PID.size + 1]
+                self._register(pid, self.passed_fds.popleft())
+            else:
+                break
+        if not data:
+            self.epoll.unregister(self.restore.fileno())
+            self.restore.close()
+            self.restore = None
+            if not self.restore_finished:
+                raise DaemonError("the restore closed its connection before it finished")
+
+    def _register(self, pid: int, fd: int) -> None:
+        runs = self.lazy.get(pid, [])
+        process = Process(pid, fd, MissingPages(runs), f"{pid}")
+        self._add(process)
+        self.log.write(f"process {pid}: userfaultfd {fd}, {process.missing.pages} pages to come")
+        self.log.debug(f"{pid}: " + " ".join(f"{start:#x}-{end:#x}" for start, end, _ in process.missing))
+
+    def _add(self, process: Process) -> None:
+        os.set_blocking(process.fd, False)
+        self.processes[process.fd] = process
+        self.epoll.register(process.fd, select.EPOLLIN)
+
+    # -- userfaultfd events ---------------------------------------------------------------------------------------
+
+    def _events(self, process: Process) -> None:
+        try:
+            data = os.read(process.fd, uffd.MESSAGE.size * MESSAGES)
+        except BlockingIOError:
+            return
+        for message in uffd.decode(data):
+            if process.gone:
+                break
+            self.log.debug(f"{process.name}: {message}")
+            if message.event == uffd.EVENT_PAGEFAULT:
+                self.counts["faults"] += 1
+                process.waiting.add(message.address)
+                self.background_pages = BACKGROUND_STEP // PAGE_SIZE
+            elif message.event == uffd.EVENT_FORK:
+                child = Process(process.pid, message.fd, process.missing.copy(), f"{process.pid}/{message.fd}")
+                self._add(child)
+                self.log.debug(f"{process.name} forked: {child.name} lacks {child.missing.pages} pages")
+            elif message.event == uffd.EVENT_REMAP:
+                process.missing.remap(message.start, message.to, message.length)
+                process.waiting = {a - message.start + message.to if message.start <= a < message.start +
+                                   message.length else a for a in process.waiting}
+            elif message.event in (uffd.EVENT_REMOVE, uffd.EVENT_UNMAP):
+                self._forget(process, message)
+
+    def _forget(self, process: Process, message: uffd.Message) -> None:
+        """Pages the process dropped (madvise) or unmapped: they will not come; whoever waits there faults again
+        (on the kernel's zero pages once the dropped range is no longer ours, on nothing after an unmap)."""
+        self.counts["dropped"] += sum(high - low for low, high, _ in process.missing.cut(message.start, message.end))
+        process.waiting = {a for a in process.waiting if not message.start <= a < message.end}
+        length = message.end - message.start
+        if message.event == uffd.EVENT_REMOVE:
+            error = uffd.unregister(process.fd, message.start, length)
+        else:
+            error = uffd.wake(process.fd, message.start, length)
+        if error in (errno.ENOMEM, errno.ESRCH):
+            self._gone(process, f"{'unregister' if message.event == uffd.EVENT_REMOVE else 'wake'}: "
+                                f"{os.strerror(error)}")
+
+    def _gone(self, process: Process, why: str) -> None:
+        """The process exited or exec'd (why: what said so): its memory needs nothing more."""
+        if process.gone:
+            return
+        process.gone = True
+        self.log.debug(f"{process.name}: gone ({why}; {process.missing.pages} pages it no longer needs)")
+        self.epoll.unregister(process.fd)
+        del self.processes[process.fd]
+        os.close(process.fd)
+
+    # -- faults: served, or asked for ---------------------------------------------------------------------------------
+
+    def _chase(self) -> None:
+        """Every page a process waits on gets a zero page, or is in flight."""
+        for process in list(self.processes.values()):
+            for address in sorted(process.waiting):
+                if process.gone:
+                    break
+                image = process.missing.image_address(address)
+                if image is None:
+                    self._zero(process, address)
+                elif not self._in_flight(process.pid, image):
+                    self._ask(process, address, image, FAULT_PAGES, background=False)
+
+    def _zero(self, process: Process, address: int) -> None:
+        error = uffd.zeropage(process.fd, address)
+        if error == errno.EAGAIN:
+            return  # its mappings change: again next time round
+        process.waiting.discard(address)
+        if error == 0:
+            self.counts["zero"] += 1
+            self.log.debug(f"{process.name}: zero page at {address:#x}")
+        elif error in (errno.EEXIST, errno.ENOENT):  # mapped meanwhile, or no longer ours: let it fault again
+            uffd.wake(process.fd, address, PAGE_SIZE)
+        elif error in (errno.ESRCH, errno.ENOSPC):
+            self._gone(process, f"zero page at {address:#x}: {os.strerror(error)}")
+        else:
+            raise DaemonError(f"no zero page for process {process.name} at {address:#x}: {os.strerror(error)}")
+
+    def _in_flight(self, pid: int, image: int) -> bool:
+        """Asked for and not answered, or answered and waiting to be copied (the process's mappings changed)."""
+        return self._covered_from(pid, image) > 0
+
+    def _ask(self, process: Process, address: int, image: int, most: int, *, background: bool) -> None:
+        """Ask for the page at address and up to most - 1 pages after it that the process lacks, none in flight."""
+        pages = 1
+        while pages < most and process.missing.image_address(address + pages * PAGE_SIZE) == \
+                image + pages * PAGE_SIZE and not self._in_flight(process.pid, image + pages * PAGE_SIZE):
+            pages += 1
+        request = Request(process.pid, image, pages, background)
+        self.source.ask(request)
+        self.log.debug(f"{process.name}: asked {request} for {address:#x}")
+        self.counts["requests"] += 1
+
+    def _background(self) -> None:
+        """Keep the link busy with what nobody has faulted on yet, a growing range at a time. Not before the
+        restore has finished: until its restorer has put each mapping in place and registered it, a copy there
+        fails (a fault, though, comes from a registered range)."""
+        while self.restore_finished and sum(r.background for r in self.source.in_flight) < BACKGROUND_IN_FLIGHT:
+            found = self._next_missing()
+            if found is None:
+                return
+            process, address, image = found
+            self._ask(process, address, image, self.background_pages, background=True)
+            self.background_pages = min(self.background_pages + BACKGROUND_STEP // PAGE_SIZE,
+                                        BACKGROUND_MAX // PAGE_SIZE)
+
+    def _next_missing(self) -> tuple[Process, int, int] | None:
+        """The first page some process lacks that is not in flight: (process, its address, checkpoint address)."""
+        for process in self.processes.values():
+            if process.gone:
+                continue
+            for start, end, image in process.missing:
+                address = start
+                while address < end:
+                    checkpoint = image + address - start
+                    covered = self._covered_from(process.pid, checkpoint)
+                    if not covered:
+                        return process, address, checkpoint
+                    address += covered
+        return None
+
+    def _covered_from(self, pid: int, image: int) -> int:
+        """How many bytes from checkpoint address image on are in flight (0: that page is not)."""
+        for request in self.source.in_flight:
+            if request.covers(pid, image):
+                return request.vaddr + request.pages * PAGE_SIZE - image
+        for process, vaddr, data, _ in self.retries:
+            if process.pid == pid and vaddr <= image < vaddr + len(data):
+                return vaddr + len(data) - image
+        return 0
+
+    # -- answers ----------------------------------------------------------------------------------------------------
+
+    def _deliver(self, request: Request, vaddr: int, data: bytearray) -> None:
+        self.log.debug(f"answered {request}: {len(data) // PAGE_SIZE} pages")
+        for process in list(self.processes.values()):
+            if process.pid == request.pid and not process.gone:
+                self._copy(process, vaddr, data, attempt=0)
+
+    def _copy(self, process: Process, vaddr: int, data: bytearray, attempt: int) -> None:
+        """Copy the pages at checkpoint address vaddr into what the process still lacks of them."""
+        buffer = (ctypes.c_char * len(data)).from_buffer(data)
+        base = ctypes.addressof(buffer)
+        try:
+            for address, image, length in process.missing.in_image(vaddr, vaddr + len(data)):
+                if process.gone:
+                    return
+                if not self._copy_piece(process, address, base + image - vaddr, length):
+                    if not process.gone:
+                        if attempt < RETRIES:
+                            self.retries.append((process, vaddr, data, attempt + 1))
+                        else:  # left missing: asked for again in the background, or when faulted on
+                            self.log.write(f"{process.name}: a copy at {address:#x} refused {RETRIES} times")
+                    return
+        finally:
+            del buffer
+
+    def _copy_piece(self, process: Process, address: int, source: int, length: int) -> bool:
+        """False when the process's mappings are changing (try again after reading its events)."""
+        step = length
+        while length > 0:
+            done, error = uffd.copy(process.fd, address, source, min(step, length))
+            if done:
+                process.missing.cut(address, address + done)
+                process.waiting.difference_update(range(address, address + done, PAGE_SIZE))
+                self.counts["copied"] += done
+                address, source, length = address + done, source + done, length - done
+            if error == 0 or (error == errno.EAGAIN and done):
+                continue
+            if error == errno.EAGAIN:
+                return False
+            if error == errno.EEXIST:  # present already (a fork's child had it from its parent)
+                process.missing.cut(address, address + PAGE_SIZE)
+                process.waiting.discard(address)
+                address, source, length = address + PAGE_SIZE, source + PAGE_SIZE, length - PAGE_SIZE
+            elif error == errno.ENOENT and step > PAGE_SIZE:
+                step = PAGE_SIZE  # the range spans mappings now (mprotect split one): a page at a time
+            elif error == errno.ENOENT and not self.restore_finished:
+                return False  # its mapping is not registered yet
+            elif error == errno.ENOENT:  # not a mapping of ours any more
+                self.log.write(f"{process.name}: the page at {address:#x} is in no mapping of ours")
+                process.missing.cut(address, address + PAGE_SIZE)
+                process.waiting.discard(address)
+                uffd.wake(process.fd, address, PAGE_SIZE)
+                address, source, length = address + PAGE_SIZE, source + PAGE_SIZE, length - PAGE_SIZE
+            elif error in (errno.ESRCH, errno.ENOSPC):
+                self._gone(process, f"copy at {address:#x}: {os.strerror(error)}")
+                return True
+            else:
+                raise DaemonError(f"cannot copy pages into process {process.name} at {address:#x}: "
+                                  f"{os.strerror(error)}")
+        return True
+
+    def _retry(self) -> None:
+        retries, self.retries = self.retries, []
+        for process, vaddr, data, attempt in retries:
+            if not process.gone:
+                self._copy(process, vaddr, data, attempt)
+
+
+class Log:
+    def __init__(self, path: str, verbose: bool) -> None:
+        self.file = open(path, "a", buffering=1)  # noqa: SIM115 - the daemon's whole life
+        self.verbose = verbose
+        self.started = time.monotonic()
+
+    def write(self, line: str) -> None:
+        self.file.write(f"({time.monotonic() - self.started:10.6f}) {line}\n")
+
+    def debug(self, line: str) -> None:
+        if self.verbose:
+            self.write(line)
+
+
+def lazy_runs(images: str) -> dict[int, list[tuple[int, int]]]:
+    """checkpoint pid -> the runs of pages its pagemap leaves to the lazy-pages daemon (PE_LAZY: in the images'
+    pages file or not, `criu restore --lazy-pages` leaves them out)."""
+    from shim.criu.lazy_images import PE_LAZY, read_pagemap, task_pagemaps
+
+    runs = {}
+    for pid, name in task_pagemaps(images).items():
+        runs[pid] = [(entry.vaddr, entry.pages) for entry in read_pagemap(os.path.join(images, name)).entries
+                     if entry.effective_flags & PE_LAZY]
+    return runs
+
+
+OPTIONS = {"--images-dir": str, "--work-dir": str, "--log-file": str, "--status-fd": int, "--ps-socket": int,
+           "--address": str, "--port": int}
+USAGE = ("usage: python -m shim.criu.lazy_daemon --images-dir DIR --work-dir DIR --log-file FILE [--status-fd N] "
+         "(--ps-socket FD | --address HOST --port PORT) [--verbose]")
+
+
+class Arguments:
+    """The command line, parsed by hand: argparse would add ~8 ms to every lazy restore's start."""
+
+    def __init__(self, argv: list[str]) -> None:
+        values: dict[str, object] = {"--status-fd": -1, "--ps-socket": -1, "--address": "", "--port": 0}
+        self.verbose = "--verbose" in argv
+        words = [word for word in argv if word != "--verbose"]
+        if len(words) % 2:
+            raise SystemExit(USAGE)
+        for option, value in zip(words[::2], words[1::2], strict=True):
+            if option not in OPTIONS:
+                raise SystemExit(f"unknown option {option}\n{USAGE}")
+            try:
+                values[option] = OPTIONS[option](value)
+            except ValueError:
+                raise SystemExit(f"{option} {value}: not a number\n{USAGE}") from None
+        missing = [name for name in ("--images-dir", "--work-dir", "--log-file") if name not in values]
+        if missing or (values["--ps-socket"] == -1) == (not values["--address"]):
+            raise SystemExit(USAGE)
+        self.images_dir = str(values["--images-dir"])
+        self.work_dir = str(values["--work-dir"])
+        self.log_file = str(values["--log-file"])
+        self.status_fd = int(values["--status-fd"])  # type: ignore[call-overload]
+        self.ps_socket = int(values["--ps-socket"])  # type: ignore[call-overload]
+        self.address = str(values["--address"])
+        self.port = int(values["--port"])  # type: ignore[call-overload]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = Arguments(sys.argv[1:] if argv is None else argv)
+    log = Log(args.log_file, args.verbose)
+    try:
+        if args.ps_socket >= 0:
+            source = PageSource(socket.socket(fileno=args.ps_socket), force_close=True)
+        else:
+            source = PageSource(socket.create_connection((args.address, args.port), timeout=10), force_close=False)
+            source.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        os.chdir(args.work_dir)  # a relative name: the work directory's path may not fit a socket address
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            os.unlink(SOCKET_NAME)
+        except FileNotFoundError:
+            pass
+        listener.bind(SOCKET_NAME)
+        listener.listen(1)
+        if args.status_fd >= 0:  # the restore waits for this before it starts: the images are read after
+            os.write(args.status_fd, b"\0")
+            os.close(args.status_fd)
+        lazy = lazy_runs(args.images_dir)
+        log.write(f"pyshim lazy-pages daemon (pid {os.getpid()}): {sum(p for r in lazy.values() for _, p in r)} "
+                  f"pages of {len(lazy)} processes in {args.images_dir}")
+        Daemon(lazy, source, listener, log).run()
+    except (DaemonError, OSError, ValueError) as exc:
+        log.write(f"Error: {exc}")
+        return 1
+    except Exception:  # noqa: BLE001 - a bug: its traceback in the log the shim quotes
+        import traceback
+
+        log.write("Error: " + traceback.format_exc())
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
