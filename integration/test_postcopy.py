@@ -16,10 +16,10 @@ the annotations lazy-pages=true and page-server=127.0.0.1:PORT: the shim runs it
   server removed the source's images and the lazy-pages daemon is gone.
 - A process that drops memory (madvise) and forks while its pages move gets every page it keeps, in the parent
   and in the child (the REMOVE and FORK events of userfaultfd, which wedge CRIU 4.2's own lazy-pages daemon).
-- The page server killed mid-transfer: the destination's task ends (SIGKILL, exit status 137 in the /tasks/exit
-  event) with the cause in the shim's log ("post-copy of ID failed", quoting the daemon's log), no CRIU process
-  is left, nothing is left mounted, and the source's images are kept (pages never moved: the container can still be
-  restored from them).
+- The page server killed mid-transfer, or the destination's lazy-pages daemon: the destination's task ends
+  (SIGKILL, exit status 137 in the /tasks/exit event) with the cause in the shim's log ("post-copy of ID failed",
+  quoting the daemon's log), no CRIU process is left, nothing is left mounted, and the source's images are kept
+  (pages never moved: the container can still be restored from them).
 """
 
 from __future__ import annotations
@@ -331,8 +331,9 @@ def test_memory_dropped_and_a_child_forked_while_the_pages_move_come_out_intact(
 
 
 @VERSIONS
+@pytest.mark.parametrize("lost", ["page-server", "lazy-pages-daemon"])
 def test_a_page_server_lost_mid_transfer_ends_the_container_with_its_cause(hosts, memfill_image: TestImage,
-                                                                           tmpfs: Path, mib: int):
+                                                                           tmpfs: Path, mib: int, lost: str):
     source, target = hosts
     for host in hosts:
         host.import_image(memfill_image)
@@ -350,7 +351,13 @@ def test_a_page_server_lost_mid_transfer_ends_the_container_with_its_cause(hosts
             checking = subprocess.Popen(  # memfill faults on pages the page server will never send
                 ["nsenter", f"--net=/proc/{pid}/ns/net", sys.executable, "-c", ASK, str(PORT), "check", "120"],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            os.kill(server.process.pid, signal.SIGKILL)
+            if lost == "page-server":
+                os.kill(server.process.pid, signal.SIGKILL)
+            else:  # the destination's side of the same loss: its daemon killed (the OOM killer, a bug)
+                daemon = [p for p in descendants(shim) if b"shim.criu.lazy_daemon" in
+                          Path(f"/proc/{p}/cmdline").read_bytes()]
+                assert len(daemon) == 1, daemon
+                os.kill(daemon[0], signal.SIGKILL)
             server.process.wait(10)
             served = server.served_at(time.time())
             exited = events.wait_for(rf"/tasks/exit .*{container_id}.*\"exit_status\":137", 60)
@@ -358,7 +365,10 @@ def test_a_page_server_lost_mid_transfer_ends_the_container_with_its_cause(hosts
         log = wait_until(lambda: next((line for line in target.log_tail(400).splitlines()
                                        if f"post-copy of {container_id} failed" in line), None),
                          "the shim's log saying why the container ended", 30)
-        assert "lazy-pages daemon exited with 1" in log and "Error: the page server" in log, log
+        if lost == "page-server":
+            assert "lazy-pages daemon exited with 1" in log and "Error: the page server" in log, log
+        else:
+            assert "lazy-pages daemon exited with 137" in log, log
         checked, _ = checking.communicate(timeout=60)
         assert not checked.startswith("ok"), checked  # memfill never finished reading zeros as its memory
         assert served < server.total
