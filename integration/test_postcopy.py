@@ -251,14 +251,21 @@ def wait_until(predicate, what: str, timeout: float = 60):
     raise AssertionError(f"{what}: not within {timeout}s")
 
 
+def prepared(hosts: list[Containerd], image: TestImage, tmpfs: Path, mib: int) -> tuple[str, int, Path, dict]:
+    """memfill checkpointed on the source and its images split for the destination: (the full images, requests
+    memfill had served, the images moved, their sizes)."""
+    for host in hosts:
+        host.import_image(image)
+    images, served = checkpointed_memfill(hosts[0], image, tmpfs, mib)
+    moved, sizes = split_for(hosts[1], images)
+    return images, served, moved, sizes
+
+
 @VERSIONS
 def test_the_memory_moves_after_the_container_runs_and_comes_back_intact(hosts, memfill_image: TestImage,
                                                                          tmpfs: Path, mib: int):
-    source, target = hosts
-    for host in hosts:
-        host.import_image(memfill_image)
-    images, served = checkpointed_memfill(source, memfill_image, tmpfs, mib)
-    moved, sizes = split_for(target, images)
+    target = hosts[1]
+    images, served, moved, sizes = prepared(hosts, memfill_image, tmpfs, mib)
     assert sizes["lazy_pages"] >= mib * 1024 * 1024 // PAGE and sizes["moved"] < 8 << 20, sizes
     # 256 MiB at 48 MiB/s (a 400 Mbit/s link), ~5.5 s; 64 MiB at 24 MiB/s, ~2.7 s: seconds after the task runs
     server = PageServer(Path(images), rate=(48 if mib == MIB else 24) << 20)
@@ -299,11 +306,8 @@ def test_memory_dropped_and_a_child_forked_while_the_pages_move_come_out_intact(
     # are dropped under every request in flight; CRIU 4.2's `criu lazy-pages` then leaves the rest of such a
     # request stuck and a later fault there waits forever (docs/migrate.md). Then a forked child reads everything
     # through its own userfaultfd (a FORK event), and the parent too.
-    source, target = hosts
-    for host in hosts:
-        host.import_image(memfill_image)
-    images, _ = checkpointed_memfill(source, memfill_image, tmpfs, mib)
-    moved, sizes = split_for(target, images)
+    target = hosts[1]
+    images, _, moved, sizes = prepared(hosts, memfill_image, tmpfs, mib)
     server = PageServer(Path(images), rate=48 << 20)
     container_id = ""
     try:
@@ -334,11 +338,8 @@ def test_memory_dropped_and_a_child_forked_while_the_pages_move_come_out_intact(
 @pytest.mark.parametrize("lost", ["page-server", "lazy-pages-daemon"])
 def test_a_page_server_lost_mid_transfer_ends_the_container_with_its_cause(hosts, memfill_image: TestImage,
                                                                            tmpfs: Path, mib: int, lost: str):
-    source, target = hosts
-    for host in hosts:
-        host.import_image(memfill_image)
-    images, _ = checkpointed_memfill(source, memfill_image, tmpfs, mib)
-    moved, _ = split_for(target, images)
+    target = hosts[1]
+    images, _, moved, _ = prepared(hosts, memfill_image, tmpfs, mib)
     server = PageServer(Path(images), rate=8 << 20)  # ~32 s for 256 MiB, 8 s for 64: killed long before the end
     container_id = ""
     try:
