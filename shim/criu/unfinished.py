@@ -169,8 +169,8 @@ def release_network_lock(facts: dict, firewall=None) -> list[str]:
 
 
 def remove_leftovers(facts: dict, marker: str) -> list[str]:
-    """After `runc delete --force`: runc's unfinished state, the cgroups the restore made, its own work dir, the
-    marker. What could not be removed, as readable lines."""
+    """After `runc delete --force`: runc's unfinished state, the cgroups the restore made, CRIU's root yard, its own
+    work dir, the marker. What could not be removed, as readable lines."""
     problems = remove_unfinished_state(str(facts.get("state_dir") or ""))
     cgroups_path = str(facts.get("cgroups_path") or "")
     if cgroups_path:
@@ -182,6 +182,10 @@ def remove_leftovers(facts: dict, marker: str) -> list[str]:
                                                                       {Path(p) for p in facts.get("cgroups_before")
                                                                        or []})]
     work = str(facts.get("work") or "")
+    if os.path.isabs(work):
+        from shim.criu.mount_yard import remove_left_behind
+
+        remove_left_behind(os.path.join(work, "restore.log"))  # the killed CRIU's root yard in the host's /tmp
     if facts.get("own_work") and os.path.isabs(work):
         from shim.rootfs.unmount import mount_points_under
 
