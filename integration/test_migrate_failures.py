@@ -267,9 +267,20 @@ def pages_written(criu: int) -> int:
     return total
 
 
+def restoring_from_the_store(criu: int) -> bool:
+    """Whether CRIU has something of the migration's staging directory (.migrate-*) open: the restore's."""
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{criu}/fd"):
+            with contextlib.suppress(OSError):
+                if "/.migrate-" in os.readlink(f"/proc/{criu}/fd/{fd}"):
+                    return True
+    return False
+
+
 def kill_first_criu(roots: Callable[[], list[int]], process: subprocess.Popen, parent: str | None,
                     dumping: int | None = None, timeout: float = 120) -> str:
-    """SIGKILL the first CRIU below roots (with parent: whose parent is called that). With dumping: the CRIU that
+    """SIGKILL the first CRIU below roots (with parent: whose parent is called that) that restores from the
+    migration's staging directory, or with dumping: the CRIU that
     has seized that pid (not the idle `criu swrk` a waiting checkpoint worker starts ahead), once it has written
     PAGES_BEFORE_KILL bytes of its memory: CRIU then waits on its parasite in the task, which puts the task back as
     it was when CRIU's end of their socket closes. (Killed while it steps the task through its injected code, a few
@@ -279,6 +290,8 @@ def kill_first_criu(roots: Callable[[], list[int]], process: subprocess.Popen, p
         for pid in descendants_named(roots(), "criu", parent=parent):
             if dumping is not None and (tracer_of(dumping) != pid or pages_written(pid) < PAGES_BEFORE_KILL):
                 continue
+            if dumping is None and not restoring_from_the_store(pid):
+                continue  # the short `criu swrk` runc starts first to ask CRIU's version, not the restore
             return kill_by_pid(pid, f"criu {pid} ({' '.join(processes.cmdline(pid))[:120]})")
         time.sleep(0.005)
     raise AssertionError(f"no CRIU process seen (command exit {process.poll()})")

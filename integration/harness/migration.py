@@ -163,6 +163,8 @@ class TwoHosts:
             found[f"{side} mounts"] = mounts.mounts_under(host.tmp)
             found[f"{side} processes"] = processes_naming(host.address)
         found["ssh sessions"] = [str(pid) for pid in self.sshd.session_pids()]
+        # both "hosts" share this /tmp: the root yard a killed restore's CRIU leaves there (the shim removes it)
+        found["CRIU yards in /tmp"] = sorted(str(p) for p in Path("/tmp").glob(".criu.mntns.*"))
         found["work files"] = sorted(str(p.relative_to(self.work)) for p in self.work.rglob("*")
                                      if p.is_file() and not p.name.startswith("report-"))
         return found
