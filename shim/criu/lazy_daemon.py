@@ -311,11 +311,17 @@ class Daemon:
                 self._add(child)
                 self.log.debug(f"{process.name} forked: {child.name} lacks {child.missing.pages} pages")
             elif message.event == uffd.EVENT_REMAP:
-                process.missing.remap(message.start, message.to, message.length)
-                process.waiting = {a - message.start + message.to if message.start <= a < message.start +
-                                   message.length else a for a in process.waiting}
+                self._moved(process, message)
             elif message.event in (uffd.EVENT_REMOVE, uffd.EVENT_UNMAP):
                 self._forget(process, message)
+
+    def _moved(self, process: Process, message: uffd.Message) -> None:
+        """mremap moved [start, start + length) to `to`: what the process lacked there, it lacks at `to`. A thread
+        that faulted there sleeps on its old address, which no copy to the new one wakes: wake it to fault again
+        (a SIGSEGV there, or with MREMAP_DONTUNMAP a zero page, as without us)."""
+        process.missing.remap(message.start, message.to, message.length)
+        process.waiting = {a for a in process.waiting if not message.start <= a < message.start + message.length}
+        uffd.wake(process.fd, message.start, message.length)
 
     def _forget(self, process: Process, message: uffd.Message) -> None:
         """Pages the process dropped (madvise) or unmapped: they will not come; whoever waits there faults again
@@ -325,11 +331,14 @@ class Daemon:
         length = message.end - message.start
         if message.event == uffd.EVENT_REMOVE:
             error = uffd.unregister(process.fd, message.start, length)
-        else:
-            error = uffd.wake(process.fd, message.start, length)
-        if error in (errno.ENOMEM, errno.ESRCH):
-            self._gone(process, f"{'unregister' if message.event == uffd.EVENT_REMOVE else 'wake'}: "
-                                f"{os.strerror(error)}")
+            if not error:
+                return  # unregistering woke the waiters
+            self.log.debug(f"{process.name}: unregister {message.start:#x}-{message.end:#x}: {os.strerror(error)}; "
+                           "the range stays ours")
+        # After an unmap; or the range stays ours: ENOMEM says the mm is exiting, or just as well that splitting its
+        # mapping would pass vm.max_map_count, and the process lives on. Taking it for gone would close its
+        # userfaultfd, and every page still missing would read as zeros. A fault there now gets a zero page.
+        uffd.wake(process.fd, message.start, length)
 
     def _gone(self, process: Process, why: str) -> None:
         """The process exited or exec'd (why: what said so): its memory needs nothing more."""

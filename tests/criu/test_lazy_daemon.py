@@ -290,6 +290,26 @@ def test_a_thread_waiting_on_a_page_dropped_meanwhile_is_woken_and_reads_zeros(l
     assert lab.exit_status() == 0, lab.log.read_text()
 
 
+def test_a_drop_whose_range_cannot_be_unregistered_leaves_the_process_served(lab):
+    # At vm.max_map_count, unregistering a dropped page (a split of its mapping) fails with ENOMEM, as it does for
+    # a process that exits: the daemon must not take a live process for gone (its userfaultfd closed, every page
+    # still missing would read as zeros).
+    lab = lab()
+    lab.start(hold=True)
+    first, pages = first_held_request(lab)
+    dropped = first + 2
+    assert pages > 3
+    assert lab.child.ask("crowd").startswith("crowded ")
+    assert lab.child.ask(f"drop {dropped} 1") == "dropped"
+    lab.wait_in_log(f"unregister {lab.child.address(dropped):#x}-{lab.child.address(dropped + 1):#x}: Cannot "
+                    "allocate memory; the range stays ours")
+    lab.server.hold.clear()
+    assert lab.child.ask(f"read {dropped}") == "0"  # a zero page from the daemon: the range is still registered
+    assert lab.child.ask("sum") == expected_sum(dropped={dropped})
+    assert lab.exit_status() == 0, lab.log.read_text()
+    assert f"{PAGES - 1} pages copied, 1 dropped or unmapped before they came, 0 missing" in lab.log.read_text()
+
+
 def test_pages_moved_by_mremap_while_on_the_way_land_at_their_new_address(lab):
     lab = lab()
     lab.start(hold=True)

@@ -9,6 +9,7 @@ a userfaultfd of its own (user mode only: no privileges needed), and obeys lines
   drop N COUNT       madvise(MADV_DONTNEED) pages N.. (the daemon gets a REMOVE event)
   unmap N COUNT      munmap pages N.. (UNMAP)
   move N COUNT [dontunmap]   mremap pages N.. elsewhere (REMAP); with MREMAP_DONTUNMAP their old place stays mapped
+  crowd              map single pages until vm.max_map_count is reached: no mapping can be split any more
   sum                print the sha256 of the pages still mapped, in page order, wherever they are now
 
 Pages are known by their number in the region as first mapped; `move` changes where they are, `unmap` removes them.
@@ -28,7 +29,8 @@ SYSCALLS = {"x86_64": {"userfaultfd": 323, "mremap": 25}, "aarch64": {"userfault
 UFFD_USER_MODE_ONLY = 1
 UFFDIO_API, UFFDIO_REGISTER = 0xC018AA3F, 0xC020AA00
 FEATURES = 1 << 2 | 1 << 3 | 1 << 6  # EVENT_REMAP, EVENT_REMOVE, EVENT_UNMAP (EVENT_FORK, 1 << 1, needs privileges)
-PROT_READ_WRITE, MAP_PRIVATE_ANONYMOUS = 3, 0x22
+PROT_NONE, PROT_READ, PROT_READ_WRITE, MAP_PRIVATE_ANONYMOUS = 0, 1, 3, 0x22
+MAP_FAILED = ctypes.c_void_p(-1).value
 MADV_DONTNEED = 4
 MREMAP_MAYMOVE, MREMAP_FIXED, MREMAP_DONTUNMAP = 1, 2, 4
 
@@ -42,7 +44,7 @@ calls = SYSCALLS[platform.machine()]
 
 
 def checked(result: int, what: str) -> int:
-    if result == -1 or result is None:
+    if result in (-1, None, MAP_FAILED):
         raise OSError(ctypes.get_errno(), f"{what}: {os.strerror(ctypes.get_errno())}")
     return result
 
@@ -96,6 +98,15 @@ def move(first: int, count: int, dontunmap: bool) -> None:
         where[first + n] = target + n * PAGE
 
 
+def crowd() -> int:
+    """Map pages one by one, alternately readable or not so that none merges, until the kernel refuses."""
+    made = 0
+    while made < 1 << 20 and libc.mmap(None, PAGE, PROT_READ if made % 2 else PROT_NONE, MAP_PRIVATE_ANONYMOUS, -1,
+                                       0) not in (None, MAP_FAILED):
+        made += 1
+    return made
+
+
 daemon = None
 handover = socket.socket(fileno=int(sys.argv[2])) if len(sys.argv) > 2 else None
 for line in sys.stdin:
@@ -134,6 +145,8 @@ for line in sys.stdin:
     elif command == "move":
         move(numbers[0], numbers[1], "dontunmap" in args)
         say("moved")
+    elif command == "crowd":
+        say(f"crowded {crowd()}")
     elif command == "sum":
         digest = hashlib.sha256()
         for address in where:
