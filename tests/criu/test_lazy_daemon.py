@@ -359,6 +359,19 @@ def test_pages_unmapped_while_on_the_way_leave_the_rest_intact(lab):
     assert f"{PAGES - 4} pages copied, 4 dropped or unmapped before they came, 0 missing" in lab.log.read_text()
 
 
+def test_pages_on_the_way_to_a_mapping_split_by_mprotect_come_a_page_at_a_time(lab):
+    # One copy may not span two mappings (ENOENT): the daemon copies that answer a page at a time.
+    lab = lab()
+    lab.start(hold=True)
+    first, pages = first_held_request(lab)
+    assert pages >= 8
+    assert lab.child.ask(f"protect {first + 3} 2") == "protected"
+    lab.server.hold.clear()
+    assert lab.child.ask("sum") == expected_sum()
+    assert lab.exit_status() == 0, lab.log.read_text()
+    assert f"{PAGES} pages copied, 0 dropped or unmapped before they came, 0 missing" in lab.log.read_text()
+
+
 def test_two_processes_of_the_checkpoint_each_get_their_own_pages(lab):
     lab = lab(pids=(1, 2))
     lab.serve()

@@ -9,6 +9,7 @@ a userfaultfd of its own (user mode only: no privileges needed), and obeys lines
   drop N COUNT       madvise(MADV_DONTNEED) pages N.. (the daemon gets a REMOVE event)
   unmap N COUNT      munmap pages N.. (UNMAP)
   move N COUNT [dontunmap]   mremap pages N.. elsewhere (REMAP); with MREMAP_DONTUNMAP their old place stays mapped
+  protect N COUNT    mprotect pages N.. read-only (their mapping splits in three; no event)
   crowd              map single pages until vm.max_map_count is reached: no mapping can be split any more
   sum                print the sha256 of the pages still mapped, in page order, wherever they are now
 
@@ -38,7 +39,7 @@ libc = ctypes.CDLL(None, use_errno=True)
 libc.mmap.restype = ctypes.c_void_p
 libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+libc.madvise.argtypes = libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 libc.syscall.restype = ctypes.c_long
 calls = SYSCALLS[platform.machine()]
 
@@ -145,6 +146,9 @@ for line in sys.stdin:
     elif command == "move":
         move(numbers[0], numbers[1], "dontunmap" in args)
         say("moved")
+    elif command == "protect":
+        checked(libc.mprotect(where[numbers[0]], numbers[1] * PAGE, PROT_READ), "mprotect")
+        say("protected")
     elif command == "crowd":
         say(f"crowded {crowd()}")
     elif command == "sum":
