@@ -311,6 +311,9 @@ class Daemon:
             elif message.event == uffd.EVENT_FORK:
                 child = Process(process.pid, message.fd, process.missing.copy(), f"{process.pid}/{message.fd}")
                 self._add(child)
+                # Pages the parent refused while it forked are owed to the child as well.
+                self.retries += [(child, vaddr, data, attempt) for retrying, vaddr, data, attempt in self.retries
+                                 if retrying is process]
                 self.log.debug(f"{process.name} forked: {child.name} lacks {child.missing.pages} pages")
             elif message.event == uffd.EVENT_REMAP:
                 self._moved(process, message)
