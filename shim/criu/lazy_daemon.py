@@ -282,7 +282,10 @@ class Daemon:
                 raise DaemonError("the restore closed its connection before it finished")
 
     def _register(self, pid: int, fd: int) -> None:
-        runs = self.lazy.get(pid, [])
+        runs = self.lazy.get(pid)
+        if runs is None:  # serving it would answer every fault with zeros
+            os.close(fd)
+            raise DaemonError(f"the restore registered process {pid}, which has no pagemap-{pid}.img in the images")
         process = Process(pid, fd, MissingPages(runs), f"{pid}")
         self._add(process)
         self.log.write(f"process {pid}: userfaultfd {fd}, {process.missing.pages} pages to come")

@@ -401,6 +401,16 @@ def test_a_zombie_registration_is_ignored(lab):
     assert f"process {PID}: userfaultfd" in log and "process -" not in log and "process 7" not in log, log
 
 
+def test_a_process_the_images_do_not_know_ends_the_daemon(lab):
+    lab = lab()
+    lab.serve()
+    restore = Restore(lab.work)
+    restore.register(PID + 1, lab.child.userfaultfd())
+    assert lab.exit_status() == 1
+    assert f"Error: the restore registered process {PID + 1}, which has no pagemap-{PID + 1}.img" in \
+        lab.log.read_text()
+
+
 @pytest.mark.parametrize("lie", ["vaddr", "more"])
 def test_a_page_server_answering_what_was_not_asked_ends_the_daemon(lab, lie):
     lab = lab(lie=lie)
