@@ -16,10 +16,10 @@ the annotations lazy-pages=true and page-server=127.0.0.1:PORT: the shim runs it
   server removed the source's images and the lazy-pages daemon is gone.
 - A process that drops memory (madvise) and forks while its pages move gets every page it keeps, in the parent
   and in the child (the REMOVE and FORK events of userfaultfd, which wedge CRIU 4.2's own lazy-pages daemon).
-- The page server killed mid-transfer: the destination's task ends (SIGKILL, exit status 137 in the /tasks/exit
-  event) with the cause in the shim's log ("post-copy of ID failed", quoting the daemon's log), no CRIU process
-  is left, nothing is left mounted, and the source's images are kept (pages never moved: the container can still be
-  restored from them).
+- The page server killed mid-transfer, or the destination's lazy-pages daemon: the destination's task ends
+  (SIGKILL, exit status 137 in the /tasks/exit event) with the cause in the shim's log ("post-copy of ID failed",
+  quoting the daemon's log), no CRIU process is left, nothing is left mounted, and the source's images are kept
+  (pages never moved: the container can still be restored from them).
 """
 
 from __future__ import annotations
@@ -251,14 +251,21 @@ def wait_until(predicate, what: str, timeout: float = 60):
     raise AssertionError(f"{what}: not within {timeout}s")
 
 
+def prepared(hosts: list[Containerd], image: TestImage, tmpfs: Path, mib: int) -> tuple[str, int, Path, dict]:
+    """memfill checkpointed on the source and its images split for the destination: (the full images, requests
+    memfill had served, the images moved, their sizes)."""
+    for host in hosts:
+        host.import_image(image)
+    images, served = checkpointed_memfill(hosts[0], image, tmpfs, mib)
+    moved, sizes = split_for(hosts[1], images)
+    return images, served, moved, sizes
+
+
 @VERSIONS
 def test_the_memory_moves_after_the_container_runs_and_comes_back_intact(hosts, memfill_image: TestImage,
                                                                          tmpfs: Path, mib: int):
-    source, target = hosts
-    for host in hosts:
-        host.import_image(memfill_image)
-    images, served = checkpointed_memfill(source, memfill_image, tmpfs, mib)
-    moved, sizes = split_for(target, images)
+    target = hosts[1]
+    images, served, moved, sizes = prepared(hosts, memfill_image, tmpfs, mib)
     assert sizes["lazy_pages"] >= mib * 1024 * 1024 // PAGE and sizes["moved"] < 8 << 20, sizes
     # 256 MiB at 48 MiB/s (a 400 Mbit/s link), ~5.5 s; 64 MiB at 24 MiB/s, ~2.7 s: seconds after the task runs
     server = PageServer(Path(images), rate=(48 if mib == MIB else 24) << 20)
@@ -299,11 +306,8 @@ def test_memory_dropped_and_a_child_forked_while_the_pages_move_come_out_intact(
     # are dropped under every request in flight; CRIU 4.2's `criu lazy-pages` then leaves the rest of such a
     # request stuck and a later fault there waits forever (docs/migrate.md). Then a forked child reads everything
     # through its own userfaultfd (a FORK event), and the parent too.
-    source, target = hosts
-    for host in hosts:
-        host.import_image(memfill_image)
-    images, _ = checkpointed_memfill(source, memfill_image, tmpfs, mib)
-    moved, sizes = split_for(target, images)
+    target = hosts[1]
+    images, _, moved, sizes = prepared(hosts, memfill_image, tmpfs, mib)
     server = PageServer(Path(images), rate=48 << 20)
     container_id = ""
     try:
@@ -331,13 +335,11 @@ def test_memory_dropped_and_a_child_forked_while_the_pages_move_come_out_intact(
 
 
 @VERSIONS
+@pytest.mark.parametrize("lost", ["page-server", "lazy-pages-daemon"])
 def test_a_page_server_lost_mid_transfer_ends_the_container_with_its_cause(hosts, memfill_image: TestImage,
-                                                                           tmpfs: Path, mib: int):
-    source, target = hosts
-    for host in hosts:
-        host.import_image(memfill_image)
-    images, _ = checkpointed_memfill(source, memfill_image, tmpfs, mib)
-    moved, _ = split_for(target, images)
+                                                                           tmpfs: Path, mib: int, lost: str):
+    target = hosts[1]
+    images, _, moved, _ = prepared(hosts, memfill_image, tmpfs, mib)
     server = PageServer(Path(images), rate=8 << 20)  # ~32 s for 256 MiB, 8 s for 64: killed long before the end
     container_id = ""
     try:
@@ -350,7 +352,13 @@ def test_a_page_server_lost_mid_transfer_ends_the_container_with_its_cause(hosts
             checking = subprocess.Popen(  # memfill faults on pages the page server will never send
                 ["nsenter", f"--net=/proc/{pid}/ns/net", sys.executable, "-c", ASK, str(PORT), "check", "120"],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            os.kill(server.process.pid, signal.SIGKILL)
+            if lost == "page-server":
+                os.kill(server.process.pid, signal.SIGKILL)
+            else:  # the destination's side of the same loss: its daemon killed (the OOM killer, a bug)
+                daemon = [p for p in descendants(shim) if b"shim.criu.lazy_daemon" in
+                          Path(f"/proc/{p}/cmdline").read_bytes()]
+                assert len(daemon) == 1, daemon
+                os.kill(daemon[0], signal.SIGKILL)
             server.process.wait(10)
             served = server.served_at(time.time())
             exited = events.wait_for(rf"/tasks/exit .*{container_id}.*\"exit_status\":137", 60)
@@ -358,7 +366,10 @@ def test_a_page_server_lost_mid_transfer_ends_the_container_with_its_cause(hosts
         log = wait_until(lambda: next((line for line in target.log_tail(400).splitlines()
                                        if f"post-copy of {container_id} failed" in line), None),
                          "the shim's log saying why the container ended", 30)
-        assert "lazy-pages daemon exited with 1" in log and "Error: the page server" in log, log
+        if lost == "page-server":
+            assert "lazy-pages daemon exited with 1" in log and "Error: the page server" in log, log
+        else:
+            assert "lazy-pages daemon exited with 137" in log, log
         checked, _ = checking.communicate(timeout=60)
         assert not checked.startswith("ok"), checked  # memfill never finished reading zeros as its memory
         assert served < server.total

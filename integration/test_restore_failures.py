@@ -255,6 +255,7 @@ def test_a_restore_whose_caller_goes_away_leaves_nothing(containerd: Containerd,
     remove(containerd, original)
 
     outcomes = {}
+    yards = criu_yards()
     for case in ("task killed", "containerd killed"):
         container_id = containerd.new_id("rest-big")
         config = containerd.tmp / f"restore-{container_id}.toml"
@@ -298,11 +299,18 @@ def test_a_restore_whose_caller_goes_away_leaves_nothing(containerd: Containerd,
                                container_id, check=False)
         status = task_status(containerd, container_id)
         remove(containerd, container_id)
+        during += sorted(criu_yards() - yards)  # the killed CRIU's root yard, once cleanups had their time
         outcomes[case] = {"interrupted": interrupted, "left": during + after, "rootfs": rootfs_intact,
                           "reused and checkpointed": (again.returncode, status)}
     print(outcomes)
     expected = {"interrupted": True, "left": [], "rootfs": True, "reused and checkpointed": (0, "RUNNING")}
     assert outcomes == {"task killed": expected, "containerd killed": {**expected, "rootfs": None}}
+
+
+def criu_yards() -> set[str]:
+    """CRIU's root yards in the host's /tmp (/tmp/.criu.mntns.XXXXXX): a restore makes one and removes it when it
+    ends; a CRIU killed mid-restore leaves it, for the shim to remove."""
+    return {str(path) for path in Path("/tmp").glob(".criu.mntns.*")}
 
 
 def runc_or_criu_of(container_id: str) -> list[str]:
@@ -348,6 +356,7 @@ def killed_mid_restore(containerd: Containerd, image: TestImage, runtime: str, c
     let containerd clean up after the dead shim (its `delete` action), then look: what is left, whether the rootfs
     still holds its files, and whether the id is reused and checkpointed."""
     container_id = containerd.new_id("shimkill-rst")
+    yards = criu_yards()
     starting = None
     if runtime == PYSHIM:
         config = containerd.tmp / f"restore-{container_id}.toml"
@@ -395,6 +404,7 @@ def killed_mid_restore(containerd: Containerd, image: TestImage, runtime: str, c
             and time.monotonic() < deadline:
         time.sleep(0.1)
     removed = removed_from_rootfs(containerd, container_id)
+    yards_left = sorted(criu_yards() - yards)
     remove(containerd, container_id)
     deadline = time.monotonic() + 10
     while (after := left_of(containerd, container_id)) and time.monotonic() < deadline:
@@ -406,7 +416,7 @@ def killed_mid_restore(containerd: Containerd, image: TestImage, runtime: str, c
     remove(containerd, container_id)
     return {"interrupted": interrupted, "criu found by name": criu_by_name, "start failed": starting.returncode != 0,
             "runc/criu left": running, "left after delete": left, "left after rm": after,
-            "files removed from the rootfs": removed,
+            "files removed from the rootfs": removed, "CRIU's yard left in /tmp": yards_left,
             "reused and checkpointed": (again.returncode, status),
             "error": " ".join(stderr.decode(errors="replace").split())[-200:],
             "checkpoint again": " ".join(again.stderr.split())[-200:] if again.returncode else ""}
@@ -434,5 +444,5 @@ def test_a_shim_killed_mid_restore_leaves_no_runc_criu_or_mount(containerd: Cont
     pyshim = outcomes[PYSHIM]
     assert (pyshim["interrupted"], pyshim["criu found by name"], pyshim["start failed"]) == (True, True, True), pyshim
     assert (pyshim["runc/criu left"], pyshim["left after delete"], pyshim["left after rm"]) == ([], [], []), pyshim
-    assert pyshim["files removed from the rootfs"] == [], pyshim
+    assert pyshim["files removed from the rootfs"] == [] and pyshim["CRIU's yard left in /tmp"] == [], pyshim
     assert pyshim["reused and checkpointed"] == (0, "RUNNING"), pyshim

@@ -1,6 +1,6 @@
-"""pyshim's page server for post-copy: it answers a destination's `criu lazy-pages --page-server` from a
-checkpoint's images, the role CRIU gives its own lazy dump (`criu dump --lazy-pages`), which fails on the machines
-pyshim is built on (docs/migrate.md says why).
+"""pyshim's page server for post-copy: it answers a destination's lazy-pages daemon (pyshim's,
+shim.criu.lazy_daemon, or `criu lazy-pages --page-server`) from a checkpoint's images, the role CRIU gives its own
+lazy dump (`criu dump --lazy-pages`), which fails on the machines pyshim is built on (docs/migrate.md says why).
 
 The source dumps the container (images in memory, a tmpfs), `lazy_images.split` makes the images the destination
 restores from, and this server serves the pages left out, one session: the destination's daemon asks for a page

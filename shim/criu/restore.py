@@ -30,7 +30,7 @@ from shim.cgroups import made as made_cgroups
 from shim.children.proctree import children_of, cmdline, parent_of
 from shim.children.reaper import Reaper
 from shim.children.spawn import spawn
-from shim.criu import image_check, images, loopback, netlock, unfinished
+from shim.criu import image_check, images, loopback, mount_yard, netlock, unfinished
 from shim.criu.lazy_images import RECORD_KEY as POST_COPY
 from shim.criu.lazy_images import lazy_pages_left
 from shim.criu.log import keep, quote
@@ -168,6 +168,7 @@ async def restore(reaper: Reaper, background: BackgroundTasks, *, container_id: 
             await daemon.stop()
         kept = keep(os.path.join(work, "restore.log"), bundle.file("criu-restore.log"), max_bytes=KEPT_LOG_BYTES)
         await _clean_failed_restore(runtime, container_id, cgroups_path, cgroups_before)
+        mount_yard.remove_left_behind(os.path.join(work, "restore.log"))  # a killed CRIU's, in the host's /tmp
         await netlock.after_failed_restore(firewall, watched_lock)  # CRIU locked and did not unlock
         if isinstance(exc, asyncio.CancelledError):
             log.warning("restore of %s from %s stopped before it ended; runc and CRIU were killed and what they "

@@ -4,7 +4,7 @@ A shim server SIGKILLed while `runc restore` runs leaves runc, its CRIU and the 
 the server's children, re-parented), runc's private bind of the rootfs mounted at `<state dir>/criu-root`, runc's
 state and the cgroups the restore made. containerd then runs the shim's `delete` action, on its hot path: the server
 writes a marker file (`restoring.json` in the bundle) when a restore starts, records runc's pid and start time once
-it is spawned (and `criu lazy-pages`'s for a lazy restore), and removes the marker when the restore is over, cleaned
+it is spawned (and the lazy-pages daemon's for a lazy restore), and removes the marker when the restore is over, cleaned
 up or not. `delete` reads nothing more than the marker's absence in the common case; when it is there:
 
 1. end(): SIGKILL each recorded process whose start time is still the recorded one, with its descendants (CRIU and
@@ -50,7 +50,8 @@ def record(bundle: str, facts: dict) -> None:
 
 
 def add_process(bundle: str, facts: dict, pid: int) -> None:
-    """Record a process the restore started (runc, criu lazy-pages), with its start time, in facts and the marker."""
+    """Record a process the restore started (runc, the lazy-pages daemon), with its start time, in facts and the
+    marker."""
     started = start_time(pid)
     if started is not None:
         facts.setdefault("processes", []).append([pid, started])
@@ -168,8 +169,8 @@ def release_network_lock(facts: dict, firewall=None) -> list[str]:
 
 
 def remove_leftovers(facts: dict, marker: str) -> list[str]:
-    """After `runc delete --force`: runc's unfinished state, the cgroups the restore made, its own work dir, the
-    marker. What could not be removed, as readable lines."""
+    """After `runc delete --force`: runc's unfinished state, the cgroups the restore made, CRIU's root yard, its own
+    work dir, the marker. What could not be removed, as readable lines."""
     problems = remove_unfinished_state(str(facts.get("state_dir") or ""))
     cgroups_path = str(facts.get("cgroups_path") or "")
     if cgroups_path:
@@ -181,6 +182,10 @@ def remove_leftovers(facts: dict, marker: str) -> list[str]:
                                                                       {Path(p) for p in facts.get("cgroups_before")
                                                                        or []})]
     work = str(facts.get("work") or "")
+    if os.path.isabs(work):
+        from shim.criu.mount_yard import remove_left_behind
+
+        remove_left_behind(os.path.join(work, "restore.log"))  # the killed CRIU's root yard in the host's /tmp
     if facts.get("own_work") and os.path.isabs(work):
         from shim.rootfs.unmount import mount_points_under
 

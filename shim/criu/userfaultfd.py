@@ -1,7 +1,8 @@
-"""Holding a lazy restore's userfaultfds, so that a `criu lazy-pages` that dies cannot leave zeros in place of
+"""Holding a lazy restore's userfaultfds, so that a lazy-pages daemon that dies cannot leave zeros in place of
 memory.
 
-After a lazy restore the only holder of each restored process's userfaultfd is the `criu lazy-pages` daemon. When
+After a lazy restore the only holder of each restored process's userfaultfd is the lazy-pages daemon (CRIU's or
+pyshim's: shim.criu.lazy_daemon). When
 it dies, the kernel releases the userfaultfds, unregisters their ranges, and every page not served yet becomes an
 ordinary missing page: the next touch maps a zero page and the process runs on with zeros where its memory was
 (seen here: a restored python, its page server killed, segfaulted reading a NULL from its zeroed heap). The shim
@@ -67,7 +68,7 @@ class UserfaultfdHold:
         self.replaced: list[int] = []  # ours, of userfaultfds the daemon has closed since
         self.enabled = supported()
         if not self.enabled:
-            log.warning("userfaultfds of criu lazy-pages (pid %d) not held: no pidfd_getfd number known for %s",
+            log.warning("userfaultfds of the lazy-pages daemon (pid %d) not held: no pidfd_getfd number known for %s",
                         pid, platform.machine())
 
     def take(self) -> int:

@@ -1,13 +1,11 @@
 """--post-copy: the container runs on the destination before its memory has moved; its pages follow through the
-migration's own ssh connection.
-
-The source dumps into memory (a directory on /dev/shm, a tmpfs), sends the images without the pages CRIU marks
-lazy (shim.criu.lazy_images.split: ~1 MiB whatever the container's size), and serves those pages with pyshim's page
-server (shim.criu.page_server, in a thread of this command) on one end of a socket pair. On the destination the
-receiver listens on a unix socket in a private directory and names it in the images' record; the shim's
-lazy restore connects to it and hands the connection to `criu lazy-pages --page-server --ps-socket`. Between the two
-sockets the page-server bytes travel as P frames, both ways, as --stream's do: no port is opened on either host and
-no ssh forwarding is needed.
+migration's own ssh connection. The source dumps into memory (a directory on /dev/shm, a tmpfs), sends the images
+without the pages CRIU marks lazy (shim.criu.lazy_images.split: ~1 MiB whatever the container's size), and serves
+those pages with pyshim's page server (shim.criu.page_server, in a thread of this command) on one end of a socket
+pair. On the destination the receiver listens on a unix socket in a private directory and names it in the images'
+record; the shim's lazy restore connects to it and hands the connection to its lazy-pages daemon
+(shim.criu.lazy_daemon, --ps-socket). Between the two sockets the page-server bytes travel as P frames, both ways,
+as --stream's do: no port is opened on either host and no ssh forwarding is needed.
 
 The source keeps its images until every page has moved (the page server removes them then). If the connection, the
 page server or the destination's daemon fails before that, the destination's shim kills the container (its memory
