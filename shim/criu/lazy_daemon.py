@@ -195,6 +195,7 @@ class Daemon:
         self.restore_finished = False
         self.processes: dict[int, Process] = {}  # by userfaultfd
         self.retries: list[tuple[Process, int, bytearray, int]] = []
+        self.zero_again = False  # a zero page refused while mappings changed: _chase tries again soon, not in 1 s
         self.background_pages = BACKGROUND_STEP // PAGE_SIZE
         self.counts = collections.Counter[str]()
         self.started = time.monotonic()
@@ -207,7 +208,8 @@ class Daemon:
         self.epoll.register(self.source.fileno(), select.EPOLLIN)
         last_progress = time.monotonic()
         while not self._done():
-            for fd, _ in self.epoll.poll(RETRY_WAIT if self.retries else PROGRESS_EVERY, MESSAGES):
+            for fd, _ in self.epoll.poll(RETRY_WAIT if self.retries or self.zero_again else PROGRESS_EVERY,
+                                         MESSAGES):
                 if fd == self.listener.fileno():
                     self._accept()
                 elif self.restore is not None and fd == self.restore.fileno():
@@ -280,7 +282,10 @@ class Daemon:
                 raise DaemonError("the restore closed its connection before it finished")
 
     def _register(self, pid: int, fd: int) -> None:
-        runs = self.lazy.get(pid, [])
+        runs = self.lazy.get(pid)
+        if runs is None:  # serving it would answer every fault with zeros
+            os.close(fd)
+            raise DaemonError(f"the restore registered process {pid}, which has no pagemap-{pid}.img in the images")
         process = Process(pid, fd, MissingPages(runs), f"{pid}")
         self._add(process)
         self.log.write(f"process {pid}: userfaultfd {fd}, {process.missing.pages} pages to come")
@@ -309,13 +314,22 @@ class Daemon:
             elif message.event == uffd.EVENT_FORK:
                 child = Process(process.pid, message.fd, process.missing.copy(), f"{process.pid}/{message.fd}")
                 self._add(child)
+                # Pages the parent refused while it forked are owed to the child as well.
+                self.retries += [(child, vaddr, data, attempt) for retrying, vaddr, data, attempt in self.retries
+                                 if retrying is process]
                 self.log.debug(f"{process.name} forked: {child.name} lacks {child.missing.pages} pages")
             elif message.event == uffd.EVENT_REMAP:
-                process.missing.remap(message.start, message.to, message.length)
-                process.waiting = {a - message.start + message.to if message.start <= a < message.start +
-                                   message.length else a for a in process.waiting}
+                self._moved(process, message)
             elif message.event in (uffd.EVENT_REMOVE, uffd.EVENT_UNMAP):
                 self._forget(process, message)
+
+    def _moved(self, process: Process, message: uffd.Message) -> None:
+        """mremap moved [start, start + length) to `to`: what the process lacked there, it lacks at `to`. A thread
+        that faulted there sleeps on its old address, which no copy to the new one wakes: wake it to fault again
+        (a SIGSEGV there, or with MREMAP_DONTUNMAP a zero page, as without us)."""
+        process.missing.remap(message.start, message.to, message.length)
+        process.waiting = {a for a in process.waiting if not message.start <= a < message.start + message.length}
+        uffd.wake(process.fd, message.start, message.length)
 
     def _forget(self, process: Process, message: uffd.Message) -> None:
         """Pages the process dropped (madvise) or unmapped: they will not come; whoever waits there faults again
@@ -325,11 +339,14 @@ class Daemon:
         length = message.end - message.start
         if message.event == uffd.EVENT_REMOVE:
             error = uffd.unregister(process.fd, message.start, length)
-        else:
-            error = uffd.wake(process.fd, message.start, length)
-        if error in (errno.ENOMEM, errno.ESRCH):
-            self._gone(process, f"{'unregister' if message.event == uffd.EVENT_REMOVE else 'wake'}: "
-                                f"{os.strerror(error)}")
+            if not error:
+                return  # unregistering woke the waiters
+            self.log.debug(f"{process.name}: unregister {message.start:#x}-{message.end:#x}: {os.strerror(error)}; "
+                           "the range stays ours")
+        # After an unmap; or the range stays ours: ENOMEM says the mm is exiting, or just as well that splitting its
+        # mapping would pass vm.max_map_count, and the process lives on. Taking it for gone would close its
+        # userfaultfd, and every page still missing would read as zeros. A fault there now gets a zero page.
+        uffd.wake(process.fd, message.start, length)
 
     def _gone(self, process: Process, why: str) -> None:
         """The process exited or exec'd (why: what said so): its memory needs nothing more."""
@@ -345,6 +362,7 @@ class Daemon:
 
     def _chase(self) -> None:
         """Every page a process waits on gets a zero page, or is in flight."""
+        self.zero_again = False
         for process in list(self.processes.values()):
             for address in sorted(process.waiting):
                 if process.gone:
@@ -352,13 +370,14 @@ class Daemon:
                 image = process.missing.image_address(address)
                 if image is None:
                     self._zero(process, address)
-                elif not self._in_flight(process.pid, image):
+                elif not self._in_flight(process, image):
                     self._ask(process, address, image, FAULT_PAGES, background=False)
 
     def _zero(self, process: Process, address: int) -> None:
         error = uffd.zeropage(process.fd, address)
-        if error == errno.EAGAIN:
-            return  # its mappings change: again next time round
+        if error == errno.EAGAIN:  # its mappings change (the event that says how is read, its thread not on yet)
+            self.zero_again = True
+            return
         process.waiting.discard(address)
         if error == 0:
             self.counts["zero"] += 1
@@ -370,15 +389,15 @@ class Daemon:
         else:
             raise DaemonError(f"no zero page for process {process.name} at {address:#x}: {os.strerror(error)}")
 
-    def _in_flight(self, pid: int, image: int) -> bool:
+    def _in_flight(self, process: Process, image: int) -> bool:
         """Asked for and not answered, or answered and waiting to be copied (the process's mappings changed)."""
-        return self._covered_from(pid, image) > 0
+        return self._covered_from(process, image) > 0
 
     def _ask(self, process: Process, address: int, image: int, most: int, *, background: bool) -> None:
         """Ask for the page at address and up to most - 1 pages after it that the process lacks, none in flight."""
         pages = 1
         while pages < most and process.missing.image_address(address + pages * PAGE_SIZE) == \
-                image + pages * PAGE_SIZE and not self._in_flight(process.pid, image + pages * PAGE_SIZE):
+                image + pages * PAGE_SIZE and not self._in_flight(process, image + pages * PAGE_SIZE):
             pages += 1
         request = Request(process.pid, image, pages, background)
         self.source.ask(request)
@@ -407,19 +426,21 @@ class Daemon:
                 address = start
                 while address < end:
                     checkpoint = image + address - start
-                    covered = self._covered_from(process.pid, checkpoint)
+                    covered = self._covered_from(process, checkpoint)
                     if not covered:
                         return process, address, checkpoint
                     address += covered
         return None
 
-    def _covered_from(self, pid: int, image: int) -> int:
-        """How many bytes from checkpoint address image on are in flight (0: that page is not)."""
+    def _covered_from(self, process: Process, image: int) -> int:
+        """How many bytes from checkpoint address image on are on their way to process (0: that page is not). An
+        answer goes to every process of its checkpoint pid (a fork's parent and child); a copy to retry, to its
+        own process only (a child forked meanwhile lacks those pages too)."""
         for request in self.source.in_flight:
-            if request.covers(pid, image):
+            if request.covers(process.pid, image):
                 return request.vaddr + request.pages * PAGE_SIZE - image
-        for process, vaddr, data, _ in self.retries:
-            if process.pid == pid and vaddr <= image < vaddr + len(data):
+        for retrying, vaddr, data, _ in self.retries:
+            if retrying is process and vaddr <= image < vaddr + len(data):
                 return vaddr + len(data) - image
         return 0
 
