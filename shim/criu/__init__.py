@@ -25,9 +25,9 @@ Modules:
 - lazy_images: a dump's lazy pages split out of the images a post-copy destination restores from; their index.
 - page_protocol, page_server: CRIU's page-server protocol (sans-IO) and pyshim's page server answering a
   destination's lazy-pages daemon from the images (`python -m shim.criu.page_server`).
-- lazy_daemon, missing_pages, uffd: pyshim's lazy-pages daemon (`python -m shim.criu.lazy_daemon`), which feeds a
-  lazily restored container from a page server in place of `criu lazy-pages`; the pages each process still lacks;
-  the userfaultfd ABI.
+- lazy_daemon, missing_pages, page_client, uffd: pyshim's lazy-pages daemon (`python -m shim.criu.lazy_daemon`),
+  which feeds a lazily restored container from a page server in place of `criu lazy-pages`; the pages each process
+  still lacks; its side of the page-server protocol; the userfaultfd ABI.
 - userfaultfd: a lazy restore's userfaultfds held by the shim, so that a daemon that dies cannot leave zeros.
 - netlock: CRIU's network lock a dump left in a namespace (iptables-save / nft output, its log and
   inventory), removed when no restore will come there (failed dump, Delete, restore elsewhere), through a
