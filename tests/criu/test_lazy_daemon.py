@@ -251,13 +251,42 @@ def first_held_request(lab: Lab) -> tuple[int, int]:
     return (request.vaddr - lab.child.base) // PAGE_SIZE, request.nr_pages
 
 
+def waiting_through(lab: Lab, page: int, command: str) -> set[str]:
+    """A thread of the child faults on page and sleeps there; then command: the child's next two lines (the
+    command's answer, and the thread's once it reads the page)."""
+    assert lab.child.ask(f"wait {page}") == "waiting"
+    lab.wait_in_log(f"PAGEFAULT {lab.child.address(page):#x}")  # the thread sleeps in its fault
+    lab.child.process.stdin.write(command + "\n")
+    lab.child.process.stdin.flush()
+    return {lab.child.line(), lab.child.line()}
+
+
+def ends_whole(lab: Lab, *, dropped: set[int] | frozenset[int] = frozenset(), copied: int | None = None) -> None:
+    """Every page the child keeps holds its content (the dropped ones zero), the daemon exits 0, and with copied:
+    its last line counts that many pages copied, the dropped ones before they came, none missing."""
+    assert lab.child.ask("sum") == expected_sum(dropped=set(dropped))
+    assert lab.exit_status() == 0, lab.log.read_text()
+    if copied is not None:
+        assert f"{copied} pages copied, {len(dropped)} dropped or unmapped before they came, 0 missing" in \
+            lab.log.read_text()
+
+
+def held(make, *, at_least: int) -> tuple[Lab, int]:
+    """A started lab whose page server holds every answer back, and the first page of its first request (a
+    background one, at least at_least pages long)."""
+    lab = make()
+    lab.start(hold=True)
+    first, pages = first_held_request(lab)
+    assert pages >= at_least, pages
+    return lab, first
+
+
 def test_faults_and_background_bring_every_page_and_the_daemon_ends(lab):
     lab = lab(most=3)  # short answers: the daemon asks again for the rest
     lab.start()
     for page in (40, 3, 63, 0, 17):
         assert lab.child.ask(f"read {page}") == str(content(page)[0])
-    assert lab.child.ask("sum") == expected_sum()
-    assert lab.exit_status() == 0, lab.log.read_text()
+    ends_whole(lab)
     log = lab.log.read_text()
     assert f"{PAGES} pages copied, 0 dropped or unmapped before they came, 0 missing" in log, log
     assert lab.server.closed
@@ -266,34 +295,21 @@ def test_faults_and_background_bring_every_page_and_the_daemon_ends(lab):
 def test_a_page_dropped_while_its_range_is_on_the_way_leaves_no_page_stuck(lab):
     # CRIU 4.2's daemon wedges here: it splits its request entry at the dropped page, no answer matches the rest,
     # and a fault there is never asked for again.
-    lab = lab()
-    lab.start(hold=True)
-    first, pages = first_held_request(lab)  # a background request, answers held back
+    lab, first = held(lab, at_least=4)  # a background request, answers held back
     dropped = first + 2
-    assert pages > 3
     assert lab.child.ask(f"drop {dropped} 1") == "dropped"  # returns once the daemon has read the REMOVE event
     lab.server.hold.clear()
     assert lab.child.ask(f"read {dropped + 1}") == str(content(dropped + 1)[0])
-    assert lab.child.ask("sum") == expected_sum(dropped={dropped})
-    assert lab.exit_status() == 0, lab.log.read_text()
-    assert f"{PAGES - 1} pages copied, 1 dropped or unmapped before they came, 0 missing" in lab.log.read_text()
+    ends_whole(lab, dropped={dropped}, copied=PAGES - 1)
 
 
 def test_a_thread_waiting_on_a_page_dropped_meanwhile_is_woken_and_reads_zeros(lab):
-    lab = lab()
-    lab.start(hold=True)
-    first, pages = first_held_request(lab)
+    lab, first = held(lab, at_least=7)
     waited = first + 5
-    assert pages > 6
-    assert lab.child.ask(f"wait {waited}") == "waiting"
-    lab.wait_in_log(f"PAGEFAULT {lab.child.address(waited):#x}")  # the thread sleeps in its fault
-    lab.child.process.stdin.write(f"drop {waited} 1\n")
-    lab.child.process.stdin.flush()
     # Both, in either order, while every answer is still held back: the waiter did not wait for its page.
-    assert {lab.child.line(), lab.child.line()} == {"dropped", f"page {waited}: 0"}
+    assert waiting_through(lab, waited, f"drop {waited} 1") == {"dropped", f"page {waited}: 0"}
     lab.server.hold.clear()
-    assert lab.child.ask("sum") == expected_sum(dropped={waited})
-    assert lab.exit_status() == 0, lab.log.read_text()
+    ends_whole(lab, dropped={waited})
 
 
 def test_a_drop_whose_range_cannot_be_unregistered_leaves_the_process_served(lab):
@@ -303,57 +319,36 @@ def test_a_drop_whose_range_cannot_be_unregistered_leaves_the_process_served(lab
     limit = int(Path("/proc/sys/vm/max_map_count").read_text())
     if limit > 100_000:
         pytest.skip(f"vm.max_map_count is {limit}: too many mappings to make in a unit test (65530 is the default)")
-    lab = lab()
-    lab.start(hold=True)
-    first, pages = first_held_request(lab)
+    lab, first = held(lab, at_least=4)
     dropped = first + 2
-    assert pages > 3
     assert lab.child.ask("crowd").startswith("crowded ")
     assert lab.child.ask(f"drop {dropped} 1") == "dropped"
     lab.wait_in_log(f"unregister {lab.child.address(dropped):#x}-{lab.child.address(dropped + 1):#x}: Cannot "
                     "allocate memory; the range stays ours")
     lab.server.hold.clear()
     assert lab.child.ask(f"read {dropped}") == "0"  # a zero page from the daemon: the range is still registered
-    assert lab.child.ask("sum") == expected_sum(dropped={dropped})
-    assert lab.exit_status() == 0, lab.log.read_text()
-    assert f"{PAGES - 1} pages copied, 1 dropped or unmapped before they came, 0 missing" in lab.log.read_text()
+    ends_whole(lab, dropped={dropped}, copied=PAGES - 1)
 
 
 def test_pages_moved_by_mremap_while_on_the_way_land_at_their_new_address(lab):
-    lab = lab()
-    lab.start(hold=True)
-    first, pages = first_held_request(lab)
-    assert pages >= 8
+    lab, first = held(lab, at_least=8)
     assert lab.child.ask(f"move {first + 4} 4") == "moved"  # returns once the daemon has read the REMAP event
     lab.server.hold.clear()
     assert lab.child.ask(f"read {first + 5}") == str(content(first + 5)[0])
-    assert lab.child.ask("sum") == expected_sum()  # every page, the moved ones read where they are now
-    assert lab.exit_status() == 0, lab.log.read_text()
-    assert f"{PAGES} pages copied, 0 dropped or unmapped before they came, 0 missing" in lab.log.read_text()
+    ends_whole(lab, copied=PAGES)  # every page, the moved ones read where they are now
 
 
 def test_a_thread_waiting_on_a_page_moved_away_is_woken(lab):
     # MREMAP_DONTUNMAP leaves the old place mapped and empty: the waiter, woken, faults again there and reads zeros.
-    lab = lab()
-    lab.start(hold=True)
-    first, pages = first_held_request(lab)
+    lab, first = held(lab, at_least=8)
     waited = first + 5
-    assert pages >= 8
-    assert lab.child.ask(f"wait {waited}") == "waiting"
-    lab.wait_in_log(f"PAGEFAULT {lab.child.address(waited):#x}")
-    lab.child.process.stdin.write(f"move {first + 4} 4 dontunmap\n")
-    lab.child.process.stdin.flush()
-    assert {lab.child.line(), lab.child.line()} == {"moved", f"page {waited}: 0"}
+    assert waiting_through(lab, waited, f"move {first + 4} 4 dontunmap") == {"moved", f"page {waited}: 0"}
     lab.server.hold.clear()
-    assert lab.child.ask("sum") == expected_sum()  # the moved pages came to their new place
-    assert lab.exit_status() == 0, lab.log.read_text()
+    ends_whole(lab)  # the moved pages came to their new place
 
 
 def test_pages_unmapped_while_on_the_way_leave_the_rest_intact(lab):
-    lab = lab()
-    lab.start(hold=True)
-    first, pages = first_held_request(lab)
-    assert pages >= 8
+    lab, first = held(lab, at_least=8)
     unmapped = set(range(first + 2, first + 6))
     assert lab.child.ask(f"unmap {first + 2} 4") == "unmapped"
     lab.server.hold.clear()
@@ -364,15 +359,10 @@ def test_pages_unmapped_while_on_the_way_leave_the_rest_intact(lab):
 
 def test_pages_on_the_way_to_a_mapping_split_by_mprotect_come_a_page_at_a_time(lab):
     # One copy may not span two mappings (ENOENT): the daemon copies that answer a page at a time.
-    lab = lab()
-    lab.start(hold=True)
-    first, pages = first_held_request(lab)
-    assert pages >= 8
+    lab, first = held(lab, at_least=8)
     assert lab.child.ask(f"protect {first + 3} 2") == "protected"
     lab.server.hold.clear()
-    assert lab.child.ask("sum") == expected_sum()
-    assert lab.exit_status() == 0, lab.log.read_text()
-    assert f"{PAGES} pages copied, 0 dropped or unmapped before they came, 0 missing" in lab.log.read_text()
+    ends_whole(lab, copied=PAGES)
 
 
 def test_a_process_that_exits_before_its_pages_came_is_let_go(lab):
@@ -410,8 +400,7 @@ def test_a_zombie_registration_is_ignored(lab):
     restore.register(PID, lab.child.userfaultfd())
     restore.zombie(8)
     restore.finish()
-    assert lab.child.ask("sum") == expected_sum()
-    assert lab.exit_status() == 0, lab.log.read_text()
+    ends_whole(lab)
     log = lab.log.read_text()
     assert f"process {PID}: userfaultfd" in log and "process -" not in log and "process 7" not in log, log
 
