@@ -117,8 +117,9 @@ def two_containerds(request: pytest.FixtureRequest, environment: Environment, te
             instance.import_image(test_image)
         yield instances
     finally:
-        for instance in instances:
-            instance.stop()
+        notes = [note for instance in instances for note in instance.stop()]
+        if notes:
+            print("teardown notes:", notes)  # shown with a failing test's output
 
 
 @pytest.fixture(scope="session", autouse=True)

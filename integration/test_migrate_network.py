@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 from harness import memfill
 from harness import sshd as sshd_module
-from harness.containerd import PYSHIM, Containerd
+from harness.containerd import PYSHIM
 from harness.environment import Environment
 from harness.image import TestImage
 from harness.migration import TwoHosts, added, mode_skip_reason
@@ -50,34 +50,28 @@ def two_hosts(request, environment: Environment, test_image: TestImage, containe
     """Source and destination containerd (2.x unless the test or $PYSHIM_TWO_HOSTS_CONTAINERD says: conftest's
     two_host_versions) with the test image, the network lab, the destination's sshd. Everything is torn down
     afterwards and the lab asserted empty."""
-    from conftest import track_containerd, two_host_versions
+    from conftest import two_containerds
 
     if reason := sshd_module.unavailable_reason():
         pytest.skip(reason)
     lab = MigrationLab()
-    instances: list[Containerd] = []
     sshd = sshd_module.Sshd(tmp_path / "sshd", tool=environment.tool)
     hosts: TwoHosts | None = None
     try:
-        for version in two_host_versions(request):
-            instance = Containerd(version, environment, log_dir=containerd_log_dir)
-            track_containerd(request, instance)
-            instances.append(instance)
-            instance.start()
-            instance.import_image(test_image)
-        sshd.start()
-        work = tmp_path / "work"
-        work.mkdir()
-        hosts = TwoHosts(instances[0], instances[1], lab, sshd, environment.tool, work)
-        yield hosts
+        with two_containerds(request, environment, test_image, containerd_log_dir) as instances:
+            try:
+                sshd.start()
+                work = tmp_path / "work"
+                work.mkdir()
+                hosts = TwoHosts(instances[0], instances[1], lab, sshd, environment.tool, work)
+                yield hosts
+            finally:  # before the containerds stop
+                notes = hosts.end_leftover_processes() if hosts else []
+                notes += sshd.stop()
+                if notes:
+                    print("teardown notes:", notes)  # shown with a failing test's output
     finally:
-        notes = hosts.end_leftover_processes() if hosts else []
-        notes += sshd.stop()
-        for instance in instances:
-            notes += instance.stop()
         left = lab.close()
-        if notes:
-            print("teardown notes:", notes)  # shown with a failing test's output
     assert not left, f"left behind by the lab: {left}"
 
 

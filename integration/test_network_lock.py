@@ -147,6 +147,13 @@ def each_method(containerd: Containerd, image: TestImage, hosts: Hosts, server: 
             remove(containerd, original)
 
 
+def serves_again(result: subprocess.CompletedProcess, client, server: Host) -> None:
+    """The restore (its ctr result) succeeded, the client's connection is served again, no CRIU lock is left."""
+    assert result.returncode == 0, result.stderr
+    assert echo(client, "after") == "after"
+    assert criu_locks(server.name) == []
+
+
 def test_each_lock_method_with_a_connection_sending_while_the_server_is_down(containerd: Containerd,
                                                                             test_image: TestImage, hosts: Hosts):
     outcomes = {method or "default": each_method(containerd, test_image, hosts, hosts.server(n), method)
@@ -191,9 +198,7 @@ def test_delete_removes_the_lock_a_checkpoint_with_exit_left(containerd: Contain
             assert criu_locks(server.name) == [], "Delete removed the lock"
             # The namespace still takes the restore: with no traffic in between, the connection goes on.
             restored, result, _ = restore(containerd, test_image, images, server)
-            assert result.returncode == 0, result.stderr
-            assert echo(client, "after") == "after"
-            assert criu_locks(server.name) == []
+            serves_again(result, client, server)
         finally:
             if restored:
                 remove(containerd, restored)
@@ -409,9 +414,7 @@ def test_a_failed_restore_leaves_no_lock_but_a_kept_one(containerd: Containerd, 
                 errors="replace")
             assert removed == (not keep or method == "iptables")
             restored, result, _ = restore(containerd, test_image, images, server)
-            assert result.returncode == 0, result.stderr
-            assert echo(client, "after") == "after"
-            assert criu_locks(server.name) == []
+            serves_again(result, client, server)
         finally:
             if failed:
                 remove(containerd, failed, started=False)
@@ -479,9 +482,7 @@ def test_a_shim_killed_mid_restore_leaves_no_lock(containerd: Containerd, test_i
             remove(containerd, held, started=False)
             held = None
             restored, result, _ = restore(containerd, test_image, images, server, f"{OPTION}network-lock={method}")
-            assert result.returncode == 0, result.stderr
-            assert echo(client, "after") == "after"
-            assert criu_locks(server.name) == []
+            serves_again(result, client, server)
         finally:
             if held:
                 remove(containerd, held, started=False)
