@@ -34,6 +34,16 @@ class Completed:
     stderr: bytes
 
 
+def python_argv(statement: str, *args: str) -> list[str]:
+    """Our interpreter afresh (-IS: no site packages, no PYTHON* environment) that sees the shim's package where
+    this process does, running statement (sys imported; args after the path, from sys.argv[2] on)."""
+    import json
+    import sys
+
+    return [sys.executable, "-IS", "-c", "import sys, json; sys.path[:] = json.loads(sys.argv[1]); " + statement,
+            json.dumps(sys.path), *args]
+
+
 def spawn(argv: Sequence[str], *, stdin: int | None = None, stdout: int | None = None, stderr: int | None = None,
           pass_fds: Mapping[int, int] | None = None, env: Mapping[str, str] | None = None,
           setsid: bool = False, cwd: str | None = None) -> int:

@@ -46,8 +46,7 @@ MAX_MESSAGE = 1 << 20
 HELLO_TIMEOUT = 10.0  # connect, fork (or exec: an interpreter's start-up and imports) and the first answer
 PAUSED_POLL = 0.2  # how often the task's paused state is compared with what the worker was last told
 WORKER_FD = 3  # the conversation socket in an exec'd worker
-EXEC_CODE = ("import sys, json; sys.path[:] = json.loads(sys.argv[1]); "
-             "from shim.criu.worker import main; sys.exit(main(3))")
+WORKER_STATEMENT = "from shim.criu.worker import main; sys.exit(main(3))"  # run by spawn.python_argv
 # Exceptions a worker reports by name, raised again here as the same kind (the task service maps kinds to codes).
 KINDS = {cls.__name__: cls for cls in (errors.NotFound, errors.AlreadyExists, errors.FailedPrecondition,
                                        errors.InvalidArgument, errors.Unavailable, errors.Interrupted)}
@@ -335,13 +334,13 @@ class OffloadedCheckpointer:
 
     async def _exec_worker(self) -> Worker:
         """A fresh interpreter, our child, that imports the checkpoint path itself."""
-        from shim.children.spawn import spawn
+        from shim.children.spawn import python_argv, spawn
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         subscription = self.reaper.subscribe()
         try:
             try:
-                pid = spawn([sys.executable, "-IS", "-c", EXEC_CODE, json.dumps(sys.path)],
+                pid = spawn(python_argv(WORKER_STATEMENT),
                             pass_fds={WORKER_FD: theirs.fileno()}, stderr=None)
             finally:
                 theirs.close()

@@ -29,7 +29,7 @@ from shim.bundle.config import CRIU_CONFIG_ANNOTATION, Bundle
 from shim.cgroups import made as made_cgroups
 from shim.children.proctree import children_of, cmdline, parent_of
 from shim.children.reaper import Reaper
-from shim.children.spawn import spawn
+from shim.children.spawn import python_argv, spawn
 from shim.criu import image_check, images, loopback, mount_yard, netlock, unfinished
 from shim.criu.lazy_images import RECORD_KEY as POST_COPY
 from shim.criu.lazy_images import lazy_pages_left
@@ -58,9 +58,6 @@ KEPT_LOG_BYTES = 16 << 20  # of a failed restore's log kept in the bundle
 LAZY_PAGES_READY = 10.0  # seconds for the lazy-pages daemon to listen before the restore gives up
 HOLD_SCAN = 0.1  # seconds between looks for the daemon's new userfaultfds (a restored process forked)
 PS_SOCKET_FD = 4  # the page server's connection, handed to the daemon (--ps-socket)
-# pyshim's lazy-pages daemon in a fresh interpreter that sees the shim's package where the shim does
-LAZY_DAEMON_CODE = ("import sys, json; sys.path[:] = json.loads(sys.argv[1]); "
-                    "from shim.criu.lazy_daemon import main; sys.exit(main(sys.argv[2:]))")
 EndContainer = Callable[[str], Awaitable[None]]
 
 
@@ -273,11 +270,11 @@ def lazy_request(annotations: dict[str, str]) -> CheckpointOptions | None:
     return asked if asked.lazy_pages else None
 
 
-def lazy_daemon_command() -> list[str]:
-    import json
-    import sys
+LAZY_DAEMON = "pyshim's lazy-pages daemon"
 
-    return [sys.executable, "-IS", "-c", LAZY_DAEMON_CODE, json.dumps(sys.path)]
+
+def lazy_daemon_command() -> list[str]:
+    return python_argv("from shim.criu.lazy_daemon import main; sys.exit(main(sys.argv[2:]))")
 
 
 def daemon_argv(*, image_path: str, work: str, log_file: str, page_server: tuple[str, int] | None,
@@ -290,9 +287,6 @@ def daemon_argv(*, image_path: str, work: str, log_file: str, page_server: tuple
         return LAZY_DAEMON, [*lazy_daemon_command(), *common, "--status-fd", "3", "--address", page_server[0],
                              "--port", str(page_server[1])]
     return "criu lazy-pages", ["criu", "lazy-pages", *common, "-v4", "--status-fd", "3"]
-
-
-LAZY_DAEMON = "pyshim's lazy-pages daemon"
 
 
 def _log_name(daemon: str) -> str:
@@ -348,7 +342,7 @@ class LazyPages:
         if said != b"\0":
             await daemon.stop()
             why = "exited" if said == b"" else f"was not ready within {LAZY_PAGES_READY:g}s"
-            raise RestoreFailed(f"{name} {why}" + quote(log_file, source=_log_name(name)))
+            raise RestoreFailed(f"{name} {why}" + quote(log_file, source=daemon.log_name))
         source = (f" from the page server unix:{page_server_unix}" if page_server_unix else
                   f" from the page server {page_server[0]}:{page_server[1]}" if page_server else "")
         log.info("%s (pid %d) serves %s%s", name, pid, image_path, source)

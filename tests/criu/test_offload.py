@@ -4,7 +4,6 @@ errors raised again as their kind, and a worker that dies before answering."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import socket
 import subprocess
@@ -15,6 +14,7 @@ import pytest
 
 from shim import errors
 from shim.background import BackgroundTasks
+from shim.children.spawn import python_argv
 from shim.criu import offload, worker
 from shim.criu.checkpoint import CheckpointFailed
 
@@ -121,8 +121,8 @@ def test_a_worker_that_dies_fails_the_checkpoint_kills_its_session_and_resumes_t
 
 
 def test_a_started_worker_takes_the_servers_place_and_answers_a_job_it_cannot_do(tmp_path):
-    # A real worker, started the way a server starts one (offload.EXEC_CODE, the socket as fd 3), given a job whose
-    # bundle has no config.json: it must set itself up as the server (environment, cwd, logging with the server's
+    # A real worker, started the way a server starts one (offload.WORKER_STATEMENT, the socket as fd 3), given a job
+    # whose bundle has no config.json: it must set itself up as the server (environment, cwd, logging with the server's
     # namespace) and answer with the failure, not die on the way (a worker that died showed only as EOF).
     from shim.criu.options import CheckpointOptions, as_record
 
@@ -133,7 +133,7 @@ def test_a_started_worker_takes_the_servers_place_and_answers_a_job_it_cannot_do
     def as_fd_3():
         os.dup2(theirs.fileno(), offload.WORKER_FD)
 
-    child = subprocess.Popen([sys.executable, "-IS", "-c", offload.EXEC_CODE, json.dumps(sys.path)],
+    child = subprocess.Popen(python_argv(offload.WORKER_STATEMENT),
                              preexec_fn=as_fd_3, pass_fds=(offload.WORKER_FD,), stderr=subprocess.PIPE)
     theirs.close()
     job = {"protocol": offload.PROTOCOL, "container_id": "c1", "bundle": str(bundle), "pid": os.getpid(),
