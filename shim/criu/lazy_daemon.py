@@ -85,7 +85,6 @@ class Daemon:
         self.background_pages = BACKGROUND_STEP // PAGE_SIZE
         self.counts = collections.Counter[str]()
         self.started = time.monotonic()
-        self.total = sum(pages for runs in lazy.values() for _, pages in runs)
 
     # -- the loop --------------------------------------------------------------------------------------------------
 
@@ -116,18 +115,15 @@ class Daemon:
 
     def _done(self) -> bool:
         return self.restore_finished and not self.source.in_flight and \
-            not self.retries and all(process.gone or not process.missing for process in self.processes.values())
+            not self.retries and all(not process.missing for process in self.processes.values())
 
     def _summary(self) -> str:
-        left = sum(p.missing.pages for p in self.processes.values() if not p.gone)
+        left = sum(p.missing.pages for p in self.processes.values())  # a process gone is no longer there
         counts = self.counts
         return (f"{counts['copied'] // PAGE_SIZE} pages copied, {counts['dropped'] // PAGE_SIZE} dropped or unmapped "
-                f"before they came, {left} missing in {self._alive()} processes, "
+                f"before they came, {left} missing in {len(self.processes)} processes, "
                 f"{counts['faults']} faults, {counts['zero']} zero pages, {counts['requests']} requests, "
                 f"{self.source.bytes} bytes from the page server")
-
-    def _alive(self) -> int:
-        return sum(not p.gone for p in self.processes.values())
 
     # -- the restore's registrations ----------------------------------------------------------------------------------
 
