@@ -409,6 +409,12 @@ def attach_interactive(containerd: Containerd, image: TestImage, runtime: str, l
 
 
 def test_attach_to_a_detached_tty_container(containerd: Containerd, test_image: TestImage):
-    screens = {label: attach_interactive(containerd, test_image, runtime, label)
-               for label, runtime in RUNTIMES.items()}
-    assert screens["pyshim"] == screens["go"]
+    # The Go shim's reference run is tried a second time if it fails: under it, `ctr task attach` once lost the
+    # first keys typed ("echo hello" of "echo hello-$((6*7))" never reached the shell, containerd 1.7, a CI run of
+    # 2026-12-04); the reference is not what is under test. pyshim's run is tried once.
+    try:
+        reference = attach_interactive(containerd, test_image, RUNTIMES["go"], "go")
+    except AssertionError as failed:
+        print(f"the Go shim's reference attach failed once, tried again: {failed}")
+        reference = attach_interactive(containerd, test_image, RUNTIMES["go"], "go-again")
+    assert attach_interactive(containerd, test_image, RUNTIMES["pyshim"], "pyshim") == reference
